@@ -1,0 +1,97 @@
+"""Llama 4 attention over a flat token batch with a slot-addressed KV cache.
+
+RoPE layers: interleaved RoPE, optional weightless qk-norm after it, chunked-local causal mask.
+NoPE layers: no rotation, temperature tuning of q by absolute position, full causal mask.
+
+Shape suffixes: T tokens, D hidden, H query heads, G kv heads, K head_dim, S slots, L keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.batch import AttentionMetadata, GroupMetadata
+from model.config import Llama4Config
+from model.layers import apply_rope, rms_normalize, temperature_scale
+
+
+class KVCache:
+    """K/V storage for every layer: [S, G, K] per layer, slots numbered per layer group."""
+
+    def __init__(self, config: Llama4Config, num_slots: dict[str, int], dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        shape = (config.num_key_value_heads, config.head_dim)
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        for group in config.layer_types:
+            self.k.append(torch.zeros(num_slots[group], *shape, dtype=dtype, device=device))
+            self.v.append(torch.zeros(num_slots[group], *shape, dtype=dtype, device=device))
+        self.num_slots = dict(num_slots)
+
+    def bytes_per_slot(self, group_layers: int) -> int:
+        k = self.k[0]
+        return 2 * group_layers * k[0].numel() * k.element_size()
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Llama4Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.use_rope = config.uses_rope(layer_idx)
+        self.use_qk_norm = config.use_qk_norm and self.use_rope
+        self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
+        self.floor_scale, self.attn_scale = config.floor_scale, config.attn_scale
+        self.eps = config.rms_norm_eps
+        self.group = config.layer_types[layer_idx]
+        d, hk, gk = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(d, hk, bias=False)
+        self.k_proj = nn.Linear(d, gk, bias=False)
+        self.v_proj = nn.Linear(d, gk, bias=False)
+        self.o_proj = nn.Linear(hk, d, bias=False)
+
+    def forward(self, x_TD: torch.Tensor, positions_T: torch.Tensor, freqs_cis_TK: torch.Tensor,
+                meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+        T = x_TD.shape[0]
+        q_THK = self.q_proj(x_TD).view(T, self.num_heads, self.head_dim)
+        k_TGK = self.k_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
+        v_TGK = self.v_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
+        if self.use_rope:
+            q_THK, k_TGK = apply_rope(q_THK, freqs_cis_TK), apply_rope(k_TGK, freqs_cis_TK)
+        if self.use_qk_norm:
+            q_THK, k_TGK = rms_normalize(q_THK, self.eps), rms_normalize(k_TGK, self.eps)
+        if self.temperature_tuning:
+            scale_T = temperature_scale(positions_T, self.floor_scale, self.attn_scale)
+            q_THK = (q_THK * scale_T[:, None, None]).to(q_THK.dtype)
+        gm = meta.groups[self.group]
+        k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
+        k_cache.index_copy_(0, gm.write_slots_T, k_TGK)
+        v_cache.index_copy_(0, gm.write_slots_T, v_TGK)
+        o_THK = self._attend(q_THK, k_cache, v_cache, gm)
+        return self.o_proj(o_THK.reshape(T, self.num_heads * self.head_dim))
+
+    def _attend(self, q_THK: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                gm: GroupMetadata) -> torch.Tensor:
+        o_THK = torch.empty_like(q_THK)
+        if gm.decode is not None:
+            d = gm.decode
+            q_BH1K = q_THK[d.token_index_B].unsqueeze(2)
+            k_BGLK = k_cache[d.kv_slots_BL].transpose(1, 2)
+            v_BGLK = v_cache[d.kv_slots_BL].transpose(1, 2)
+            o_BH1K = F.scaled_dot_product_attention(
+                q_BH1K, k_BGLK, v_BGLK, attn_mask=d.mask_BL[:, None, None, :],
+                scale=self.scaling, enable_gqa=True)
+            o_THK[d.token_index_B] = o_BH1K.squeeze(2)
+        for p in gm.prefills:
+            q_1HQK = q_THK[p.start:p.end].transpose(0, 1).unsqueeze(0)
+            k_1GLK = k_cache[p.kv_slots_L].transpose(0, 1).unsqueeze(0)
+            v_1GLK = v_cache[p.kv_slots_L].transpose(0, 1).unsqueeze(0)
+            o_1HQK = F.scaled_dot_product_attention(
+                q_1HQK, k_1GLK, v_1GLK, attn_mask=p.mask_QL, scale=self.scaling, enable_gqa=True)
+            o_THK[p.start:p.end] = o_1HQK[0].transpose(0, 1)
+        return o_THK

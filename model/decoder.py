@@ -1,0 +1,70 @@
+"""The Llama 4 text decoder over a flat, unpadded batch of tokens from many sequences.
+
+Parameter names follow the Hugging Face `Llama4ForCausalLM` state dict (`model.layers.N...`,
+`lm_head.weight`), so checkpoints load without renaming.
+
+Shape suffixes: T tokens, D hidden, V vocab, N rows whose logits are wanted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.attention import Attention, KVCache
+from model.batch import AttentionMetadata
+from model.config import Llama4Config
+from model.layers import MLP, RMSNorm, RotaryEmbedding
+from model.moe import MoE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Llama4Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.is_moe = config.is_moe(layer_idx)
+        self.feed_forward = MoE(config) if self.is_moe else MLP(config.hidden_size,
+                                                                   config.intermediate_size_mlp)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x_TD, positions_T, freqs_cis, meta, cache):
+        x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), positions_T, freqs_cis, meta, cache)
+        return x_TD + self.feed_forward(self.post_attention_layernorm(x_TD))
+
+
+class TextModel(nn.Module):
+    def __init__(self, config: Llama4Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(self, input_ids_T, positions_T, meta, cache):
+        x_TD = self.embed_tokens(input_ids_T)
+        freqs_cis = self.rotary_emb.freqs_cis(positions_T)
+        for layer in self.layers:
+            x_TD = layer(x_TD, positions_T, freqs_cis, meta, cache)
+        return self.norm(x_TD)
+
+
+class Llama4ForCausalLM(nn.Module):
+    def __init__(self, config: Llama4Config):
+        super().__init__()
+        self.config = config
+        self.model = TextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @torch.inference_mode()
+    def forward(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, meta: AttentionMetadata,
+                cache: KVCache) -> torch.Tensor:
+        """Final-normed hidden states [T, D]; call `logits` on the rows you sample from."""
+        return self.model(input_ids_T, positions_T, meta, cache)
+
+    @torch.inference_mode()
+    def logits(self, hidden_ND: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_ND)
+
+    def moe_blocks(self) -> list[tuple[int, MoE]]:
+        return [(i, layer.feed_forward) for i, layer in enumerate(self.model.layers) if layer.is_moe]

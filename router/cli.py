@@ -1,0 +1,88 @@
+"""The `maverick` command line. Subcommands import their heavy dependencies lazily."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+log = logging.getLogger("maverick")
+
+
+class _PromptAction(argparse.Action):
+    """Keep --prompt and --prompt-ids in the order given, in one list of (kind, value)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        prompts = getattr(namespace, "prompts", None) or []
+        prompts.append(("ids" if option_string == "--prompt-ids" else "text", values))
+        namespace.prompts = prompts
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise SystemExit(f"--prompt-ids takes integers separated by spaces, got {text!r}") from None
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.tiny import make_tiny
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    out = make_tiny(args.dir, preset=args.preset, seed=args.seed, layout=args.layout, dtype=dtype)
+    print(out)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from router.generate import run_generate
+
+    if not getattr(args, "prompts", None):
+        raise SystemExit("give at least one --prompt or --prompt-ids")
+    prompts = [(kind, _parse_ids(v) if kind == "ids" else v) for kind, v in args.prompts]
+    for result in run_generate(args, prompts):
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maverick", description="Serve Llama 4 MoE models on Ray.")
+    parser.add_argument("--log-level", default="WARNING", help="logging level for stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny", help="write a random-weight checkpoint in the Hugging Face layout")
+    p.add_argument("dir")
+    p.add_argument("--preset", default="tiny-maverick", choices=["tiny-maverick", "tiny-scout", "bench"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", default="conditional", choices=["conditional", "causal"],
+                   help="Llama4ForConditionalGeneration (Hub layout) or text-only Llama4ForCausalLM")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("generate", help="greedy generation for a batch of prompts, one JSON line each")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--prompt", action=_PromptAction, help="prompt text (repeatable)")
+    p.add_argument("--prompt-ids", action=_PromptAction, help='prompt token ids, "1 2 3" (repeatable)')
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap each text prompt as a user chat message")
+    p.add_argument("--dtype", default=None, help="compute dtype (default float32 on CPU)")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"maverick: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

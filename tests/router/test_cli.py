@@ -1,0 +1,72 @@
+"""The `maverick` console script, run as a user runs it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.oracle import hf_greedy
+
+MAVERICK = str(Path(sys.executable).with_name("maverick"))
+
+
+def run(*args, check=True):
+    proc = subprocess.run([MAVERICK, *args], capture_output=True, text=True, timeout=240)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"maverick {' '.join(args)} failed:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    assert run("make-tiny", str(out), "--preset", "tiny-maverick", "--seed", "5").stdout.strip() == str(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf(tiny):
+    from transformers import Llama4ForCausalLM
+
+    return Llama4ForCausalLM.from_pretrained(tiny, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def test_generate_prompt_ids_batch_equals_transformers_alone(tiny, hf):
+    prompts = [[11, 12, 13, 14], list(range(300, 460, 3)), [7] * 9]
+    args = ["generate", "--model", str(tiny), "--max-tokens", "20"]
+    for p in prompts:
+        args += ["--prompt-ids", " ".join(map(str, p))]
+    lines = run(*args).stdout.strip().splitlines()
+    assert len(lines) == len(prompts)
+    eos = set(json.loads((tiny / "generation_config.json").read_text())["eos_token_id"])
+    for line, prompt in zip(lines, prompts):
+        result = json.loads(line)
+        expected = hf_greedy(hf, prompt, 20)
+        cut = next((i + 1 for i, t in enumerate(expected) if t in eos), len(expected))
+        assert result["token_ids"] == expected[:cut]
+        assert isinstance(result["text"], str)
+
+
+def test_generate_text_and_chat_prompts(tiny, hf):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    out = run("generate", "--model", str(tiny), "--prompt", "The quick brown fox", "--max-tokens", "8")
+    result = json.loads(out.stdout)
+    ids = tok("The quick brown fox")["input_ids"]
+    assert result["token_ids"] == hf_greedy(hf, ids, 8)[:len(result["token_ids"])]
+    assert result["text"] == tok.decode(result["token_ids"], skip_special_tokens=True)
+    chat = run("generate", "--model", str(tiny), "--chat", "--prompt", "Hi!", "--max-tokens", "4")
+    chat_ids = tok.apply_chat_template([{"role": "user", "content": "Hi!"}], add_generation_prompt=True)
+    chat_ids = chat_ids if isinstance(chat_ids, list) else chat_ids["input_ids"]
+    assert json.loads(chat.stdout)["token_ids"] == hf_greedy(hf, chat_ids, 4)[:len(json.loads(chat.stdout)["token_ids"])]
+
+
+def test_generate_errors_are_clear(tmp_path):
+    proc = run("generate", "--model", "meta-llama/Llama-4-Scout", "--prompt", "x", check=False)
+    assert proc.returncode != 0 and "local directory" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("generate", "--model", str(tmp_path), "--prompt-ids", "1 x", check=False)
+    assert proc.returncode != 0 and "integers" in proc.stderr
