@@ -55,6 +55,21 @@ class AttentionMetadata:
     groups: dict[str, GroupMetadata]
     num_tokens: int
 
+    def to(self, device: torch.device | str) -> "AttentionMetadata":
+        """Move every index and mask to the device the cache lives on (a no-op on CPU)."""
+        if torch.device(device).type == "cpu":
+            return self
+        for gm in self.groups.values():
+            gm.write_slots_T = gm.write_slots_T.to(device, non_blocking=True)
+            for p in gm.prefills:
+                p.kv_slots_L = p.kv_slots_L.to(device, non_blocking=True)
+                p.mask_QL = p.mask_QL.to(device, non_blocking=True)
+            if gm.decode is not None:
+                d = gm.decode
+                d.token_index_B, d.kv_slots_BL, d.mask_BL = (
+                    t.to(device, non_blocking=True) for t in (d.token_index_B, d.kv_slots_BL, d.mask_BL))
+        return self
+
 
 def visible_mask(q_pos_Q: torch.Tensor, k_pos_L: torch.Tensor, chunk: int | None) -> torch.Tensor:
     """Causal mask; with `chunk`, also restricted to the fixed aligned chunk of each query."""

@@ -38,8 +38,9 @@ def forward_step(model: Llama4ForCausalLM, cache: ContiguousCache, tokens: list[
     """Run one flat batch (tokens[i] are sequence i's new tokens); logits of each sequence's last token."""
     seqs = [cache.slots(i, num_cached[i], len(t)) for i, t in enumerate(tokens)]
     positions_T, meta = build_metadata(model.config, seqs)
-    ids_T = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long, device=cache.kv.k[0].device)
-    hidden_TD = model(ids_T, positions_T.to(ids_T.device), meta, cache.kv)
+    device = cache.kv.k[0].device
+    ids_T = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long, device=device)
+    hidden_TD = model(ids_T, positions_T.to(device), meta.to(device), cache.kv)
     lengths = torch.tensor([len(t) for t in tokens])
     last_rows = (lengths.cumsum(0) - 1)[lengths > 0]
     return model.logits(hidden_TD[last_rows.to(hidden_TD.device)])

@@ -99,7 +99,7 @@ def _copy(param: torch.Tensor, tensor: torch.Tensor, key: str, reader: Checkpoin
         raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                               f"the config expects {tuple(param.shape)}")
     with torch.no_grad():
-        param.data = tensor.to(dtype).contiguous()
+        param.data = tensor.to(device=param.device, dtype=dtype).contiguous()
 
 
 def _check_unexpected(reader: CheckpointReader, prefix: str, used: set[str]) -> None:

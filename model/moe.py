@@ -44,8 +44,8 @@ class RoutedExperts(nn.Module):
 
     def reset_buffers(self) -> None:
         local = torch.full((self.num_experts,), -1, dtype=torch.long, device=self.local_index_E.device)
-        local[torch.tensor(self.expert_ids, dtype=torch.long)] = torch.arange(len(self.expert_ids),
-                                                                             device=local.device)
+        ids = torch.tensor(self.expert_ids, dtype=torch.long, device=local.device)
+        local[ids] = torch.arange(len(self.expert_ids), device=local.device)
         self.local_index_E = local
 
     def dispatch(self, x_ND: torch.Tensor, experts_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
