@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from model.loader import load_pretrained, resolve_dtype
-from model.generate import greedy_generate
-from model.tokenizer import Tokenizer, load_generation_defaults
+from workers.config import EngineConfig
+from workers.llm import LLM
+from workers.sampling_params import SamplingParams
 
 
 def _check_local(model_dir: str) -> Path:
@@ -21,16 +21,18 @@ def _check_local(model_dir: str) -> Path:
 def run_generate(args: argparse.Namespace, prompts: list[tuple[str, object]]) -> list[dict]:
     model_dir = _check_local(args.model)
     needs_text = any(kind == "text" for kind, _ in prompts)
-    tokenizer = Tokenizer(model_dir) if needs_text or (model_dir / "tokenizer.json").is_file() else None
+    has_tokenizer = (model_dir / "tokenizer.json").is_file()
+    if needs_text and not has_tokenizer:
+        raise FileNotFoundError(f"{model_dir / 'tokenizer.json'} not found: text prompts need a tokenizer")
+    llm = LLM(model_dir, EngineConfig(dtype=args.dtype), skip_tokenizer_init=not has_tokenizer)
     token_prompts = []
     for kind, value in prompts:
         if kind == "ids":
             token_prompts.append(list(value))  # verbatim: no BOS added
         elif args.chat:
-            token_prompts.append(tokenizer.encode_chat([{"role": "user", "content": value}]))
+            token_prompts.append(llm.tokenizer.encode_chat([{"role": "user", "content": value}]))
         else:
-            token_prompts.append(tokenizer.encode(value))
-    defaults = load_generation_defaults(model_dir)
-    model = load_pretrained(model_dir, resolve_dtype(args.dtype))
-    outputs = greedy_generate(model, token_prompts, args.max_tokens, set(defaults.eos_token_ids))
-    return [{"token_ids": out, "text": tokenizer.decode(out) if tokenizer else None} for out in outputs]
+            token_prompts.append(llm.tokenizer.encode(value))
+    # greedy; stops at the checkpoint's EOS ids
+    outputs = llm.generate(token_prompts, SamplingParams(max_tokens=args.max_tokens))
+    return [{"token_ids": out.token_ids, "text": out.text} for out in outputs]

@@ -1,0 +1,73 @@
+"""Streams and text: incremental detokenization, sync and async consumers of a stepping engine."""
+
+import asyncio
+import threading
+
+import pytest
+
+from model.tiny import make_tiny
+from model.tokenizer import Tokenizer
+from workers.config import EngineConfig
+from workers.detokenizer import IncrementalDetokenizer
+from workers.engine import LLMEngine
+from workers.protocol import GenerateRequest
+from workers.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("stream") / "tiny", "tiny-maverick", seed=2)
+
+
+def test_detokenizer_deltas_join_to_the_full_decode(tiny):
+    tok = Tokenizer(tiny)
+    ids = tok.encode("naïve café ☕ — ünïcödé text, with 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 and emoji 🚀🚀!", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok)
+    deltas = [detok.add([t]) for t in ids]
+    deltas.append(detok.flush())
+    assert "".join(deltas) == tok.decode(ids)
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_special_tokens_are_skipped_in_text(tiny):
+    tok = Tokenizer(tiny)
+    detok = IncrementalDetokenizer(tok)
+    eot = tok.token_to_id("<|eot|>")
+    text = "".join(detok.add([t]) for t in tok.encode("hi there", add_special_tokens=False) + [eot])
+    assert text == "hi there"
+
+
+def test_engine_streams_text_sync_and_async(tiny):
+    eng = LLMEngine.from_model_dir(tiny, EngineConfig())
+    tok = eng.tokenizer
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    prompt = tok.encode("Once upon a time")
+    sync_stream = eng.submit(GenerateRequest(prompt, params))
+    async_stream = eng.submit(GenerateRequest(prompt, params))
+    stop = threading.Event()
+
+    def drive():  # the engine runs on its own thread, like an attention worker's wave thread
+        while not stop.is_set():
+            if eng.has_work():
+                eng.step()
+            else:
+                stop.wait(0.001)
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+
+    async def consume():
+        return [out async for out in async_stream]
+
+    try:
+        async_outs = asyncio.run(asyncio.wait_for(consume(), 60))
+        sync_outs = list(sync_stream)
+    finally:
+        stop.set()
+        driver.join(5)
+    for outs in (sync_outs, async_outs):
+        ids = [t for o in outs for t in o.new_token_ids]
+        assert len(ids) == 30 and outs[-1].finish_reason == "length"
+        assert "".join(o.text_delta or "" for o in outs) == tok.decode(ids)
+        assert outs[-1].usage.prompt_tokens == len(prompt) and outs[-1].usage.completion_tokens == 30
+    assert [o.new_token_ids for o in sync_outs] == [o.new_token_ids for o in async_outs]

@@ -1,0 +1,26 @@
+"""Engine settings: batching limits, KV-cache size and layout, device and dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    max_num_seqs: int = 32  # sequences in one continuous batch
+    max_num_batched_tokens: int = 1024  # tokens computed in one step (prefill chunks + decodes)
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory: int = 256 * 2**20  # bytes for K/V of all layers
+    kv_blocks: dict[str, int] | None = None  # explicit blocks per layer group, instead of the memory plan
+    max_model_len: int | None = None  # default: the checkpoint's limit, capped by the KV capacity
+    enable_prefix_caching: bool = True
+    free_chunked_blocks: bool = True  # release chunked-attention blocks behind the window
+    dtype: str | None = None  # default float32 on CPU, bfloat16 on GPU
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")

@@ -1,0 +1,135 @@
+"""The seam between serving and execution: the `Engine` protocol and the types that cross it.
+
+Everything above the engine (the offline `LLM`, the gang's attention workers, the Serve app) uses
+only this: `submit` a validated request and read its stream of outputs, `abort`, drive `step()`
+(also when there is nothing to do: a gang's wave loop steps every rank together), `health()`,
+`stats()`. Invalid requests raise a typed `workers.errors` exception from `submit`, before anything
+is queued.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import threading
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.sampling_params import SamplingParams
+
+
+@dataclass
+class GenerateRequest:
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: a delta, not the whole text so far."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str | None = None
+    finish_reason: str | None = None  # stop | length | abort | error
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    usage: Usage | None = None
+    error: Exception | None = None  # set with finish_reason "error"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_steps: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_preemptions_total: int
+    kv: Any  # workers.kv_cache.CacheStats
+
+
+class RequestStream:
+    """Outputs of one request, filled by the engine's thread, read sync (`for`) or async (`async for`)."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self._items: deque[RequestOutput] = deque()
+        self._cond = threading.Condition()
+        self._wakers: list = []
+        self._closed = False
+
+    def put(self, output: RequestOutput) -> None:
+        with self._cond:
+            self._items.append(output)
+            self._cond.notify_all()
+            wakers, self._wakers = self._wakers, []
+        for wake in wakers:
+            wake()
+
+    def get(self, timeout: float | None = None) -> RequestOutput:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._items, timeout):
+                raise TimeoutError(f"no output for request {self.request_id} within {timeout}s")
+            return self._items.popleft()
+
+    async def aget(self) -> RequestOutput:
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cond:
+                if self._items:
+                    return self._items.popleft()
+                ready = loop.create_future()
+                self._wakers.append(lambda: loop.call_soon_threadsafe(
+                    lambda: ready.done() or ready.set_result(None)))
+            await ready
+
+    def __iter__(self):
+        while not self._closed:
+            out = self.get()
+            self._closed = out.finished
+            yield out
+
+    async def __aiter__(self):
+        while not self._closed:
+            out = await self.aget()
+            self._closed = out.finished
+            yield out
+
+
+class Engine(abc.ABC):
+    @abc.abstractmethod
+    def submit(self, request: GenerateRequest) -> RequestStream:
+        """Validate and queue; raises `workers.errors.InvalidRequest` (or a subclass) when invalid."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its blocks are freed and its stream ends with `abort` at the next step."""
+
+    @abc.abstractmethod
+    def step(self) -> list[RequestOutput]:
+        """Run one step (possibly with zero tokens) and return every request's new output."""
+
+    @abc.abstractmethod
+    def has_work(self) -> bool:
+        """Whether a step would compute anything or deliver any output."""
+
+    @abc.abstractmethod
+    def health(self) -> None:
+        """Return if the engine can serve; raise `workers.errors.Unavailable` if it cannot."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
