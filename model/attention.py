@@ -54,13 +54,30 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, gk, bias=False)
         self.v_proj = nn.Linear(d, gk, bias=False)
         self.o_proj = nn.Linear(hk, d, bias=False)
+        self.qkv_proj: nn.Module | None = None
+
+    def fuse(self) -> None:
+        """Replace q, k and v by one projection (one GEMM), after loading."""
+        fused = nn.Linear(self.q_proj.in_features, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
+                          bias=False)
+        fused.weight.data = torch.cat([self.q_proj.weight.data, self.k_proj.weight.data, self.v_proj.weight.data])
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def project(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        T = x_TD.shape[0]
+        if self.qkv_proj is not None:
+            hk, gk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x_TD).split([hk, gk, gk], dim=-1)
+        else:
+            q, k, v = self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD)
+        return (q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
+                v.view(T, self.num_kv_heads, self.head_dim))
 
     def forward(self, x_TD: torch.Tensor, positions_T: torch.Tensor, freqs_cis_TK: torch.Tensor,
                 meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         T = x_TD.shape[0]
-        q_THK = self.q_proj(x_TD).view(T, self.num_heads, self.head_dim)
-        k_TGK = self.k_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
-        v_TGK = self.v_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
+        q_THK, k_TGK, v_TGK = self.project(x_TD)
         if self.use_rope:
             q_THK, k_TGK = apply_rope(q_THK, freqs_cis_TK), apply_rope(k_TGK, freqs_cis_TK)
         if self.use_qk_norm:

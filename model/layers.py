@@ -77,13 +77,26 @@ def temperature_scale(positions_T: torch.Tensor, floor_scale: float, attn_scale:
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). Used for dense layers and the shared expert."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). Used for dense layers and the shared expert.
+
+    `fuse()` replaces gate and up by one [2F, D] projection (one GEMM), after loading.
+    """
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.gate_up_proj: nn.Module | None = None
+
+    def fuse(self) -> None:
+        fused = nn.Linear(self.gate_proj.in_features, 2 * self.gate_proj.out_features, bias=False)
+        fused.weight.data = torch.cat([self.gate_proj.weight.data, self.up_proj.weight.data])
+        self.gate_up_proj = fused
+        del self.gate_proj, self.up_proj
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate_TF, up_TF = self.gate_up_proj(x_TD).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate_TF) * up_TF)
         return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))

@@ -41,6 +41,8 @@ class RoutedExperts(nn.Module):
         self.num_experts = num_experts
         self.register_buffer("local_index_E", torch.empty(num_experts, dtype=torch.long), persistent=False)
         self.reset_buffers()
+        # per local expert x_nD -> y_nD with weights in a kernel's own layout (set by model.optimize)
+        self.expert_fns: list | None = None
 
     def reset_buffers(self) -> None:
         local = torch.full((self.num_experts,), -1, dtype=torch.long, device=self.local_index_E.device)
@@ -65,8 +67,9 @@ class RoutedExperts(nn.Module):
         start = 0
         for e, n in enumerate(counts):
             if n:
-                y_sorted[start:start + n] = expert_ffn(x_sorted[start:start + n], self.gate_up_proj[e],
-                                                       self.down_proj[e])
+                x_nD = x_sorted[start:start + n]
+                y_sorted[start:start + n] = (self.expert_fns[e](x_nD) if self.expert_fns is not None
+                                             else expert_ffn(x_nD, self.gate_up_proj[e], self.down_proj[e]))
                 start += n
         y_ND = torch.empty_like(x_ND)
         y_ND[order_N] = y_sorted

@@ -34,5 +34,5 @@ def run_generate(args: argparse.Namespace, prompts: list[tuple[str, object]]) ->
         else:
             token_prompts.append(llm.tokenizer.encode(value))
     # greedy; stops at the checkpoint's EOS ids
-    outputs = llm.generate(token_prompts, SamplingParams(max_tokens=args.max_tokens))
+    outputs = llm.generate(token_prompts, SamplingParams(max_tokens=args.max_tokens, temperature=0.0))
     return [{"token_ids": out.token_ids, "text": out.text} for out in outputs]

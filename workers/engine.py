@@ -15,15 +15,17 @@ import torch
 from model.config import Llama4Config
 from model.decoder import Llama4ForCausalLM
 from model.loader import load_pretrained, resolve_dtype
+from model.optimize import optimize_for_inference
 from model.tokenizer import GenerationDefaults, Tokenizer, load_generation_defaults
 from workers.config import EngineConfig
-from workers.detokenizer import IncrementalDetokenizer
-from workers.errors import ContextTooLong, EngineError, InternalError, InvalidRequest, Unavailable
+from workers.errors import ContextTooLong, InternalError, InvalidRequest, Unavailable
 from workers.kv_cache import KVCacheManager, plan_num_blocks
 from workers.model_runner import ModelRunner
-from workers.protocol import Engine, EngineStats, GenerateRequest, RequestOutput, RequestStream, Usage
+from workers.outputs import OutputProcessor
+from workers.protocol import Engine, EngineStats, GenerateRequest, RequestOutput, RequestStream
 from workers.request import Request
-from workers.scheduler import Scheduler
+from workers.sampler import sample, token_logprob
+from workers.scheduler import ScheduledBatch, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +38,7 @@ class LLMEngine(Engine):
         self.model_config: Llama4Config = model.config
         self.tokenizer = tokenizer
         self.defaults = defaults or GenerationDefaults(eos_token_ids=list(model.config.eos_token_id))
-        self.eos_ids = frozenset(self.defaults.eos_token_ids)
-        dtype_bytes = model.lm_head.weight.element_size()
+        dtype_bytes = torch.finfo(model.model.embed_tokens.weight.dtype).bits // 8
         num_blocks, bytes_per_block = plan_num_blocks(
             self.model_config, config.kv_cache_memory, config.block_size, dtype_bytes, config.max_num_seqs,
             config.max_num_batched_tokens, config.free_chunked_blocks)
@@ -48,12 +49,14 @@ class LLMEngine(Engine):
         self.max_model_len = self._resolve_max_model_len()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.kv, num_blocks)
+        self.outputs = OutputProcessor(tokenizer, frozenset(self.defaults.eos_token_ids), self.max_model_len)
+        self.generator = torch.Generator(device=self.runner.device)
+        self.generator.seed()
         self._lock = threading.Lock()
-        self._inbox: list[tuple[Request, RequestStream]] = []
+        self._inbox: list[tuple[list[Request], RequestStream]] = []
         self._aborts: set[str] = set()
-        self._live: dict[str, Request] = {}
+        self._live: dict[str, list[Request]] = {}  # parent id -> its choices
         self._streams: dict[str, RequestStream] = {}
-        self._detok: dict[str, IncrementalDetokenizer] = {}
         self._failed: str | None = None
         self.num_steps = self.prompt_tokens_total = self.generation_tokens_total = 0
         self.num_preemptions_total = 0
@@ -65,7 +68,7 @@ class LLMEngine(Engine):
                        skip_tokenizer_init: bool = False) -> "LLMEngine":
         config = config or EngineConfig()
         torch_dtype = resolve_dtype(config.dtype, config.device)
-        model = load_pretrained(model_dir, torch_dtype, config.device)
+        model = optimize_for_inference(load_pretrained(model_dir, torch_dtype, config.device))
         tokenizer = None if skip_tokenizer_init else Tokenizer(model_dir)
         return cls(model, config, tokenizer, load_generation_defaults(model_dir))
 
@@ -87,22 +90,26 @@ class LLMEngine(Engine):
     def submit(self, request: GenerateRequest) -> RequestStream:
         if self._failed:
             raise Unavailable(f"engine failed: {self._failed}")
-        req = self._validate(request)
-        stream = RequestStream(request.request_id)
+        choices = self._validate(request)
+        stream = RequestStream(request.request_id, len(choices))
         with self._lock:
-            if request.request_id in self._streams or any(r.request_id == request.request_id for r, _ in self._inbox):
+            if request.request_id in self._streams or any(s.request_id == request.request_id for _, s in self._inbox):
                 raise InvalidRequest(f"request id {request.request_id!r} is already in use", param="request_id")
-            self._inbox.append((req, stream))
+            self._inbox.append((choices, stream))
         return stream
 
-    def _validate(self, request: GenerateRequest) -> Request:
-        ids, params, vocab = request.prompt_token_ids, request.params, self.model_config.vocab_size
+    def _validate(self, request: GenerateRequest) -> list[Request]:
+        ids, vocab = request.prompt_token_ids, self.model_config.vocab_size
         if not ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
-        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequest(f"token id {bad} is out of vocabulary [0, {vocab})", param="prompt")
+        request.params.validate(vocab)
+        params = request.params.resolve(self.defaults.sampling)
         params.validate(vocab)
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequest("stop strings need a tokenizer; this server works on token ids only", param="stop")
         limit, n = self.max_model_len, len(ids)
         if params.max_tokens is None:
             if n >= limit:
@@ -116,7 +123,16 @@ class LLMEngine(Engine):
                     f"This model's maximum context length is {limit} tokens. However, you requested "
                     f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} in the completion).",
                     param="max_tokens")
-        return Request(request.request_id, list(ids), params, max_tokens)
+        choices = []
+        for i in range(params.n):
+            rid = request.request_id if params.n == 1 else f"{request.request_id}#{i}"
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.runner.device)
+                gen.manual_seed((params.seed + i) % 2**64)
+            choices.append(Request(rid, list(ids), params, max_tokens, parent_id=request.request_id, index=i,
+                                   first_sibling=choices[0] if choices else None, generator=gen))
+        return choices
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -128,7 +144,7 @@ class LLMEngine(Engine):
 
     def pending_tokens(self) -> int:
         with self._lock:
-            inbox = sum(len(r.tokens) for r, _ in self._inbox)
+            inbox = sum(len(r.tokens) for choices, _ in self._inbox for r in choices)
         return inbox + self.scheduler.pending_tokens()
 
     def health(self) -> None:
@@ -146,74 +162,81 @@ class LLMEngine(Engine):
             return self._deliver(outputs)
         batch = self.scheduler.schedule()
         self.num_preemptions_total += len(batch.preempted)
-        if not batch.requests:
-            return self._deliver(outputs)
-        sample = [req.num_computed + n == len(req.tokens) for req, n in zip(batch.requests, batch.num_tokens)]
-        try:
-            logits = self.runner.execute(batch, sample)
-        except Exception as exc:  # a bug or a broken device: fail this step's requests, keep serving
-            log.exception("engine step failed")
-            for req in batch.requests:
-                outputs.append(self._finish(req, "error", error=InternalError("the engine failed on this request")))
-            return self._deliver(outputs)
-        self.num_steps += 1
-        tokens = logits.argmax(dim=-1).tolist()
-        row = 0
-        for req, n, samples in zip(batch.requests, batch.num_tokens, sample):
-            req.computed(n)
-            self.kv.after_step(req)
-            if not samples:
-                continue
-            token = tokens[row]
-            row += 1
-            req.append_token(token)
-            self.generation_tokens_total += 1
-            outputs.append(self._token_output(req, token))
+        if batch.requests:
+            try:
+                outputs += self._run(batch)
+            except Exception:  # a bug or a broken device: fail this step's requests, keep serving
+                log.exception("engine step failed")
+                for req in batch.requests:
+                    if not req.state.done:
+                        outputs.append(self._finish(req, "error", error=InternalError("the engine failed")))
         return self._deliver(outputs)
 
     # -- helpers ------------------------------------------------------------------------------------
+
+    def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        sampling = [req.num_computed + n == len(req.tokens) for req, n in zip(batch.requests, batch.num_tokens)]
+        hidden_TD, rows = self.runner.execute(batch)
+        self.num_steps += 1
+        self._prompt_logprobs(batch, hidden_TD, rows)
+        samplers = [req for req, s in zip(batch.requests, sampling) if s]
+        last_rows = [end - 1 for (_, end), s in zip(rows, sampling) if s]
+        tokens, logprobs = [], []
+        if samplers:
+            logits = self.runner.logits(hidden_TD, last_rows)
+            tokens, logprobs = sample(logits, samplers, self.generator)
+        for req, n in zip(batch.requests, batch.num_tokens):
+            req.computed(n)
+            self.kv.after_step(req)
+        outputs = []
+        for req, token, logprob in zip(samplers, tokens, logprobs):
+            self.generation_tokens_total += 1
+            out = self.outputs.token(req, token, logprob)
+            if out.finished:
+                self.scheduler.remove(req)
+            outputs.append(out)
+        return outputs
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, rows: list[tuple[int, int]]) -> None:
+        """Logprob of each prompt token given the ones before it, for the requests that asked."""
+        for req, (start, end) in zip(batch.requests, rows):
+            k = req.params.prompt_logprobs
+            first = req.num_computed  # row r predicts the token at position first + r + 1
+            if k is None or first + 1 >= req.num_prompt_tokens or len(req.prompt_logprobs) > first:
+                continue
+            last = min(end - start, req.num_prompt_tokens - 1 - first)
+            logp = torch.log_softmax(self.runner.logits(hidden_TD, list(range(start, start + last))), -1)
+            for r in range(last):
+                req.prompt_logprobs.append(token_logprob(logp[r], req.tokens[first + r + 1], k))
 
     def _take_inbox(self) -> list[RequestOutput]:
         with self._lock:
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
-        for req, stream in inbox:
-            self._live[req.request_id] = req
-            self._streams[req.request_id] = stream
-            if self.tokenizer is not None:
-                self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer)
-            self.prompt_tokens_total += req.num_prompt_tokens
-            self.scheduler.add(req)
-        return [self._finish(self._live[rid], "abort") for rid in aborts if rid in self._live]
+        for choices, stream in inbox:
+            self._live[stream.request_id] = choices
+            self._streams[stream.request_id] = stream
+            self.prompt_tokens_total += choices[0].num_prompt_tokens
+            for req in choices:
+                self.outputs.track(req)
+                self.scheduler.add(req)
+        return [self._finish(req, "abort") for rid in aborts for req in self._live.get(rid, ())
+                if not req.state.done]
 
-    def _token_output(self, req: Request, token: int) -> RequestOutput:
-        detok = self._detok.get(req.request_id)
-        delta = detok.add([token]) if detok else None
-        params = req.params
-        if token in self.eos_ids and not params.ignore_eos:
-            return self._finish(req, "stop", [token], delta)
-        if token in params.stop_token_ids:
-            return self._finish(req, "stop", [token], delta, stop_reason=token)
-        if len(req.output_token_ids) >= req.max_tokens or len(req.tokens) >= self.max_model_len:
-            return self._finish(req, "length", [token], delta)
-        return RequestOutput(req.request_id, [token], delta)
-
-    def _finish(self, req: Request, reason: str, new_ids: list[int] | None = None, delta: str | None = None,
-                stop_reason: int | str | None = None, error: EngineError | None = None) -> RequestOutput:
-        del self._live[req.request_id]
-        detok = self._detok.pop(req.request_id, None)
-        if detok is not None:
-            delta = (delta or "") + detok.flush()
-        req.finish(reason, stop_reason)
+    def _finish(self, req: Request, reason: str, **kw) -> RequestOutput:
+        out = self.outputs.finish(req, reason, **kw)
         self.scheduler.remove(req)
-        usage = Usage(req.num_prompt_tokens, len(req.output_token_ids), req.num_cached_prompt)
-        return RequestOutput(req.request_id, new_ids or [], delta, reason, stop_reason, usage, error)
+        return out
 
     def _deliver(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        ended = set()
         for out in outputs:
-            entry = self._streams.get(out.request_id)
-            if entry is not None:
-                entry.put(out)
-                if out.finished:
-                    del self._streams[out.request_id]
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream.put(out)
+            if out.finished and all(r.state.done for r in self._live[out.request_id]):
+                ended.add(out.request_id)
+        for rid in ended:  # after the loop: several choices can finish in one step
+            del self._streams[rid], self._live[rid]
         return outputs

@@ -132,7 +132,9 @@ class KVCacheManager:
         seq = SequenceBlocks({g: [] for g in self.groups})
         self.seqs[req.request_id] = seq
         self._extend_hashes(req, seq, (len(req.tokens) - 1) // self.block_size)
-        hit_blocks = self._prefix_hit_blocks(seq) if self.enable_prefix_caching else 0
+        # prompt logprobs need every prompt position computed, so such requests take no hits
+        use_cache = self.enable_prefix_caching and req.params.prompt_logprobs is None
+        hit_blocks = self._prefix_hit_blocks(seq) if use_cache else 0
         hit = hit_blocks * self.block_size
         for g in self.groups:
             lo = self.window_start(g, hit) // self.block_size

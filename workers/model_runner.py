@@ -18,24 +18,27 @@ class ModelRunner:
     def __init__(self, model: Llama4ForCausalLM, kv: KVCacheManager, num_blocks: dict[str, int]):
         self.model = model
         self.kv = kv
-        weight = model.lm_head.weight
+        weight = model.model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         slots = {g: n * kv.block_size for g, n in num_blocks.items()}
         self.cache = KVCache(model.config, slots, self.dtype, self.device)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, sample_mask: list[bool]) -> torch.Tensor:
-        """Forward the batch; logits [N, V] of the last token of each request with `sample_mask`."""
-        seqs, ids, last_rows = [], [], []
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Forward the batch; final hidden states [T, D] and each request's rows [start, end)."""
+        seqs, ids, rows = [], [], []
         offset = 0
-        for req, n, sample in zip(batch.requests, batch.num_tokens, sample_mask):
+        for req, n in zip(batch.requests, batch.num_tokens):
             seqs.append(self.kv.slots(req, n))
             ids.extend(req.tokens[req.num_computed:req.num_computed + n])
+            rows.append((offset, offset + n))
             offset += n
-            if sample:
-                last_rows.append(offset - 1)
         positions_T, meta = build_metadata(self.model.config, seqs)
         ids_T = torch.tensor(ids, dtype=torch.long, device=self.device)
         hidden_TD = self.model(ids_T, positions_T.to(self.device), meta.to(self.device), self.cache)
-        rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
-        return self.model.logits(hidden_TD[rows]).float()
+        return hidden_TD, rows
+
+    @torch.inference_mode()
+    def logits(self, hidden_TD: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return self.model.logits(hidden_TD[index]).float()

@@ -36,15 +36,18 @@ class Usage:
 
 @dataclass
 class RequestOutput:
-    """What one step produced for one request: a delta, not the whole text so far."""
+    """What one step produced for one choice of a request: a delta, not the whole text so far."""
 
     request_id: str
     new_token_ids: list[int]
     text_delta: str | None = None
     finish_reason: str | None = None  # stop | length | abort | error
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    usage: Usage | None = None
+    usage: Usage | None = None  # on a choice's last output
     error: Exception | None = None  # set with finish_reason "error"
+    index: int = 0  # the choice, for n > 1
+    logprobs: list[Any] | None = None  # workers.sampler.TokenLogprob per new token, when asked
+    prompt_logprobs: list[Any] | None = None  # per prompt token (None for the first), once, when asked
 
     @property
     def finished(self) -> bool:
@@ -65,12 +68,12 @@ class EngineStats:
 class RequestStream:
     """Outputs of one request, filled by the engine's thread, read sync (`for`) or async (`async for`)."""
 
-    def __init__(self, request_id: str):
+    def __init__(self, request_id: str, num_choices: int = 1):
         self.request_id = request_id
         self._items: deque[RequestOutput] = deque()
         self._cond = threading.Condition()
         self._wakers: list = []
-        self._closed = False
+        self._open_choices = num_choices  # the stream ends when every choice has finished
 
     def put(self, output: RequestOutput) -> None:
         with self._cond:
@@ -98,15 +101,15 @@ class RequestStream:
             await ready
 
     def __iter__(self):
-        while not self._closed:
+        while self._open_choices:
             out = self.get()
-            self._closed = out.finished
+            self._open_choices -= out.finished
             yield out
 
     async def __aiter__(self):
-        while not self._closed:
+        while self._open_choices:
             out = await self.aget()
-            self._closed = out.finished
+            self._open_choices -= out.finished
             yield out
 
 

@@ -16,6 +16,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from workers.sampling_params import SamplingParams
 
 
@@ -54,9 +56,22 @@ class Request:
     num_preemptions: int = 0
     finish_reason: str | None = None  # stop | length | abort | error
     stop_reason: int | str | None = None
+    # n > 1: one Request per choice; the client sees `parent_id` and `index`
+    parent_id: str = ""
+    index: int = 0
+    first_sibling: "Request | None" = None  # choices 1.. wait for choice 0's prompt, then share it
+    generator: torch.Generator | None = None  # a seeded request draws from its own stream
+    prompt_logprobs: list = field(default_factory=list)  # filled while the prompt is computed
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_token_ids)
+        self.parent_id = self.parent_id or self.request_id
+
+    @property
+    def ready(self) -> bool:
+        """Choices after the first start once the first has computed the shared prompt."""
+        s = self.first_sibling
+        return s is None or s.state.done or s.num_computed >= s.num_prompt_tokens - 1
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -74,15 +74,18 @@ class Scheduler:
                 i += 1
                 continue
             break  # req itself was preempted: nothing after it can run either
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
-            req = self.waiting[0]
+        for req in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs or batch.preempted:
+                break
+            if not req.ready:  # a later choice of an n > 1 request waits for the shared prompt
+                continue
             if req.request_id not in self.kv.seqs:
                 req.num_computed = self.kv.admit(req)
                 req.num_cached_prompt = min(req.num_computed, req.num_prompt_tokens)
             n = min(req.num_uncomputed, budget)
             if not self.kv.allocate(req, n):
                 break  # wait for blocks; running requests are never preempted for a newcomer
-            self.waiting.popleft()
+            self.waiting.remove(req)
             self.running.append(req)
             req.schedule(n)
             batch.requests.append(req)

@@ -14,7 +14,7 @@ from workers.llm import LLM
 from workers.protocol import GenerateRequest
 from workers.sampling_params import SamplingParams
 
-GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
 def engine(ckpt, **kw) -> LLMEngine:
@@ -96,7 +96,7 @@ def test_prefix_hit_needs_only_the_current_chunk_in_chunked_layers(hf_checkpoint
     long = prompts(1, 95, 96, seed=3)[0]
     # a chunked pool so small that the first request's early chunked blocks are reused (evicted)
     eng = engine(ckpt, kv_blocks={"full_attention": 100, "chunked_attention": 8}, max_num_batched_tokens=16)
-    LLM(engine=eng).generate([long], SamplingParams(max_tokens=60, ignore_eos=True))
+    LLM(engine=eng).generate([long], SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True))
     seq_hashes = [h for h in eng.kv.pools["full_attention"].cached]
     chunked_cached = eng.kv.pools["chunked_attention"].cached
     assert any(h not in chunked_cached for h in seq_hashes[:8])  # early chunked blocks are gone
@@ -112,7 +112,7 @@ def test_prefix_hit_needs_only_the_current_chunk_in_chunked_layers(hf_checkpoint
 def test_preemption_and_resume_give_the_same_tokens(hf_checkpoint):
     ckpt, _ = hf_checkpoint
     ps = prompts(10, 20, 60, seed=4)
-    long_gen = SamplingParams(max_tokens=40, ignore_eos=True)
+    long_gen = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     # room for about three sequences at once in the full-attention group (up to 13 blocks each)
     eng = engine(ckpt, kv_blocks={"full_attention": 40, "chunked_attention": 60}, max_num_seqs=10,
                  enable_prefix_caching=False)
@@ -127,7 +127,7 @@ def test_chunk_boundary_crossings_with_unaligned_chunk(hf_checkpoint):
     """Prompt + output span more than 3 chunks; the chunk size (20) is no multiple of the block size."""
     ckpt, hf = hf_checkpoint
     p = prompts(1, 15, 16, seed=5)[0]
-    params = SamplingParams(max_tokens=3 * CHUNK + 10, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=3 * CHUNK + 10, ignore_eos=True)
     for block_size in (8, 16, 6):
         eng = engine(ckpt, block_size=block_size, max_num_batched_tokens=7)
         out = LLM(engine=eng).generate([p], params)[0].token_ids
@@ -138,7 +138,7 @@ def test_chunk_boundary_crossings_with_unaligned_chunk(hf_checkpoint):
 def test_chunked_group_memory_stays_bounded(hf_checkpoint):
     ckpt, _ = hf_checkpoint
     eng = engine(ckpt, block_size=8)
-    stream = eng.submit(GenerateRequest([5] * 10, SamplingParams(max_tokens=300, ignore_eos=True)))
+    stream = eng.submit(GenerateRequest([5] * 10, SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)))
     peak_chunked, full_at = 0, []
     while eng.has_work():
         eng.step()
@@ -150,7 +150,7 @@ def test_chunked_group_memory_stays_bounded(hf_checkpoint):
     assert max(full_at) == (10 + 300 - 1) // 8 + 1  # the full group keeps every block
     # and the switch turns freeing off: the chunked group then grows like the full one
     eng2 = engine(ckpt, block_size=8, free_chunked_blocks=False)
-    eng2.submit(GenerateRequest([5] * 10, SamplingParams(max_tokens=100, ignore_eos=True)))
+    eng2.submit(GenerateRequest([5] * 10, SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)))
     peak = 0
     while eng2.has_work():
         eng2.step()
@@ -162,7 +162,7 @@ def test_abort_frees_blocks_and_ends_the_stream(hf_checkpoint):
     ckpt, _ = hf_checkpoint
     eng = engine(ckpt)
     keep = eng.submit(GenerateRequest(prompts(1, seed=6)[0], GREEDY))
-    gone = eng.submit(GenerateRequest(prompts(1, 60, 61, seed=7)[0], SamplingParams(max_tokens=500, ignore_eos=True)))
+    gone = eng.submit(GenerateRequest(prompts(1, 60, 61, seed=7)[0], SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True)))
     for _ in range(5):
         eng.step()
     assert eng.kv.stats().blocks_used["full_attention"] > 0
@@ -195,13 +195,13 @@ def test_eos_and_stop_token_ids(hf_checkpoint):
     ref = hf_greedy(hf, p, 24)
     eng = engine(ckpt)
     stop_at = ref[6]
-    out = LLM(engine=eng).generate([p], SamplingParams(max_tokens=24, stop_token_ids=[stop_at]))[0]
+    out = LLM(engine=eng).generate([p], SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[stop_at]))[0]
     assert out.token_ids == ref[:ref.index(stop_at) + 1]
     assert (out.finish_reason, out.stop_reason) == ("stop", stop_at)
-    eng.eos_ids = frozenset({stop_at})  # the checkpoint's EOS, unless ignore_eos
-    out = LLM(engine=eng).generate([p], SamplingParams(max_tokens=24))[0]
+    eng.outputs.eos_ids = frozenset({stop_at})  # the checkpoint's EOS, unless ignore_eos
+    out = LLM(engine=eng).generate([p], SamplingParams(temperature=0.0, max_tokens=24))[0]
     assert out.token_ids == ref[:ref.index(stop_at) + 1] and out.stop_reason is None
-    out = LLM(engine=eng).generate([p], SamplingParams(max_tokens=24, ignore_eos=True))[0]
+    out = LLM(engine=eng).generate([p], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))[0]
     assert out.token_ids == ref
 
 
@@ -209,15 +209,15 @@ def test_invalid_requests_raise_before_queueing(hf_checkpoint):
     ckpt, _ = hf_checkpoint
     eng = engine(ckpt, max_model_len=64)
     cases = [([], SamplingParams(), InvalidRequest), ([1, 128], SamplingParams(), InvalidRequest),
-             ([1, -1], SamplingParams(), InvalidRequest), ([1] * 60, SamplingParams(max_tokens=5), ContextTooLong),
-             ([1] * 64, SamplingParams(), ContextTooLong), ([1], SamplingParams(max_tokens=0), InvalidRequest),
+             ([1, -1], SamplingParams(), InvalidRequest), ([1] * 60, SamplingParams(temperature=0.0, max_tokens=5), ContextTooLong),
+             ([1] * 64, SamplingParams(), ContextTooLong), ([1], SamplingParams(temperature=0.0, max_tokens=0), InvalidRequest),
              ([1], SamplingParams(stop_token_ids=[999]), InvalidRequest)]
     for ids, params, error in cases:
         with pytest.raises(error):
             eng.submit(GenerateRequest(ids, params))
     assert not eng.has_work()
-    eng.submit(GenerateRequest([1, 2], SamplingParams(max_tokens=3), request_id="dup"))
+    eng.submit(GenerateRequest([1, 2], SamplingParams(temperature=0.0, max_tokens=3), request_id="dup"))
     with pytest.raises(InvalidRequest, match="already in use"):
-        eng.submit(GenerateRequest([1, 2], SamplingParams(max_tokens=3), request_id="dup"))
+        eng.submit(GenerateRequest([1, 2], SamplingParams(temperature=0.0, max_tokens=3), request_id="dup"))
     with pytest.raises(ContextTooLong, match="maximum context length is 64"):
-        eng.submit(GenerateRequest([1] * 60, SamplingParams(max_tokens=5)))
+        eng.submit(GenerateRequest([1] * 60, SamplingParams(temperature=0.0, max_tokens=5)))

@@ -40,7 +40,7 @@ def test_special_tokens_are_skipped_in_text(tiny):
 def test_engine_streams_text_sync_and_async(tiny):
     eng = LLMEngine.from_model_dir(tiny, EngineConfig())
     tok = eng.tokenizer
-    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     prompt = tok.encode("Once upon a time")
     sync_stream = eng.submit(GenerateRequest(prompt, params))
     async_stream = eng.submit(GenerateRequest(prompt, params))
@@ -71,3 +71,48 @@ def test_engine_streams_text_sync_and_async(tiny):
         assert "".join(o.text_delta or "" for o in outs) == tok.decode(ids)
         assert outs[-1].usage.prompt_tokens == len(prompt) and outs[-1].usage.completion_tokens == 30
     assert [o.new_token_ids for o in sync_outs] == [o.new_token_ids for o in async_outs]
+
+
+def _run(eng, request):
+    stream = eng.submit(request)
+    while eng.has_work():
+        eng.step()
+    return list(stream)
+
+
+@pytest.fixture(scope="module")
+def text_engine(tiny):
+    return LLMEngine.from_model_dir(tiny, EngineConfig())
+
+
+def test_stop_strings_cut_the_text_across_token_boundaries(text_engine):
+    eng, tok = text_engine, text_engine.tokenizer
+    prompt = tok.encode("The answer is")
+    greedy = _run(eng, GenerateRequest(prompt, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)))
+    ids = [t for o in greedy for t in o.new_token_ids]
+    text = tok.decode(ids)
+    # a stop string that starts inside one token and ends inside a later one
+    pieces = [tok.decode(ids[:i]) for i in range(len(ids) + 1)]
+    cut = next(i for i in range(4, len(ids)) if len(pieces[i + 1]) - len(pieces[i]) >= 2)
+    start = len(pieces[cut]) - 1
+    stop = text[start:len(pieces[cut + 1]) + 1]
+    assert stop not in text[:start]
+    outs = _run(eng, GenerateRequest(prompt, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
+                                                            stop=[stop, "never appears"])))
+    deltas = [o.text_delta or "" for o in outs]
+    assert "".join(deltas) == text[:start]
+    assert outs[-1].finish_reason == "stop" and outs[-1].stop_reason == stop
+    assert not any(stop[:2] in d for d in deltas)  # not even part of it leaked in a delta
+    got = [t for o in outs for t in o.new_token_ids]
+    k = len(got)  # generation stopped with the token that completed the stop string
+    assert got == ids[:k] and stop in pieces[k] and stop not in pieces[k - 1]
+
+
+def test_echo_puts_the_prompt_first(text_engine):
+    eng, tok = text_engine, text_engine.tokenizer
+    prompt = tok.encode("Echo me, please")
+    outs = _run(eng, GenerateRequest(prompt, SamplingParams(temperature=0.0, max_tokens=5, echo=True, logprobs=1)))
+    text = "".join(o.text_delta or "" for o in outs)
+    assert text.startswith("Echo me, please")
+    assert text == "Echo me, please" + tok.decode([t for o in outs for t in o.new_token_ids])
+    assert outs[0].prompt_logprobs is not None and len(outs[0].prompt_logprobs) == len(prompt)
