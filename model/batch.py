@@ -40,7 +40,7 @@ class PrefillSpan:
 class DecodeBatch:
     token_index_B: torch.Tensor  # position of each single-token sequence in the flat batch
     kv_slots_BL: torch.Tensor  # padded with slot 0
-    mask_BL: torch.Tensor  # bool, False on padding
+    bias_BL: torch.Tensor  # additive mask: 0 on keys, -inf on padding
 
 
 @dataclass
@@ -66,8 +66,8 @@ class AttentionMetadata:
                 p.mask_QL = p.mask_QL.to(device, non_blocking=True)
             if gm.decode is not None:
                 d = gm.decode
-                d.token_index_B, d.kv_slots_BL, d.mask_BL = (
-                    t.to(device, non_blocking=True) for t in (d.token_index_B, d.kv_slots_BL, d.mask_BL))
+                d.token_index_B, d.kv_slots_BL, d.bias_BL = (
+                    t.to(device, non_blocking=True) for t in (d.token_index_B, d.kv_slots_BL, d.bias_BL))
         return self
 
 
@@ -119,6 +119,7 @@ def _group_metadata(seqs: list[SequenceSlots], group: str, chunk: int | None) ->
     if decode_tokens:
         lengths = torch.tensor([x.numel() for x in decode_slots])
         slots_BL = torch.nn.utils.rnn.pad_sequence(decode_slots, batch_first=True, padding_value=0)
-        mask_BL = torch.arange(slots_BL.shape[1])[None, :] < lengths[:, None]
-        decode = DecodeBatch(torch.tensor(decode_tokens), slots_BL, mask_BL)
+        pad_BL = torch.arange(slots_BL.shape[1])[None, :] >= lengths[:, None]
+        bias_BL = torch.zeros(pad_BL.shape).masked_fill_(pad_BL, float("-inf"))
+        decode = DecodeBatch(torch.tensor(decode_tokens), slots_BL, bias_BL)
     return GroupMetadata(write_T, prefills, decode)

@@ -26,9 +26,9 @@ class RMSNorm(nn.Module):
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Weightless RMS normalisation over the last dim in fp32 (also Llama 4's per-head qk-norm)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    """Weightless RMS normalisation over the last dim in fp32 (also Llama 4's per-head qk-norm):
+    x * rsqrt(mean(x^2) + eps), computed in fp32 and cast back, as one fused op."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:

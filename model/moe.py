@@ -59,21 +59,24 @@ class RoutedExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, experts_N: torch.Tensor) -> torch.Tensor:
         """Sparse grouped FFN: rows sorted by expert, one pair of GEMMs per expert that has rows."""
         local_N = self.local_index_E[experts_N]
+        if x_ND.shape[0] == 1:  # a lone token (batch-1 decode): no grouping needed
+            return self._ffn(int(local_N), x_ND)
         order_N = torch.argsort(local_N, stable=True)
         # NOTE: .tolist() is a host sync; free on CPU, one small copy per MoE layer on GPU
         counts = torch.bincount(local_N, minlength=len(self.expert_ids)).tolist()
-        x_sorted = x_ND[order_N]
+        x_sorted = x_ND.index_select(0, order_N)
         y_sorted = torch.empty_like(x_sorted)
         start = 0
         for e, n in enumerate(counts):
             if n:
-                x_nD = x_sorted[start:start + n]
-                y_sorted[start:start + n] = (self.expert_fns[e](x_nD) if self.expert_fns is not None
-                                             else expert_ffn(x_nD, self.gate_up_proj[e], self.down_proj[e]))
+                y_sorted[start:start + n] = self._ffn(e, x_sorted[start:start + n])
                 start += n
-        y_ND = torch.empty_like(x_ND)
-        y_ND[order_N] = y_sorted
-        return y_ND
+        return torch.empty_like(x_ND).index_copy_(0, order_N, y_sorted)
+
+    def _ffn(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
+        if self.expert_fns is not None:
+            return self.expert_fns[e](x_nD)
+        return expert_ffn(x_nD, self.gate_up_proj[e], self.down_proj[e])
 
 
 def expert_ffn(x_nD: torch.Tensor, gate_up_D2F: torch.Tensor, down_FD: torch.Tensor) -> torch.Tensor:

