@@ -18,21 +18,21 @@ from model.layers import apply_rope, rms_normalize, temperature_scale
 
 
 class KVCache:
-    """K/V storage for every layer: [S, G, K] per layer, slots numbered per layer group."""
+    """K/V storage for every layer, head-major [G, S, K], slots numbered per layer group.
+
+    Head-major so that gathering a batch's keys gives [G, B, L, K] blocks the attention matmuls use
+    as they are, with no transposing copy.
+    """
 
     def __init__(self, config: Llama4Config, num_slots: dict[str, int], dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
-        shape = (config.num_key_value_heads, config.head_dim)
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         for group in config.layer_types:
-            self.k.append(torch.zeros(num_slots[group], *shape, dtype=dtype, device=device))
-            self.v.append(torch.zeros(num_slots[group], *shape, dtype=dtype, device=device))
+            shape = (config.num_key_value_heads, num_slots[group], config.head_dim)
+            self.k.append(torch.zeros(shape, dtype=dtype, device=device))
+            self.v.append(torch.zeros(shape, dtype=dtype, device=device))
         self.num_slots = dict(num_slots)
-
-    def bytes_per_slot(self, group_layers: int) -> int:
-        k = self.k[0]
-        return 2 * group_layers * k[0].numel() * k.element_size()
 
 
 class Attention(nn.Module):
@@ -88,44 +88,48 @@ class Attention(nn.Module):
             q_THK = (q_THK * scale_T[:, None, None]).to(q_THK.dtype)
         gm = meta.groups[self.group]
         k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
-        k_cache.index_copy_(0, gm.write_slots_T, k_TGK)
-        v_cache.index_copy_(0, gm.write_slots_T, v_TGK)
+        k_cache.index_copy_(1, gm.write_slots_T, k_TGK.transpose(0, 1))
+        v_cache.index_copy_(1, gm.write_slots_T, v_TGK.transpose(0, 1))
         o_THK = self._attend(q_THK, k_cache, v_cache, gm)
         return self.o_proj(o_THK.reshape(T, self.num_heads * self.head_dim))
 
     def _attend(self, q_THK: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 gm: GroupMetadata) -> torch.Tensor:
+        if gm.decode is not None and not gm.prefills:  # every token is a decode, in order
+            d = gm.decode
+            return self._decode(q_THK, gather(k_cache, d.kv_slots_BL), gather(v_cache, d.kv_slots_BL), d.bias_BL)
         o_THK = torch.empty(q_THK.shape, dtype=q_THK.dtype, device=q_THK.device)
         if gm.decode is not None:
             d = gm.decode
-            k_BLGK, v_BLGK = gather(k_cache, d.kv_slots_BL), gather(v_cache, d.kv_slots_BL)
-            if not gm.prefills:  # every token is a decode, in order: no scatter needed
-                return self._decode(q_THK, k_BLGK, v_BLGK, d.bias_BL)
-            o_THK[d.token_index_B] = self._decode(q_THK.index_select(0, d.token_index_B), k_BLGK, v_BLGK,
+            o_THK[d.token_index_B] = self._decode(q_THK.index_select(0, d.token_index_B),
+                                                  gather(k_cache, d.kv_slots_BL), gather(v_cache, d.kv_slots_BL),
                                                   d.bias_BL)
         for p in gm.prefills:
             q_1HQK = q_THK[p.start:p.end].transpose(0, 1).unsqueeze(0)
-            k_1GLK = gather(k_cache, p.kv_slots_L).transpose(0, 1).unsqueeze(0)
-            v_1GLK = gather(v_cache, p.kv_slots_L).transpose(0, 1).unsqueeze(0)
+            k_1GLK = gather(k_cache, p.kv_slots_L).unsqueeze(0)
+            v_1GLK = gather(v_cache, p.kv_slots_L).unsqueeze(0)
             o_1HQK = F.scaled_dot_product_attention(
                 q_1HQK, k_1GLK, v_1GLK, attn_mask=p.mask_QL, scale=self.scaling, enable_gqa=True)
             o_THK[p.start:p.end] = o_1HQK[0].transpose(0, 1)
         return o_THK
 
-    def _decode(self, q_BHK: torch.Tensor, k_BLGK: torch.Tensor, v_BLGK: torch.Tensor,
+    def _decode(self, q_BHK: torch.Tensor, k_GBLK: torch.Tensor, v_GBLK: torch.Tensor,
                 bias_BL: torch.Tensor) -> torch.Tensor:
         """One query per sequence. Each kv head serves its group of query heads without copying
         K/V (heads j*R .. (j+1)*R-1 share kv head j, as transformers' repeat_kv lays them out)."""
         B, H, K = q_BHK.shape
         G = self.num_kv_heads
-        q_BGRK = q_BHK.view(B, G, H // G, K)
-        k_BGKL = k_BLGK.permute(0, 2, 3, 1)
-        scores_BGRL = torch.matmul(q_BGRK, k_BGKL) * self.scaling + bias_BL[:, None, None, :]
-        o_BGRK = torch.matmul(scores_BGRL.softmax(-1), v_BLGK.transpose(1, 2))
-        return o_BGRK.reshape(B, H, K)
+        if B == 1:  # one sequence: the fused kernel wins; from a few on, two batched matmuls do
+            return F.scaled_dot_product_attention(q_BHK[:, :, None, :], k_GBLK.transpose(0, 1),
+                                                  v_GBLK.transpose(0, 1), attn_mask=bias_BL[:, None, None, :],
+                                                  scale=self.scaling, enable_gqa=True)[:, :, 0]
+        q_GBRK = q_BHK.view(B, G, H // G, K).transpose(0, 1)
+        scores_GBRL = torch.matmul(q_GBRK, k_GBLK.transpose(-1, -2)) * self.scaling + bias_BL[None, :, None, :]
+        o_GBRK = torch.matmul(scores_GBRL.softmax(-1), v_GBLK)
+        return o_GBRK.transpose(0, 1).reshape(B, H, K)
 
 
-def gather(cache_SGK: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Rows of the cache at `slots` ([L] or [B, L]); index_select on a 2-D view is the fast gather."""
-    S, G, K = cache_SGK.shape
-    return cache_SGK.view(S, G * K).index_select(0, slots.reshape(-1)).view(*slots.shape, G, K)
+def gather(cache_GSK: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """K or V of the cache at `slots` ([L] or [B, L]) as [G, L, K] or [G, B, L, K]."""
+    G, _, K = cache_GSK.shape
+    return cache_GSK.index_select(1, slots.reshape(-1)).view(G, *slots.shape, K)

@@ -1,9 +1,10 @@
 """Inference-time rewrites of a loaded model that change speed, never results beyond fp32 rounding.
 
 - `fuse`: q/k/v and gate/up projections become one GEMM each (every device).
-- CPU, fp32: every Linear and every routed expert runs through oneDNN with weights prepacked in its
-  blocked layout. On 2-core machines MKL's small-M fp32 GEMMs reach about half the memory bandwidth
-  that prepacked oneDNN kernels reach, and decode steps are exactly small-M GEMMs.
+- CPU, fp32: every Linear runs through oneDNN with its weight prepacked in oneDNN's blocked layout;
+  for the 1-32 row GEMMs of a decode step that streams weights markedly faster than MKL here.
+  Routed experts keep the checkpoint layout (`x @ W`): each runs single-threaded beside another
+  (see `model.moe.run_spread`), where MKL's kernel measured faster than oneDNN's.
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.attention import Attention
 from model.layers import MLP
-from model.moe import RoutedExperts
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +41,6 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
 
 
-def _packed_expert(gate_up_D2F: torch.Tensor, down_FD: torch.Tensor):
-    gate_up = PackedLinear(gate_up_D2F.t())  # [2F, D]
-    down = PackedLinear(down_FD.t())  # [D, F]
-
-    def ffn(x_nD: torch.Tensor) -> torch.Tensor:
-        gate_nF, up_nF = gate_up(x_nD).chunk(2, dim=-1)
-        return down(up_nF * F.silu(gate_nF))
-    return ffn
-
-
 def fuse(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         if isinstance(module, (Attention, MLP)) and getattr(module, "qkv_proj", None) is None \
@@ -73,10 +62,4 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:
                 setattr(module, name, PackedLinear(child.weight.data))
-        if isinstance(module, RoutedExperts) and len(module.expert_ids):
-            module.expert_fns = [_packed_expert(module.gate_up_proj.data[e], module.down_proj.data[e])
-                                 for e in range(len(module.expert_ids))]
-            # the prepacked copies replace the checkpoint layout; keep memory at one copy
-            module.gate_up_proj = nn.Parameter(torch.empty(0), requires_grad=False)
-            module.down_proj = nn.Parameter(torch.empty(0), requires_grad=False)
     return model

@@ -1,5 +1,11 @@
-"""Shared test settings: two cores, so every test process uses at most two torch threads."""
+"""Shared test settings: two cores, so every test process uses at most two torch threads; and no
+network: transformers and huggingface_hub must never try to download anything."""
 
-import torch
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
 
 torch.set_num_threads(2)

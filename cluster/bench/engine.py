@@ -28,7 +28,9 @@ def _run(cmd: list[str], timeout: float) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[1:3]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # peers print their own logs on stdout too: the result is the line that starts our JSON object
+    line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith('{"engine"'))
+    return json.loads(line)
 
 
 def run_engines(args) -> dict:

@@ -85,3 +85,20 @@ def test_eos_stops_generation(pair):
     eos = expected[5]
     out = greedy_generate(ours, [PROMPTS[0]], 20, eos_ids={eos})[0]
     assert out == expected[:expected.index(eos) + 1]
+
+
+def test_inference_rewrites_keep_the_oracle_tolerance(pair):
+    """Fused projections and (on CPU, fp32) oneDNN-prepacked weights: same logits within 1e-4."""
+    from model.optimize import optimize_for_inference
+
+    hf, ours = pair
+    import copy
+
+    fast = optimize_for_inference(copy.deepcopy(ours))
+    assert fast.model.layers[0].self_attn.qkv_proj is not None
+    for prompt in PROMPTS:
+        cache = ContiguousCache(fast, 1, 64)
+        positions, meta = build_metadata(fast.config, [cache.slots(0, 0, len(prompt))])
+        logits = fast.logits(fast(torch.tensor(prompt), positions, meta, cache.kv))
+        assert (logits - hf_logits(hf, prompt)).abs().max().item() <= TOL
+    assert greedy_generate(fast, PROMPTS, 24) == [hf_greedy(hf, p, 24) for p in PROMPTS]
