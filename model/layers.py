@@ -67,7 +67,7 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x_THK: torch.Tensor, freqs_cis_TK: torch.Tensor) -> torch.Tensor:
-    xc = torch.view_as_complex(x_THK.float().reshape(*x_THK.shape[:-1], -1, 2))  # (T, H, K/2)
+    xc = torch.view_as_complex(x_THK.float().reshape(*x_THK.shape[:-1], x_THK.shape[-1] // 2, 2))  # (T, H, K/2)
     return torch.view_as_real(xc * freqs_cis_TK[:, None, :]).flatten(2).type_as(x_THK)
 
 

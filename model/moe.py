@@ -157,4 +157,4 @@ class MoE(nn.Module):
         pending = self.experts.dispatch(x_ND, experts_N)
         out_TD = self.shared_expert(x_TD)  # overlaps the routed experts when they are remote
         y_ND = self.experts.combine(pending)
-        return out_TD + y_ND.view(x_TD.shape[0], self.top_k, -1).sum(1)
+        return out_TD + y_ND.view(x_TD.shape[0], self.top_k, x_TD.shape[1]).sum(1)

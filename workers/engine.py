@@ -58,6 +58,9 @@ class LLMEngine(Engine):
         self._live: dict[str, list[Request]] = {}  # parent id -> its choices
         self._streams: dict[str, RequestStream] = {}
         self._failed: str | None = None
+        # in a gang every step is collective: a step with nothing to compute still runs the model
+        # with zero tokens, so this rank's MoE layers take part in the all-to-alls
+        self.collective = False
         self.num_steps = self.prompt_tokens_total = self.generation_tokens_total = 0
         self.num_preemptions_total = 0
         log.info("KV cache: %s blocks of %d tokens, max_model_len %d", num_blocks, config.block_size,
@@ -158,18 +161,32 @@ class LLMEngine(Engine):
 
     def step(self) -> list[RequestOutput]:
         outputs = self._take_inbox()
-        if self.scheduler.num_unfinished == 0:
+        batch = self.scheduler.schedule() if self.scheduler.num_unfinished else None
+        if batch is not None:
+            self.num_preemptions_total += len(batch.preempted)
+        if batch is None or not batch.requests:
+            if self.collective:
+                self.runner.execute_empty()
             return self._deliver(outputs)
-        batch = self.scheduler.schedule()
-        self.num_preemptions_total += len(batch.preempted)
-        if batch.requests:
-            try:
-                outputs += self._run(batch)
-            except Exception:  # a bug or a broken device: fail this step's requests, keep serving
-                log.exception("engine step failed")
-                for req in batch.requests:
-                    if not req.state.done:
-                        outputs.append(self._finish(req, "error", error=InternalError("the engine failed")))
+        try:
+            outputs += self._run(batch)
+        except Exception:
+            if self.collective:  # a failed collective breaks the gang, not just these requests
+                raise
+            log.exception("engine step failed")  # a bug or a broken device: fail this step's requests
+            for req in batch.requests:
+                if not req.state.done:
+                    outputs.append(self._finish(req, "error", error=InternalError("the engine failed")))
+        return self._deliver(outputs)
+
+    def fail_all(self, error: Exception) -> list[RequestOutput]:
+        """The gang failed: end every live request with `error` and refuse new ones."""
+        self._failed = str(error)
+        outputs = self._take_inbox()
+        for choices in list(self._live.values()):
+            for req in choices:
+                if not req.state.done:
+                    outputs.append(self._finish(req, "error", error=error))
         return self._deliver(outputs)
 
     # -- helpers ------------------------------------------------------------------------------------

@@ -39,6 +39,13 @@ class ModelRunner:
         return hidden_TD, rows
 
     @torch.inference_mode()
+    def execute_empty(self) -> None:
+        """A forward with no tokens: what a gang rank without work runs to join the collectives."""
+        positions_T, meta = build_metadata(self.model.config, [])
+        ids_T = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.model(ids_T, positions_T.to(self.device), meta.to(self.device), self.cache)
+
+    @torch.inference_mode()
     def logits(self, hidden_TD: torch.Tensor, rows: list[int]) -> torch.Tensor:
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         return self.model.logits(hidden_TD[index]).float()

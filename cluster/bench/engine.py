@@ -23,31 +23,81 @@ ROOT = HERE.parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
 
-def _run(cmd: list[str], timeout: float) -> dict:
-    log.warning("running %s", " ".join(map(str, cmd[:4])))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[1:3]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    # peers print their own logs on stdout too: the result is the line that starts our JSON object
-    line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith('{"engine"'))
-    return json.loads(line)
+class EngineProcess:
+    """A loaded engine in its own process, answering one measurement per request line."""
+
+    def __init__(self, name: str, cmd: list[str], timeout: float):
+        log.warning("starting %s", name)
+        self.name, self.timeout = name, timeout
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+
+    def _read(self, key: str):
+        # peers print their own logs on stdout too: ours is the line that is our JSON object
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                try:
+                    message = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if key in message:
+                    return message[key]
+        raise RuntimeError(f"{self.name} exited ({self.proc.wait()}):\n{self.proc.stderr.read()[-3000:]}")
+
+    def ready(self) -> None:
+        self._read("ready")
+
+    def ask(self, command: dict, key: str = "result"):
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        return self._read(key)
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def run_engines(args) -> dict:
     common = ["--model", str(args.model), "--prompt-len", str(args.prompt_len), "--output-len",
-              str(args.output_len), "--repeat", str(args.repeat), "--concurrency", *map(str, args.concurrency)]
+              str(args.output_len), "--max-concurrency", str(max(args.concurrency))]
     runner = [sys.executable, "-m", "cluster.bench.runner"]
-    runs = {"ours": _run(runner + ["ours", *common, "--profile"], args.timeout)}
+    commands = {"ours": runner + ["ours", *common]}
     if args.compare_no_free:
-        runs["ours_nofree"] = _run(runner + ["ours", *common, "--no-free-chunked"], args.timeout)
+        commands["ours_nofree"] = runner + ["ours", *common, "--no-free-chunked"]
     if "hf" in args.peers:
-        runs["hf"] = _run(runner + ["hf", *common], args.timeout)
+        commands["hf"] = runner + ["hf", *common]
     if "vllm" in args.peers:
         if not VLLM_PYTHON.is_file():
             raise FileNotFoundError(f"{VLLM_PYTHON} missing: `make bench` builds .venv-vllm")
         vocab = load_config(args.model).vocab_size
-        runs["vllm"] = _run([str(VLLM_PYTHON), str(HERE / "peer_vllm.py"), *common, "--vocab", str(vocab)],
-                            args.timeout)
+        commands["vllm"] = [str(VLLM_PYTHON), str(HERE / "peer_vllm.py"), *common, "--vocab", str(vocab)]
+    engines = {name: EngineProcess(name, cmd, args.timeout) for name, cmd in commands.items()}
+    try:
+        for engine in engines.values():
+            engine.ready()
+        samples: dict[str, dict[int, list[dict]]] = {n: {c: [] for c in args.concurrency} for n in engines}
+        for rep in range(args.repeat):  # interleaved: every engine meets the same machine state
+            for c in args.concurrency:
+                for name, engine in engines.items():
+                    samples[name][c].append(engine.ask({"concurrency": c, "seed": 1000 * rep + c}))
+        profile = engines["ours"].ask({"profile": max(args.concurrency)}, key="profile")
+    finally:
+        for engine in engines.values():
+            engine.close()
+    runs = {}
+    for name, by_c in samples.items():
+        results = []
+        for c, rows in by_c.items():
+            rows = sorted(rows, key=lambda r: r["tok_s"])
+            median = dict(rows[len(rows) // 2])
+            median["all_tok_s"] = [r["tok_s"] for r in rows]
+            results.append(median)
+        runs[name] = {"results": results}
+    runs["ours"]["profile"] = profile
     return runs
 
 

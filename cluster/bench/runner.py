@@ -1,9 +1,13 @@
 """One engine under load, in its own process: ours (`LLMEngine`) or transformers' `generate`.
 
-    python -m cluster.bench.runner ours|hf --model DIR --concurrency 1 8 32 [--no-free-chunked] [--profile]
+    python -m cluster.bench.runner ours|hf --model DIR [--no-free-chunked]
 
-Each concurrency level submits that many requests of `--prompt-len` random prompt tokens and
-generates `--output-len` tokens each (greedy, EOS ignored). Prints one JSON object on stdout.
+It loads the model, prints `{"ready": ...}`, then serves one measurement per line of stdin:
+`{"concurrency": c, "seed": s}` submits c requests of `--prompt-len` random prompt tokens and
+generates `--output-len` tokens each (greedy, EOS ignored), and prints one JSON result line;
+`{"profile": c}` prints where one decode step at concurrency c spends its time. The driver
+(`cluster.bench.engine`) interleaves engines level by level, so the machine's slow drifts touch all
+of them alike.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
 
 import torch
@@ -22,113 +27,103 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
     return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(n)]
 
 
-def run_ours(args: argparse.Namespace, vocab: int) -> dict:
-    from workers.config import EngineConfig
-    from workers.engine import LLMEngine
-    from workers.protocol import GenerateRequest
-    from workers.sampling_params import SamplingParams
+class Ours:
+    def __init__(self, args: argparse.Namespace):
+        from workers.config import EngineConfig
+        from workers.engine import LLMEngine
+        from workers.sampling_params import SamplingParams
 
-    top = max(args.concurrency)
-    config = EngineConfig(max_num_seqs=top, max_num_batched_tokens=max(4096, args.prompt_len),
-                          free_chunked_blocks=not args.no_free_chunked)
-    engine = LLMEngine.from_model_dir(args.model, config, skip_tokenizer_init=True)
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+        config = EngineConfig(max_num_seqs=args.max_concurrency,
+                              max_num_batched_tokens=max(4096, args.prompt_len),
+                              free_chunked_blocks=not args.no_free_chunked)
+        self.engine = LLMEngine.from_model_dir(args.model, config, skip_tokenizer_init=True)
+        self.params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+        self.args = args
 
-    def generate(prompts: list[list[int]]) -> tuple[float, list[float], int]:
+    def _generate(self, prompts: list[list[int]]) -> tuple[float, list[float], int, int]:
+        from workers.protocol import GenerateRequest
+
         for p in prompts:
-            engine.submit(GenerateRequest(p, params))
-        steps, tokens = [], 0
+            self.engine.submit(GenerateRequest(p, self.params))
+        steps, tokens, saved = [], 0, 0
         start = time.perf_counter()
-        while engine.has_work():
+        while self.engine.has_work():
             t0 = time.perf_counter()
-            tokens += sum(len(o.new_token_ids) for o in engine.step())
+            tokens += sum(len(o.new_token_ids) for o in self.engine.step())
             steps.append(time.perf_counter() - t0)
-            if len(steps) == args.output_len // 2:  # mid-run: what chunk freeing holds back
-                saved[0] = engine.stats().kv.chunked_bytes_saved
-        return time.perf_counter() - start, steps, tokens
+            if len(steps) == self.args.output_len // 2:  # mid-run: what chunk freeing holds back
+                saved = self.engine.stats().kv.chunked_bytes_saved
+        return time.perf_counter() - start, steps, tokens, saved
 
-    saved = [0]
+    def measure(self, c: int, seed: int) -> dict:
+        seconds, steps, tokens, saved = self._generate(random_prompts(c, self.args.prompt_len, self.args.vocab, seed))
+        decode = steps[1:] or steps  # the first step prefills every prompt (the budget holds them all)
+        return {"concurrency": c, "tok_s": tokens / seconds, "seconds": seconds,
+                "step_ms": seconds / self.args.output_len * 1e3,
+                "decode_step_ms": statistics.median(decode) * 1e3, "chunked_kv_bytes_saved_midrun": saved}
 
-    generate(random_prompts(1, args.prompt_len, vocab, seed=99)[:1])  # warm-up
-    results = []
-    for c in args.concurrency:
-        runs = []
-        for r in range(args.repeat):
-            seconds, steps, tokens = generate(random_prompts(c, args.prompt_len, vocab, seed=c * 100 + r))
-            decode = steps[1:] if c == 1 else [s for s in steps if s < 0.5 * max(steps)]
-            runs.append((seconds, tokens, statistics.median(decode)))
-        seconds, tokens, decode_s = sorted(runs)[len(runs) // 2]  # the median run
-        results.append({"concurrency": c, "tok_s": tokens / seconds, "seconds": seconds,
-                        "all_tok_s": [t / s for s, t, _ in runs],
-                        "step_ms": seconds / args.output_len * 1e3, "decode_step_ms": decode_s * 1e3,
-                        "chunked_kv_bytes_saved_midrun": saved[0]})
-    out = {"engine": "ours", "results": results}
-    if args.profile:
-        out["profile"] = profile_step(engine, generate, random_prompts(top, args.prompt_len, vocab, seed=7))
-    return out
+    def profile(self, c: int) -> str:
+        """Where one decode step at concurrency c spends its time (torch profiler, CPU)."""
+        from torch.profiler import ProfilerActivity, profile
 
+        from workers.protocol import GenerateRequest
+        from workers.sampling_params import SamplingParams
 
-def profile_step(engine, generate, prompts) -> str:
-    """Where one decode step at the highest concurrency spends its time (torch profiler, CPU)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from workers.protocol import GenerateRequest
-    from workers.sampling_params import SamplingParams
-
-    for p in prompts:
-        engine.submit(GenerateRequest(p, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)))
-    for _ in range(4):  # prefill, then a few decode steps
-        engine.step()
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        engine.step()
-    while engine.has_work():
-        engine.step()
-    return prof.key_averages(group_by_input_shape=True).table(
-        sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=32, max_shapes_column_width=40)
+        short = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+        for p in random_prompts(c, self.args.prompt_len, self.args.vocab, seed=7):
+            self.engine.submit(GenerateRequest(p, short))
+        for _ in range(4):  # prefill, then a few decode steps
+            self.engine.step()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            self.engine.step()
+        while self.engine.has_work():
+            self.engine.step()
+        return prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=32, max_shapes_column_width=40)
 
 
-def run_hf(args: argparse.Namespace, vocab: int) -> dict:
-    from transformers import AutoModelForCausalLM
+class Transformers:
+    def __init__(self, args: argparse.Namespace):
+        from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        self.args = args
 
-    def generate(prompts: list[list[int]]) -> tuple[float, int]:
-        ids = torch.tensor(prompts)
+    def measure(self, c: int, seed: int) -> dict:
+        ids = torch.tensor(random_prompts(c, self.args.prompt_len, self.args.vocab, seed))
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.output_len,
-                                 min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
-        return time.perf_counter() - start, (out.shape[1] - ids.shape[1]) * ids.shape[0]
-
-    generate(random_prompts(1, args.prompt_len, vocab, seed=99))
-    results = []
-    for c in args.concurrency:
-        runs = sorted(generate(random_prompts(c, args.prompt_len, vocab, seed=c * 100 + r))
-                      for r in range(args.repeat))
-        seconds, tokens = runs[len(runs) // 2]
-        results.append({"concurrency": c, "tok_s": tokens / seconds, "seconds": seconds,
-                        "all_tok_s": [t / s for s, t in runs], "step_ms": seconds / args.output_len * 1e3})
-    return {"engine": "hf", "results": results}
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.args.output_len,
+                                      min_new_tokens=self.args.output_len, do_sample=False, pad_token_id=0)
+        seconds = time.perf_counter() - start
+        tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+        return {"concurrency": c, "tok_s": tokens / seconds, "seconds": seconds,
+                "step_ms": seconds / self.args.output_len * 1e3}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("engine", choices=["ours", "hf"])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--max-concurrency", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per level; the median is reported")
     parser.add_argument("--no-free-chunked", action="store_true")
-    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from model.config import load_config
 
-    vocab = load_config(args.model).vocab_size
-    out = (run_ours if args.engine == "ours" else run_hf)(args, vocab)
-    print(json.dumps(out))
+    args.vocab = load_config(args.model).vocab_size
+    engine = Ours(args) if args.engine == "ours" else Transformers(args)
+    engine.measure(1, seed=99)  # warm-up
+    print(json.dumps({"ready": args.engine}), flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        if "profile" in command:
+            print(json.dumps({"profile": engine.profile(command["profile"])}), flush=True)
+        else:
+            print(json.dumps({"result": engine.measure(command["concurrency"], command["seed"])}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,80 @@
+"""The deployment schema, validated strictly: unknown keys and impossible layouts fail before anything
+starts, with messages that name the path of the bad field.
+
+This part describes one gang (its layout, resources and engine limits); the serving issue extends it
+with the application's `args`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from workers.config import EngineConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RankResources(Strict):
+    """What one rank (actor) asks Ray for."""
+
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0, ge=0, le=1)
+    torch_threads: int = Field(1, ge=1, description="intra-op threads per actor (cores it may use)")
+
+
+class EngineLimits(Strict):
+    max_num_seqs: int = Field(32, ge=1)
+    max_num_batched_tokens: int = Field(1024, ge=1)
+    max_model_len: int | None = Field(None, ge=2)
+    block_size: int = Field(16, ge=1)
+    kv_cache_memory: int = Field(256 * 2**20, ge=1, description="bytes of K/V per attention worker")
+    enable_prefix_caching: bool = True
+    free_chunked_blocks: bool = True
+
+    def engine_config(self, dtype: str | None, device: str) -> EngineConfig:
+        return EngineConfig(dtype=dtype, device=device, **self.model_dump())
+
+
+class GangConfig(Strict):
+    model: str
+    attention_workers: int = Field(1, ge=1)
+    expert_workers: int = Field(0, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    dtype: str | None = None  # float32 on CPU, bfloat16 on GPU
+    device: Literal["cpu", "cuda"] = "cpu"
+    attention: RankResources = RankResources()
+    experts: RankResources = RankResources()
+    engine: EngineLimits = EngineLimits()
+    collective_timeout_s: float = Field(60, gt=0, description="a collective longer than this fails the gang")
+    idle_steps: int = Field(3, ge=1, description="empty steps before the gang goes idle together")
+    skip_tokenizer_init: bool = False
+
+    @model_validator(mode="after")
+    def _devices_match(self) -> "GangConfig":
+        if self.device == "cuda" and (self.attention.num_gpus != 1 or
+                                      (self.expert_workers and self.experts.num_gpus != 1)):
+            raise ValueError("device 'cuda' needs num_gpus: 1 for every rank (one GPU per actor, NCCL)")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.attention_workers + self.expert_workers
+
+    def check_experts(self, num_experts: int) -> None:
+        """Experts are split contiguously across expert workers: the count must divide evenly."""
+        if self.expert_workers and num_experts % self.expert_workers:
+            raise ValueError(f"expert_workers ({self.expert_workers}) must divide the checkpoint's "
+                             f"num_local_experts ({num_experts})")
+
+
+def describe(error: ValidationError, root: str = "") -> str:
+    """One line per problem, each naming the dotted path of the field at fault."""
+    lines = []
+    for e in error.errors():
+        path = ".".join(str(p) for p in (root, *e["loc"]) if p != "")
+        lines.append(f"{path or '<root>'}: {e['msg']}")
+    return "; ".join(lines)

@@ -1,0 +1,90 @@
+"""The expert worker: its slice of routed experts for every MoE layer, served in lock-step waves.
+
+Each step it takes part in the same collectives as the attention ranks' forward: for every MoE
+layer in order, receive rows, run the grouped expert FFN, send them back. It reads only its own
+experts' bytes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from model.checkpoint import CheckpointReader
+from model.config import Llama4Config, load_config
+from model.loader import load_model, materialize, resolve_dtype
+from model.moe import RoutedExperts
+from workers.errors import Unavailable
+from workers.expert_parallel import ExpertGroup, Placement, serve_layer
+from workers.rank import Rank
+from workers.wave import WaveLoop
+
+log = logging.getLogger(__name__)
+
+
+class ExpertShard(nn.Module):
+    """Only routed experts, named as in the checkpoint (`model.layers.N.feed_forward.experts`)."""
+
+    def __init__(self, config: Llama4Config, experts_by_layer: dict[int, list[int]]):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleDict()
+        for layer, expert_ids in experts_by_layer.items():
+            holder = nn.Module()
+            holder.feed_forward = nn.Module()
+            holder.feed_forward.experts = RoutedExperts(config.hidden_size, config.intermediate_size, expert_ids,
+                                                        config.num_experts)
+            self.model.layers[str(layer)] = holder
+
+    def experts(self, layer: int) -> RoutedExperts:
+        return self.model.layers[str(layer)].feed_forward.experts
+
+
+class ExpertWorker(Rank):
+    def __init__(self, rank: int, num_attention: int, num_expert_ranks: int, model_dir: str,
+                 dtype: str | None = None, device: str = "cpu", torch_threads: int = 1, idle_steps: int = 3):
+        super().__init__(rank, num_attention + num_expert_ranks, torch_threads, device)
+        self.num_attention = num_attention
+        self.model_dir, self.dtype_name, self.idle_steps = model_dir, dtype, idle_steps
+        self.rows_served = 0
+
+    def load(self) -> dict:
+        start = time.monotonic()
+        config = load_config(self.model_dir)
+        dtype = resolve_dtype(self.dtype_name, self.device.type)
+        placement = Placement.contiguous(config.moe_layers, config.num_experts,
+                                         list(range(self.num_attention, self.world_size)))
+        owned = {layer: placement.experts_on(self.rank, layer) for layer in config.moe_layers}
+        with torch.device("meta"):
+            self.shard = ExpertShard(config, owned)
+        materialize(self.shard, self.device)
+        with CheckpointReader(self.model_dir) as reader:
+            report = load_model(self.shard, reader, dtype, strict=False)
+        self.layers = [self.shard.experts(layer) for layer in config.moe_layers]
+        self.comm = ExpertGroup(self.group, self.rank, self.world_size, config.hidden_size, dtype, self.device)
+        self.wave = WaveLoop(self.group, self.idle_steps, lambda: 0, self._step, f"experts-{self.rank}")
+        log.info("expert rank %d holds experts %s: %.1f MB in %.1fs", self.rank, owned[config.moe_layers[0]],
+                 report.bytes_read / 1e6, time.monotonic() - start)
+        return {"rank": self.rank, "bytes_read": report.bytes_read, "seconds": time.monotonic() - start,
+                "experts": owned[config.moe_layers[0]]}
+
+    def start(self) -> None:
+        self.wave.start()
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        for experts in self.layers:
+            self.rows_served += serve_layer(self.comm, experts)
+
+    def health(self) -> dict:
+        state = self.wave_state()
+        if state["failed"]:
+            raise Unavailable(f"expert rank {self.rank} failed: {state['failed']}")
+        return state
+
+    def stats(self) -> dict:
+        return {**self.wave_state(), "rows_served": self.rows_served,
+                "alltoall_bytes": self.comm.alltoall_bytes}

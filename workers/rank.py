@@ -1,0 +1,79 @@
+"""What every rank of a gang does the same way: threads, rendezvous, the process group, the wave loop.
+
+Actor classes (`AttentionWorker`, `ExpertWorker`) are plain classes here; `cluster/` wraps them with
+`ray.remote` and the resources of its placement group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+
+from workers.wave import WaveLoop
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # outside Ray (tests of one process)
+        return "127.0.0.1"
+
+
+class Rank:
+    def __init__(self, rank: int, world_size: int, torch_threads: int, device: str = "cpu"):
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        # NOTE: one Ray actor per rank; its intra-op threads are the cores it may use
+        torch.set_num_threads(torch_threads)
+        self.group: dist.ProcessGroup | None = None
+        self.wave: WaveLoop | None = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0's reachable address and a free port, for every rank's `init_process_group`."""
+        return node_ip(), free_port()
+
+    def init_group(self, address: str, port: int, timeout_s: float) -> float:
+        """Join the gang's process group; blocks until every rank has joined (call all at once)."""
+        start = time.monotonic()
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.device.type == "cuda":
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+            torch.cuda.set_device(0)  # one GPU per actor: Ray shows it as device 0
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
+                                world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        self.group = dist.group.WORLD
+        return time.monotonic() - start
+
+    def wake(self, generation: int) -> None:
+        if self.wave is not None:
+            self.wave.wake(generation)
+
+    def wave_state(self) -> dict:
+        wave = self.wave
+        return {"rank": self.rank, "steps": wave.num_steps if wave else 0, "idle": bool(wave and wave.idle),
+                "failed": repr(wave.failed) if wave and wave.failed else None}
+
+    def shutdown(self) -> None:
+        if self.wave is not None:
+            self.wave.stop()
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # the group may already be broken by a dead peer
+                pass

@@ -1,0 +1,86 @@
+"""The wave loop every rank of a gang runs on its own thread.
+
+All ranks step together. Each step starts with one tiny all-reduce (MAX) of [pending tokens,
+-wake generation]: if any rank has work, every rank runs the step (attention ranks with zero tokens
+if they have none, so the MoE collectives line up); after `idle_steps` empty steps all ranks go idle
+together and wait on an event, never inside a collective.
+
+Waking: the supervisor hands a request to an attention worker, then sends `wake(g)` with a new
+generation g to every rank. At the idle decision each rank contributed its generation (read before
+its pending count), and waits until its own generation exceeds the smallest contributed one. So a
+wake that some rank saw before the decision releases everyone, and a request that arrived just
+after a rank counted its pending tokens is never left asleep.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class WaveLoop:
+    def __init__(self, group: dist.ProcessGroup | None, idle_steps: int, pending: Callable[[], int],
+                 step: Callable[[], None], name: str):
+        self.group = group
+        self.idle_steps = idle_steps
+        self.pending = pending
+        self.step = step
+        self.name = name
+        self._cond = threading.Condition()
+        self._wake_gen = 0
+        self._stop = False
+        self.failed: BaseException | None = None
+        self.num_steps = 0
+        self.idle = False
+        self.on_failure: Callable[[BaseException], None] | None = None
+        self._thread = threading.Thread(target=self._run, name=f"wave-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self, generation: int) -> None:
+        with self._cond:
+            self._wake_gen = max(self._wake_gen, generation)
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        empty = 0
+        try:
+            while True:
+                with self._cond:
+                    if self._stop:
+                        return
+                    gen = self._wake_gen  # NOTE: read before the pending count (see module doc)
+                flags = torch.tensor([float(self.pending() > 0), float(-gen)])
+                if self.group is not None:  # None: a lone rank (no expert workers) steps on its own
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+                if flags[0] > 0:
+                    empty = 0
+                    self.step()
+                    self.num_steps += 1
+                    continue
+                empty += 1
+                if empty < self.idle_steps:
+                    continue
+                empty = 0
+                lowest = -int(flags[1])
+                with self._cond:
+                    self.idle = True
+                    self._cond.wait_for(lambda: self._wake_gen > lowest or self._stop)
+                    self.idle = False
+        except BaseException as exc:  # a dead peer or a collective timeout: the gang has failed
+            log.error("wave loop %s failed: %s", self.name, exc)
+            self.failed = exc
+            if self.on_failure is not None:
+                self.on_failure(exc)
