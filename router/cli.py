@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--chat", action="store_true", help="wrap each text prompt as a user chat message")
     p.add_argument("--dtype", default=None, help="compute dtype (default float32 on CPU)")
+    p.add_argument("--expert-workers", type=int, default=0,
+                   help="run through a gang on a local Ray with this many expert workers")
+    p.add_argument("--attention-workers", type=int, default=1)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="benchmarks, measured against peers in the same run")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from model.tokenizer import Tokenizer
 from workers.config import EngineConfig
 from workers.llm import LLM
 from workers.sampling_params import SamplingParams
@@ -24,15 +25,33 @@ def run_generate(args: argparse.Namespace, prompts: list[tuple[str, object]]) ->
     has_tokenizer = (model_dir / "tokenizer.json").is_file()
     if needs_text and not has_tokenizer:
         raise FileNotFoundError(f"{model_dir / 'tokenizer.json'} not found: text prompts need a tokenizer")
-    llm = LLM(model_dir, EngineConfig(dtype=args.dtype), skip_tokenizer_init=not has_tokenizer)
+    tokenizer = Tokenizer(model_dir) if has_tokenizer else None
     token_prompts = []
     for kind, value in prompts:
         if kind == "ids":
             token_prompts.append(list(value))  # verbatim: no BOS added
         elif args.chat:
-            token_prompts.append(llm.tokenizer.encode_chat([{"role": "user", "content": value}]))
+            token_prompts.append(tokenizer.encode_chat([{"role": "user", "content": value}]))
         else:
-            token_prompts.append(llm.tokenizer.encode(value))
-    # greedy; stops at the checkpoint's EOS ids
-    outputs = llm.generate(token_prompts, SamplingParams(max_tokens=args.max_tokens, temperature=0.0))
-    return [{"token_ids": out.token_ids, "text": out.text} for out in outputs]
+            token_prompts.append(tokenizer.encode(value))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)  # greedy; stops at the EOS ids
+    if args.expert_workers or args.attention_workers > 1:
+        return _through_gang(args, model_dir, token_prompts, params, has_tokenizer)
+    llm = LLM(model_dir, EngineConfig(dtype=args.dtype), skip_tokenizer_init=not has_tokenizer)
+    return [{"token_ids": out.token_ids, "text": out.text} for out in llm.generate(token_prompts, params)]
+
+
+def _through_gang(args, model_dir: Path, prompts: list[list[int]], params: SamplingParams,
+                  has_tokenizer: bool) -> list[dict]:
+    from pydantic import ValidationError
+
+    from cluster.config import GangConfig, describe
+    from cluster.offline import generate_with_gang
+
+    try:
+        config = GangConfig(model=str(model_dir.resolve()), attention_workers=args.attention_workers,
+                            expert_workers=args.expert_workers, dtype=args.dtype,
+                            skip_tokenizer_init=not has_tokenizer)
+    except ValidationError as exc:
+        raise ValueError(describe(exc)) from None
+    return generate_with_gang(config, prompts, params)

@@ -64,6 +64,15 @@ class Rank:
         if self.wave is not None:
             self.wave.wake(generation)
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def cpu_seconds(self) -> float:
+        """CPU time this actor's process has used (all threads): idle ranks must not burn a core."""
+        return time.process_time()
+
     def wave_state(self) -> dict:
         wave = self.wave
         return {"rank": self.rank, "steps": wave.num_steps if wave else 0, "idle": bool(wave and wave.idle),

@@ -1,0 +1,115 @@
+"""Build a gang on Ray: placement group, actors, process group, weights.
+
+Ranks 0..A-1 are attention workers, A..A+E-1 expert workers, one bundle each in one placement group
+(PACK by default, SPREAD across nodes allowed). Every rank joins the process group at the same time
+(rendezvous on rank 0's address and a free port, explicit timeout), then all load their weights in
+parallel, then their wave loops start. The same code runs with GPUs (NCCL, one GPU per actor) and
+without (gloo); only the backend name differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import GangConfig
+from model.config import load_config
+from workers.attention_worker import AttentionWorker
+from workers.expert_worker import ExpertWorker
+
+log = logging.getLogger(__name__)
+
+AttentionActor = ray.remote(AttentionWorker)
+ExpertActor = ray.remote(ExpertWorker)
+
+
+@dataclass
+class Gang:
+    config: GangConfig
+    attention: list = field(default_factory=list)  # actor handles, rank order
+    experts: list = field(default_factory=list)
+    pg: PlacementGroup | None = None
+    own_pg: bool = False
+    build_seconds: float = 0.0
+    loads: list[dict] = field(default_factory=list)
+
+    @property
+    def ranks(self) -> list:
+        return self.attention + self.experts
+
+
+def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: float = 300) -> Gang:
+    """Start every rank and return once all are loaded and waving. `pg`: an existing placement group
+    with one bundle per rank (a Serve replica's); else one is created."""
+    start = time.monotonic()
+    num_experts = load_config(config.model).num_experts
+    config.check_experts(num_experts)
+    A, E = config.attention_workers, config.expert_workers
+    gang = Gang(config)
+    if pg is None:
+        bundles = [_bundle(config.attention)] * A + [_bundle(config.experts)] * E
+        pg, gang.own_pg = placement_group(bundles, strategy=config.placement_strategy), True
+        ray.get(pg.ready(), timeout=timeout_s)
+    gang.pg = pg
+    engine = config.engine.engine_config(config.dtype, config.device)
+    for rank in range(A):
+        gang.attention.append(AttentionActor.options(
+            **_resources(config.attention), scheduling_strategy=_in(pg, rank)).remote(
+            rank, A, E, config.model, engine, config.attention.torch_threads, config.idle_steps,
+            config.skip_tokenizer_init))
+    for i in range(E):
+        gang.experts.append(ExpertActor.options(
+            **_resources(config.experts), scheduling_strategy=_in(pg, A + i)).remote(
+            A + i, A, E, config.model, config.dtype, config.device, config.experts.torch_threads,
+            config.idle_steps))
+    try:
+        if E:
+            address, port = ray.get(gang.attention[0].rendezvous_address.remote(), timeout=timeout_s)
+            # NOTE: init_process_group blocks until all ranks joined: the calls must be concurrent
+            ray.get([r.init_group.remote(address, port, config.collective_timeout_s) for r in gang.ranks],
+                    timeout=timeout_s)
+        gang.loads = ray.get([r.load.remote() for r in gang.ranks], timeout=timeout_s)
+        for report in gang.loads:
+            log.info("rank %(rank)d loaded %(bytes_read)d bytes in %(seconds).1fs", report)
+        ray.get([r.start.remote() for r in gang.ranks], timeout=timeout_s)
+    except Exception:
+        destroy_gang(gang)
+        raise
+    gang.build_seconds = time.monotonic() - start
+    log.info("gang of %d attention + %d expert workers ready in %.1fs", A, E, gang.build_seconds)
+    return gang
+
+
+def destroy_gang(gang: Gang) -> None:
+    for actor in gang.ranks:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already dead
+            pass
+    gang.attention, gang.experts = [], []
+    if gang.own_pg and gang.pg is not None:
+        try:
+            remove_placement_group(gang.pg)
+        except Exception:
+            pass
+        gang.pg = None
+
+
+def _bundle(resources) -> dict:
+    bundle = {"CPU": resources.num_cpus}
+    if resources.num_gpus:
+        bundle["GPU"] = resources.num_gpus
+    return bundle
+
+
+def _resources(resources) -> dict:
+    return {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+
+
+def _in(pg: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
+    return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)

@@ -1,0 +1,55 @@
+"""Offline generation through a gang on a local Ray: `maverick generate --expert-workers E`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import ray
+
+from cluster.config import GangConfig
+from cluster.supervisor import GangSupervisor
+from workers.protocol import GenerateRequest
+from workers.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def ensure_local_ray(num_cpus: float | None = None) -> bool:
+    """Start a small local Ray unless one is connected; returns whether this call started it."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # logical CPUs may exceed the cores: ranks ask for fractions and share them
+    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 2), include_dashboard=False,
+             log_to_driver=False, object_store_memory=200 * 2**20)
+    return True
+
+
+async def _generate(config: GangConfig, prompts: list[list[int]], params: SamplingParams) -> list[dict]:
+    supervisor = GangSupervisor(config, rebuild=False)
+    await supervisor.start()
+
+    async def one(prompt: list[int]) -> dict:
+        ids, text = [], []
+        async for out in supervisor.generate(GenerateRequest(prompt, params)):
+            if out.error is not None:
+                raise out.error
+            ids += out.new_token_ids
+            text.append(out.text_delta or "")
+        return {"token_ids": ids, "text": "".join(text) if not config.skip_tokenizer_init else None}
+
+    try:
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+    finally:
+        await supervisor.stop()
+
+
+def generate_with_gang(config: GangConfig, prompts: list[list[int]], params: SamplingParams) -> list[dict]:
+    started = ensure_local_ray()
+    try:
+        return asyncio.run(_generate(config, prompts, params))
+    finally:
+        if started:
+            ray.shutdown()

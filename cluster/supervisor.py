@@ -1,0 +1,169 @@
+"""The gang supervisor: requests in, per-request output streams out, failure detection and rebuild.
+
+About one Ray call per request (`submit`, then a `wake` to every rank) and one per step per attention
+worker (`next_outputs`, carrying every request's new tokens of that step), never one per layer or
+token. A dead rank, or a rank whose collective failed, marks the gang failed: its in-flight requests
+end with the typed `Unavailable` error, new ones are refused, and the gang is rebuilt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import ray
+from ray.exceptions import RayActorError, RayError, GetTimeoutError
+
+from cluster.config import GangConfig
+from cluster.gang import Gang, build_gang, destroy_gang
+from workers.errors import EngineError, Unavailable
+from workers.protocol import GenerateRequest, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class _Stream:
+    def __init__(self, choices: int, worker: int):
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.open_choices = choices
+        self.worker = worker
+
+
+class GangSupervisor:
+    def __init__(self, config: GangConfig, health_period_s: float = 1.0, rebuild: bool = True):
+        self.config = config
+        self.health_period_s = health_period_s
+        self.rebuild = rebuild
+        self.gang: Gang | None = None
+        self.state = "starting"  # starting | ready | failed | rebuilding | stopped
+        self.failure: str | None = None
+        self.restarts = 0
+        self._streams: dict[str, _Stream] = {}
+        self._wake_gen = itertools.count(1)
+        self._tasks: list[asyncio.Task] = []
+        self._epoch = 0  # bumped per build, so stale pollers of a dead gang stop
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.gang = await asyncio.to_thread(build_gang, self.config)
+        self._epoch += 1
+        self.state, self.failure = "ready", None
+        epoch = self._epoch
+        self._tasks = [asyncio.create_task(self._poll(i, epoch)) for i in range(len(self.gang.attention))]
+        self._tasks.append(asyncio.create_task(self._monitor(epoch)))
+
+    async def stop(self) -> None:
+        self.state = "stopped"
+        for task in self._tasks:
+            task.cancel()
+        if self.gang is not None:
+            await asyncio.to_thread(destroy_gang, self.gang)
+
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def health(self) -> None:
+        if self.state != "ready":
+            raise Unavailable(f"gang is {self.state}" + (f": {self.failure}" if self.failure else ""))
+
+    # -- requests ---------------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """Submit and stream the request's outputs; typed errors if it is invalid or the gang is down."""
+        self.health()
+        worker = self._pick_worker()
+        stream = _Stream(request.params.n, worker)
+        self._streams[request.request_id] = stream
+        try:
+            try:
+                await self.gang.attention[worker].submit.remote(request)
+            except EngineError:
+                raise
+            except RayError as exc:
+                raise Unavailable(f"attention worker {worker} is unreachable: {exc}") from None
+            self._wake_all()
+            while stream.open_choices:
+                out = await stream.queue.get()
+                stream.open_choices -= out.finished
+                yield out
+        finally:
+            if self._streams.pop(request.request_id, None) is not None and stream.open_choices:
+                self.abort(request.request_id)  # the consumer went away before the end
+
+    def abort(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None and self.gang is not None and self.state == "ready":
+            self.gang.attention[stream.worker].abort.remote(request_id)
+            self._wake_all()
+
+    def _pick_worker(self) -> int:
+        """The attention worker with the fewest requests in flight."""
+        load = [0] * len(self.gang.attention)
+        for s in self._streams.values():
+            load[s.worker] += 1
+        return load.index(min(load))
+
+    def _wake_all(self) -> None:
+        generation = next(self._wake_gen)
+        for rank in self.gang.ranks:
+            rank.wake.remote(generation)
+
+    # -- background -----------------------------------------------------------------------------------
+
+    async def _poll(self, worker: int, epoch: int) -> None:
+        actor = self.gang.attention[worker]
+        while self._epoch == epoch and self.state in ("ready", "failed"):
+            try:
+                outputs = await actor.next_outputs.remote(1.0)
+            except (RayActorError, RayError) as exc:
+                await self._fail(f"attention worker {worker} died: {type(exc).__name__}", epoch)
+                return
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.queue.put_nowait(out)
+
+    async def _monitor(self, epoch: int) -> None:
+        while self._epoch == epoch and self.state == "ready":
+            await asyncio.sleep(self.health_period_s)
+            refs = [r.health.remote() for r in self.gang.ranks]
+            try:
+                await asyncio.wait_for(asyncio.gather(*refs), timeout=max(5.0, 5 * self.health_period_s))
+            except (RayError, EngineError, asyncio.TimeoutError, GetTimeoutError) as exc:
+                await self._fail(f"a rank failed its health check: {type(exc).__name__}: {exc}", epoch)
+                return
+
+    async def _fail(self, reason: str, epoch: int) -> None:
+        if self._epoch != epoch or self.state != "ready":
+            return
+        log.error("gang failed: %s", reason)
+        self.state, self.failure = "failed", reason
+        error = Unavailable(f"the gang serving this request failed ({reason}); retry")
+        for request_id, stream in list(self._streams.items()):
+            for index in range(stream.open_choices):
+                stream.queue.put_nowait(RequestOutput(request_id, [], None, "error", error=error, index=index))
+        gang, self.gang = self.gang, None
+        await asyncio.to_thread(destroy_gang, gang)
+        if self.rebuild:
+            asyncio.create_task(self._rebuild())
+
+    async def _rebuild(self) -> None:
+        self.state = "rebuilding"
+        self.restarts += 1
+        started = time.monotonic()
+        while self.state == "rebuilding":
+            try:
+                await self.start()
+                log.warning("gang rebuilt in %.1fs (restart %d)", time.monotonic() - started, self.restarts)
+                return
+            except Exception as exc:  # e.g. resources not back yet: try again
+                log.error("gang rebuild failed: %s", exc)
+                await asyncio.sleep(2.0)
+
+    async def stats(self) -> dict:
+        ranks = await asyncio.gather(*[r.stats.remote() for r in self.gang.ranks]) if self.gang else []
+        return {"state": self.state, "restarts": self.restarts, "in_flight": len(self._streams), "ranks": ranks}

@@ -1,0 +1,33 @@
+"""One real multi-node Ray cluster (ray.cluster_utils.Cluster, 3 nodes) per test module."""
+
+import os
+
+import pytest
+
+from tests.oracle import MAVERICK_LIKE, hf_model, hf_text_config, save_conditional
+
+CHUNK = 20
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gang_checkpoint(tmp_path_factory):
+    hf = hf_model(hf_text_config(MAVERICK_LIKE, attention_chunk_size=CHUNK, max_position_embeddings=1024), seed=11)
+    out = save_conditional(hf, tmp_path_factory.mktemp("gang") / "ckpt")
+    return out, hf

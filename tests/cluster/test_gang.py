@@ -1,0 +1,158 @@
+"""Gangs on a real 3-node Ray cluster: the same tokens as one process and as transformers, ranks
+spread over nodes, a killed expert actor fails its requests and the gang comes back, idle is idle."""
+
+import asyncio
+import time
+
+import pytest
+import ray
+import torch
+
+from cluster.config import EngineLimits, GangConfig, RankResources
+from cluster.supervisor import GangSupervisor
+from tests.cluster.conftest import CHUNK
+from tests.oracle import hf_greedy
+from workers.config import EngineConfig
+from workers.engine import LLMEngine
+from workers.errors import InvalidRequest, Unavailable
+from workers.llm import LLM
+from workers.protocol import GenerateRequest
+from workers.sampling_params import SamplingParams
+
+RANK = RankResources(num_cpus=0.25, torch_threads=1)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=2 * CHUNK, ignore_eos=True)
+
+
+def gang_config(ckpt, attention, experts, **kw):
+    return GangConfig(model=str(ckpt), attention_workers=attention, expert_workers=experts,
+                      placement_strategy="SPREAD", attention=RANK, experts=RANK, skip_tokenizer_init=True,
+                      engine=EngineLimits(block_size=8, kv_cache_memory=16 * 2**20), collective_timeout_s=20, **kw)
+
+
+def prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (int(torch.randint(5, 35, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+async def collect(supervisor, prompt, params=GREEDY):
+    ids, finish, error = [], None, None
+    async for out in supervisor.generate(GenerateRequest(prompt, params)):
+        ids += out.new_token_ids
+        finish, error = out.finish_reason, out.error or error
+    return ids, finish, error
+
+
+@pytest.fixture(scope="module")
+def reference(gang_checkpoint):
+    ckpt, hf = gang_checkpoint
+    ps = prompts(6)
+    engine = LLMEngine.from_model_dir(ckpt, EngineConfig(block_size=8), skip_tokenizer_init=True)
+    single = [c.token_ids for c in LLM(engine=engine).generate(ps, GREEDY)]
+    assert single[:2] == [hf_greedy(hf, p, GREEDY.max_tokens) for p in ps[:2]]
+    return ps, single
+
+
+@pytest.mark.parametrize("attention,experts", [(1, 1), (1, 2), (2, 2), (2, 4), (1, 4), (2, 1)])
+def test_gang_equals_single_process(ray_cluster, gang_checkpoint, reference, attention, experts):
+    ckpt, _ = gang_checkpoint
+    ps, single = reference
+
+    async def main():
+        supervisor = GangSupervisor(gang_config(ckpt, attention, experts))
+        await supervisor.start()
+        try:
+            nodes = set(ray.get([r.node_id.remote() for r in supervisor.gang.ranks]))
+            results = await asyncio.gather(*(collect(supervisor, p) for p in ps))
+            loads = supervisor.gang.loads
+            per_worker = [s["steps"] for s in await asyncio.gather(*[a.stats.remote()
+                                                                     for a in supervisor.gang.attention])]
+            return nodes, results, loads, per_worker
+        finally:
+            await supervisor.stop()
+
+    nodes, results, loads, per_worker = asyncio.run(main())
+    assert [ids for ids, _, _ in results] == single
+    assert all(finish == "length" for _, finish, _ in results)
+    assert len(nodes) == min(3, attention + experts)  # SPREAD put the ranks on different nodes
+    for report in loads[:attention]:  # attention workers never read routed experts
+        assert report["expert_keys_read"] == 0
+    expert_bytes = [r["bytes_read"] for r in loads[attention:]]
+    assert len(set(expert_bytes)) == 1  # each expert worker read only its equal share
+    assert all(steps > 0 for steps in per_worker)
+
+
+def test_invalid_request_is_rejected_by_the_gang(ray_cluster, gang_checkpoint):
+    ckpt, _ = gang_checkpoint
+
+    async def main():
+        supervisor = GangSupervisor(gang_config(ckpt, 1, 2))
+        await supervisor.start()
+        try:
+            with pytest.raises(InvalidRequest):
+                await collect(supervisor, [1, 2, 10**6])
+            return await collect(supervisor, [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4))
+        finally:
+            await supervisor.stop()
+
+    ids, finish, _ = asyncio.run(main())
+    assert len(ids) == 4 and finish == "length"
+
+
+def test_killed_expert_fails_its_requests_then_the_gang_is_rebuilt(ray_cluster, gang_checkpoint, reference):
+    ckpt, _ = gang_checkpoint
+    ps, single = reference
+
+    async def main():
+        supervisor = GangSupervisor(gang_config(ckpt, 1, 2), health_period_s=0.5)
+        await supervisor.start()
+        try:
+            long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+            task = asyncio.create_task(collect(supervisor, ps[0], long))
+            await asyncio.sleep(2.0)  # mid-generation
+            killed_at = time.monotonic()
+            ray.kill(supervisor.gang.experts[0], no_restart=True)
+            ids, finish, error = await asyncio.wait_for(task, timeout=60)
+            ended_after = time.monotonic() - killed_at
+            with pytest.raises(Unavailable):
+                supervisor.health()
+            for _ in range(240):  # the rebuild
+                if supervisor.ready():
+                    break
+                await asyncio.sleep(0.5)
+            after = await collect(supervisor, ps[1])
+            return finish, error, ended_after, supervisor.restarts, after
+        finally:
+            await supervisor.stop()
+
+    finish, error, ended_after, restarts, after = asyncio.run(main())
+    assert finish == "error" and isinstance(error, Unavailable)
+    assert ended_after < 30  # within the configured collective timeout (20 s) plus detection
+    assert restarts == 1
+    assert after[0] == single[1] and after[1] == "length"
+
+
+def test_idle_gang_does_not_keep_a_core_busy(ray_cluster, gang_checkpoint):
+    ckpt, _ = gang_checkpoint
+
+    async def main():
+        supervisor = GangSupervisor(gang_config(ckpt, 1, 2))
+        await supervisor.start()
+        try:
+            await collect(supervisor, [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=3))
+            await asyncio.sleep(1.0)  # let the ranks go idle
+            ranks = supervisor.gang.ranks
+            before = ray.get([r.cpu_seconds.remote() for r in ranks])
+            await asyncio.sleep(3.0)
+            after = ray.get([r.cpu_seconds.remote() for r in ranks])
+            idle = ray.get([r.wave_state.remote() for r in ranks])
+            woke_at = time.monotonic()
+            ids, _, _ = await collect(supervisor, [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=1))
+            return [a - b for a, b in zip(after, before)], idle, time.monotonic() - woke_at, ids
+        finally:
+            await supervisor.stop()
+
+    used, idle, wake_latency, ids = asyncio.run(main())
+    assert all(state["idle"] for state in idle)
+    assert max(used) < 0.3  # seconds of CPU over 3 s idle: nobody spins
+    assert len(ids) == 1 and wake_latency < 5
