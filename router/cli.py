@@ -8,6 +8,7 @@ import logging
 import sys
 
 log = logging.getLogger("maverick")
+ENGINE_OUTPUT = "bench-results/engine.json"
 
 
 class _PromptAction(argparse.Action):
@@ -54,7 +55,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         args.peers = [] if args.peers == "none" else args.peers.split(",")
         return bench_engine(args)
-    raise SystemExit(f"maverick bench {args.target}: not built yet")
+    from cluster.bench.ep import main as bench_ep
+
+    if args.output == ENGINE_OUTPUT:
+        args.output = "bench-results/ep.json"
+    return bench_ep(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="benchmarks, measured against peers in the same run")
-    p.add_argument("target", choices=["engine"])
+    p.add_argument("target", choices=["engine", "ep"])
     p.add_argument("--model", default="checkpoints/bench", help="checkpoint (make-tiny --preset bench)")
-    p.add_argument("--output", default="bench-results/engine.json")
+    p.add_argument("--output", default=ENGINE_OUTPUT)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)

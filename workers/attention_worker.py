@@ -45,6 +45,8 @@ class AttentionWorker(Rank):
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Event | None = None
+        self.comm: ExpertGroup | None = None
+        self.step_seconds: list[float] = []  # recent steps with work, for the benchmark
 
     def load(self) -> dict:
         """Build the model without routed experts (they are remote), load its weights, start an engine."""
@@ -54,7 +56,8 @@ class AttentionWorker(Rank):
         with torch.device("meta"):
             model = Llama4ForCausalLM(config)
         if self.num_expert_ranks:
-            comm = ExpertGroup(self.group, self.rank, self.world_size, config.hidden_size, dtype, self.device)
+            comm = self.comm = ExpertGroup(self.group, self.rank, self.world_size, config.hidden_size, dtype,
+                                           self.device)
             expert_ranks = list(range(self.num_attention, self.world_size))
             placement = Placement.contiguous(config.moe_layers, config.num_experts, expert_ranks)
             for layer, moe in model.moe_blocks():
@@ -109,12 +112,17 @@ class AttentionWorker(Rank):
     def stats(self) -> dict:
         s = self.engine.stats()
         return {**self.wave_state(), "running": s.num_running, "waiting": s.num_waiting,
-                "pending_tokens": self.engine.pending_tokens(), "kv": s.kv.__dict__}
+                "pending_tokens": self.engine.pending_tokens(), "kv": s.kv.__dict__,
+                "alltoall_seconds": self.comm.alltoall_seconds if self.comm else 0.0,
+                "step_seconds": list(self.step_seconds)}
 
     # -- on the wave thread -------------------------------------------------------------------------
 
     def _step(self) -> None:
+        start, before = time.perf_counter(), self.engine.num_steps
         outputs = self.engine.step()
+        if self.engine.num_steps > before:  # a step that computed tokens: keep a window of their times
+            self.step_seconds = (self.step_seconds + [time.perf_counter() - start])[-4096:]
         if outputs:
             self._publish(outputs)
 

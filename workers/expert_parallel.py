@@ -15,6 +15,7 @@ Shape suffixes: N routed rows, D hidden, W world size, E experts.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -66,22 +67,33 @@ class ExpertGroup:
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.group, self.rank, self.world_size = group, rank, world_size
         self.hidden, self.dtype, self.device = hidden, dtype, torch.device(device)
-        self.alltoall_seconds = 0.0  # time inside collectives, for the benchmark
+        self.alltoall_seconds = 0.0  # time spent waiting in collectives, for the benchmark
         self.alltoall_bytes = 0
 
     def exchange_counts(self, send_counts: list[int]) -> list[int]:
+        start = time.perf_counter()
         send = torch.tensor(send_counts, dtype=torch.long, device=self.device)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
-        return recv.tolist()
+        counts = recv.tolist()
+        self.alltoall_seconds += time.perf_counter() - start
+        return counts
 
     def all_to_all(self, send_RD: torch.Tensor, send_counts: list[int], recv_counts: list[int],
                    async_op: bool = False) -> tuple[torch.Tensor, dist.Work | None]:
+        start = time.perf_counter()
         recv_RD = torch.empty(sum(recv_counts), send_RD.shape[1], dtype=send_RD.dtype, device=self.device)
         work = dist.all_to_all_single(recv_RD, send_RD.contiguous(), recv_counts, send_counts,
                                       group=self.group, async_op=async_op)
         self.alltoall_bytes += send_RD.numel() * send_RD.element_size()
+        self.alltoall_seconds += time.perf_counter() - start  # async: only the time to launch it
         return recv_RD, work
+
+    def wait(self, work: dist.Work | None) -> None:
+        if work is not None:
+            start = time.perf_counter()
+            work.wait()
+            self.alltoall_seconds += time.perf_counter() - start
 
 
 class AllToAllExperts(nn.Module):
@@ -107,8 +119,7 @@ class AllToAllExperts(nn.Module):
 
     def combine(self, pending: Pending) -> torch.Tensor:
         comm = self.comm
-        if pending.work is not None:
-            pending.work.wait()
+        comm.wait(pending.work)
         empty = torch.empty(0, comm.hidden, dtype=comm.dtype, device=comm.device)
         back_ND, _ = comm.all_to_all(empty, [0] * comm.world_size, pending.send_counts)
         y_ND = torch.empty_like(back_ND)

@@ -25,3 +25,17 @@ def test_bench_engine_smoke(tmp_path):
     assert report["machine"]["read_GBps"] > 0 and report["machine"]["matmul_GFLOPs"] > 0
     assert "mkldnn" in report["profile"] or "aten::" in report["profile"]
     assert out.with_suffix(".md").read_text().startswith("# Engine benchmark")
+
+
+def test_bench_ep_smoke(tmp_path):
+    ckpt = make_tiny(tmp_path / "tiny", "tiny-maverick", layout="causal")
+    out = tmp_path / "ep.json"
+    proc = subprocess.run([MAVERICK, "bench", "ep", "--model", str(ckpt), "--output", str(out), "--concurrency",
+                           "1", "2", "--prompt-len", "8", "--output-len", "6"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert [r["concurrency"] for r in report["results"]] == [1, 2]
+    for row in report["results"]:
+        assert row["gang_step_ms"] > 0 and row["single_step_ms"] > 0 and 0 < row["alltoall_ms"] < row["gang_step_ms"]
+    assert 0 <= report["idle"]["idle_cpu_share"] < 0.5 and report["idle"]["wake_to_first_token_ms"] > 0

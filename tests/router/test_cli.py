@@ -70,3 +70,12 @@ def test_generate_errors_are_clear(tmp_path):
     assert proc.returncode != 0 and "local directory" in proc.stderr and "Traceback" not in proc.stderr
     proc = run("generate", "--model", str(tmp_path), "--prompt-ids", "1 x", check=False)
     assert proc.returncode != 0 and "integers" in proc.stderr
+
+
+def test_generate_through_a_gang_equals_single_process(tiny):
+    args = ["generate", "--model", str(tiny), "--max-tokens", "10", "--prompt-ids", "11 12 13 14",
+            "--prompt-ids", " ".join(map(str, range(300, 360)))]
+    single = run(*args).stdout.strip().splitlines()
+    gang = run(*args, "--expert-workers", "2").stdout.strip().splitlines()
+    assert [json.loads(x)["token_ids"] for x in gang] == [json.loads(x)["token_ids"] for x in single]
+    assert all(line.startswith("{") for line in gang)  # logs stay on stderr
