@@ -90,7 +90,8 @@ async def _idle_and_wake(supervisor: GangSupervisor, run) -> dict:
     await asyncio.sleep(5.0)
     after = await asyncio.gather(*[r.cpu_seconds.remote() for r in ranks])
     start = time.perf_counter()
-    await run([5, 6, 7])
+    async for _ in supervisor.generate(GenerateRequest([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=1))):
+        break
     return {"idle_cpu_share": sum(a - b for a, b in zip(after, before)) / 5.0,
             "wake_to_first_token_ms": (time.perf_counter() - start) * 1e3}
 
