@@ -78,3 +78,42 @@ def describe(error: ValidationError, root: str = "") -> str:
         path = ".".join(str(p) for p in (root, *e["loc"]) if p != "")
         lines.append(f"{path or '<root>'}: {e['msg']}")
     return "; ".join(lines)
+
+
+class ServeResources(Strict):
+    """The Serve replicas' own requests: fractions of a CPU, so a 2-core machine fits them."""
+
+    ingress_num_cpus: float = Field(0.1, ge=0)
+    ingress_replicas: int = Field(1, ge=1)
+    supervisor_num_cpus: float = Field(0.1, gt=0)
+
+
+class AppConfig(GangConfig):
+    """The `args` of a deployment YAML (`router.app:build`): one gang layout served `num_gangs` times."""
+
+    served_model_name: str | None = None  # default: `model` as given
+    make_tiny: Literal["tiny-maverick", "tiny-scout", "bench"] | None = Field(
+        None, description="write a random-weight checkpoint of this preset at `model` when it is missing")
+    num_gangs: int = Field(1, ge=1)
+    api_key: str | None = Field(None, min_length=1, repr=False)
+    max_pending_requests: int = Field(256, ge=1, description="in flight per ingress replica; beyond: 429")
+    request_timeout_s: float = Field(600, gt=0, description="a request running longer gets 504")
+    max_body_bytes: int = Field(4 * 2**20, ge=1024)
+    retry_after_s: int = Field(2, ge=1)
+    graceful_shutdown_timeout_s: float = Field(120, ge=0)
+    serve: ServeResources = ServeResources()
+
+    def gang_config(self) -> GangConfig:
+        return GangConfig(**{name: getattr(self, name) for name in GangConfig.model_fields})
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+def parse_app_args(args: dict, root: str = "args") -> AppConfig:
+    """Validate a YAML's `args`; a ValueError names the path of every bad field."""
+    try:
+        return AppConfig.model_validate(args or {})
+    except ValidationError as exc:
+        raise ValueError(f"invalid deployment args: {describe(exc, root)}") from None

@@ -43,28 +43,30 @@ class Gang:
         return self.attention + self.experts
 
 
-def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: float = 300) -> Gang:
+def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: float = 300,
+               bundle_offset: int = 0) -> Gang:
     """Start every rank and return once all are loaded and waving. `pg`: an existing placement group
-    with one bundle per rank (a Serve replica's); else one is created."""
+    (a Serve replica's, whose bundle 0 holds the replica itself) where rank r takes bundle
+    `r + bundle_offset`; else one is created with a bundle per rank."""
     start = time.monotonic()
     num_experts = load_config(config.model).num_experts
     config.check_experts(num_experts)
     A, E = config.attention_workers, config.expert_workers
     gang = Gang(config)
     if pg is None:
-        bundles = [_bundle(config.attention)] * A + [_bundle(config.experts)] * E
+        bundles = rank_bundles(config)
         pg, gang.own_pg = placement_group(bundles, strategy=config.placement_strategy), True
         ray.get(pg.ready(), timeout=timeout_s)
     gang.pg = pg
     engine = config.engine.engine_config(config.dtype, config.device)
     for rank in range(A):
         gang.attention.append(AttentionActor.options(
-            **_resources(config.attention), scheduling_strategy=_in(pg, rank)).remote(
+            **_resources(config.attention), scheduling_strategy=_in(pg, bundle_offset + rank)).remote(
             rank, A, E, config.model, engine, config.attention.torch_threads, config.idle_steps,
             config.skip_tokenizer_init))
     for i in range(E):
         gang.experts.append(ExpertActor.options(
-            **_resources(config.experts), scheduling_strategy=_in(pg, A + i)).remote(
+            **_resources(config.experts), scheduling_strategy=_in(pg, bundle_offset + A + i)).remote(
             A + i, A, E, config.model, config.dtype, config.device, config.experts.torch_threads,
             config.idle_steps))
     try:
@@ -98,6 +100,12 @@ def destroy_gang(gang: Gang) -> None:
         except Exception:
             pass
         gang.pg = None
+
+
+def rank_bundles(config: GangConfig) -> list[dict]:
+    """One placement-group bundle per rank, in rank order."""
+    return ([_bundle(config.attention)] * config.attention_workers +
+            [_bundle(config.experts)] * config.expert_workers)
 
 
 def _bundle(resources) -> dict:

@@ -21,6 +21,7 @@ from cluster.config import GangConfig
 from cluster.gang import Gang, build_gang, destroy_gang
 from workers.errors import EngineError, Unavailable
 from workers.protocol import GenerateRequest, RequestOutput
+from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,10 @@ class _Stream:
 
 
 class GangSupervisor:
-    def __init__(self, config: GangConfig, health_period_s: float = 1.0, rebuild: bool = True):
+    def __init__(self, config: GangConfig, health_period_s: float = 1.0, rebuild: bool = True,
+                 pg=None, bundle_offset: int = 0):
         self.config = config
+        self.pg, self.bundle_offset = pg, bundle_offset  # a Serve replica's placement group, if any
         self.health_period_s = health_period_s
         self.rebuild = rebuild
         self.gang: Gang | None = None
@@ -45,16 +48,18 @@ class GangSupervisor:
         self._wake_gen = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
         self._epoch = 0  # bumped per build, so stale pollers of a dead gang stop
+        self.warm = False
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.gang = await asyncio.to_thread(build_gang, self.config)
+        self.gang = await asyncio.to_thread(build_gang, self.config, self.pg, bundle_offset=self.bundle_offset)
         self._epoch += 1
-        self.state, self.failure = "ready", None
+        self.state, self.failure, self.warm = "ready", None, False
         epoch = self._epoch
         self._tasks = [asyncio.create_task(self._poll(i, epoch)) for i in range(len(self.gang.attention))]
         self._tasks.append(asyncio.create_task(self._monitor(epoch)))
+        await self._warm_up()
 
     async def stop(self) -> None:
         self.state = "stopped"
@@ -63,8 +68,22 @@ class GangSupervisor:
         if self.gang is not None:
             await asyncio.to_thread(destroy_gang, self.gang)
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
     def ready(self) -> bool:
-        return self.state == "ready"
+        """Serving, and this gang has produced a token since it was (re)built."""
+        return self.state == "ready" and self.warm
+
+    async def _warm_up(self) -> None:
+        """One single-token request through every layer, so readiness means a token came out."""
+        request = GenerateRequest([0], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+                                  request_id=f"warmup-{self._epoch}")
+        async for out in self.generate(request):
+            if out.error is not None:
+                raise out.error
+        self.warm = True
 
     def health(self) -> None:
         if self.state != "ready":
@@ -74,6 +93,12 @@ class GangSupervisor:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         """Submit and stream the request's outputs; typed errors if it is invalid or the gang is down."""
+        async for batch in self.generate_batches(request):
+            for out in batch:
+                yield out
+
+    async def generate_batches(self, request: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
+        """As `generate`, but every output already there travels together: about one message per step."""
         self.health()
         worker = self._pick_worker()
         stream = _Stream(request.params.n, worker)
@@ -81,15 +106,18 @@ class GangSupervisor:
         try:
             try:
                 await self.gang.attention[worker].submit.remote(request)
-            except EngineError:
-                raise
             except RayError as exc:
-                raise Unavailable(f"attention worker {worker} is unreachable: {exc}") from None
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, EngineError):  # the typed error itself, not Ray's wrapper
+                    raise cause from None
+                raise Unavailable(f"attention worker {worker} is unreachable: {type(exc).__name__}") from None
             self._wake_all()
             while stream.open_choices:
-                out = await stream.queue.get()
-                stream.open_choices -= out.finished
-                yield out
+                batch = [await stream.queue.get()]
+                while not stream.queue.empty():
+                    batch.append(stream.queue.get_nowait())
+                stream.open_choices -= sum(out.finished for out in batch)
+                yield batch
         finally:
             if self._streams.pop(request.request_id, None) is not None and stream.open_choices:
                 self.abort(request.request_id)  # the consumer went away before the end
@@ -166,4 +194,4 @@ class GangSupervisor:
 
     async def stats(self) -> dict:
         ranks = await asyncio.gather(*[r.stats.remote() for r in self.gang.ranks]) if self.gang else []
-        return {"state": self.state, "restarts": self.restarts, "in_flight": len(self._streams), "ranks": ranks}
+        return {"state": self.state, "restarts": self.restarts, "in_flight": self.in_flight, "ranks": ranks}

@@ -1,0 +1,234 @@
+"""The ingress deployment: the OpenAI-compatible HTTP app in front of the gangs.
+
+It validates and tokenizes, admits (beyond `max_pending_requests` in flight: 429 + Retry-After),
+picks a ready gang (the least loaded), streams from it, and maps every error through the one table
+in `router.errors`. Readiness is true only when every gang has produced a token and the ingress is
+not draining; draining turns new requests away with 503 while in-flight ones finish.
+"""
+
+
+import asyncio
+import json
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from pydantic import ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, StreamingResponse
+
+from cluster.config import AppConfig
+from model.tokenizer import Tokenizer
+from router.errors import HTTPError, error_response
+from router.http_guard import Guard, GuardSettings
+from router.openai_models import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from router.serving import Prepared, Serving
+from workers.errors import EngineError, InvalidRequest, QueueFull, Unavailable
+from workers.protocol import GenerateRequest
+
+log = logging.getLogger(__name__)
+
+api = FastAPI(title="maverick", docs_url=None, redoc_url=None, openapi_url=None)
+api.add_middleware(Guard)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_exception(request: Request, exc: StarletteHTTPException):
+    return error_response(HTTPError(exc.status_code, str(exc.detail)), _rid(request))
+
+
+def _rid(request: Request) -> str:
+    return getattr(request.state, "request_id", "unknown")
+
+
+async def _parse(request: Request, model_cls):
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    async def __init__(self, args: dict, gangs: list):
+        self.config = config = AppConfig.model_validate(args)
+        self.gangs = gangs
+        self.gang_load = [0] * len(gangs)
+        self.gang_ready = [False] * len(gangs)
+        self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(config.model)
+        self.serving = Serving(config.model_name, self.tokenizer, config.request_timeout_s)
+        self.in_flight = 0
+        self.draining = False
+        self.created = int(time.time())
+        api.state.guard = GuardSettings(config.api_key, config.max_body_bytes)
+        self._watch = asyncio.create_task(self._watch_gangs())
+
+    # -- gangs ----------------------------------------------------------------------------------------
+
+    async def _watch_gangs(self) -> None:
+        """Keep each gang's readiness fresh, so requests skip a failed or rebuilding gang."""
+        while True:
+            await self._refresh_ready()
+            await asyncio.sleep(0.5)
+
+    async def _refresh_ready(self) -> None:
+        async def one(i: int) -> None:
+            try:
+                self.gang_ready[i] = bool(await asyncio.wait_for(self.gangs[i].ready.remote(), 5.0))
+            except Exception:  # unreachable or timed out: not ready
+                self.gang_ready[i] = False
+
+        await asyncio.gather(*(one(i) for i in range(len(self.gangs))))
+
+    def _pick_gang(self) -> int:
+        ready = [i for i, ok in enumerate(self.gang_ready) if ok]
+        if not ready:
+            raise Unavailable("no gang can take requests now (starting, failed or rebuilding); retry")
+        return min(ready, key=lambda i: self.gang_load[i])
+
+    def _runner(self):
+        gang = self._pick_gang()
+
+        async def run(request: GenerateRequest):
+            self.gang_load[gang] += 1
+            try:
+                async for batch in self.gangs[gang].options(stream=True).generate.remote(request):
+                    yield batch
+            finally:
+                self.gang_load[gang] -= 1
+
+        return run
+
+    # -- admission ------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        if self.in_flight >= self.config.max_pending_requests:
+            raise QueueFull(f"too many requests in flight ({self.in_flight}); retry later")
+        self.in_flight += 1
+
+    async def _serve(self, request: Request, prepare) -> object:
+        rid = _rid(request)
+        try:
+            self._admit()
+        except EngineError as exc:
+            return error_response(exc, rid, self.config.retry_after_s)
+        released = False
+        try:
+            prepared: Prepared = prepare(rid)
+            run = self._runner()
+            log.info("request %s: %d prompt(s), stream=%s", rid, len(prepared.requests), prepared.stream)
+            if not prepared.stream:
+                return JSONResponse(await self.serving.run_full(prepared, run))
+            events = await self.serving.start_stream(prepared, run, rid)
+            released = True
+            return StreamingResponse(self._release_after(events), media_type="text/event-stream",
+                                     headers={"x-request-id": rid})
+        except asyncio.CancelledError:
+            log.info("request %s: client went away (499); aborted", rid)
+            raise
+        except Exception as exc:
+            return error_response(exc, rid, self.config.retry_after_s)
+        finally:
+            if not released:
+                self.in_flight -= 1
+
+    async def _release_after(self, events):
+        try:
+            async for event in events:
+                yield event
+        finally:
+            self.in_flight -= 1
+
+    # -- routes ---------------------------------------------------------------------------------------
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        try:
+            body = await _parse(request, CompletionRequest)
+        except EngineError as exc:
+            return error_response(exc, _rid(request))
+        return await self._serve(request, lambda rid: self.serving.prepare_completion(body, rid))
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        try:
+            body = await _parse(request, ChatCompletionRequest)
+        except EngineError as exc:
+            return error_response(exc, _rid(request))
+        return await self._serve(request, lambda rid: self.serving.prepare_chat(body, rid))
+
+    @api.get("/v1/models")
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model",
+                                            "created": self.created, "owned_by": "maverick",
+                                            "root": self.config.model}]}
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request):
+        try:
+            body = await _parse(request, TokenizeRequest)
+            self.serving.check_model(body.model)
+            tokenizer = self._need_tokenizer()
+            if (body.prompt is None) == (body.messages is None):
+                raise InvalidRequest("give exactly one of prompt and messages", param="prompt")
+            if body.prompt is not None:
+                ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            else:
+                ids = tokenizer.encode_chat([m.template_message() for m in body.messages],
+                                            add_generation_prompt=body.add_generation_prompt)
+            return {"tokens": ids, "count": len(ids)}
+        except EngineError as exc:
+            return error_response(exc, _rid(request))
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request):
+        try:
+            body = await _parse(request, DetokenizeRequest)
+            self.serving.check_model(body.model)
+            tokenizer = self._need_tokenizer()
+            bad = next((t for t in body.tokens if not 0 <= t < tokenizer.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(f"token id {bad} is out of vocabulary", param="tokens")
+            return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        except EngineError as exc:
+            return error_response(exc, _rid(request))
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise InvalidRequest("this server runs with --skip-tokenizer-init: no tokenizer")
+        return self.tokenizer
+
+    @api.get("/health")
+    async def health(self):
+        return JSONResponse({"status": "ok"})
+
+    @api.get("/health/ready")
+    async def health_ready(self, request: Request):
+        await self._refresh_ready()
+        if self.draining or not all(self.gang_ready):
+            reason = "draining" if self.draining else f"gangs ready: {sum(self.gang_ready)}/{len(self.gangs)}"
+            return error_response(Unavailable(f"not ready ({reason})"), _rid(request), self.config.retry_after_s)
+        return JSONResponse({"status": "ready", "gangs": len(self.gangs)})
+
+    # -- control (DeploymentHandle calls from `maverick serve`) ---------------------------------------
+
+    def drain(self) -> int:
+        """Refuse new requests from now on (readiness false); returns how many are still in flight."""
+        self.draining = True
+        return self.in_flight
+
+    def pending(self) -> int:
+        return self.in_flight

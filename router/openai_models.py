@@ -1,0 +1,161 @@
+"""OpenAI request bodies (completions and chat), as vLLM accepts them, and their sampling parameters.
+
+Unknown keys are ignored, as vLLM does; features this server does not have (tools, response_format,
+best_of > 1, suffix, images) are refused with a clear 400 rather than silently dropped. Ranges are
+checked once, by `workers.sampling_params.SamplingParams.validate`, in the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from workers.errors import InvalidRequest
+from workers.sampling_params import SamplingParams
+
+Number = StrictInt | StrictFloat
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    top_k: StrictInt | None = None
+    min_p: Number | None = None
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: StrictBool = False
+    n: StrictInt = 1
+    logit_bias: dict[str, Number] | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    repetition_penalty: Number | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    return_token_ids: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    prompt_logprobs: StrictInt | None = None
+    user: StrictStr | None = None
+    best_of: StrictInt | None = None
+
+    def _unsupported(self) -> None:
+        if self.best_of is not None and self.best_of > 1:
+            raise InvalidRequest("best_of is not supported; use n", param="best_of")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("stream_options is only allowed with stream: true", param="stream_options")
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, echo: bool) -> SamplingParams:
+        self._unsupported()
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                bias[int(key)] = value
+            except ValueError:
+                raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            n=self.n, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            min_p=self.min_p, seed=self.seed, presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0, repetition_penalty=self.repetition_penalty,
+            logit_bias=bias, stop=stop, stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=self.prompt_logprobs, echo=echo,
+            skip_special_tokens=self.skip_special_tokens)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+    echo: StrictBool = False
+    logprobs: StrictInt | None = None
+    suffix: StrictStr | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids used verbatim."""
+        p = self.prompt
+        if isinstance(p, str):
+            out: list = [p]
+        elif not p:
+            raise InvalidRequest("prompt must not be empty", param="prompt")
+        elif isinstance(p[0], int):
+            out = [list(p)]
+        else:
+            out = list(p)
+        for one in out:
+            if len(one) == 0:
+                raise InvalidRequest("prompt must not be empty", param="prompt")
+        return out
+
+    def params(self) -> SamplingParams:
+        if self.suffix:
+            raise InvalidRequest("suffix is not supported", param="suffix")
+        return self.sampling_params(self.max_tokens, self.logprobs, self.echo)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool", "ipython", "developer"]
+    content: StrictStr | list[dict[str, Any]] | None = None
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as the chat template reads it; only text parts are supported."""
+        content = self.content
+        if isinstance(content, list):
+            for part in content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise InvalidRequest(f"message content of type {part.get('type')!r} is not supported "
+                                         "(text only)", param="messages")
+        message = self.model_dump(exclude_none=True)
+        if message.get("role") == "developer":
+            message["role"] = "system"
+        return message
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
+    add_generation_prompt: StrictBool = True
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def params(self) -> SamplingParams:
+        if self.tools:
+            raise InvalidRequest("tools are not supported yet", param="tools")
+        if self.tool_choice not in (None, "none"):
+            raise InvalidRequest("tool_choice is not supported yet", param="tool_choice")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise InvalidRequest("response_format is not supported yet", param="response_format")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.sampling_params(max_tokens, logprobs, echo=False)
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.template_message() for m in self.messages]
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr | None = None
+    tokens: list[StrictInt]

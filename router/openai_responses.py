@@ -1,0 +1,161 @@
+"""Engine outputs → OpenAI response bodies and stream chunks (completions and chat), shaped so the
+official `openai` client parses them. vLLM's extensions: `stop_reason`, `token_ids` and
+`prompt_token_ids` (with `return_token_ids`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from workers.protocol import RequestOutput
+
+
+@dataclass
+class Choice:
+    """Everything one choice has produced so far."""
+
+    index: int
+    prompt_token_ids: list[int]
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # workers.sampler.TokenLogprob per token
+    prompt_logprobs: list | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.text.append(out.text_delta or "")
+        self.token_ids += out.new_token_ids
+        self.logprobs += out.logprobs or []
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        if out.finished:
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+            if out.usage is not None:
+                self.completion_tokens, self.cached_tokens = out.usage.completion_tokens, out.usage.cached_tokens
+
+
+class Formatter:
+    """Builds bodies for one request; `token_text` maps a token id to its text (for logprobs)."""
+
+    def __init__(self, kind: str, request_id: str, model: str, token_text: Callable[[int], str],
+                 return_token_ids: bool = False, echo: bool = False):
+        self.kind, self.model, self.token_text = kind, model, token_text
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
+        self.created = int(time.time())
+        self.return_token_ids, self.echo = return_token_ids, echo
+
+    # -- logprobs -------------------------------------------------------------------------------------
+
+    def _top(self, lp) -> dict[str, float]:
+        top = {self.token_text(lp.token_id): lp.logprob}
+        for token, value in lp.top:
+            top.setdefault(self.token_text(token), value)
+        return top
+
+    def completion_logprobs(self, logprobs: list, prompt_ids: list[int] | None, prompt_lps: list | None,
+                            offset: int = 0) -> dict:
+        tokens, values, tops, offsets = [], [], [], []
+        if prompt_ids is not None:  # echo: the prompt's tokens first, the first one without a logprob
+            for token, lp in zip(prompt_ids, prompt_lps or [None] * len(prompt_ids)):
+                tokens.append(self.token_text(token))
+                values.append(None if lp is None else lp.logprob)
+                tops.append(None if lp is None else self._top(lp))
+        for lp in logprobs:
+            tokens.append(self.token_text(lp.token_id))
+            values.append(lp.logprob)
+            tops.append(self._top(lp))
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def chat_logprobs(self, logprobs: list) -> dict:
+        def entry(token: int, value: float) -> dict:
+            text = self.token_text(token)
+            return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(lp.token_id, lp.logprob),
+                             "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs]}
+
+    # -- whole responses ------------------------------------------------------------------------------
+
+    def usage(self, choices: list[Choice], prompt_lens: list[int]) -> dict:
+        prompt = sum(prompt_lens)
+        completion = sum(c.completion_tokens for c in choices)
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(c.cached_tokens for c in choices)
+        if cached:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
+        return usage
+
+    def response(self, choices: list[Choice], prompt_lens: list[int], logprobs: bool) -> dict:
+        body = {"id": self.id, "created": self.created, "model": self.model}
+        if self.kind == "chat":
+            body["object"] = "chat.completion"
+            body["choices"] = [self._chat_choice(c, logprobs) for c in choices]
+            if self.return_token_ids and choices:
+                body["prompt_token_ids"] = choices[0].prompt_token_ids
+        else:
+            body["object"] = "text_completion"
+            body["choices"] = [self._completion_choice(c, logprobs) for c in choices]
+        body["usage"] = self.usage(choices, prompt_lens)
+        return body
+
+    def _chat_choice(self, c: Choice, logprobs: bool) -> dict:
+        choice = {"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
+                  "logprobs": self.chat_logprobs(c.logprobs) if logprobs else None,
+                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        if self.return_token_ids:
+            choice["token_ids"] = c.token_ids
+        return choice
+
+    def _completion_choice(self, c: Choice, logprobs: bool) -> dict:
+        lps = None
+        if logprobs:
+            echo_ids = c.prompt_token_ids if self.echo else None
+            lps = self.completion_logprobs(c.logprobs, echo_ids, c.prompt_logprobs)
+        choice = {"index": c.index, "text": "".join(c.text), "logprobs": lps,
+                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        if self.return_token_ids:
+            choice["token_ids"] = c.token_ids
+            choice["prompt_token_ids"] = c.prompt_token_ids
+        return choice
+
+    # -- stream chunks --------------------------------------------------------------------------------
+
+    def chunk(self, index: int, out: RequestOutput, logprobs: bool, first: bool, prompt_ids: list[int],
+              prompt_lps: list | None) -> dict:
+        text = out.text_delta or ""
+        if self.kind == "chat":
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            choice = {"index": index, "delta": delta,
+                      "logprobs": self.chat_logprobs(out.logprobs or []) if logprobs else None}
+            obj = "chat.completion.chunk"
+        else:
+            lps = None
+            if logprobs:
+                echo_ids = prompt_ids if self.echo and first else None
+                lps = self.completion_logprobs(out.logprobs or [], echo_ids, prompt_lps)
+            choice = {"index": index, "text": text, "logprobs": lps}
+            obj = "text_completion"
+        choice["finish_reason"] = out.finish_reason
+        if out.finished:
+            choice["stop_reason"] = out.stop_reason
+        if self.return_token_ids:
+            choice["token_ids"] = out.new_token_ids
+            if first and self.kind != "chat":
+                choice["prompt_token_ids"] = prompt_ids
+        body = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
+        if self.return_token_ids and first and self.kind == "chat":
+            body["prompt_token_ids"] = prompt_ids
+        return body
+
+    def usage_chunk(self, choices: list[Choice], prompt_lens: list[int]) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [],
+                "usage": self.usage(choices, prompt_lens)}

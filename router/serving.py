@@ -1,0 +1,200 @@
+"""Completions and chat over gangs: a parsed OpenAI request → engine requests → a response body or a
+stream of server-sent events. Transport-neutral apart from the SSE framing; typed errors raised
+before the first byte become HTTP statuses, errors after it become a final error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from model.tokenizer import Tokenizer
+from router.errors import HTTPError, error_body
+from router.openai_models import ChatCompletionRequest, CompletionRequest
+from router.openai_responses import Choice, Formatter
+from workers.errors import DeadlineExceeded, InvalidRequest
+from workers.protocol import GenerateRequest, RequestOutput
+
+log = logging.getLogger(__name__)
+
+# (gang-side request) -> async iterator of output batches; the ingress picks the gang
+StreamFn = Callable[[GenerateRequest], AsyncIterator[list[RequestOutput]]]
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A validated request, ready to run: one engine request per prompt."""
+
+    kind: str  # "completion" | "chat"
+    requests: list[GenerateRequest]
+    formatter: Formatter
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+
+
+class Serving:
+    def __init__(self, model_name: str, tokenizer: Tokenizer | None, timeout_s: float):
+        self.model_name, self.tokenizer, self.timeout_s = model_name, tokenizer, timeout_s
+
+    def token_text(self, token: int) -> str:
+        if self.tokenizer is None:
+            return f"token_id:{token}"
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise HTTPError(404, f"The model `{model}` does not exist.", param="model")
+
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequest("text prompts need a tokenizer; this server runs with --skip-tokenizer-init "
+                                 "and takes token ids only", param="prompt")
+        return self.tokenizer.encode(text)
+
+    # -- preparing ------------------------------------------------------------------------------------
+
+    def prepare_completion(self, body: CompletionRequest, request_id: str) -> Prepared:
+        self.check_model(body.model)
+        params = body.params()
+        prompts = [p if isinstance(p, list) else self._encode(p) for p in body.prompts()]
+        requests = [GenerateRequest(ids, dataclasses.replace(params), f"{request_id}-{i}")
+                    for i, ids in enumerate(prompts)]
+        formatter = Formatter("completion", request_id, self.model_name, self.token_text,
+                              body.return_token_ids, body.echo)
+        return Prepared("completion", requests, formatter, body.stream, self._usage(body),
+                        body.logprobs is not None)
+
+    def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> Prepared:
+        self.check_model(body.model)
+        params = body.params()
+        if self.tokenizer is None:
+            raise InvalidRequest("chat needs a tokenizer; this server runs with --skip-tokenizer-init",
+                                 param="messages")
+        try:
+            ids = self.tokenizer.encode_chat(body.template_messages(),
+                                             add_generation_prompt=body.add_generation_prompt)
+        except InvalidRequest:
+            raise
+        except Exception as exc:  # the template refused these messages (e.g. roles out of order)
+            raise InvalidRequest(f"the chat template cannot render these messages: {exc}",
+                                 param="messages") from None
+        formatter = Formatter("chat", request_id, self.model_name, self.token_text, body.return_token_ids)
+        return Prepared("chat", [GenerateRequest(ids, params, request_id)], formatter, body.stream,
+                        self._usage(body), body.logprobs)
+
+    @staticmethod
+    def _usage(body) -> bool:
+        return bool(body.stream_options and body.stream_options.include_usage)
+
+    # -- running --------------------------------------------------------------------------------------
+
+    async def _merged(self, prepared: Prepared, run: StreamFn) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every prompt's outputs as they come, tagged with the prompt's position; errors raised."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, request: GenerateRequest) -> None:
+            try:
+                async for batch in run(request):
+                    queue.put_nowait((i, batch, None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, cancellation included
+                queue.put_nowait((i, None, exc))
+                return
+            queue.put_nowait((i, None, None))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(prepared.requests)]
+        try:
+            open_streams = len(tasks)
+            while open_streams:
+                i, batch, exc = await queue.get()
+                if exc is not None:
+                    raise exc
+                if batch is None:
+                    open_streams -= 1
+                    continue
+                for out in batch:
+                    if out.error is not None:
+                        raise out.error
+                    yield i, out
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def run_full(self, prepared: Prepared, run: StreamFn) -> dict:
+        n = prepared.requests[0].params.n
+        choices = [Choice(i * n + j, r.prompt_token_ids) for i, r in enumerate(prepared.requests) for j in range(n)]
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async for i, out in self._merged(prepared, run):
+                    choices[i * n + out.index].add(out)
+        except TimeoutError:
+            raise DeadlineExceeded(f"the request did not finish within {self.timeout_s:g}s") from None
+        self._share_prompt_logprobs(choices, n)
+        lens = [len(r.prompt_token_ids) for r in prepared.requests]
+        return prepared.formatter.response(choices, lens, prepared.logprobs)
+
+    @staticmethod
+    def _share_prompt_logprobs(choices: list[Choice], n: int) -> None:
+        """Prompt logprobs come with a prompt's first choice; echo shows them on every choice."""
+        for c in choices:
+            if c.prompt_logprobs is None:
+                c.prompt_logprobs = choices[c.index - c.index % n].prompt_logprobs
+
+    async def start_stream(self, prepared: Prepared, run: StreamFn, request_id: str) -> AsyncIterator[str]:
+        """SSE events. The first output is awaited here, so an error before it raises (→ a status code)."""
+        merged = self._merged(prepared, run)
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                first = await anext(merged, None)
+        except TimeoutError:
+            await merged.aclose()
+            raise DeadlineExceeded(f"the request did not finish within {self.timeout_s:g}s") from None
+        except BaseException:
+            await merged.aclose()
+            raise
+        return self._events(prepared, merged, first, deadline, request_id)
+
+    async def _events(self, prepared: Prepared, merged, first, deadline: float,
+                      request_id: str) -> AsyncIterator[str]:
+        n = prepared.requests[0].params.n
+        choices = [Choice(i * n + j, r.prompt_token_ids) for i, r in enumerate(prepared.requests) for j in range(n)]
+        started: set[int] = set()
+        fmt = prepared.formatter
+        try:
+            async with asyncio.timeout_at(deadline):
+                item = first
+                while item is not None:
+                    i, out = item
+                    choice = choices[i * n + out.index]
+                    choice.add(out)
+                    is_first = choice.index not in started
+                    started.add(choice.index)
+                    prompt_lps = out.prompt_logprobs or choices[i * n].prompt_logprobs
+                    yield _sse(fmt.chunk(choice.index, out, prepared.logprobs, is_first,
+                                         choice.prompt_token_ids, prompt_lps))
+                    item = await anext(merged, None)
+            if prepared.include_usage:
+                yield _sse(fmt.usage_chunk(choices, [len(r.prompt_token_ids) for r in prepared.requests]))
+        except TimeoutError:
+            yield self._error_event(DeadlineExceeded(f"the request did not finish within {self.timeout_s:g}s"),
+                                    request_id)
+        except Exception as exc:  # after the first byte: an error event, then [DONE]
+            yield self._error_event(exc, request_id)
+        finally:
+            await merged.aclose()
+        yield "data: [DONE]\n\n"
+
+    @staticmethod
+    def _error_event(exc: BaseException, request_id: str) -> str:
+        status, body = error_body(exc, request_id)
+        log.warning("request %s: %d after the stream started: %s", request_id, status, body["error"]["message"])
+        return _sse(body)
+
+
+def _sse(payload: Any) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
