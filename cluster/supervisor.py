@@ -120,12 +120,16 @@ class GangSupervisor:
                 yield batch
         finally:
             if self._streams.pop(request.request_id, None) is not None and stream.open_choices:
-                self.abort(request.request_id)  # the consumer went away before the end
+                self._abort_on(stream.worker, request.request_id)  # the consumer went away before the end
 
     def abort(self, request_id: str) -> None:
         stream = self._streams.get(request_id)
-        if stream is not None and self.gang is not None and self.state == "ready":
-            self.gang.attention[stream.worker].abort.remote(request_id)
+        if stream is not None:
+            self._abort_on(stream.worker, request_id)
+
+    def _abort_on(self, worker: int, request_id: str) -> None:
+        if self.gang is not None and self.state == "ready":
+            self.gang.attention[worker].abort.remote(request_id)
             self._wake_all()
 
     def _pick_worker(self) -> int:

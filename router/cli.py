@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-workers", type=int, default=1)
     p.set_defaults(func=cmd_generate)
 
+    from router.serve_cli import add_serve_parser
+
+    add_serve_parser(sub)
+
     p = sub.add_parser("bench", help="benchmarks, measured against peers in the same run")
     p.add_argument("target", choices=["engine", "ep"])
     p.add_argument("--model", default="checkpoints/bench", help="checkpoint (make-tiny --preset bench)")

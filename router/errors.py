@@ -65,7 +65,7 @@ def error_body(exc: BaseException, request_id: str) -> tuple[int, dict]:
 
 def error_response(exc: BaseException, request_id: str, retry_after_s: int = 2) -> JSONResponse:
     status, body = error_body(exc, request_id)
-    headers = {"x-request-id": request_id}
+    headers = {}
     if status in (429, 503):
         headers["retry-after"] = str(retry_after_s)
     if status >= 500:

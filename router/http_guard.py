@@ -38,7 +38,7 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        request_id = uuid.uuid4().hex
+        request_id = _serve_request_id() or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         settings: GuardSettings | None = getattr(scope["app"].state, "guard", None)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -58,13 +58,8 @@ class Guard:
 
         limited_receive.seen = 0
 
-        async def send_with_id(message):
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
-            await send(message)
-
         try:
-            await self.app(scope, limited_receive, send_with_id)
+            await self.app(scope, limited_receive, send)
         except BodyTooLarge:
             await error_response(HTTPError(413, f"the request body exceeds {limit} bytes"), request_id)(
                 scope, receive, send)
@@ -83,3 +78,14 @@ class Guard:
 
 class BodyTooLarge(Exception):
     pass
+
+
+def _serve_request_id() -> str | None:
+    """Serve's id for this request (it also sends it back as `x-request-id`), so logs, bodies and the
+    header agree."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or None
+    except Exception:  # outside a Serve replica
+        return None

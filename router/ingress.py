@@ -102,11 +102,16 @@ class Ingress:
 
         async def run(request: GenerateRequest):
             self.gang_load[gang] += 1
+            responses = self.gangs[gang].options(stream=True).generate.remote(request)
+            finished = False
             try:
-                async for batch in self.gangs[gang].options(stream=True).generate.remote(request):
+                async for batch in responses:
                     yield batch
+                finished = True
             finally:
                 self.gang_load[gang] -= 1
+                if not finished:  # timed out, failed or abandoned: abort it in the engine too
+                    responses.cancel()
 
         return run
 
@@ -134,8 +139,7 @@ class Ingress:
                 return JSONResponse(await self.serving.run_full(prepared, run))
             events = await self.serving.start_stream(prepared, run, rid)
             released = True
-            return StreamingResponse(self._release_after(events), media_type="text/event-stream",
-                                     headers={"x-request-id": rid})
+            return StreamingResponse(self._release_after(events), media_type="text/event-stream")
         except asyncio.CancelledError:
             log.info("request %s: client went away (499); aborted", rid)
             raise
@@ -232,3 +236,14 @@ class Ingress:
 
     def pending(self) -> int:
         return self.in_flight
+
+    def routes(self) -> list[tuple[str, list[str]]]:
+        """Every HTTP route this replica serves, as bound at start (tests check auth on each)."""
+        def walk(routes, prefix: str):
+            for r in routes:
+                if hasattr(r, "original_router"):  # a router included into the app (Serve does this)
+                    yield from walk(r.original_router.routes, prefix + (getattr(r.include_context, "prefix", "") or ""))
+                elif hasattr(r, "path"):
+                    yield prefix + r.path, sorted(getattr(r, "methods", None) or [])
+
+        return list(walk(api.routes, ""))

@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -62,7 +63,7 @@ class Serving:
         self.check_model(body.model)
         params = body.params()
         prompts = [p if isinstance(p, list) else self._encode(p) for p in body.prompts()]
-        requests = [GenerateRequest(ids, dataclasses.replace(params), f"{request_id}-{i}")
+        requests = [GenerateRequest(ids, dataclasses.replace(params), _engine_id(request_id, i))
                     for i, ids in enumerate(prompts)]
         formatter = Formatter("completion", request_id, self.model_name, self.token_text,
                               body.return_token_ids, body.echo)
@@ -84,7 +85,7 @@ class Serving:
             raise InvalidRequest(f"the chat template cannot render these messages: {exc}",
                                  param="messages") from None
         formatter = Formatter("chat", request_id, self.model_name, self.token_text, body.return_token_ids)
-        return Prepared("chat", [GenerateRequest(ids, params, request_id)], formatter, body.stream,
+        return Prepared("chat", [GenerateRequest(ids, params, _engine_id(request_id, 0))], formatter, body.stream,
                         self._usage(body), body.logprobs)
 
     @staticmethod
@@ -194,6 +195,11 @@ class Serving:
         status, body = error_body(exc, request_id)
         log.warning("request %s: %d after the stream started: %s", request_id, status, body["error"]["message"])
         return _sse(body)
+
+
+def _engine_id(request_id: str, prompt: int) -> str:
+    """Unique in the engine even when a client reuses its x-request-id; the request id stays readable."""
+    return f"{request_id}-{prompt}-{uuid.uuid4().hex[:8]}"
 
 
 def _sse(payload: Any) -> str:

@@ -1,0 +1,84 @@
+"""Checking a Serve config file before anything starts: Ray's own schema, our unknown-key check (Ray's
+schemas silently drop unknown keys, so a typo like `max_ongoing_request` would vanish), and our
+application `args` for every application whose `import_path` is ours. Errors name the YAML path.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from cluster.config import AppConfig, describe, parse_app_args
+
+OUR_IMPORT_PATHS = ("router.app:build", "router.app.build")
+
+
+def load_serve_config(path: str | Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a Serve config file is a mapping with an `applications` list")
+    return data
+
+
+def unknown_keys(model: type[BaseModel], data: Any, path: str) -> list[str]:
+    """Keys of `data` that `model` (recursively, through nested models and lists of them) lacks."""
+    if not isinstance(data, dict):
+        return []
+    fields = model.model_fields
+    names = set(fields) | {f.alias for f in fields.values() if f.alias}
+    problems = [f"{path}.{key}: unknown key" if path else f"{key}: unknown key" for key in data if key not in names]
+    for name, info in fields.items():
+        value = data.get(name, data.get(info.alias) if info.alias else None)
+        nested, is_list = _model_in(info.annotation)
+        if nested is None or value is None:
+            continue
+        child = f"{path}.{name}" if path else name
+        if is_list and isinstance(value, list):
+            for i, item in enumerate(value):
+                problems += unknown_keys(nested, item, f"{child}[{i}]")
+        elif not is_list:
+            problems += unknown_keys(nested, value, child)
+    return problems
+
+
+def _model_in(annotation) -> tuple[type[BaseModel] | None, bool]:
+    """The pydantic model inside `X`, `X | None` or `list[X]`, and whether it is a list."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    origin = typing.get_origin(annotation)
+    if origin in (list, typing.List):
+        inner, _ = _model_in(typing.get_args(annotation)[0])
+        return inner, True
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found[0] is not None:
+                return found
+    return None, False
+
+
+def validate_serve_config(data: dict, source: str = "config") -> tuple[ServeDeploySchema, list[AppConfig | None]]:
+    """Ray's schema, the unknown-key check and our `args`; returns the schema and each app's args."""
+    try:
+        schema = ServeDeploySchema.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"{source}: {describe(exc)}") from None
+    problems = unknown_keys(ServeDeploySchema, data, "")
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
+    apps: list[AppConfig | None] = []
+    for i, app in enumerate(data.get("applications") or []):
+        if app.get("import_path") in OUR_IMPORT_PATHS:
+            apps.append(parse_app_args(app.get("args") or {}, root=f"applications[{i}].args"))
+        else:
+            apps.append(None)
+    return schema, apps

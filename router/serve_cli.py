@@ -1,0 +1,168 @@
+"""`maverick serve CONFIG.yaml` and `maverick serve --model DIR`: deploy, wait until ready, print the
+endpoints, serve in the foreground; SIGINT/SIGTERM drain (readiness false, in-flight requests
+finish within the grace period) and exit 0; an application that fails exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.request
+
+log = logging.getLogger("maverick.serve")
+
+APP_NAME = "maverick"
+
+
+def config_from_flags(args: argparse.Namespace) -> dict:
+    engine = {k: v for k, v in {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+                                "max_num_batched_tokens": args.max_num_batched_tokens,
+                                "kv_cache_memory": args.kv_cache_memory}.items() if v is not None}
+    app_args = {"model": args.model, "served_model_name": args.served_model_name or args.model,
+                "attention_workers": args.attention_workers, "expert_workers": args.expert_workers,
+                "num_gangs": args.num_gangs, "dtype": args.dtype, "skip_tokenizer_init": args.skip_tokenizer_init,
+                "engine": engine}
+    return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": 8000},
+            "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "router.app:build",
+                              "args": app_args}]}
+
+
+def _resolve(data: dict, args: argparse.Namespace) -> tuple[dict, str, int]:
+    """Apply CLI overrides, validate everything, make model paths absolute (and tiny ones exist)."""
+    from cluster.serve_config import validate_serve_config
+    from router.app import prepare_args
+
+    http = data.setdefault("http_options", {})
+    if args.host is not None:
+        http["host"] = args.host
+    if args.http_port is not None:
+        http["port"] = args.http_port
+    http.setdefault("host", "127.0.0.1")  # Serve's file default is 0.0.0.0: never expose by accident
+    api_key = args.api_key or os.environ.get("MAVERICK_API_KEY")
+    _, apps = validate_serve_config(data, args.config or "flags")
+    for app, parsed in zip(data["applications"], apps):
+        if parsed is None:
+            continue
+        if api_key and parsed.api_key is None:
+            app["args"]["api_key"] = api_key
+        resolved = prepare_args(app["args"])
+        app["args"] = resolved.model_dump(exclude_defaults=True) | {"model": resolved.model,
+                                                                    "served_model_name": resolved.model_name}
+    return data, http["host"], int(http.get("port", 8000))
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except Exception:
+        return False
+
+
+def _app_status() -> tuple[str, str]:
+    from ray import serve
+
+    apps = serve.status().applications
+    for name, status in apps.items():
+        if status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            return status.status, f"{name}: {status.message}"
+    return "OK", ""
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    if bool(args.config) == bool(args.model):
+        raise SystemExit("give a Serve config file or --model DIR (not both)")
+    from cluster.serve_config import load_serve_config
+
+    data = load_serve_config(args.config) if args.config else config_from_flags(args)
+    data, host, port = _resolve(data, args)
+
+    import ray
+    from ray import serve
+    from ray.serve._private.api import serve_start
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    from cluster.offline import ensure_local_ray
+
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    else:
+        ensure_local_ray()
+    schema = ServeDeploySchema.model_validate(data)
+    client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
+                         grpc_options=gRPCOptions(**schema.grpc_options.model_dump()))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    client.deploy_apps(schema, _blocking=False)
+    url = f"http://{host}:{port}"
+    started = time.monotonic()
+    code = 0
+    while not stop.is_set() and not _ready(url + "/health/ready"):
+        state, message = _app_status()
+        if state != "OK":
+            print(f"maverick: deployment failed: {message}", file=sys.stderr)
+            code = 1
+            break
+        stop.wait(1.0)
+    if code == 0 and not stop.is_set():
+        print(f"maverick: ready in {time.monotonic() - started:.0f}s\n"
+              f"  OpenAI API: {url}/v1  (health: {url}/health, readiness: {url}/health/ready)", flush=True)
+        while not stop.wait(2.0):
+            state, message = _app_status()
+            if state != "OK":
+                print(f"maverick: application {state.lower()}: {message}", file=sys.stderr)
+                code = 1
+                break
+    if stop.is_set():
+        _drain(float(args.grace_period))
+    serve.shutdown()
+    ray.shutdown()
+    return code
+
+
+def _drain(grace_s: float) -> None:
+    """Readiness false and new requests refused; wait for in-flight ones up to the grace period."""
+    from ray import serve
+
+    print("maverick: draining", file=sys.stderr, flush=True)
+    try:
+        handle = serve.get_app_handle(APP_NAME)
+        pending = handle.drain.remote().result(timeout_s=10)
+        deadline = time.monotonic() + grace_s
+        while pending and time.monotonic() < deadline:
+            time.sleep(0.5)
+            pending = handle.pending.remote().result(timeout_s=10)
+        if pending:
+            print(f"maverick: {pending} request(s) still running after {grace_s:g}s; stopping",
+                  file=sys.stderr)
+    except Exception as exc:  # no app of ours (a foreign YAML) or already gone: nothing to drain
+        log.info("drain skipped: %s", exc)
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a Serve config file or one model directory over HTTP")
+    p.add_argument("config", nargs="?", help="a Serve config YAML (e.g. deploy/tiny-cpu.yaml)")
+    p.add_argument("--model", help="local Hugging Face model directory (instead of a YAML)")
+    p.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    p.add_argument("--served-model-name")
+    p.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set MAVERICK_API_KEY)")
+    p.add_argument("--attention-workers", type=int, default=1)
+    p.add_argument("--expert-workers", type=int, default=0)
+    p.add_argument("--num-gangs", type=int, default=1)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--kv-cache-memory", type=int, help="bytes of K/V per attention worker")
+    p.add_argument("--dtype", help="float32 on CPU by default, bfloat16 on GPU")
+    p.add_argument("--skip-tokenizer-init", action="store_true", help="token ids in and out, no tokenizer")
+    p.add_argument("--grace-period", type=float, default=30, help="seconds in-flight requests get on shutdown")
+    p.set_defaults(func=run_serve)

@@ -1,0 +1,69 @@
+"""A live local deployment per test module: a real Ray, Serve on 127.0.0.1 at a free port, our app."""
+
+import os
+import socket
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Live:
+    url: str  # http://127.0.0.1:PORT
+    model_dir: Path
+    model_name: str
+    api_key: str | None
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+
+def wait_ready(url: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health/ready", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready within {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+    # logical CPUs above the 2 cores: replicas and ranks ask for fractions and share them
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+    yield
+    ray.shutdown()
+
+
+def deploy(tmp_dir: Path, **args) -> Live:
+    """Serve our app on a fresh port; the tiny checkpoint is written by the app itself (make_tiny)."""
+    from ray import serve
+
+    from router.app import build
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    model = tmp_dir / "tiny"
+    app_args = {"model": str(model), "make_tiny": "tiny-maverick", "served_model_name": "tiny", **args}
+    serve.run(build(app_args), name="maverick", route_prefix="/", blocking=False)
+    live = Live(f"http://127.0.0.1:{port}", model, "tiny", args.get("api_key"))
+    wait_ready(live.url)
+    return live

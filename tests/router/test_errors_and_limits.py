@@ -1,0 +1,215 @@
+"""The error table, auth on every route, overload, deadlines and a failing gang, over real HTTP.
+
+One deployment (no expert workers) with an API key, 3 requests admitted at a time and a 4 s request
+timeout; every bad request gets exactly its status, never a 5xx, and the next good request is served.
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from tests.router.conftest import deploy
+
+pytestmark = pytest.mark.timeout(600)
+
+KEY = "sk-test-key"
+GOOD = {"model": "tiny", "prompt": [2016, 5, 6], "max_tokens": 3, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def live(local_ray, tmp_path_factory):
+    from ray import serve
+
+    server = deploy(tmp_path_factory.mktemp("limits"), api_key=KEY, max_pending_requests=3, request_timeout_s=4,
+                    max_body_bytes=65536)
+    yield server
+    serve.shutdown()
+
+
+def call(live, path, body=None, key=KEY, method=None, raw: bytes | None = None):
+    """(status, headers, parsed body) of one HTTP request."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(live.url + path, data, headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            text = r.read().decode()
+            return r.status, dict(r.headers), text
+    except urllib.error.HTTPError as e:
+        text = e.read().decode()
+        return e.code, dict(e.headers), json.loads(text) if text.startswith("{") else text
+
+
+def cmpl(**fields):
+    return ("/v1/completions", {**GOOD, **fields})
+
+
+def chat(**fields):
+    return ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                     "max_tokens": 3, **fields})
+
+
+BAD = [
+    ("temperature<0", *cmpl(temperature=-1), 400),
+    ("temperature str", *cmpl(temperature="hot"), 400),
+    ("top_p=0", *cmpl(top_p=0), 400),
+    ("top_p>1", *cmpl(top_p=1.5), 400),
+    ("top_k<-1", *cmpl(top_k=-2), 400),
+    ("min_p>1", *cmpl(min_p=2), 400),
+    ("n=0", *cmpl(n=0), 400),
+    ("n huge", *cmpl(n=100000), 400),
+    ("max_tokens=0", *cmpl(max_tokens=0), 400),
+    ("max_tokens str", *cmpl(max_tokens="ten"), 400),
+    ("presence>2", *cmpl(presence_penalty=3), 400),
+    ("frequency<-2", *cmpl(frequency_penalty=-3), 400),
+    ("repetition=0", *cmpl(repetition_penalty=0), 400),
+    ("logprobs>20", *cmpl(logprobs=50), 400),
+    ("logit_bias key", *cmpl(logit_bias={"abc": 1}), 400),
+    ("logit_bias oov", *cmpl(logit_bias={"99999": 1}), 400),
+    ("logit_bias value", *cmpl(logit_bias={"5": 500}), 400),
+    ("stop int", *cmpl(stop=5), 400),
+    ("stop empty", *cmpl(stop=[""]), 400),
+    ("stop_token_ids<0", *cmpl(stop_token_ids=[-1]), 400),
+    ("seed str", *cmpl(seed="x"), 400),
+    ("prompt empty", *cmpl(prompt=""), 400),
+    ("prompt []", *cmpl(prompt=[]), 400),
+    ("prompt oov", *cmpl(prompt=[99999]), 400),
+    ("prompt negative", *cmpl(prompt=[-1]), 400),
+    ("prompt missing", "/v1/completions", {"model": "tiny", "max_tokens": 3}, 400),
+    ("over context", *cmpl(max_tokens=10**6), 400),
+    ("over context stream", *cmpl(max_tokens=10**6, stream=True), 400),
+    ("unknown model", *cmpl(model="nope"), 404),
+    ("suffix", *cmpl(suffix="x"), 400),
+    ("best_of", *cmpl(best_of=2), 400),
+    ("stream_options without stream", *cmpl(stream_options={"include_usage": True}), 400),
+    ("messages empty", *chat(messages=[]), 400),
+    ("messages missing", "/v1/chat/completions", {"model": "tiny"}, 400),
+    ("bad role", *chat(messages=[{"role": "robot", "content": "x"}]), 400),
+    ("image part", *chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     400),
+    ("tools", *chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400),
+    ("response_format", *chat(response_format={"type": "json_object"}), 400),
+    ("top_logprobs without logprobs", *chat(top_logprobs=2), 400),
+    ("chat unknown model", *chat(model="nope"), 404),
+    ("tokenize both", "/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, 400),
+    ("detokenize oov", "/detokenize", {"tokens": [99999]}, 400),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status", BAD, ids=[b[0] for b in BAD])
+def test_bad_request_gets_its_status_and_the_next_is_served(live, name, path, body, status):
+    got, headers, payload = call(live, path, body)
+    assert got == status, payload
+    error = payload["error"]
+    assert error["code"] == status and error["message"] and error["request_id"]
+    assert "Traceback" not in json.dumps(payload)
+    assert call(live, *cmpl())[0] == 200
+
+
+@pytest.mark.parametrize("raw,status", [(b"{not json", 400), (b"[1, 2]", 400), (b"\xff\xfe", 400),
+                                        (b'{"prompt": "' + b"a" * 70000 + b'"}', 413)],
+                         ids=["bad json", "array", "not utf8", "oversized"])
+def test_malformed_bodies(live, raw, status):
+    got, _, payload = call(live, "/v1/completions", raw=raw)
+    assert got == status and payload["error"]["code"] == status
+    assert call(live, *cmpl())[0] == 200
+
+
+def test_every_route_needs_the_key_except_health(live):
+    from ray import serve
+
+    from router.http_guard import OPEN_PATHS
+
+    live_routes = serve.get_app_handle("maverick").routes.remote().result()
+    routes = [(path, m) for path, methods in live_routes for m in methods if m != "HEAD"]
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize"} <= {p for p, _ in routes}
+    for path, method in routes:
+        body = {} if method == "POST" else None
+        for key in (None, "wrong-key"):
+            status, _, payload = call(live, path, body, key=key, method=method)
+            if path in OPEN_PATHS:
+                assert status == 200, (path, payload)
+            else:
+                assert status == 401, (path, method, key, payload)
+                assert payload["error"]["type"] == "authentication_error"
+        assert call(live, path, body, method=method)[0] != 401
+    assert call(live, "/no/such/route", {}, key=None)[0] == 401  # unknown routes reveal nothing without a key
+    assert call(live, "/no/such/route", {})[0] == 404
+
+
+def test_overload_gives_429_with_retry_after_and_loses_nothing(live):
+    results = []
+
+    def one(i):
+        body = {**GOOD, "prompt": [2016, 100 + i, 7], "max_tokens": 120, "ignore_eos": True}
+        results.append(call(live, "/v1/completions", body))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = sorted(r[0] for r in results)
+    assert set(statuses) <= {200, 429}, statuses
+    assert 429 in statuses and statuses.count(200) >= 3, statuses
+    for status, headers, payload in results:
+        if status == 429:
+            assert int(headers["retry-after"]) >= 1 and payload["error"]["type"] == "rate_limit_error"
+        else:
+            done = json.loads(payload)
+            assert done["choices"][0]["finish_reason"] == "length" and done["usage"]["completion_tokens"] == 120
+
+
+def test_deadline_gives_504_and_frees_the_engine(live):
+    from ray import serve
+
+    long = {**GOOD, "max_tokens": 4000, "ignore_eos": True}
+    status, _, payload = call(live, "/v1/completions", long)
+    assert status == 504 and payload["error"]["type"] == "timeout", payload
+    client = openai.OpenAI(base_url=live.v1, api_key=KEY, max_retries=0, timeout=60)
+    with pytest.raises(openai.APIError, match="did not finish"):
+        for _ in client.completions.create(stream=True, **{k: v for k, v in long.items() if k != "ignore_eos"},
+                                           extra_body={"ignore_eos": True}):
+            pass
+    gang = serve.get_deployment_handle("gang-0", "maverick")
+    deadline = time.monotonic() + 10
+    while gang.stats.remote().result()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gang.stats.remote().result()["in_flight"] == 0
+
+
+def _attention_worker_pid() -> int:
+    from ray._private import state
+
+    alive = [a for a in state.actors().values() if a["ActorClassName"] == "AttentionWorker" and a["State"] == "ALIVE"]
+    assert len(alive) == 1, alive
+    return alive[0]["Pid"]
+
+
+def test_failed_gang_gives_503_and_readiness_false_until_rebuilt(live):
+    client = openai.OpenAI(base_url=live.v1, api_key=KEY, max_retries=0, timeout=60)
+    stream = client.completions.create(model="tiny", prompt=[2016, 9, 9], max_tokens=3000, stream=True,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    os.kill(_attention_worker_pid(), signal.SIGKILL)
+    with pytest.raises(openai.APIError):  # the in-flight request ends with the unavailable error
+        for _ in stream:
+            pass
+    status, headers, payload = call(live, *cmpl())
+    assert status == 503 and int(headers["retry-after"]) >= 1, payload
+    ready_status = call(live, "/health/ready", key=None)[0]
+    assert ready_status == 503
+    deadline = time.monotonic() + 120
+    while call(live, "/health/ready", key=None)[0] != 200:
+        assert time.monotonic() < deadline, "the gang was not rebuilt"
+        time.sleep(0.5)
+    assert call(live, *cmpl())[0] == 200
