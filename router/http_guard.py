@@ -42,7 +42,10 @@ class Guard:
         scope.setdefault("state", {})["request_id"] = request_id
         settings: GuardSettings | None = getattr(scope["app"].state, "guard", None)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        problem = self._check(scope["path"], headers, settings)
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):  # an app under a route prefix sees its own paths
+            path = path[len(root):] or "/"
+        problem = self._check(path, headers, settings)
         if problem is not None:
             log.info("request %s %s %s: %d", request_id, scope["method"], scope["path"], problem.status)
             return await error_response(problem, request_id)(scope, receive, send)

@@ -40,3 +40,40 @@ def test_experts_must_divide():
         config.check_experts(8)
     GangConfig(model="/m", expert_workers=4).check_experts(8)
     GangConfig(model="/m", expert_workers=0).check_experts(7)
+
+
+def test_app_args_extend_the_gang_and_name_bad_paths():
+    from cluster.config import AppConfig, parse_app_args
+
+    config = parse_app_args({"model": "m", "expert_workers": 2, "num_gangs": 2, "api_key": "sk-secret-42"})
+    assert isinstance(config, AppConfig) and config.model_name == "m"
+    assert config.gang_config() == GangConfig(model="m", expert_workers=2)
+    assert "sk-secret-42" not in repr(config)  # the key never reaches a log line through repr
+    with pytest.raises(ValueError, match=r"args\.engine\.max_num_seq: Extra inputs"):
+        parse_app_args({"model": "m", "engine": {"max_num_seq": 4}})
+    with pytest.raises(ValueError, match=r"args\.num_gangs: Input should be greater"):
+        parse_app_args({"model": "m", "num_gangs": 0})
+
+
+def test_serve_config_unknown_keys_are_found_at_every_level():
+    from cluster.serve_config import validate_serve_config
+
+    def config(**app):
+        return {"http_options": {"host": "127.0.0.1"},
+                "applications": [{"name": "a", "import_path": "router.app:build", "args": {"model": "m"}, **app}]}
+
+    schema, apps = validate_serve_config(config())
+    assert apps[0].model == "m"
+    cases = {
+        "applications[0].deployments[0].max_ongoing_request": config(
+            deployments=[{"name": "ingress", "max_ongoing_request": 3}]),
+        "applications[0].deployments[0].ray_actor_options.num_cpu": config(
+            deployments=[{"name": "ingress", "ray_actor_options": {"num_cpu": 1}}]),
+        "applications[0].import_paht": config(import_paht="x"),
+        "http_options.hots": {**config(), "http_options": {"hots": "x"}},
+    }
+    for path, data in cases.items():
+        with pytest.raises(ValueError, match=path.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+            validate_serve_config(data)
+    foreign = config(import_path="other.module:app", args={"anything": 1})
+    assert validate_serve_config(foreign)[1] == [None]  # only our own args schema is ours to check

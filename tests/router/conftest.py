@@ -53,17 +53,33 @@ def local_ray():
     ray.shutdown()
 
 
-def deploy(tmp_dir: Path, **args) -> Live:
-    """Serve our app on a fresh port; the tiny checkpoint is written by the app itself (make_tiny)."""
+def deploy(tmp_dir: Path, name: str = "maverick", route_prefix: str = "/", **args) -> Live:
+    """Serve our app (Serve started on a free port by the first call); the tiny checkpoint is written
+    by the app itself (make_tiny)."""
     from ray import serve
 
     from router.app import build
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    global _port
+    if _port is None or not _serve_running():
+        _port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": _port})
     model = tmp_dir / "tiny"
     app_args = {"model": str(model), "make_tiny": "tiny-maverick", "served_model_name": "tiny", **args}
-    serve.run(build(app_args), name="maverick", route_prefix="/", blocking=False)
-    live = Live(f"http://127.0.0.1:{port}", model, "tiny", args.get("api_key"))
+    serve.run(build(app_args), name=name, route_prefix=route_prefix, blocking=False)
+    live = Live(f"http://127.0.0.1:{_port}{route_prefix.rstrip('/')}", model, "tiny", args.get("api_key"))
     wait_ready(live.url)
     return live
+
+
+_port: int | None = None
+
+
+def _serve_running() -> bool:
+    from ray import serve
+
+    try:
+        serve.status()
+        return True
+    except Exception:
+        return False

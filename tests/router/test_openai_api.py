@@ -252,3 +252,22 @@ def test_client_disconnect_aborts_the_request_in_its_engine(live):
         time.sleep(0.1)
     assert stats["in_flight"] == 0, stats
     assert all(r.get("running", 0) == 0 for r in stats["ranks"]), stats
+
+
+def test_skip_tokenizer_init_serves_token_ids_only(live, tmp_path_factory, hf):
+    from tests.router.conftest import deploy
+
+    raw = deploy(tmp_path_factory.mktemp("raw"), name="raw", route_prefix="/raw", skip_tokenizer_init=True)
+    client = openai.OpenAI(base_url=raw.v1, api_key="unused", max_retries=0, timeout=120)
+    out = client.completions.create(model="tiny", prompt=PROMPT_IDS[0], max_tokens=8, logprobs=1,
+                                    extra_body={"return_token_ids": True}, **greedy())
+    tokens = out.choices[0].model_extra["token_ids"]
+    assert tokens == eos_cut(hf_greedy(hf, PROMPT_IDS[0], 8))
+    assert out.choices[0].text == "" and out.choices[0].logprobs.tokens[0] == f"token_id:{tokens[0]}"
+    for call in (lambda: client.completions.create(model="tiny", prompt="text", max_tokens=2),
+                 lambda: client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])):
+        with pytest.raises(openai.BadRequestError, match="skip-tokenizer-init"):
+            call()
+    from ray import serve
+
+    serve.delete("raw")

@@ -1,0 +1,76 @@
+"""`make serve` as a user runs it: the embedded default answers a chat request, SIGTERM exits 0.
+
+Runs the checkout's `.venv` (make skips the install when it is up to date) on a free port; the tiny
+checkpoint is written to `checkpoints/tiny-maverick` on first start, as on a fresh machine.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.router.conftest import free_port, wait_ready
+
+ROOT = Path(__file__).resolve().parents[2]
+MAVERICK = str(Path(sys.executable).with_name("maverick"))
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_make_serve_answers_chat_and_exits_0_on_sigterm(tmp_path):
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    make = subprocess.Popen(["make", "-s", "serve", f"SERVE_ARGS=--http-port {port}"], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", timeout_s=400)
+        body = {"model": "tiny-maverick", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
+                                     {"content-type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(req, timeout=60).read())
+        assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] >= 1
+        serve_pids = _children(make.pid)
+        assert len(serve_pids) == 1, serve_pids
+        # a request in flight when SIGTERM arrives still finishes; readiness turns false meanwhile
+        long = {"model": "tiny-maverick", "prompt": [2016, 5, 6], "max_tokens": 400, "ignore_eos": True,
+                "stream": True}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(long).encode(),
+                                     {"content-type": "application/json"})
+        stream = urllib.request.urlopen(req, timeout=120)
+        assert stream.readline().startswith(b"data: ")
+        os.kill(serve_pids[0], signal.SIGTERM)  # what a process manager sends the server
+        time.sleep(1.0)
+        with pytest.raises(urllib.error.HTTPError) as not_ready:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=10)
+        assert not_ready.value.code == 503
+        events = [line for line in stream.read().decode().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+        assert make.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        if make.poll() is None:
+            os.killpg(os.getpgid(make.pid), signal.SIGKILL)
+        log.close()
+    assert "ready" in (tmp_path / "serve.log").read_text()
+
+
+def test_serve_rejects_a_bad_config_before_starting(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "deploy/tiny-cpu.yaml").read_text().replace("expert_workers: 2", "expert_worker: 2"))
+    started = time.monotonic()
+    proc = subprocess.run([MAVERICK, "serve", str(bad)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "applications[0].args.expert_worker" in proc.stderr
+    assert time.monotonic() - started < 60  # no Ray was started
