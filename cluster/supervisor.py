@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import ray
 from ray.exceptions import RayActorError, RayError, GetTimeoutError
 
+from cluster import routing
 from cluster.config import GangConfig
 from cluster.gang import Gang, build_gang, destroy_gang
 from workers.errors import EngineError, Unavailable
@@ -49,6 +50,8 @@ class GangSupervisor:
         self._tasks: list[asyncio.Task] = []
         self._epoch = 0  # bumped per build, so stale pollers of a dead gang stop
         self.warm = False
+        self.prefix_tokens = routing.DEFAULT_PREFIX_TOKENS
+        self.requests_per_worker: dict[int, int] = {}  # since start, for stats and routing tests
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -100,7 +103,8 @@ class GangSupervisor:
     async def generate_batches(self, request: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
         """As `generate`, but every output already there travels together: about one message per step."""
         self.health()
-        worker = self._pick_worker()
+        worker = self._pick_worker(request.prompt_token_ids)
+        self.requests_per_worker[worker] = self.requests_per_worker.get(worker, 0) + 1
         stream = _Stream(request.params.n, worker)
         self._streams[request.request_id] = stream
         try:
@@ -132,12 +136,12 @@ class GangSupervisor:
             self.gang.attention[worker].abort.remote(request_id)
             self._wake_all()
 
-    def _pick_worker(self) -> int:
-        """The attention worker with the fewest requests in flight."""
+    def _pick_worker(self, prompt_token_ids: list[int]) -> int:
+        """Prefix affinity balanced against load: a shared long prefix finds the worker that cached it."""
         load = [0] * len(self.gang.attention)
         for s in self._streams.values():
             load[s.worker] += 1
-        return load.index(min(load))
+        return routing.pick(routing.affinity_key(prompt_token_ids, self.prefix_tokens), load)
 
     def _wake_all(self) -> None:
         generation = next(self._wake_gen)
@@ -153,6 +157,10 @@ class GangSupervisor:
                 outputs = await actor.next_outputs.remote(1.0)
             except (RayActorError, RayError) as exc:
                 await self._fail(f"attention worker {worker} died: {type(exc).__name__}", epoch)
+                return
+            failed = next((o.error for o in outputs if isinstance(o.error, Unavailable)), None)
+            if failed is not None:  # the rank's collective failed: the gang is down, say so first
+                await self._fail(f"attention worker {worker}: {failed.message}", epoch)
                 return
             for out in outputs:
                 stream = self._streams.get(out.request_id)
@@ -198,4 +206,5 @@ class GangSupervisor:
 
     async def stats(self) -> dict:
         ranks = await asyncio.gather(*[r.stats.remote() for r in self.gang.ranks]) if self.gang else []
-        return {"state": self.state, "restarts": self.restarts, "in_flight": self.in_flight, "ranks": ranks}
+        return {"state": self.state, "restarts": self.restarts, "in_flight": self.in_flight,
+                "requests_per_worker": dict(self.requests_per_worker), "ranks": ranks}

@@ -1,4 +1,5 @@
-"""The ingress deployment: the OpenAI-compatible HTTP app in front of the gangs.
+"""The ingress deployment: the OpenAI-compatible HTTP app (and, mixed in, the gRPC service) in front of
+the gangs.
 
 It validates and tokenizes, admits (beyond `max_pending_requests` in flight: 429 + Retry-After),
 picks a ready gang (the least loaded), streams from it, and maps every error through the one table
@@ -18,9 +19,11 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, StreamingResponse
 
+from cluster import routing
 from cluster.config import AppConfig
 from model.tokenizer import Tokenizer
 from router.errors import HTTPError, error_response
+from router.grpc_service import GenerationService
 from router.http_guard import Guard, GuardSettings
 from router.openai_models import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from router.serving import Prepared, Serving
@@ -60,12 +63,13 @@ async def _parse(request: Request, model_cls):
 
 @serve.deployment
 @serve.ingress(api)
-class Ingress:
+class Ingress(GenerationService):
     async def __init__(self, args: dict, gangs: list):
         self.config = config = AppConfig.model_validate(args)
         self.gangs = gangs
         self.gang_load = [0] * len(gangs)
         self.gang_ready = [False] * len(gangs)
+        self.gang_requests = [0] * len(gangs)  # engine requests sent to each gang since start
         self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(config.model)
         self.serving = Serving(config.model_name, self.tokenizer, config.request_timeout_s)
         self.in_flight = 0
@@ -91,17 +95,19 @@ class Ingress:
 
         await asyncio.gather(*(one(i) for i in range(len(self.gangs))))
 
-    def _pick_gang(self) -> int:
+    def _pick_gang(self, prompt_token_ids: list[int]) -> int:
         ready = [i for i, ok in enumerate(self.gang_ready) if ok]
         if not ready:
             raise Unavailable("no gang can take requests now (starting, failed or rebuilding); retry")
-        return min(ready, key=lambda i: self.gang_load[i])
+        return routing.pick(routing.affinity_key(prompt_token_ids), self.gang_load, ready)
 
     def _runner(self):
-        gang = self._pick_gang()
+        """A function streaming one engine request's output batches from the gang it picks."""
 
         async def run(request: GenerateRequest):
+            gang = self._pick_gang(request.prompt_token_ids)
             self.gang_load[gang] += 1
+            self.gang_requests[gang] += 1
             responses = self.gangs[gang].options(stream=True).generate.remote(request)
             finished = False
             try:
@@ -236,6 +242,10 @@ class Ingress:
 
     def pending(self) -> int:
         return self.in_flight
+
+    def routing_stats(self) -> dict:
+        return {"ready": list(self.gang_ready), "in_flight": list(self.gang_load),
+                "requests": list(self.gang_requests)}
 
     def routes(self) -> list[tuple[str, list[str]]]:
         """Every HTTP route this replica serves, as bound at start (tests check auth on each)."""

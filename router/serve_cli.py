@@ -17,6 +17,7 @@ import urllib.request
 log = logging.getLogger("maverick.serve")
 
 APP_NAME = "maverick"
+GRPC_SERVICER = "router.maverick_v1_pb2_grpc.add_GenerationServicer_to_server"
 
 
 def config_from_flags(args: argparse.Namespace) -> dict:
@@ -28,6 +29,7 @@ def config_from_flags(args: argparse.Namespace) -> dict:
                 "num_gangs": args.num_gangs, "dtype": args.dtype, "skip_tokenizer_init": args.skip_tokenizer_init,
                 "engine": engine}
     return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": 8000},
+            "grpc_options": {"port": 9000, "grpc_servicer_functions": [GRPC_SERVICER]},
             "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "router.app:build",
                               "args": app_args}]}
 
@@ -43,6 +45,10 @@ def _resolve(data: dict, args: argparse.Namespace) -> tuple[dict, str, int]:
     if args.http_port is not None:
         http["port"] = args.http_port
     http.setdefault("host", "127.0.0.1")  # Serve's file default is 0.0.0.0: never expose by accident
+    if args.grpc_port is not None:
+        grpc_options = data.setdefault("grpc_options", {})
+        grpc_options["port"] = args.grpc_port
+        grpc_options.setdefault("grpc_servicer_functions", [GRPC_SERVICER])
     api_key = args.api_key or os.environ.get("MAVERICK_API_KEY")
     _, apps = validate_serve_config(data, args.config or "flags")
     for app, parsed in zip(data["applications"], apps):
@@ -54,6 +60,11 @@ def _resolve(data: dict, args: argparse.Namespace) -> tuple[dict, str, int]:
         app["args"] = resolved.model_dump(exclude_defaults=True) | {"model": resolved.model,
                                                                     "served_model_name": resolved.model_name}
     return data, http["host"], int(http.get("port", 8000))
+
+
+def _grpc_port(data: dict) -> int | None:
+    grpc_options = data.get("grpc_options") or {}
+    return grpc_options.get("port", 9000) if grpc_options.get("grpc_servicer_functions") else None
 
 
 def _ready(url: str) -> bool:
@@ -114,6 +125,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if code == 0 and not stop.is_set():
         print(f"maverick: ready in {time.monotonic() - started:.0f}s\n"
               f"  OpenAI API: {url}/v1  (health: {url}/health, readiness: {url}/health/ready)", flush=True)
+        if _grpc_port(data) is not None:
+            print(f"  gRPC maverick.v1.Generation: port {_grpc_port(data)} (metadata application={APP_NAME})",
+                  flush=True)
         while not stop.wait(2.0):
             state, message = _app_status()
             if state != "OK":
@@ -154,6 +168,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--served-model-name")
     p.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--http-port", type=int)
+    p.add_argument("--grpc-port", type=int, help="gRPC port (default 9000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set MAVERICK_API_KEY)")
     p.add_argument("--attention-workers", type=int, default=1)
     p.add_argument("--expert-workers", type=int, default=0)

@@ -51,7 +51,7 @@ class Serving:
         if model is not None and model != self.model_name:
             raise HTTPError(404, f"The model `{model}` does not exist.", param="model")
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise InvalidRequest("text prompts need a tokenizer; this server runs with --skip-tokenizer-init "
                                  "and takes token ids only", param="prompt")
@@ -62,7 +62,7 @@ class Serving:
     def prepare_completion(self, body: CompletionRequest, request_id: str) -> Prepared:
         self.check_model(body.model)
         params = body.params()
-        prompts = [p if isinstance(p, list) else self._encode(p) for p in body.prompts()]
+        prompts = [p if isinstance(p, list) else self.encode(p) for p in body.prompts()]
         requests = [GenerateRequest(ids, dataclasses.replace(params), _engine_id(request_id, i))
                     for i, ids in enumerate(prompts)]
         formatter = Formatter("completion", request_id, self.model_name, self.token_text,
@@ -150,8 +150,7 @@ class Serving:
         merged = self._merged(prepared, run)
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         try:
-            async with asyncio.timeout_at(deadline):
-                first = await anext(merged, None)
+            first = await next_before(merged, deadline)
         except TimeoutError:
             await merged.aclose()
             raise DeadlineExceeded(f"the request did not finish within {self.timeout_s:g}s") from None
@@ -167,18 +166,17 @@ class Serving:
         started: set[int] = set()
         fmt = prepared.formatter
         try:
-            async with asyncio.timeout_at(deadline):
-                item = first
-                while item is not None:
-                    i, out = item
-                    choice = choices[i * n + out.index]
-                    choice.add(out)
-                    is_first = choice.index not in started
-                    started.add(choice.index)
-                    prompt_lps = out.prompt_logprobs or choices[i * n].prompt_logprobs
-                    yield _sse(fmt.chunk(choice.index, out, prepared.logprobs, is_first,
-                                         choice.prompt_token_ids, prompt_lps))
-                    item = await anext(merged, None)
+            item = first
+            while item is not None:
+                i, out = item
+                choice = choices[i * n + out.index]
+                choice.add(out)
+                is_first = choice.index not in started
+                started.add(choice.index)
+                prompt_lps = out.prompt_logprobs or choices[i * n].prompt_logprobs
+                yield _sse(fmt.chunk(choice.index, out, prepared.logprobs, is_first,
+                                     choice.prompt_token_ids, prompt_lps))
+                item = await next_before(merged, deadline)
             if prepared.include_usage:
                 yield _sse(fmt.usage_chunk(choices, [len(r.prompt_token_ids) for r in prepared.requests]))
         except TimeoutError:
@@ -195,6 +193,13 @@ class Serving:
         status, body = error_body(exc, request_id)
         log.warning("request %s: %d after the stream started: %s", request_id, status, body["error"]["message"])
         return _sse(body)
+
+
+async def next_before(iterator, deadline: float):
+    """The iterator's next item (None at its end); TimeoutError past the loop-time `deadline`. Only the
+    wait is timed, never the consumer's work between items."""
+    async with asyncio.timeout_at(deadline):
+        return await anext(iterator, None)
 
 
 def _engine_id(request_id: str, prompt: int) -> str:

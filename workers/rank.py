@@ -75,7 +75,8 @@ class Rank:
 
     def wave_state(self) -> dict:
         wave = self.wave
-        return {"rank": self.rank, "steps": wave.num_steps if wave else 0, "idle": bool(wave and wave.idle),
+        return {"rank": self.rank, "pid": os.getpid(), "steps": wave.num_steps if wave else 0,
+                "idle": bool(wave and wave.idle),
                 "failed": repr(wave.failed) if wave and wave.failed else None}
 
     def shutdown(self) -> None:

@@ -22,6 +22,8 @@ class Live:
     model_dir: Path
     model_name: str
     api_key: str | None
+    grpc_target: str = ""
+    app_name: str = "maverick"
 
     @property
     def v1(self) -> str:
@@ -49,6 +51,7 @@ def local_ray():
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     # logical CPUs above the 2 cores: replicas and ranks ask for fractions and share them
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+    _ports.clear()  # a new Ray: its Serve is started by the first deploy
     yield
     ray.shutdown()
 
@@ -60,26 +63,20 @@ def deploy(tmp_dir: Path, name: str = "maverick", route_prefix: str = "/", **arg
 
     from router.app import build
 
-    global _port
-    if _port is None or not _serve_running():
-        _port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": _port})
+    cluster = "local"
+    if cluster not in _ports:  # the first app on this Ray: start Serve on free ports
+        _ports[cluster] = free_port(), free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": _ports[cluster][0]},
+                    grpc_options={"port": _ports[cluster][1], "grpc_servicer_functions": [GRPC_SERVICER]})
+    _port, _grpc_port = _ports[cluster]
     model = tmp_dir / "tiny"
     app_args = {"model": str(model), "make_tiny": "tiny-maverick", "served_model_name": "tiny", **args}
     serve.run(build(app_args), name=name, route_prefix=route_prefix, blocking=False)
-    live = Live(f"http://127.0.0.1:{_port}{route_prefix.rstrip('/')}", model, "tiny", args.get("api_key"))
+    live = Live(f"http://127.0.0.1:{_port}{route_prefix.rstrip('/')}", model, "tiny", args.get("api_key"),
+                f"127.0.0.1:{_grpc_port}", name)
     wait_ready(live.url)
     return live
 
 
-_port: int | None = None
-
-
-def _serve_running() -> bool:
-    from ray import serve
-
-    try:
-        serve.status()
-        return True
-    except Exception:
-        return False
+_ports: dict[str, tuple[int, int]] = {}  # "local" → (HTTP port, gRPC port) of this module's Serve
+GRPC_SERVICER = "router.maverick_v1_pb2_grpc.add_GenerationServicer_to_server"

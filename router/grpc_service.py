@@ -1,0 +1,171 @@
+"""`maverick.v1.Generation` on the ingress: the gRPC door, served by Ray Serve's gRPC proxy, which calls
+the ingress methods named like the RPCs. Same fields, defaults, validation and error table as HTTP;
+the API key arrives as `authorization: Bearer <key>` metadata. A client cancel or deadline cancels
+the call in the replica, which cancels the gang stream and so aborts the request in its engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import grpc
+
+from router import maverick_v1_pb2 as pb
+from router.errors import HTTPError, error_body
+from router.http_guard import key_matches
+from router.serving import next_before
+from workers.errors import DeadlineExceeded, EngineError, InvalidRequest
+from workers.protocol import GenerateRequest, RequestOutput
+from workers.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+# HTTP status of the error table → gRPC status
+GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+              404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
+              429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
+              504: grpc.StatusCode.DEADLINE_EXCEEDED, 500: grpc.StatusCode.INTERNAL}
+
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "logprobs", "prompt_logprobs",
+             "repetition_penalty")
+
+
+def sampling_params(req: pb.GenerateRequest) -> SamplingParams:
+    fields = {name: getattr(req, name) for name in _OPTIONAL if req.HasField(name)}
+    return SamplingParams(
+        n=req.n if req.HasField("n") else 1, **fields,
+        presence_penalty=req.presence_penalty if req.HasField("presence_penalty") else 0.0,
+        frequency_penalty=req.frequency_penalty if req.HasField("frequency_penalty") else 0.0,
+        logit_bias=dict(req.logit_bias), stop=list(req.stop), stop_token_ids=list(req.stop_token_ids),
+        ignore_eos=req.ignore_eos,
+        skip_special_tokens=req.skip_special_tokens if req.HasField("skip_special_tokens") else True)
+
+
+def _logprobs(lps) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank,
+                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]) for lp in lps or []]
+
+
+def _choice(out: RequestOutput, has_text: bool, token_ids: list[int] | None = None, text: str | None = None):
+    choice = pb.Choice(index=out.index, token_ids=token_ids if token_ids is not None else out.new_token_ids,
+                       finish_reason=out.finish_reason or "", logprobs=_logprobs(out.logprobs))
+    if has_text:
+        choice.text = text if text is not None else (out.text_delta or "")
+    if out.stop_reason is not None:
+        choice.stop_reason = str(out.stop_reason)
+    return choice
+
+
+class StreamRejected(Exception):
+    """Raised after the status is set on the context: Serve's proxy then sends that status (not INTERNAL)
+    to a streaming client."""
+
+
+class GenerationService:
+    """Mixed into the ingress deployment (needs `config`, `serving`, `tokenizer`, `_admit`, `_runner`)."""
+
+    def _grpc_request(self, req: pb.GenerateRequest, context) -> GenerateRequest:
+        api_key = self.config.api_key
+        if api_key is not None:
+            metadata = dict(context.invocation_metadata())
+            if not key_matches(metadata.get("authorization"), api_key):
+                raise HTTPError(401, "missing or invalid API key (metadata 'authorization: Bearer <key>')")
+        self.serving.check_model(req.model or None)
+        if req.HasField("prompt") == bool(req.prompt_token_ids):
+            raise InvalidRequest("give exactly one of prompt and prompt_token_ids", param="prompt")
+        ids = list(req.prompt_token_ids) if req.prompt_token_ids else self.serving.encode(req.prompt)
+        return GenerateRequest(ids, sampling_params(req), uuid.uuid4().hex)
+
+    def _grpc_error(self, exc: BaseException, context, request_id: str) -> None:
+        status, body = error_body(exc, request_id)
+        context.set_code(GRPC_CODES.get(status, grpc.StatusCode.INTERNAL))
+        context.set_details(body["error"]["message"])
+        context.set_trailing_metadata([("request_id", request_id)])
+        log.info("grpc request %s: %s", request_id, GRPC_CODES.get(status))
+
+    async def Generate(self, req: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
+        request_id = uuid.uuid4().hex
+        try:
+            request = self._grpc_request(req, grpc_context)
+            request_id = request.request_id
+            self._admit()
+        except EngineError as exc:
+            self._grpc_error(exc, grpc_context, request_id)
+            return pb.GenerateResponse()
+        try:
+            has_text = self.tokenizer is not None
+            choices: dict[int, dict] = {}
+            usage = pb.Usage(prompt_tokens=len(request.prompt_token_ids))
+            async for out in self._grpc_outputs(request):
+                c = choices.setdefault(out.index, {"ids": [], "text": [], "lps": [], "last": out})
+                c["ids"] += out.new_token_ids
+                c["text"].append(out.text_delta or "")
+                c["lps"] += out.logprobs or []
+                c["last"] = out
+                if out.usage is not None:
+                    usage.completion_tokens += out.usage.completion_tokens
+                    usage.cached_tokens = max(usage.cached_tokens, out.usage.cached_tokens)
+            response = pb.GenerateResponse(request_id=request_id, model=self.config.model_name, usage=usage,
+                                           prompt_token_ids=request.prompt_token_ids)
+            for index in sorted(choices):
+                c = choices[index]
+                choice = _choice(c["last"], has_text, c["ids"], "".join(c["text"]))
+                del choice.logprobs[:]
+                choice.logprobs.extend(_logprobs(c["lps"]))
+                response.choices.append(choice)
+            return response
+        except Exception as exc:
+            self._grpc_error(exc, grpc_context, request_id)
+            return pb.GenerateResponse()
+        finally:
+            self.in_flight -= 1
+
+    async def GenerateStream(self, req: pb.GenerateRequest, grpc_context):
+        request_id = uuid.uuid4().hex
+        try:
+            request = self._grpc_request(req, grpc_context)
+            request_id = request.request_id
+            self._admit()
+        except EngineError as exc:
+            self._grpc_error(exc, grpc_context, request_id)
+            raise StreamRejected(request_id) from None  # a stream's status reaches the client only this way
+        try:
+            has_text = self.tokenizer is not None
+            first = True
+            usage = pb.Usage(prompt_tokens=len(request.prompt_token_ids))
+            open_choices = request.params.n
+            async for out in self._grpc_outputs(request):
+                message = pb.GenerateResponse(request_id=request_id, model=self.config.model_name,
+                                              choices=[_choice(out, has_text)])
+                if first:
+                    message.prompt_token_ids.extend(request.prompt_token_ids)
+                    first = False
+                if out.usage is not None:
+                    usage.completion_tokens += out.usage.completion_tokens
+                    usage.cached_tokens = max(usage.cached_tokens, out.usage.cached_tokens)
+                open_choices -= out.finished
+                if not open_choices:
+                    message.usage.CopyFrom(usage)
+                yield message
+        except Exception as exc:
+            self._grpc_error(exc, grpc_context, request_id)
+            raise StreamRejected(request_id) from None
+        finally:
+            self.in_flight -= 1
+
+    async def _grpc_outputs(self, request: GenerateRequest):
+        """The request's outputs from a gang, errors raised, bounded by the server-side deadline."""
+        deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
+        batches = self._runner()(request)
+        try:
+            while (batch := await next_before(batches, deadline)) is not None:
+                for out in batch:
+                    if out.error is not None:
+                        raise out.error
+                    yield out
+        except TimeoutError:
+            raise DeadlineExceeded(f"the request did not finish within {self.config.request_timeout_s:g}s") from None
+        finally:
+            await batches.aclose()  # cancels the gang stream unless it ended

@@ -1,0 +1,96 @@
+"""Two gangs behind one ingress: prefix affinity, spreading, and one gang failing while the other serves."""
+
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.router.conftest import deploy
+
+pytestmark = pytest.mark.timeout(600)
+PREFIX = [2016] + list(range(400, 479))  # 80 tokens: longer than the 64-token affinity prefix
+
+
+@pytest.fixture(scope="module")
+def live(local_ray, tmp_path_factory):
+    from ray import serve
+
+    server = deploy(tmp_path_factory.mktemp("gangs"), num_gangs=2, attention_workers=2, expert_workers=1)
+    yield server
+    serve.shutdown()
+
+
+def complete(live, prompt, max_tokens=4):
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True}
+    req = urllib.request.Request(live.url + "/v1/completions", json.dumps(body).encode(),
+                                 {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def routing():
+    from ray import serve
+
+    return serve.get_app_handle("maverick").routing_stats.remote().result()
+
+
+def gang_stats(i):
+    from ray import serve
+
+    return serve.get_deployment_handle(f"gang-{i}", "maverick").stats.remote().result()
+
+
+def prefix_hits(stats) -> list[int]:
+    return [r["kv"]["prefix_hits_tokens"] for r in stats["ranks"] if "kv" in r]
+
+
+def test_shared_prefix_lands_on_one_attention_worker_and_hits_its_cache(live):
+    before = routing()["requests"]
+    stats_before = [gang_stats(i) for i in range(2)]
+    for suffix in range(6):
+        status, body = complete(live, PREFIX + [900 + suffix, 901, 902])
+        assert status == 200, body
+    after = routing()["requests"]
+    grown = [a - b for a, b in zip(after, before)]
+    assert sorted(grown) == [0, 6], grown
+    gang = grown.index(6)
+    stats = gang_stats(gang)
+    per_worker = {w: n - stats_before[gang]["requests_per_worker"].get(w, 0)
+                  for w, n in stats["requests_per_worker"].items()}
+    assert sorted(per_worker.values())[-1] == 6, per_worker
+    hits = [a - b for a, b in zip(prefix_hits(stats), prefix_hits(stats_before[gang]))]
+    assert max(hits) >= 5 * 64, hits  # five of the six found the shared prefix cached
+
+
+def test_unrelated_requests_spread_over_both_gangs(live):
+    before = routing()["requests"]
+    for i in range(16):
+        status, body = complete(live, [2016] + [(37 * i + 11 * k) % 1900 + 50 for k in range(70)])
+        assert status == 200, body
+    grown = [a - b for a, b in zip(routing()["requests"], before)]
+    assert sum(grown) == 16 and min(grown) >= 2, grown
+
+
+def test_killing_one_gangs_expert_leaves_the_other_serving(live):
+    victim = gang_stats(1)
+    expert_pid = victim["ranks"][-1]["pid"]  # ranks are in order: attention first, experts last
+    os.kill(expert_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while routing()["ready"] != [True, False]:
+        assert time.monotonic() < deadline, routing()
+        time.sleep(0.2)
+    for i in range(10):
+        status, body = complete(live, PREFIX[: 10 + i] if i % 2 else PREFIX + [i])
+        assert status == 200, body
+    deadline = time.monotonic() + 120
+    while routing()["ready"] != [True, True]:  # and the failed gang comes back
+        assert time.monotonic() < deadline, routing()
+        time.sleep(0.5)
+    assert complete(live, PREFIX)[0] == 200

@@ -1,0 +1,141 @@
+"""maverick.v1.Generation through Ray Serve's gRPC proxy, with the committed stubs.
+
+The same deployment serves HTTP and gRPC; both doors must give the same tokens, the error table's
+codes, the API key as metadata, cancel and deadline aborting the request, and reflection.
+"""
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from router import maverick_v1_pb2 as pb
+from router import maverick_v1_pb2_grpc as pb_grpc
+from tests.router.conftest import deploy
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "sk-grpc"
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def live(local_ray, tmp_path_factory):
+    from ray import serve
+
+    server = deploy(tmp_path_factory.mktemp("grpc"), api_key=KEY, request_timeout_s=20, expert_workers=1)
+    yield server
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stub(live):
+    channel = grpc.insecure_channel(live.grpc_target)
+    grpc.channel_ready_future(channel).result(timeout=30)
+    yield pb_grpc.GenerationStub(channel)
+    channel.close()
+
+
+def md(key=KEY):
+    out = [("application", "maverick")]
+    if key is not None:
+        out.append(("authorization", f"Bearer {key}"))
+    return out
+
+
+def http(live, body):
+    req = urllib.request.Request(live.url + "/v1/completions", json.dumps(body).encode(),
+                                 {"content-type": "application/json", "authorization": f"Bearer {KEY}"})
+    return json.loads(urllib.request.urlopen(req, timeout=60).read())
+
+
+def test_committed_stubs_match_the_proto(tmp_path):
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT}", f"--python_out={tmp_path}",
+                    f"--grpc_python_out={tmp_path}", str(ROOT / "router/maverick_v1.proto")], check=True)
+    for name in ("maverick_v1_pb2.py", "maverick_v1_pb2_grpc.py"):
+        assert (tmp_path / "router" / name).read_text() == (ROOT / "router" / name).read_text(), \
+            f"router/{name} is stale: regenerate it (see the header of router/maverick_v1.proto)"
+
+
+def test_unary_and_stream_equal_http(live, stub):
+    prompt = [2016, 11, 12, 13, 14, 15]
+    expected = http(live, {"prompt": prompt, "max_tokens": 12, "temperature": 0, "return_token_ids": True})
+    expected_ids = expected["choices"][0]["token_ids"]
+    req = pb.GenerateRequest(prompt_token_ids=prompt, max_tokens=12, temperature=0.0)
+    response, call = stub.Generate.with_call(req, metadata=md(), timeout=60)
+    assert list(response.choices[0].token_ids) == expected_ids
+    assert response.choices[0].text == expected["choices"][0]["text"]
+    assert response.choices[0].finish_reason == expected["choices"][0]["finish_reason"]
+    assert response.usage.completion_tokens == len(expected_ids) and response.usage.prompt_tokens == len(prompt)
+    assert dict(call.trailing_metadata()).get("request_id")
+
+    messages = list(stub.GenerateStream(req, metadata=md(), timeout=60))
+    assert [t for m in messages for c in m.choices for t in c.token_ids] == expected_ids
+    assert "".join(c.text for m in messages for c in m.choices) == expected["choices"][0]["text"]
+    assert list(messages[0].prompt_token_ids) == prompt and messages[-1].HasField("usage")
+
+    text = stub.Generate(pb.GenerateRequest(prompt="Hello there", max_tokens=6, temperature=0.0, n=2, seed=1,
+                                            logprobs=2), metadata=md(), timeout=60)
+    assert [c.index for c in text.choices] == [0, 1]
+    assert all(len(c.logprobs) == len(c.token_ids) and len(c.logprobs[0].top) == 2 for c in text.choices)
+    assert list(text.prompt_token_ids) == http(live, {"prompt": "Hello there", "max_tokens": 1,
+                                                      "return_token_ids": True})["choices"][0]["prompt_token_ids"]
+
+
+@pytest.mark.parametrize("req,key,code", [
+    (pb.GenerateRequest(prompt_token_ids=[2016, 5], temperature=-1.0), KEY, grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(prompt_token_ids=[99999]), KEY, grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(), KEY, grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(prompt_token_ids=[2016, 5], max_tokens=10**6), KEY, grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(prompt_token_ids=[2016, 5], model="nope"), KEY, grpc.StatusCode.NOT_FOUND),
+    (pb.GenerateRequest(prompt_token_ids=[2016, 5]), None, grpc.StatusCode.UNAUTHENTICATED),
+    (pb.GenerateRequest(prompt_token_ids=[2016, 5]), "wrong", grpc.StatusCode.UNAUTHENTICATED),
+], ids=["temperature", "oov", "empty", "context", "model", "no key", "wrong key"])
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+def test_bad_requests_get_the_table_codes(stub, req, key, code, method):
+    with pytest.raises(grpc.RpcError) as err:
+        result = getattr(stub, method)(req, metadata=md(key), timeout=60)
+        if method == "GenerateStream":
+            list(result)
+    assert err.value.code() == code, err.value.details()
+    assert "Traceback" not in (err.value.details() or "")
+    ok = stub.Generate(pb.GenerateRequest(prompt_token_ids=[2016, 5], max_tokens=2), metadata=md(), timeout=60)
+    assert len(ok.choices[0].token_ids) == 2
+
+
+def _in_flight(live) -> int:
+    from ray import serve
+
+    return serve.get_deployment_handle("gang-0", live.app_name).stats.remote().result()["in_flight"]
+
+
+def _wait_idle(live, seconds=10.0) -> int:
+    deadline = time.monotonic() + seconds
+    while (n := _in_flight(live)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return n
+
+
+def test_cancel_and_deadline_abort_in_the_engine(live, stub):
+    long = pb.GenerateRequest(prompt_token_ids=[2016, 8, 9], max_tokens=3000, ignore_eos=True, temperature=0.0)
+    stream = stub.GenerateStream(long, metadata=md(), timeout=60)
+    next(stream)
+    stream.cancel()
+    assert _wait_idle(live) == 0
+
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(long, metadata=md(), timeout=1.0)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _wait_idle(live) == 0
+
+
+def test_reflection_lists_the_service(live):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(live.grpc_target) as channel:
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert "maverick.v1.Generation" in services
