@@ -119,13 +119,15 @@ class Attention(nn.Module):
         K/V (heads j*R .. (j+1)*R-1 share kv head j, as transformers' repeat_kv lays them out)."""
         B, H, K = q_BHK.shape
         G = self.num_kv_heads
+        bias_BL = bias_BL.to(q_BHK.dtype)  # the metadata is built in fp32; bf16 kernels want their own dtype
         if B == 1:  # one sequence: the fused kernel wins; from a few on, two batched matmuls do
             return F.scaled_dot_product_attention(q_BHK[:, :, None, :], k_GBLK.transpose(0, 1),
                                                   v_GBLK.transpose(0, 1), attn_mask=bias_BL[:, None, None, :],
                                                   scale=self.scaling, enable_gqa=True)[:, :, 0]
         q_GBRK = q_BHK.view(B, G, H // G, K).transpose(0, 1)
         scores_GBRL = torch.matmul(q_GBRK, k_GBLK.transpose(-1, -2)) * self.scaling + bias_BL[None, :, None, :]
-        o_GBRK = torch.matmul(scores_GBRL.softmax(-1), v_GBLK)
+        # softmax in fp32, as transformers' eager attention does, then back to the cache dtype
+        o_GBRK = torch.matmul(scores_GBRL.softmax(-1, dtype=torch.float32).to(v_GBLK.dtype), v_GBLK)
         return o_GBRK.transpose(0, 1).reshape(B, H, K)
 
 

@@ -55,10 +55,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         args.peers = [] if args.peers == "none" else args.peers.split(",")
         return bench_engine(args)
+    if args.output == ENGINE_OUTPUT:
+        args.output = f"bench-results/{args.target}.json"
+    if args.target == "serve":
+        from cluster.bench.serve import main as bench_serve
+
+        args.peers = [] if args.peers == "none" else args.peers.split(",")
+        return bench_serve(args)
     from cluster.bench.ep import main as bench_ep
 
-    if args.output == ENGINE_OUTPUT:
-        args.output = "bench-results/ep.json"
     return bench_ep(args)
 
 
@@ -93,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
 
     p = sub.add_parser("bench", help="benchmarks, measured against peers in the same run")
-    p.add_argument("target", choices=["engine", "ep"])
+    p.add_argument("target", choices=["engine", "ep", "serve"])
     p.add_argument("--model", default="checkpoints/bench", help="checkpoint (make-tiny --preset bench)")
     p.add_argument("--output", default=ENGINE_OUTPUT)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -103,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-no-free", action="store_true",
                    help="also run our engine with chunked-KV freeing off")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--expert-workers", type=int, default=0, help="bench serve: the gang layout (A=1)")
     p.add_argument("--repeat", type=int, default=3, help="runs per engine and level; medians are compared")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per engine run")
     p.set_defaults(func=cmd_bench)

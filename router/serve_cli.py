@@ -12,7 +12,6 @@ import signal
 import sys
 import threading
 import time
-import urllib.request
 
 log = logging.getLogger("maverick.serve")
 
@@ -27,7 +26,7 @@ def config_from_flags(args: argparse.Namespace) -> dict:
     app_args = {"model": args.model, "served_model_name": args.served_model_name or args.model,
                 "attention_workers": args.attention_workers, "expert_workers": args.expert_workers,
                 "num_gangs": args.num_gangs, "dtype": args.dtype, "skip_tokenizer_init": args.skip_tokenizer_init,
-                "engine": engine}
+                "attention": {"torch_threads": args.torch_threads}, "engine": engine}
     return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": 8000},
             "grpc_options": {"port": 9000, "grpc_servicer_functions": [GRPC_SERVICER]},
             "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "router.app:build",
@@ -67,14 +66,6 @@ def _grpc_port(data: dict) -> int | None:
     return grpc_options.get("port", 9000) if grpc_options.get("grpc_servicer_functions") else None
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status == 200
-    except Exception:
-        return False
-
-
 def _app_status() -> tuple[str, str]:
     from ray import serve
 
@@ -100,6 +91,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from ray.serve.schema import ServeDeploySchema
 
     from cluster.offline import ensure_local_ray
+    from cluster.probe import http_ok
 
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
@@ -115,7 +107,7 @@ def run_serve(args: argparse.Namespace) -> int:
     url = f"http://{host}:{port}"
     started = time.monotonic()
     code = 0
-    while not stop.is_set() and not _ready(url + "/health/ready"):
+    while not stop.is_set() and not http_ok(url + "/health/ready"):
         state, message = _app_status()
         if state != "OK":
             print(f"maverick: deployment failed: {message}", file=sys.stderr)
@@ -178,6 +170,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-num-batched-tokens", type=int)
     p.add_argument("--kv-cache-memory", type=int, help="bytes of K/V per attention worker")
     p.add_argument("--dtype", help="float32 on CPU by default, bfloat16 on GPU")
+    p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per attention worker")
     p.add_argument("--skip-tokenizer-init", action="store_true", help="token ids in and out, no tokenizer")
     p.add_argument("--grace-period", type=float, default=30, help="seconds in-flight requests get on shutdown")
     p.set_defaults(func=run_serve)

@@ -1,4 +1,4 @@
-"""A tiny smoke run of `maverick bench engine` (no peers): the harness works end to end."""
+"""Tiny smoke runs of `maverick bench engine|ep|serve` (no peers): each harness works end to end."""
 
 import json
 import subprocess
@@ -39,3 +39,19 @@ def test_bench_ep_smoke(tmp_path):
     for row in report["results"]:
         assert row["gang_step_ms"] > 0 and row["single_step_ms"] > 0 and 0 < row["alltoall_ms"] < row["gang_step_ms"]
     assert 0 <= report["idle"]["idle_cpu_share"] < 0.5 and report["idle"]["wake_to_first_token_ms"] > 0
+
+
+def test_bench_serve_smoke(tmp_path):
+    ckpt = make_tiny(tmp_path / "tiny", "tiny-maverick", layout="causal")
+    out = tmp_path / "serve.json"
+    proc = subprocess.run([MAVERICK, "bench", "serve", "--model", str(ckpt), "--output", str(out), "--peers", "none",
+                           "--concurrency", "1", "2", "--prompt-len", "8", "--output-len", "6", "--timeout", "300"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert [r["concurrency"] for r in report["results"]] == [1, 2]
+    for row in report["results"]:
+        for system in ("inproc", "http"):
+            assert row[f"{system}_tok_s"] > 0 and row[f"{system}_tpot_ms"] > 0 and row[f"{system}_ttft_ms"] > 0
+        assert row["http_tpot_overhead"] > -1
+    assert out.with_suffix(".md").read_text().startswith("# Serving benchmark")

