@@ -109,7 +109,9 @@ def _start_ours(args, address: str, port: int) -> subprocess.Popen:
            "--served-model-name", "bench", "--expert-workers", str(args.expert_workers),
            "--max-num-seqs", str(max(args.concurrency)), "--max-num-batched-tokens", "4096",
            "--torch-threads", str(args.threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = Path(args.output).with_name("maverick-serve.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     wait_http_ok(f"http://127.0.0.1:{port}/health/ready", args.timeout, alive=lambda: proc.poll() is None)
     return proc
 
@@ -118,9 +120,11 @@ def _start_vllm(args, port: int) -> subprocess.Popen:
     cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model),
            "--skip-tokenizer-init", "--dtype", "float32", "--max-model-len", "1024", "--host", "127.0.0.1",
            "--port", str(port), "--served-model-name", "bench", "--max-num-seqs", str(max(args.concurrency)),
-           "--gpu-memory-utilization", "0.5", "--disable-log-requests"]
+           "--gpu-memory-utilization", "0.5"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    log_path = Path(args.output).with_name("vllm-serve.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
     wait_http_ok(f"http://127.0.0.1:{port}/health", args.timeout, alive=lambda: proc.poll() is None)
     return proc
 
