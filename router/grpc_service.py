@@ -15,9 +15,10 @@ import grpc
 from router import maverick_v1_pb2 as pb
 from router.errors import HTTPError, error_body
 from router.http_guard import key_matches
+from router.openai_responses import Choice
 from router.serving import next_before
 from workers.errors import DeadlineExceeded, EngineError, InvalidRequest
-from workers.protocol import GenerateRequest, RequestOutput
+from workers.protocol import GenerateRequest
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,14 @@ def _logprobs(lps) -> list[pb.TokenLogprob]:
                             top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]) for lp in lps or []]
 
 
-def _choice(out: RequestOutput, has_text: bool, token_ids: list[int] | None = None, text: str | None = None):
-    choice = pb.Choice(index=out.index, token_ids=token_ids if token_ids is not None else out.new_token_ids,
-                       finish_reason=out.finish_reason or "", logprobs=_logprobs(out.logprobs))
-    if has_text:
-        choice.text = text if text is not None else (out.text_delta or "")
-    if out.stop_reason is not None:
-        choice.stop_reason = str(out.stop_reason)
+def _choice(index: int, token_ids: list[int], text: str | None, finish_reason: str | None,
+            stop_reason: int | str | None, logprobs: list | None) -> pb.Choice:
+    choice = pb.Choice(index=index, token_ids=token_ids, finish_reason=finish_reason or "",
+                       logprobs=_logprobs(logprobs))
+    if text is not None:  # absent without a tokenizer
+        choice.text = text
+    if stop_reason is not None:
+        choice.stop_reason = str(stop_reason)
     return choice
 
 
@@ -95,27 +97,19 @@ class GenerationService:
             self._grpc_error(exc, grpc_context, request_id)
             return pb.GenerateResponse()
         try:
-            has_text = self.tokenizer is not None
-            choices: dict[int, dict] = {}
-            usage = pb.Usage(prompt_tokens=len(request.prompt_token_ids))
+            choices: dict[int, Choice] = {}
             async for out in self._grpc_outputs(request):
-                c = choices.setdefault(out.index, {"ids": [], "text": [], "lps": [], "last": out})
-                c["ids"] += out.new_token_ids
-                c["text"].append(out.text_delta or "")
-                c["lps"] += out.logprobs or []
-                c["last"] = out
-                if out.usage is not None:
-                    usage.completion_tokens += out.usage.completion_tokens
-                    usage.cached_tokens = max(usage.cached_tokens, out.usage.cached_tokens)
-            response = pb.GenerateResponse(request_id=request_id, model=self.config.model_name, usage=usage,
-                                           prompt_token_ids=request.prompt_token_ids)
-            for index in sorted(choices):
-                c = choices[index]
-                choice = _choice(c["last"], has_text, c["ids"], "".join(c["text"]))
-                del choice.logprobs[:]
-                choice.logprobs.extend(_logprobs(c["lps"]))
-                response.choices.append(choice)
-            return response
+                choices.setdefault(out.index, Choice(out.index, request.prompt_token_ids)).add(out)
+            done = [choices[i] for i in sorted(choices)]
+            usage = pb.Usage(prompt_tokens=len(request.prompt_token_ids),
+                             completion_tokens=sum(c.completion_tokens for c in done),
+                             cached_tokens=max((c.cached_tokens for c in done), default=0))
+            has_text = self.tokenizer is not None
+            return pb.GenerateResponse(
+                request_id=request_id, model=self.config.model_name, usage=usage,
+                prompt_token_ids=request.prompt_token_ids,
+                choices=[_choice(c.index, c.token_ids, "".join(c.text) if has_text else None, c.finish_reason,
+                                 c.stop_reason, c.logprobs) for c in done])
         except Exception as exc:
             self._grpc_error(exc, grpc_context, request_id)
             return pb.GenerateResponse()
@@ -137,8 +131,9 @@ class GenerationService:
             usage = pb.Usage(prompt_tokens=len(request.prompt_token_ids))
             open_choices = request.params.n
             async for out in self._grpc_outputs(request):
-                message = pb.GenerateResponse(request_id=request_id, model=self.config.model_name,
-                                              choices=[_choice(out, has_text)])
+                text = (out.text_delta or "") if has_text else None
+                choice = _choice(out.index, out.new_token_ids, text, out.finish_reason, out.stop_reason, out.logprobs)
+                message = pb.GenerateResponse(request_id=request_id, model=self.config.model_name, choices=[choice])
                 if first:
                     message.prompt_token_ids.extend(request.prompt_token_ids)
                     first = False

@@ -99,13 +99,15 @@ class Serving:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, request: GenerateRequest) -> None:
+            batches = run(request)
             try:
-                async for batch in run(request):
+                async for batch in batches:
                     queue.put_nowait((i, batch, None))
+                queue.put_nowait((i, None, None))
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, cancellation included
                 queue.put_nowait((i, None, exc))
-                return
-            queue.put_nowait((i, None, None))
+            finally:
+                await batches.aclose()  # now, not at garbage collection: it cancels the gang stream
 
         tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(prepared.requests)]
         try:
