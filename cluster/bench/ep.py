@@ -3,8 +3,10 @@ engine, on the same checkpoint and load.
 
 Per concurrency level: output tok/s and the median step time of each, the all-to-all share of a gang
 step (time the attention rank waits in collectives), then the CPU an idle gang uses and the latency
-of waking it. The single-process engine runs first in this process; the gang runs on a local Ray
-with its ranks pinned to threads so that the three processes share the cores without fighting.
+of waking it. Both stay loaded and are measured in turn, `repeat` rounds per level on the same
+prompts, medians reported (this machine drifts by +-20% minutes apart). The single engine runs in
+this process; the gang on a local Ray, its ranks pinned to threads so that the three processes
+share the cores without fighting, idle between its runs.
 """
 
 from __future__ import annotations
@@ -32,55 +34,85 @@ from workers.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
-def _single(args, vocab: int, params: SamplingParams) -> dict[int, dict]:
-    torch.set_num_threads(args.threads)
-    engine = LLMEngine.from_model_dir(args.model, EngineConfig(max_num_seqs=max(args.concurrency),
-                                                               max_num_batched_tokens=4096),
-                                      skip_tokenizer_init=True)
-    out = {}
-    for c in [1] + args.concurrency:  # the first pass warms up
-        for p in random_prompts(c, args.prompt_len, vocab, seed=c):
-            engine.submit(GenerateRequest(p, params))
+class _Single:
+    """The single-process engine, in this process; idle (costing nothing) while the gang runs."""
+
+    def __init__(self, args, params: SamplingParams):
+        torch.set_num_threads(args.threads)
+        self.params = params
+        self.engine = LLMEngine.from_model_dir(args.model, EngineConfig(max_num_seqs=max(args.concurrency),
+                                                                        max_num_batched_tokens=4096),
+                                               skip_tokenizer_init=True)
+
+    def measure(self, prompts: list[list[int]]) -> dict:
+        for p in prompts:
+            self.engine.submit(GenerateRequest(p, self.params))
         steps, tokens, start = [], 0, time.perf_counter()
-        while engine.has_work():
+        while self.engine.has_work():
             t0 = time.perf_counter()
-            tokens += sum(len(o.new_token_ids) for o in engine.step())
+            tokens += sum(len(o.new_token_ids) for o in self.engine.step())
             steps.append(time.perf_counter() - t0)
-        out[c] = {"tok_s": tokens / (time.perf_counter() - start), "step_ms": statistics.median(steps[1:]) * 1e3}
-    return out
+        return {"tok_s": tokens / (time.perf_counter() - start), "step_ms": statistics.median(steps[1:]) * 1e3}
 
 
-async def _gang(args, vocab: int, params: SamplingParams) -> tuple[dict[int, dict], dict]:
-    config = GangConfig(model=str(args.model), attention_workers=1, expert_workers=2,
-                        attention=RankResources(num_cpus=0.5, torch_threads=args.threads),
-                        experts=RankResources(num_cpus=0.5, torch_threads=1), skip_tokenizer_init=True,
-                        engine=EngineLimits(max_num_seqs=max(args.concurrency), max_num_batched_tokens=4096))
-    supervisor = GangSupervisor(config, rebuild=False)
-    await supervisor.start()
-    attention = supervisor.gang.attention[0]
+class _Gang:
+    """The gang on Ray, driven by its supervisor in this process; idle (waiting on events) between runs."""
 
-    async def run(prompt):
+    def __init__(self, args, params: SamplingParams):
+        self.params = params
+        self.config = GangConfig(model=str(args.model), attention_workers=1, expert_workers=2,
+                                 attention=RankResources(num_cpus=0.5, torch_threads=args.threads),
+                                 experts=RankResources(num_cpus=0.5, torch_threads=1), skip_tokenizer_init=True,
+                                 engine=EngineLimits(max_num_seqs=max(args.concurrency),
+                                                     max_num_batched_tokens=4096))
+        self.supervisor = GangSupervisor(self.config, rebuild=False)
+
+    async def run(self, prompt: list[int]) -> int:
         n = 0
-        async for out in supervisor.generate(GenerateRequest(prompt, params)):
+        async for out in self.supervisor.generate(GenerateRequest(prompt, self.params)):
             n += len(out.new_token_ids)
         return n
 
-    out = {}
+    async def measure(self, prompts: list[list[int]]) -> dict:
+        attention = self.supervisor.gang.attention[0]
+        before = await attention.stats.remote()
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(self.run(p) for p in prompts)))
+        seconds = time.perf_counter() - start
+        after = await attention.stats.remote()
+        steps = after["step_seconds"][len(before["step_seconds"]):] or after["step_seconds"][-1:]
+        n_steps = max(1, after["steps"] - before["steps"])
+        return {"tok_s": tokens / seconds, "step_ms": statistics.median(steps[1:] or steps) * 1e3,
+                "alltoall_ms": (after["alltoall_seconds"] - before["alltoall_seconds"]) / n_steps * 1e3}
+
+
+async def _interleaved(args, vocab: int, single: _Single, gang: _Gang) -> tuple[list[dict], dict]:
+    """Per level, `repeat` rounds of single then gang on the same prompts; medians of each figure."""
+    await gang.supervisor.start()
     try:
-        for c in [1] + args.concurrency:
-            before = await attention.stats.remote()
-            start = time.perf_counter()
-            tokens = sum(await asyncio.gather(*(run(p) for p in random_prompts(c, args.prompt_len, vocab, c))))
-            seconds = time.perf_counter() - start
-            after = await attention.stats.remote()
-            steps = after["step_seconds"][len(before["step_seconds"]):] or after["step_seconds"][-1:]
-            n_steps = max(1, after["steps"] - before["steps"])
-            out[c] = {"tok_s": tokens / seconds, "step_ms": statistics.median(steps[1:] or steps) * 1e3,
-                      "alltoall_ms": (after["alltoall_seconds"] - before["alltoall_seconds"]) / n_steps * 1e3}
-        idle = await _idle_and_wake(supervisor, run)
+        warm = random_prompts(1, args.prompt_len, vocab, seed=1)
+        single.measure(warm)
+        await gang.measure(warm)
+        results = []
+        for c in args.concurrency:
+            prompts = random_prompts(c, args.prompt_len, vocab, seed=c)
+            runs = {"single": [], "gang": []}
+            for _ in range(args.repeat):
+                runs["single"].append(single.measure(prompts))
+                runs["gang"].append(await gang.measure(prompts))
+            med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+            results.append({"concurrency": c, "single_tok_s": med["single"]["tok_s"],
+                            "single_step_ms": med["single"]["step_ms"], "gang_tok_s": med["gang"]["tok_s"],
+                            "gang_step_ms": med["gang"]["step_ms"], "alltoall_ms": med["gang"]["alltoall_ms"],
+                            "alltoall_share": med["gang"]["alltoall_ms"] / med["gang"]["step_ms"],
+                            "gang_over_single_step": med["gang"]["step_ms"] / med["single"]["step_ms"],
+                            "gang_over_single_step_runs": [g["step_ms"] / s["step_ms"]
+                                                           for s, g in zip(runs["single"], runs["gang"])]})
+            log.warning("c=%d: gang/single step %.2fx", c, results[-1]["gang_over_single_step"])
+        idle = await _idle_and_wake(gang.supervisor, gang.run)
     finally:
-        await supervisor.stop()
-    return out, idle
+        await gang.supervisor.stop()
+    return results, idle
 
 
 async def _idle_and_wake(supervisor: GangSupervisor, run) -> dict:
@@ -99,26 +131,22 @@ async def _idle_and_wake(supervisor: GangSupervisor, run) -> dict:
 def main(args) -> int:
     vocab = load_config(args.model).vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    single = _single(args, vocab, params)
+    single = _Single(args, params)
     started = ensure_local_ray()
     try:
-        gang, idle = asyncio.run(_gang(args, vocab, params))
+        results, idle = asyncio.run(_interleaved(args, vocab, single, _Gang(args, params)))
     finally:
         if started:
             ray.shutdown()
-    results = [{"concurrency": c, "single_tok_s": single[c]["tok_s"], "single_step_ms": single[c]["step_ms"],
-                "gang_tok_s": gang[c]["tok_s"], "gang_step_ms": gang[c]["step_ms"],
-                "alltoall_ms": gang[c]["alltoall_ms"],
-                "alltoall_share": gang[c]["alltoall_ms"] / gang[c]["step_ms"],
-                "gang_over_single_step": gang[c]["step_ms"] / single[c]["step_ms"]} for c in args.concurrency]
     report = {"results": results, "idle": idle, "layout": {"attention_workers": 1, "expert_workers": 2,
                                                            "backend": "gloo"},
               "machine": {"cores": __import__("os").cpu_count(), "torch": torch.__version__},
-              "load": {"prompt_len": args.prompt_len, "output_len": args.output_len}}
+              "load": {"prompt_len": args.prompt_len, "output_len": args.output_len, "repeat": args.repeat}}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# Expert-parallel benchmark: gang (1 attention + 2 expert workers, gloo) vs one process", "",
+             f"Medians of {args.repeat} interleaved rounds per level (single, then gang, on the same prompts).", "",
              "| concurrency | single tok/s | gang tok/s | single step ms | gang step ms | gang / single step "
              "| all-to-all ms per step | all-to-all share |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
