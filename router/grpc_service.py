@@ -40,7 +40,7 @@ def sampling_params(req: pb.GenerateRequest) -> SamplingParams:
         presence_penalty=req.presence_penalty if req.HasField("presence_penalty") else 0.0,
         frequency_penalty=req.frequency_penalty if req.HasField("frequency_penalty") else 0.0,
         logit_bias=dict(req.logit_bias), stop=list(req.stop), stop_token_ids=list(req.stop_token_ids),
-        ignore_eos=req.ignore_eos,
+        ignore_eos=req.ignore_eos, echo=req.echo,
         skip_special_tokens=req.skip_special_tokens if req.HasField("skip_special_tokens") else True)
 
 
@@ -108,6 +108,7 @@ class GenerationService:
             return pb.GenerateResponse(
                 request_id=request_id, model=self.config.model_name, usage=usage,
                 prompt_token_ids=request.prompt_token_ids,
+                prompt_logprobs=_logprobs((done[0].prompt_logprobs or [None])[1:] if done else []),
                 choices=[_choice(c.index, c.token_ids, "".join(c.text) if has_text else None, c.finish_reason,
                                  c.stop_reason, c.logprobs) for c in done])
         except Exception as exc:
@@ -137,6 +138,8 @@ class GenerationService:
                 if first:
                     message.prompt_token_ids.extend(request.prompt_token_ids)
                     first = False
+                if out.prompt_logprobs:
+                    message.prompt_logprobs.extend(_logprobs(out.prompt_logprobs[1:]))
                 if out.usage is not None:
                     usage.completion_tokens += out.usage.completion_tokens
                     usage.cached_tokens = max(usage.cached_tokens, out.usage.cached_tokens)

@@ -78,6 +78,14 @@ def test_unary_and_stream_equal_http(live, stub):
     assert "".join(c.text for m in messages for c in m.choices) == expected["choices"][0]["text"]
     assert list(messages[0].prompt_token_ids) == prompt and messages[-1].HasField("usage")
 
+    echo = stub.Generate(pb.GenerateRequest(prompt_token_ids=prompt, max_tokens=2, temperature=0.0, echo=True,
+                                            logprobs=1), metadata=md(), timeout=60)
+    http_echo = http(live, {"prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 1})
+    assert echo.choices[0].text == http_echo["choices"][0]["text"]
+    assert len(echo.prompt_logprobs) == len(prompt) - 1
+    assert [lp.logprob for lp in echo.prompt_logprobs] == pytest.approx(
+        http_echo["choices"][0]["logprobs"]["token_logprobs"][1:len(prompt)], abs=1e-5)
+
     text = stub.Generate(pb.GenerateRequest(prompt="Hello there", max_tokens=6, temperature=0.0, n=2, seed=1,
                                             logprobs=2), metadata=md(), timeout=60)
     assert [c.index for c in text.choices] == [0, 1]
