@@ -44,11 +44,6 @@ class GangDeployment:
     def ready(self) -> bool:
         return self.supervisor.ready()
 
-    def status(self) -> dict:
-        s = self.supervisor
-        return {"state": s.state, "ready": s.ready(), "restarts": s.restarts, "in_flight": s.in_flight,
-                "failure": s.failure}
-
     async def stats(self) -> dict:
         return await self.supervisor.stats()
 
