@@ -87,15 +87,21 @@ class GenerationService:
         context.set_trailing_metadata([("request_id", request_id)])
         log.info("grpc request %s: %s", request_id, GRPC_CODES.get(status))
 
-    async def Generate(self, req: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
-        request_id = uuid.uuid4().hex
+    def _accept(self, req: pb.GenerateRequest, context) -> GenerateRequest | None:
+        """The validated, admitted request; None (status set on the context) when refused."""
         try:
-            request = self._grpc_request(req, grpc_context)
-            request_id = request.request_id
+            request = self._grpc_request(req, context)
             self._admit()
+            return request
         except EngineError as exc:
-            self._grpc_error(exc, grpc_context, request_id)
+            self._grpc_error(exc, context, uuid.uuid4().hex)
+            return None
+
+    async def Generate(self, req: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
+        request = self._accept(req, grpc_context)
+        if request is None:
             return pb.GenerateResponse()
+        request_id = request.request_id
         try:
             choices: dict[int, Choice] = {}
             async for out in self._grpc_outputs(request):
@@ -118,14 +124,10 @@ class GenerationService:
             self.in_flight -= 1
 
     async def GenerateStream(self, req: pb.GenerateRequest, grpc_context):
-        request_id = uuid.uuid4().hex
-        try:
-            request = self._grpc_request(req, grpc_context)
-            request_id = request.request_id
-            self._admit()
-        except EngineError as exc:
-            self._grpc_error(exc, grpc_context, request_id)
-            raise StreamRejected(request_id) from None  # a stream's status reaches the client only this way
+        request = self._accept(req, grpc_context)
+        if request is None:
+            raise StreamRejected()  # a stream's status reaches the client only this way
+        request_id = request.request_id
         try:
             has_text = self.tokenizer is not None
             first = True

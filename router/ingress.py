@@ -130,15 +130,17 @@ class Ingress(GenerationService):
             raise QueueFull(f"too many requests in flight ({self.in_flight}); retry later")
         self.in_flight += 1
 
-    async def _serve(self, request: Request, prepare) -> object:
+    async def _serve(self, request: Request, body_cls, prepare) -> object:
+        """Parse the body as `body_cls`, admit, then run `prepare(body, request_id)` on a gang."""
         rid = _rid(request)
         try:
+            body = await _parse(request, body_cls)
             self._admit()
         except EngineError as exc:
             return error_response(exc, rid, self.config.retry_after_s)
         released = False
         try:
-            prepared: Prepared = prepare(rid)
+            prepared: Prepared = prepare(body, rid)
             run = self._runner()
             log.info("request %s: %d prompt(s), stream=%s", rid, len(prepared.requests), prepared.stream)
             if not prepared.stream:
@@ -166,19 +168,11 @@ class Ingress(GenerationService):
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        try:
-            body = await _parse(request, CompletionRequest)
-        except EngineError as exc:
-            return error_response(exc, _rid(request))
-        return await self._serve(request, lambda rid: self.serving.prepare_completion(body, rid))
+        return await self._serve(request, CompletionRequest, self.serving.prepare_completion)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        try:
-            body = await _parse(request, ChatCompletionRequest)
-        except EngineError as exc:
-            return error_response(exc, _rid(request))
-        return await self._serve(request, lambda rid: self.serving.prepare_chat(body, rid))
+        return await self._serve(request, ChatCompletionRequest, self.serving.prepare_chat)
 
     @api.get("/v1/models")
     async def models(self):
