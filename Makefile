@@ -21,6 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[test]'
+	@# build the CPU decode kernels once here, not inside the first test or Ray worker that needs them
+	$(BIN)/python -c "from model import cpu_kernels; print('CPU decode kernels:', 'built' if cpu_kernels.available() else 'unavailable, torch fallback')"
 	touch $@
 
 test: install

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.batch import AttentionMetadata, GroupMetadata
+from model import cpu_kernels
+from model.batch import AttentionMetadata, DecodeBatch, GroupMetadata
 from model.config import Llama4Config
 from model.layers import apply_rope, rms_normalize, temperature_scale
 
@@ -96,14 +97,11 @@ class Attention(nn.Module):
     def _attend(self, q_THK: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 gm: GroupMetadata) -> torch.Tensor:
         if gm.decode is not None and not gm.prefills:  # every token is a decode, in order
-            d = gm.decode
-            return self._decode(q_THK, gather(k_cache, d.kv_slots_BL), gather(v_cache, d.kv_slots_BL), d.bias_BL)
+            return self._decode(q_THK, k_cache, v_cache, gm.decode)
         o_THK = torch.empty(q_THK.shape, dtype=q_THK.dtype, device=q_THK.device)
         if gm.decode is not None:
             d = gm.decode
-            o_THK[d.token_index_B] = self._decode(q_THK.index_select(0, d.token_index_B),
-                                                  gather(k_cache, d.kv_slots_BL), gather(v_cache, d.kv_slots_BL),
-                                                  d.bias_BL)
+            o_THK[d.token_index_B] = self._decode(q_THK.index_select(0, d.token_index_B), k_cache, v_cache, d)
         for p in gm.prefills:
             q_1HQK = q_THK[p.start:p.end].transpose(0, 1).unsqueeze(0)
             k_1GLK = gather(k_cache, p.kv_slots_L).unsqueeze(0)
@@ -113,13 +111,16 @@ class Attention(nn.Module):
             o_THK[p.start:p.end] = o_1HQK[0].transpose(0, 1)
         return o_THK
 
-    def _decode(self, q_BHK: torch.Tensor, k_GBLK: torch.Tensor, v_GBLK: torch.Tensor,
-                bias_BL: torch.Tensor) -> torch.Tensor:
+    def _decode(self, q_BHK: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                d: DecodeBatch) -> torch.Tensor:
         """One query per sequence. Each kv head serves its group of query heads without copying
         K/V (heads j*R .. (j+1)*R-1 share kv head j, as transformers' repeat_kv lays them out)."""
+        if cpu_kernels.decode_attention_fits(q_BHK, k_cache):  # reads the cache in place: no gather
+            return cpu_kernels.decode_attention(q_BHK, k_cache, v_cache, d.kv_slots_BL, d.lengths_B, self.scaling)
+        k_GBLK, v_GBLK = gather(k_cache, d.kv_slots_BL), gather(v_cache, d.kv_slots_BL)
         B, H, K = q_BHK.shape
         G = self.num_kv_heads
-        bias_BL = bias_BL.to(q_BHK.dtype)  # the metadata is built in fp32; bf16 kernels want their own dtype
+        bias_BL = d.bias_BL.to(q_BHK.dtype)  # the metadata is built in fp32; bf16 kernels want their own dtype
         if B == 1:  # one sequence: the fused kernel wins; from a few on, two batched matmuls do
             return F.scaled_dot_product_attention(q_BHK[:, :, None, :], k_GBLK.transpose(0, 1),
                                                   v_GBLK.transpose(0, 1), attn_mask=bias_BL[:, None, None, :],

@@ -41,6 +41,7 @@ class DecodeBatch:
     token_index_B: torch.Tensor  # position of each single-token sequence in the flat batch
     kv_slots_BL: torch.Tensor  # padded with slot 0
     bias_BL: torch.Tensor  # additive mask: 0 on keys, -inf on padding
+    lengths_B: torch.Tensor  # keys of each sequence (the unpadded prefix of its row)
 
 
 @dataclass
@@ -66,8 +67,8 @@ class AttentionMetadata:
                 p.mask_QL = p.mask_QL.to(device, non_blocking=True)
             if gm.decode is not None:
                 d = gm.decode
-                d.token_index_B, d.kv_slots_BL, d.bias_BL = (
-                    t.to(device, non_blocking=True) for t in (d.token_index_B, d.kv_slots_BL, d.bias_BL))
+                d.token_index_B, d.kv_slots_BL, d.bias_BL, d.lengths_B = (
+                    t.to(device, non_blocking=True) for t in (d.token_index_B, d.kv_slots_BL, d.bias_BL, d.lengths_B))
         return self
 
 
@@ -121,5 +122,5 @@ def _group_metadata(seqs: list[SequenceSlots], group: str, chunk: int | None) ->
         slots_BL = torch.nn.utils.rnn.pad_sequence(decode_slots, batch_first=True, padding_value=0)
         pad_BL = torch.arange(slots_BL.shape[1])[None, :] >= lengths[:, None]
         bias_BL = torch.zeros(pad_BL.shape).masked_fill_(pad_BL, float("-inf"))
-        decode = DecodeBatch(torch.tensor(decode_tokens), slots_BL, bias_BL)
+        decode = DecodeBatch(torch.tensor(decode_tokens), slots_BL, bias_BL, lengths)
     return GroupMetadata(write_T, prefills, decode)

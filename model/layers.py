@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import cpu_kernels
 from model.config import Llama4Config, RopeScaling
 
 
@@ -22,13 +23,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # NOTE: cast back to the input dtype before the weight multiply, as transformers does
-        return rms_normalize(x, self.eps) * self.weight
+        return cpu_kernels.rms_norm(x, self.weight, self.eps)
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Weightless RMS normalisation over the last dim in fp32 (also Llama 4's per-head qk-norm):
     x * rsqrt(mean(x^2) + eps), computed in fp32 and cast back, as one fused op."""
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
+    return cpu_kernels.rms_norm(x, None, eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:

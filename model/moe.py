@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import cpu_kernels
 from model.config import Llama4Config
 from model.layers import MLP
 
@@ -40,6 +41,9 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, width, hidden))
         self.expert_ids = list(expert_ids)
         self.num_experts = num_experts
+        # library GEMMs: experts side by side, one per core (`run_spread`); the CPU decode kernel
+        # streams one expert on every core faster (`model.optimize.experts_out_in` turns this off)
+        self.spread = True
         self.register_buffer("local_index_E", torch.empty(num_experts, dtype=torch.long), persistent=False)
         self.reset_buffers()
 
@@ -75,7 +79,10 @@ class RoutedExperts(nn.Module):
             for e, lo, hi in part:
                 y_sorted[lo:hi] = self._ffn(e, x_sorted[lo:hi])
 
-        run_spread(run, spans, x_ND.device)
+        if self.spread:
+            run_spread(run, spans, x_ND.device)
+        else:
+            run(spans)
         return torch.empty_like(x_ND).index_copy_(0, order_N, y_sorted)
 
     def _ffn(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
@@ -122,8 +129,8 @@ def _no_grad_call(fn, *args):
 
 
 def expert_ffn(x_nD: torch.Tensor, gate_up_D2F: torch.Tensor, down_FD: torch.Tensor) -> torch.Tensor:
-    gate_nF, up_nF = (x_nD @ gate_up_D2F).chunk(2, dim=-1)
-    return (up_nF * F.silu(gate_nF)) @ down_FD
+    gate_nF, up_nF = cpu_kernels.matmul(x_nD, gate_up_D2F).chunk(2, dim=-1)
+    return cpu_kernels.matmul(up_nF * F.silu(gate_nF), down_FD)
 
 
 def experts_for_loop(experts: RoutedExperts, x_ND: torch.Tensor, experts_N: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from model.checkpoint import CheckpointReader
 from model.config import Llama4Config, load_config
 from model.loader import load_model, materialize, resolve_dtype
 from model.moe import RoutedExperts
+from model.optimize import optimize_for_inference
 from workers.errors import Unavailable
 from workers.expert_parallel import ExpertGroup, Placement, serve_layer
 from workers.rank import Rank
@@ -63,6 +64,7 @@ class ExpertWorker(Rank):
         materialize(self.shard, self.device)
         with CheckpointReader(self.model_dir) as reader:
             report = load_model(self.shard, reader, dtype, strict=False)
+        optimize_for_inference(self.shard)
         self.layers = [self.shard.experts(layer) for layer in config.moe_layers]
         self.comm = ExpertGroup(self.group, self.rank, self.world_size, config.hidden_size, dtype, self.device)
         self.wave = WaveLoop(self.group, self.idle_steps, lambda: 0, self._step, f"experts-{self.rank}")

@@ -1,0 +1,85 @@
+"""The CPU decode kernels of `cpu_kernels.cpp`, built on first use with torch's C++ extension loader.
+
+Each wrapper takes the kernel when its inputs fit (fp32, CPU, the layouts below) and the plain torch
+formula otherwise, so callers stay device- and dtype-agnostic. Without AVX2, without a compiler, or
+with MAVERICK_CPU_KERNELS=0, `available()` is False and everything takes the torch path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+MAX_ROWS = 64  # above this (prefill) the library GEMM is as fast
+
+_tried = False
+_ready = False
+
+
+def available() -> bool:
+    global _tried, _ready
+    if not _tried:
+        _tried = True
+        _ready = _build()
+    return _ready
+
+
+def _build() -> bool:
+    if os.environ.get("MAVERICK_CPU_KERNELS", "1") == "0":
+        return False
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        log.info("CPU without AVX2: decode steps stay on the library kernels")
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+        load("maverick_cpu_kernels", [str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        return True
+    except Exception as exc:  # no compiler, no ninja, a read-only cache: the torch path still works
+        log.warning("could not build the CPU decode kernels (%s): decode steps stay on the library kernels", exc)
+        return False
+
+
+def _fp32_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def linear(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
+    """x @ w_OI.T for x [..., I]; the kernel for up to MAX_ROWS rows."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if (x2.shape[0] <= MAX_ROWS and x2.shape[1] % 8 == 0 and x2.stride(1) == 1 and w_OI.is_contiguous()
+            and _fp32_cpu(x2, w_OI) and available()):
+        return torch.ops.maverick.skinny_linear(x2, w_OI).view(*x.shape[:-1], w_OI.shape[0])
+    return F.linear(x, w_OI)
+
+
+def matmul(x: torch.Tensor, w_IO: torch.Tensor) -> torch.Tensor:
+    """x @ w_IO; the kernel applies when w_IO is the transposed view of an [O, I] matrix."""
+    return linear(x, w_IO.T) if w_IO.T.is_contiguous() else x @ w_IO
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) over the last dim, in fp32, cast back, then times weight."""
+    if (x.is_contiguous() and x.shape[-1] % 8 == 0 and _fp32_cpu(x, *(() if weight is None else (weight,)))
+            and available()):
+        return torch.ops.maverick.rms_norm(x, weight, eps)
+    y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
+    return y if weight is None else y * weight
+
+
+def decode_attention_fits(q_BHK: torch.Tensor, cache_GSK: torch.Tensor) -> bool:
+    return (q_BHK.shape[-1] % 8 == 0 and q_BHK.stride(2) == 1 and q_BHK.stride(1) == q_BHK.shape[2]
+            and cache_GSK.is_contiguous() and _fp32_cpu(q_BHK, cache_GSK) and available())
+
+
+def decode_attention(q_BHK: torch.Tensor, k_GSK: torch.Tensor, v_GSK: torch.Tensor, slots_BL: torch.Tensor,
+                     lengths_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v per sequence over its first lengths_B[b] slots; needs `decode_attention_fits`."""
+    return torch.ops.maverick.decode_attention(q_BHK, k_GSK, v_GSK, slots_BL, lengths_B, scale)

@@ -1,0 +1,106 @@
+"""The CPU decode kernels against the torch formulas they replace, across the shapes they meet."""
+
+import pytest
+import torch
+
+from model import cpu_kernels
+from model.optimize import KernelLinear, optimize_for_inference
+
+
+def test_kernels_build_on_this_machine():
+    # CI runs on an AVX2 machine with a compiler: a silent fallback would only show as a slow bench
+    assert cpu_kernels.available()
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 32, 33, 64])
+@pytest.mark.parametrize("O,I", [(1, 8), (5, 520), (16, 64), (769, 2048)])
+def test_skinny_linear_matches_matmul(M, O, I):
+    g = torch.Generator().manual_seed(M * 1000 + O)
+    wide = torch.randn(M, I + 8, generator=g)
+    x = wide[:, 4:4 + I]  # rows with a stride wider than I
+    w = torch.randn(O, I, generator=g)
+    expected = (x.double() @ w.double().T).float()
+    got = torch.ops.maverick.skinny_linear(x, w)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cpu_kernels.linear(x, w), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_linear_and_matmul_route_by_shape():
+    w = torch.randn(96, 64)
+    for rows in (1, cpu_kernels.MAX_ROWS, cpu_kernels.MAX_ROWS + 1):  # the last one takes F.linear
+        x = torch.randn(2, rows, 64)
+        torch.testing.assert_close(cpu_kernels.linear(x, w), x @ w.T, rtol=1e-5, atol=1e-4)
+    w_IO = w.T  # an [O, I] matrix seen as [I, O]: the kernel applies
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(cpu_kernels.matmul(x, w_IO), x @ w_IO, rtol=1e-5, atol=1e-4)
+    plain_IO = torch.randn(64, 96)  # row-major [I, O]: the library path
+    torch.testing.assert_close(cpu_kernels.matmul(x, plain_IO), x @ plain_IO, rtol=1e-5, atol=1e-4)
+    bf16 = x.bfloat16()
+    assert cpu_kernels.linear(bf16, w.bfloat16()).dtype == torch.bfloat16  # not the fp32 kernel
+
+
+def test_skinny_linear_rejects_bad_layouts():
+    with pytest.raises(RuntimeError, match="layout"):
+        torch.ops.maverick.skinny_linear(torch.randn(1, 12), torch.randn(4, 12))
+    with pytest.raises(RuntimeError, match="shapes"):
+        torch.ops.maverick.skinny_linear(torch.randn(1, 16), torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+@pytest.mark.parametrize("shape", [(1, 512), (37, 64), (3, 5, 16), (0, 8)])
+def test_rms_norm_matches_formula(shape, with_weight):
+    x = torch.randn(shape) * 3
+    weight = torch.rand(shape[-1]) + 0.5 if with_weight else None
+    expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    if weight is not None:
+        expected = expected * weight
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, weight, 1e-5), expected, rtol=1e-5, atol=1e-6)
+
+
+def reference_attention(q_BHK, k_GSK, v_GSK, slots, lengths, scale):
+    B, H, K = q_BHK.shape
+    G = k_GSK.shape[0]
+    out = torch.empty(B, H, K, dtype=torch.float64)
+    for b in range(B):
+        idx = slots[b, :lengths[b]]
+        for h in range(H):
+            g = h // (H // G)
+            k, v = k_GSK[g, idx].double(), v_GSK[g, idx].double()
+            p = torch.softmax(k @ q_BHK[b, h].double() * scale, dim=0)
+            out[b, h] = p @ v
+    return out.float()
+
+
+@pytest.mark.parametrize("K,H,G", [(64, 8, 2), (16, 4, 2), (128, 4, 1), (72, 6, 3)])
+def test_decode_attention_matches_softmax(K, H, G):
+    g = torch.Generator().manual_seed(K + H)
+    S, lengths = 300, torch.tensor([1, 7, 8, 9, 130, 257])
+    B = lengths.numel()
+    k_GSK, v_GSK = torch.randn(G, S, K, generator=g), torch.randn(G, S, K, generator=g)
+    slots = torch.zeros(B, int(lengths.max()), dtype=torch.long)
+    for b, n in enumerate(lengths.tolist()):
+        slots[b, :n] = torch.randperm(S, generator=g)[:n]  # scattered pages, padding left at slot 0
+    qk = torch.randn(B, H + G, K, generator=g) * 2
+    q = qk[:, :H]  # strided rows, as the attention layer slices them from the fused projection
+    got = cpu_kernels.decode_attention(q, k_GSK, v_GSK, slots, lengths, K**-0.5)
+    torch.testing.assert_close(got, reference_attention(q, k_GSK, v_GSK, slots, lengths, K**-0.5),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_rejects_bad_lengths():
+    q, cache = torch.randn(1, 4, 16), torch.randn(2, 10, 16)
+    with pytest.raises(RuntimeError, match="length"):
+        cpu_kernels.decode_attention(q, cache, cache, torch.zeros(1, 3, dtype=torch.long), torch.tensor([4]), 0.25)
+
+
+def test_optimize_routes_linears_and_experts_to_the_kernels(tmp_path):
+    from model.loader import load_pretrained
+    from model.moe import RoutedExperts
+    from model.tiny import make_tiny
+
+    make_tiny(tmp_path)
+    model = optimize_for_inference(load_pretrained(tmp_path, torch.float32, "cpu"))
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, KernelLinear)
+    experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    assert experts and all(not e.spread and e.gate_up_proj[0].T.is_contiguous() for e in experts)
