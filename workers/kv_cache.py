@@ -84,6 +84,10 @@ class SequenceBlocks:
     hashes: list[bytes] = field(default_factory=list)  # chain over the request's full blocks
     num_registered: int = 0
     num_released_chunked: int = 0
+    # group -> cache slot of every position computed so far (valid from the window start on),
+    # kept across steps so a decode step converts one new position instead of the whole sequence
+    slot_of: dict[str, torch.Tensor] = field(default_factory=dict)
+    slots_filled: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -205,10 +209,18 @@ class KVCacheManager:
         out = {}
         for g in self.groups:
             start = self.window_start(g, req.num_computed)
-            first, last = start // B, (end - 1) // B
-            table_t = torch.tensor(seq.tables[g][first:last + 1], dtype=torch.long)
-            positions = torch.arange(start, end)
-            out[g] = (start, table_t[positions // B - first] * B + positions % B)
+            slot_of, filled = seq.slot_of.get(g), seq.slots_filled.get(g, 0)
+            if slot_of is None or slot_of.numel() < end:
+                grown = torch.empty(max(end, 2 * filled, 256), dtype=torch.long)
+                if slot_of is not None:
+                    grown[:filled] = slot_of[:filled]
+                seq.slot_of[g] = slot_of = grown
+            if filled < end:
+                lo, table = max(filled, start), seq.tables[g]
+                new = [table[p // B] * B + p % B for p in range(lo, end)]
+                slot_of[lo:end] = torch.tensor(new, dtype=torch.long) if len(new) > 1 else new[0]
+                seq.slots_filled[g] = end
+            out[g] = (start, slot_of[start:end])
         return SequenceSlots(req.num_computed, num_new, out)
 
     def after_step(self, req: Request) -> None:
