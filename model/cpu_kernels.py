@@ -17,7 +17,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-MAX_ROWS = 64  # above this (prefill) the library GEMM is as fast
+MAX_ROWS = 64  # above this (prefill) the library GEMM is as fast; kMaxSkinnyRows in the .cpp
 
 _tried = False
 _ready = False
@@ -72,6 +72,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
         return torch.ops.maverick.rms_norm(x, weight, eps)
     y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
     return y if weight is None else y * weight
+
+
+def silu_mul(gate_up_TF2: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for [..., 2F] = [gate | up]."""
+    h = gate_up_TF2.reshape(-1, gate_up_TF2.shape[-1])
+    if h.shape[-1] % 16 == 0 and h.stride(1) == 1 and _fp32_cpu(h) and available():
+        return torch.ops.maverick.silu_mul(h).view(*gate_up_TF2.shape[:-1], h.shape[-1] // 2)
+    gate, up = gate_up_TF2.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def grouped_experts_fit(x_ND: torch.Tensor, gate_up_eOI: torch.Tensor, down_eOI: torch.Tensor) -> bool:
+    return (x_ND.shape[-1] % 8 == 0 and down_eOI.shape[-1] % 8 == 0 and gate_up_eOI.is_contiguous()
+            and down_eOI.is_contiguous() and _fp32_cpu(x_ND, gate_up_eOI, down_eOI) and available())
+
+
+def grouped_experts(x_sorted_ND: torch.Tensor, counts_e: torch.Tensor, gate_up_eOI: torch.Tensor,
+                    down_eOI: torch.Tensor) -> torch.Tensor:
+    """Rows sorted by local expert, counts_e rows each, through their expert's SwiGLU; weights
+    [e, out, in]. Needs `grouped_experts_fit`."""
+    return torch.ops.maverick.grouped_experts(x_sorted_ND.contiguous(), counts_e, gate_up_eOI, down_eOI)
 
 
 def decode_attention_fits(q_BHK: torch.Tensor, cache_GSK: torch.Tensor) -> bool:

@@ -98,6 +98,5 @@ class MLP(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate_TF, up_TF = self.gate_up_proj(x_TD).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate_TF) * up_TF)
+            return self.down_proj(cpu_kernels.silu_mul(self.gate_up_proj(x_TD)))
         return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))

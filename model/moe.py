@@ -65,9 +65,14 @@ class RoutedExperts(nn.Module):
         if x_ND.shape[0] == 1:  # a lone token (batch-1 decode): no grouping needed
             return self._ffn(int(local_N), x_ND)
         order_N = torch.argsort(local_N, stable=True)
-        # NOTE: .tolist() is a host sync; free on CPU, one small copy per MoE layer on GPU
-        counts = torch.bincount(local_N, minlength=len(self.expert_ids)).tolist()
+        counts_e = torch.bincount(local_N, minlength=len(self.expert_ids))
         x_sorted = x_ND.index_select(0, order_N)
+        gate_up_eOI, down_eOI = self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
+        if cpu_kernels.grouped_experts_fit(x_sorted, gate_up_eOI, down_eOI):  # one call for every expert
+            y_sorted = cpu_kernels.grouped_experts(x_sorted, counts_e, gate_up_eOI, down_eOI)
+            return torch.empty_like(x_ND).index_copy_(0, order_N, y_sorted)
+        # NOTE: .tolist() is a host sync; free on CPU, one small copy per MoE layer on GPU
+        counts = counts_e.tolist()
         y_sorted = torch.empty_like(x_sorted)
         spans, start = [], 0
         for e, n in enumerate(counts):
@@ -129,8 +134,7 @@ def _no_grad_call(fn, *args):
 
 
 def expert_ffn(x_nD: torch.Tensor, gate_up_D2F: torch.Tensor, down_FD: torch.Tensor) -> torch.Tensor:
-    gate_nF, up_nF = cpu_kernels.matmul(x_nD, gate_up_D2F).chunk(2, dim=-1)
-    return cpu_kernels.matmul(up_nF * F.silu(gate_nF), down_FD)
+    return cpu_kernels.matmul(cpu_kernels.silu_mul(cpu_kernels.matmul(x_nD, gate_up_D2F)), down_FD)
 
 
 def experts_for_loop(experts: RoutedExperts, x_ND: torch.Tensor, experts_N: torch.Tensor) -> torch.Tensor:

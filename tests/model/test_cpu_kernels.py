@@ -104,3 +104,34 @@ def test_optimize_routes_linears_and_experts_to_the_kernels(tmp_path):
     assert isinstance(layer.self_attn.qkv_proj, KernelLinear)
     experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
     assert experts and all(not e.spread and e.gate_up_proj[0].T.is_contiguous() for e in experts)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 300])
+def test_silu_mul_matches_torch(rows):
+    h = torch.randn(rows, 2 * 48) * 6  # wide range: both branches of the stable sigmoid
+    gate, up = h.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_kernels.silu_mul(h), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("counts", [[0, 3, 0, 1], [70, 0, 2, 1], [0, 0, 0, 1]])
+def test_grouped_experts_match_one_expert_at_a_time(counts):
+    from model.moe import RoutedExperts, experts_for_loop
+    from model.optimize import experts_out_in
+
+    D, F, E = 64, 32, 4
+    experts = RoutedExperts(D, F, list(range(E)), E)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    ids_N = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))
+    ids_N = ids_N[torch.randperm(ids_N.numel())]  # unsorted, as the router leaves them
+    x_ND = torch.randn(ids_N.numel(), D)
+    expected = experts_for_loop(experts, x_ND, ids_N)
+    experts_out_in(experts)
+    assert cpu_kernels.grouped_experts_fit(x_ND, experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2))
+    torch.testing.assert_close(experts(x_ND, ids_N), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_experts_reject_counts_that_do_not_add_up():
+    gate_up, down = torch.randn(2, 16, 8), torch.randn(2, 8, 8)
+    with pytest.raises(RuntimeError, match="add up"):
+        cpu_kernels.grouped_experts(torch.randn(3, 8), torch.tensor([1, 1]), gate_up, down)
