@@ -70,7 +70,8 @@ class AttentionWorker(Rank):
         self.engine = LLMEngine(model, self.engine_config, tokenizer, load_generation_defaults(self.model_dir))
         self.engine.collective = bool(self.num_expert_ranks)
         group = self.group if self.num_expert_ranks else None
-        self.wave = WaveLoop(group, self.idle_steps, self.engine.pending_tokens, self._step, f"attention-{self.rank}")
+        self.wave = WaveLoop(group, self.idle_steps, self.engine.pending_tokens, self._step, f"attention-{self.rank}",
+                              self.torch_threads)
         self.wave.on_failure = self._on_failure
         log.info("attention rank %d loaded %.1f MB in %.1fs", self.rank, report.bytes_read / 1e6,
                  time.monotonic() - start)

@@ -67,7 +67,8 @@ class ExpertWorker(Rank):
         optimize_for_inference(self.shard)
         self.layers = [self.shard.experts(layer) for layer in config.moe_layers]
         self.comm = ExpertGroup(self.group, self.rank, self.world_size, config.hidden_size, dtype, self.device)
-        self.wave = WaveLoop(self.group, self.idle_steps, lambda: 0, self._step, f"experts-{self.rank}")
+        self.wave = WaveLoop(self.group, self.idle_steps, lambda: 0, self._step, f"experts-{self.rank}",
+                              self.torch_threads)
         log.info("expert rank %d holds experts %s: %.1f MB in %.1fs", self.rank, owned[config.moe_layers[0]],
                  report.bytes_read / 1e6, time.monotonic() - start)
         return {"rank": self.rank, "bytes_read": report.bytes_read, "seconds": time.monotonic() - start,

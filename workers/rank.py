@@ -39,8 +39,12 @@ class Rank:
     def __init__(self, rank: int, world_size: int, torch_threads: int, device: str = "cpu"):
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        # NOTE: one Ray actor per rank; its intra-op threads are the cores it may use
-        torch.set_num_threads(torch_threads)
+        # NOTE: one Ray actor per rank; its intra-op threads are the cores it may use, and they
+        # belong to the wave thread, which runs every step. libgomp gives the thread that first
+        # forks a team the fast pool: a second thread forking later measured as slow as one
+        # thread. So this (loading) thread stays single-threaded; `WaveLoop` takes the threads.
+        self.torch_threads = torch_threads
+        torch.set_num_threads(1)
         self.group: dist.ProcessGroup | None = None
         self.wave: WaveLoop | None = None
 

@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 class WaveLoop:
     def __init__(self, group: dist.ProcessGroup | None, idle_steps: int, pending: Callable[[], int],
-                 step: Callable[[], None], name: str):
+                 step: Callable[[], None], name: str, torch_threads: int = 1):
         self.group = group
+        self.torch_threads = torch_threads
         self.idle_steps = idle_steps
         self.pending = pending
         self.step = step
@@ -55,6 +56,7 @@ class WaveLoop:
             self._cond.notify_all()
 
     def _run(self) -> None:
+        torch.set_num_threads(self.torch_threads)  # this thread computes every step (see `Rank`)
         empty = 0
         try:
             while True:
