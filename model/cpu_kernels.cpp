@@ -101,8 +101,6 @@ torch::Tensor any_linear(const torch::Tensor& x, const torch::Tensor& w) {
   return x.size(0) <= kMaxSkinnyRows ? skinny_linear(x, w) : at::linear(x, w);
 }
 
-}  // namespace
-
 torch::Tensor rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& weight, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(-1) % 8 == 0, "rms_norm: layout");
   const int64_t D = x.size(-1), N = x.numel() / D;
@@ -202,13 +200,18 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
   TORCH_CHECK(slots.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong && slots.is_contiguous()
               && lengths.is_contiguous() && slots.size(0) == q.size(0), "decode_attention: slots");
   const int64_t B = q.size(0), H = q.size(1), K = q.size(2), G = k_cache.size(0), S = k_cache.size(1);
+  TORCH_CHECK(G > 0 && H % G == 0, "decode_attention: query heads must be a multiple of kv heads");
   const int64_t R = H / G, Lmax = slots.size(1);
   auto o = torch::empty({B, H, K}, q.options());
   const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
   const int64_t *sp = slots.data_ptr<int64_t>(), *lp = lengths.data_ptr<int64_t>();
   float* op = o.data_ptr<float>();
   const int64_t ldq = q.stride(0);
-  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(lp[b] >= 1 && lp[b] <= Lmax, "decode_attention: length");
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= Lmax, "decode_attention: length");
+    for (int64_t l = 0; l < lp[b]; ++l)  // the kernel reads the cache at these rows unchecked
+      TORCH_CHECK(sp[b * Lmax + l] >= 0 && sp[b * Lmax + l] < S, "decode_attention: slot out of range");
+  }
   at::parallel_for(0, B * G, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores(R * ((Lmax + 7) / 8 * 8));
     for (int64_t t = t0; t < t1; ++t) {
@@ -273,6 +276,8 @@ torch::Tensor grouped_experts(const torch::Tensor& x, const torch::Tensor& count
   }
   return y;
 }
+
+}  // namespace
 
 // A dispatcher op (not a pybind function), so profiles name it and the dispatcher checks devices.
 TORCH_LIBRARY(maverick, m) {

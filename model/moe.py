@@ -41,9 +41,6 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, width, hidden))
         self.expert_ids = list(expert_ids)
         self.num_experts = num_experts
-        # library GEMMs: experts side by side, one per core (`run_spread`); the CPU decode kernel
-        # streams one expert on every core faster (`model.optimize.experts_out_in` turns this off)
-        self.spread = True
         self.register_buffer("local_index_E", torch.empty(num_experts, dtype=torch.long), persistent=False)
         self.reset_buffers()
 
@@ -84,10 +81,7 @@ class RoutedExperts(nn.Module):
             for e, lo, hi in part:
                 y_sorted[lo:hi] = self._ffn(e, x_sorted[lo:hi])
 
-        if self.spread:
-            run_spread(run, spans, x_ND.device)
-        else:
-            run(spans)
+        run_spread(run, spans, x_ND.device)
         return torch.empty_like(x_ND).index_copy_(0, order_N, y_sorted)
 
     def _ffn(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,6 @@ def experts_out_in(experts: RoutedExperts) -> None:
     for name in ("gate_up_proj", "down_proj"):
         param = getattr(experts, name)
         param.data = param.data.transpose(1, 2).contiguous().transpose(1, 2)
-    experts.spread = False
 
 
 def fuse(model: nn.Module) -> nn.Module:

@@ -87,10 +87,12 @@ def test_decode_attention_matches_softmax(K, H, G):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_decode_attention_rejects_bad_lengths():
+def test_decode_attention_rejects_bad_lengths_and_slots():
     q, cache = torch.randn(1, 4, 16), torch.randn(2, 10, 16)
     with pytest.raises(RuntimeError, match="length"):
         cpu_kernels.decode_attention(q, cache, cache, torch.zeros(1, 3, dtype=torch.long), torch.tensor([4]), 0.25)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        cpu_kernels.decode_attention(q, cache, cache, torch.tensor([[3, 10]]), torch.tensor([2]), 0.25)
 
 
 def test_optimize_routes_linears_and_experts_to_the_kernels(tmp_path):
@@ -103,7 +105,7 @@ def test_optimize_routes_linears_and_experts_to_the_kernels(tmp_path):
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj, KernelLinear)
     experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
-    assert experts and all(not e.spread and e.gate_up_proj[0].T.is_contiguous() for e in experts)
+    assert experts and all(e.gate_up_proj[0].T.is_contiguous() for e in experts)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 300])

@@ -102,3 +102,22 @@ def test_inference_rewrites_keep_the_oracle_tolerance(pair):
         logits = fast.logits(fast(torch.tensor(prompt), positions, meta, cache.kv))
         assert (logits - hf_logits(hf, prompt)).abs().max().item() <= TOL
     assert greedy_generate(fast, PROMPTS, 24) == [hf_greedy(hf, p, 24) for p in PROMPTS]
+
+
+def test_inference_rewrites_without_the_kernels_keep_the_oracle_tolerance(pair, monkeypatch):
+    """Where the CPU kernels cannot be built: oneDNN-prepacked Linears and the torch formulas."""
+    import copy
+
+    from model import cpu_kernels
+    from model.optimize import PackedLinear, _onednn_available, optimize_for_inference
+
+    hf, ours = pair
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    fast = optimize_for_inference(copy.deepcopy(ours))
+    assert _onednn_available() and isinstance(fast.model.layers[0].self_attn.qkv_proj, PackedLinear)
+    for prompt in PROMPTS:
+        cache = ContiguousCache(fast, 1, 64)
+        positions, meta = build_metadata(fast.config, [cache.slots(0, 0, len(prompt))])
+        logits = fast.logits(fast(torch.tensor(prompt), positions, meta, cache.kv))
+        assert (logits - hf_logits(hf, prompt)).abs().max().item() <= TOL
+    assert greedy_generate(fast, PROMPTS, 24) == [hf_greedy(hf, p, 24) for p in PROMPTS]
