@@ -1,10 +1,14 @@
 """Shared test settings: two cores, so every test process uses at most two torch threads; and no
-network: transformers and huggingface_hub must never try to download anything."""
+network: transformers and huggingface_hub must never try to download anything; and the KV cache's
+invariants checked in every engine."""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# every engine in the suite (Ray actors and `maverick serve` children inherit it) checks its KV
+# cache's bookkeeping after each step
+os.environ.setdefault("MAVERICK_CHECK_INVARIANTS", "1")
 
 import torch  # noqa: E402
 

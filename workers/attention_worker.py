@@ -114,6 +114,7 @@ class AttentionWorker(Rank):
         s = self.engine.stats()
         return {**self.wave_state(), "running": s.num_running, "waiting": s.num_waiting,
                 "pending_tokens": self.engine.pending_tokens(), "kv": s.kv.__dict__,
+                "preemptions": s.num_preemptions_total, "blocked_steps": s.num_blocked_steps_total,
                 "alltoall_seconds": self.comm.alltoall_seconds if self.comm else 0.0,
                 "step_seconds": list(self.step_seconds)}
 

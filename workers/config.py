@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 
 @dataclass(kw_only=True)
@@ -17,6 +18,8 @@ class EngineConfig:
     free_chunked_blocks: bool = True  # release chunked-attention blocks behind the window
     dtype: str | None = None  # default float32 on CPU, bfloat16 on GPU
     device: str = "cpu"
+    # check the KV cache's bookkeeping after every step (slow; on in the test suite)
+    check_invariants: bool = field(default_factory=lambda: os.environ.get("MAVERICK_CHECK_INVARIANTS") == "1")
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory"):

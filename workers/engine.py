@@ -63,6 +63,10 @@ class LLMEngine(Engine):
         self.collective = False
         self.num_steps = self.prompt_tokens_total = self.generation_tokens_total = 0
         self.num_preemptions_total = 0
+        # a step that scheduled nothing while requests wait: counted, logged once, and the engine
+        # reports no pending work until something changes (a new request, an abort)
+        self.num_blocked_steps_total = 0
+        self._blocked = False
         log.info("KV cache: %s blocks of %d tokens, max_model_len %d", num_blocks, config.block_size,
                  self.max_model_len)
 
@@ -77,9 +81,12 @@ class LLMEngine(Engine):
 
     def _resolve_max_model_len(self) -> int:
         limit = self.model_config.max_position_embeddings
+        self._limit_reason = "the checkpoint's max_position_embeddings"
         for g, pool in self.kv.pools.items():  # a lone sequence must fit in every group
             if self.kv.max_blocks_needed(g, limit) > pool.num_blocks:
                 limit = min(limit, pool.num_blocks * self.config.block_size)
+                self._limit_reason = (f"the KV cache: {pool.num_blocks} {g} blocks of {self.config.block_size} "
+                                      f"tokens hold one sequence of at most {limit} tokens")
         wanted = self.config.max_model_len
         if wanted is not None and wanted > limit:
             raise ValueError(f"max_model_len {wanted} does not fit: the checkpoint and KV cache "
@@ -116,16 +123,17 @@ class LLMEngine(Engine):
         limit, n = self.max_model_len, len(ids)
         if params.max_tokens is None:
             if n >= limit:
-                raise ContextTooLong(f"This model's maximum context length is {limit} tokens. However, your "
-                                     f"prompt has {n} tokens, leaving none to generate.", param="prompt")
+                raise ContextTooLong(f"This model's maximum context length is {limit} tokens (set by "
+                                     f"{self._limit_reason}). However, your prompt has {n} tokens, leaving "
+                                     f"none to generate.", param="prompt")
             max_tokens = limit - n
         else:
             max_tokens = params.max_tokens
             if n + max_tokens > limit:
                 raise ContextTooLong(
-                    f"This model's maximum context length is {limit} tokens. However, you requested "
-                    f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} in the completion).",
-                    param="max_tokens")
+                    f"This model's maximum context length is {limit} tokens (set by {self._limit_reason}). "
+                    f"However, you requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} in "
+                    f"the completion).", param="max_tokens")
         choices = []
         for i in range(params.n):
             rid = request.request_id if params.n == 1 else f"{request.request_id}#{i}"
@@ -142,13 +150,20 @@ class LLMEngine(Engine):
             self._aborts.add(request_id)
 
     def has_work(self) -> bool:
-        with self._lock:
-            return bool(self._inbox or self._aborts) or self.scheduler.num_unfinished > 0
+        return self.pending_tokens() > 0
 
     def pending_tokens(self) -> int:
+        """Tokens a step would compute (plus one per queued abort); 0 while blocked and unchanged."""
         with self._lock:
-            inbox = sum(len(r.tokens) for choices, _ in self._inbox for r in choices)
+            inbox = sum(len(r.tokens) for choices, _ in self._inbox for r in choices) + len(self._aborts)
+        if self._blocked and not inbox:
+            return 0
         return inbox + self.scheduler.pending_tokens()
+
+    @property
+    def blocked(self) -> bool:
+        """Requests wait but no step can run any of them until a request arrives or is aborted."""
+        return self._blocked
 
     def health(self) -> None:
         if self._failed:
@@ -157,13 +172,16 @@ class LLMEngine(Engine):
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.num_steps,
                            self.prompt_tokens_total, self.generation_tokens_total,
-                           self.num_preemptions_total, self.kv.stats())
+                           self.num_preemptions_total, self.kv.stats(), self.num_blocked_steps_total)
 
     def step(self) -> list[RequestOutput]:
         outputs = self._take_inbox()
         batch = self.scheduler.schedule() if self.scheduler.num_unfinished else None
+        self._note_blocked(batch is not None and not batch.requests and not outputs)
         if batch is not None:
             self.num_preemptions_total += len(batch.preempted)
+            if self.config.check_invariants:
+                self.kv.check_invariants(self.scheduler.running)
         if batch is None or not batch.requests:
             if self.collective:
                 self.runner.execute_empty()
@@ -191,6 +209,14 @@ class LLMEngine(Engine):
 
     # -- helpers ------------------------------------------------------------------------------------
 
+    def _note_blocked(self, blocked: bool) -> None:
+        if blocked:
+            self.num_blocked_steps_total += 1
+            if not self._blocked:  # once per episode, not once per step
+                log.error("engine blocked: %d requests wait and none can be scheduled; %s",
+                          self.scheduler.num_unfinished, self.kv.describe())
+        self._blocked = blocked
+
     def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
         sampling = [req.num_computed + n == len(req.tokens) for req, n in zip(batch.requests, batch.num_tokens)]
         hidden_TD, rows = self.runner.execute(batch)
@@ -205,6 +231,8 @@ class LLMEngine(Engine):
         for req, n in zip(batch.requests, batch.num_tokens):
             req.computed(n)
             self.kv.after_step(req)
+        if self.config.check_invariants:
+            self.kv.check_invariants(self.scheduler.running)
         outputs = []
         for req, token, logprob in zip(samplers, tokens, logprobs):
             self.generation_tokens_total += 1

@@ -151,9 +151,28 @@ class KVCacheManager:
                 self.pools[g].acquire_cached(block)
                 table.append(block)
         seq.num_registered = hit_blocks
+        return hit
+
+    def try_admit(self, req: Request, max_new: int, partial: bool) -> int:
+        """Start `req`: its prefix hits, then blocks for its next `max_new` tokens; all or nothing.
+
+        With `partial`, a prefill chunk shrinks to what the pools hold (the scheduler allows it when
+        nothing else runs, so a request that fits alone always starts). Returns the new tokens it
+        computes this step; 0 means it did not start and holds nothing.
+        """
+        hit = self.admit(req)
+        req.num_computed = hit
+        n = min(req.num_uncomputed, max_new)
+        if partial:
+            n = self.fit(req, n)
+        if n == 0 or not self.allocate(req, n):
+            self.free(req.request_id)  # a waiting request holds nothing: its hits stay evictable
+            req.num_computed = 0
+            return 0
+        req.num_cached_prompt = min(hit, req.num_prompt_tokens)
         self.prefix_queries_tokens += len(req.tokens)
         self.prefix_hits_tokens += hit
-        return hit
+        return n
 
     def _prefix_hit_blocks(self, seq: SequenceBlocks) -> int:
         full = [g for g in self.groups if g != CHUNKED or not self.free_chunked_blocks]
@@ -182,8 +201,8 @@ class KVCacheManager:
 
     # -- per step ---------------------------------------------------------------------------------
 
-    def allocate(self, req: Request, num_new: int) -> bool:
-        """Make sure blocks cover the positions this step reads and writes; all or nothing."""
+    def _missing(self, req: Request, num_new: int) -> dict[str, list[int]] | None:
+        """Per group, the block indices to allocate for the next `num_new` tokens; None if short."""
         seq = self.seqs[req.request_id]
         end = req.num_computed + num_new
         plans = {}
@@ -193,8 +212,29 @@ class KVCacheManager:
             last = (end - 1) // self.block_size
             missing = [i for i in range(first, last + 1) if i >= len(table) or table[i] == NO_BLOCK]
             if len(missing) > self.pools[g].num_free:
-                return False
+                return None
             plans[g] = missing
+        return plans
+
+    def fit(self, req: Request, num_new: int) -> int:
+        """The most of the next `num_new` tokens whose blocks the pools can give now (0: none)."""
+        if self._missing(req, num_new) is not None:
+            return num_new
+        lo, hi = 0, num_new - 1  # more tokens never need fewer blocks: bisect
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._missing(req, mid) is not None:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def allocate(self, req: Request, num_new: int) -> bool:
+        """Make sure blocks cover the positions this step reads and writes; all or nothing."""
+        plans = self._missing(req, num_new)
+        if plans is None:
+            return False
+        seq = self.seqs[req.request_id]
         for g, missing in plans.items():
             table = seq.tables[g]
             for i, block in zip(missing, self.pools[g].allocate(len(missing))):
@@ -252,6 +292,37 @@ class KVCacheManager:
             for block in reversed(seq.tables[g]):
                 if block != NO_BLOCK:
                     self.pools[g].release(block)
+
+    def check_invariants(self, running: list[Request]) -> None:
+        """The bookkeeping's promises (a debug switch: `EngineConfig.check_invariants`).
+
+        Only running requests hold blocks; every block's reference count equals the table entries
+        naming it; the free list is exactly the unreferenced blocks (cached content there stays
+        evictable); the prefix index names blocks that still hold that content.
+        """
+        holders = {r.request_id for r in running}
+        if set(self.seqs) != holders:
+            raise AssertionError(f"blocks held by non-running requests {sorted(set(self.seqs) - holders)}, "
+                                 f"running without blocks {sorted(holders - set(self.seqs))}")
+        for g, pool in self.pools.items():
+            refs = [0] * pool.num_blocks
+            for seq in self.seqs.values():
+                for block in seq.tables[g]:
+                    if block != NO_BLOCK:
+                        refs[block] += 1
+            if refs != pool.refs:
+                bad = [b for b in range(pool.num_blocks) if refs[b] != pool.refs[b]]
+                raise AssertionError(f"{g}: reference counts disagree with the block tables at {bad[:8]}")
+            if set(pool.free) != {b for b in range(pool.num_blocks) if refs[b] == 0}:
+                raise AssertionError(f"{g}: the free list is not the set of unreferenced blocks")
+            if any(pool.hash_of[b] != h for h, b in pool.cached.items()):
+                raise AssertionError(f"{g}: the prefix index names a block that holds other content")
+
+    def describe(self) -> str:
+        """One line of the cache's state, for logs."""
+        parts = [f"{g}: {p.num_used}/{p.num_blocks} blocks in use, {len(p.cached)} cached"
+                 for g, p in self.pools.items()]
+        return "; ".join(parts) + f"; {len(self.seqs)} sequences hold blocks"
 
     def stats(self) -> CacheStats:
         saved = sum(s.num_released_chunked for s in self.seqs.values())

@@ -42,6 +42,8 @@ class LLM:
             for out in self.engine.step():
                 results[out.request_id].append(out)
                 done += out.finished
+            if self.engine.blocked:  # nothing else can arrive here to unblock it
+                raise RuntimeError("the engine cannot schedule the remaining requests: the KV cache is too small")
         del streams  # outputs were also delivered to the streams; the step results suffice here
         completions = []
         for r in requests:

@@ -63,6 +63,7 @@ class EngineStats:
     generation_tokens_total: int
     num_preemptions_total: int
     kv: Any  # workers.kv_cache.CacheStats
+    num_blocked_steps_total: int = 0  # steps that could schedule none of the waiting requests
 
 
 class RequestStream:

@@ -1,11 +1,16 @@
 """Continuous batching: who runs in the next step, and with how many tokens.
 
 Each step has a token budget (`max_num_batched_tokens`) and a cap on running sequences
-(`max_num_seqs`). Running requests go first, in arrival order (a decode costs one token, an
-unfinished prefill takes what the budget leaves: chunked prefill), then waiting requests are
-admitted while budget, sequence slots and KV blocks last. When a running request cannot get its
-blocks, the most recently arrived running request is preempted (blocks released, tokens kept) and
-goes back to the front of the waiting queue, to be recomputed later.
+(`max_num_seqs`). Running requests go first, oldest first (a decode costs one token, an unfinished
+prefill takes what the budget leaves: chunked prefill), then waiting requests are admitted in order
+while budget, sequence slots and KV blocks last.
+
+A request holds KV blocks only while it runs (vLLM's rule): admission takes prefix hits and the
+step's blocks together or not at all, and a preempted request releases everything at once. When a
+running request cannot get its blocks, its prefill chunk shrinks to what is free; if not even one
+token fits, the newest running request is preempted (tokens kept, recomputed later from whatever the
+prefix cache still holds) and goes back to the front of the waiting queue. So the oldest running
+request always advances, and any request that fits the cache alone finishes.
 """
 
 from __future__ import annotations
@@ -60,38 +65,38 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_uncomputed, budget)
-            while not self.kv.allocate(req, n):
-                victim = self.running[-1]
-                self._preempt(victim, batch)
-                if victim is req:
-                    break
-            else:
-                req.schedule(n)
-                batch.requests.append(req)
-                batch.num_tokens.append(n)
-                budget -= n
-                i += 1
-                continue
-            break  # req itself was preempted: nothing after it can run either
+            n = self.kv.fit(req, min(req.num_uncomputed, budget))
+            while n == 0 and self.running[-1] is not req:
+                self._preempt(self.running[-1], batch)
+                n = self.kv.fit(req, min(req.num_uncomputed, budget))
+            if n == 0:  # alone and still no room: only a request too long for the cache gets here
+                self._preempt(req, batch)
+                break
+            assert self.kv.allocate(req, n)
+            self._add(batch, req, n)
+            budget -= n
+            i += 1
         for req in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_num_seqs or batch.preempted:
                 break
             if not req.ready:  # a later choice of an n > 1 request waits for the shared prompt
                 continue
-            if req.request_id not in self.kv.seqs:
-                req.num_computed = self.kv.admit(req)
-                req.num_cached_prompt = min(req.num_computed, req.num_prompt_tokens)
-            n = min(req.num_uncomputed, budget)
-            if not self.kv.allocate(req, n):
-                break  # wait for blocks; running requests are never preempted for a newcomer
+            # running requests are never preempted for a newcomer; with nothing running, a prefill
+            # chunk shrinks to the free blocks so that a request that fits alone always starts
+            n = self.kv.try_admit(req, budget, partial=not self.running)
+            if n == 0:
+                break
             self.waiting.remove(req)
             self.running.append(req)
-            req.schedule(n)
-            batch.requests.append(req)
-            batch.num_tokens.append(n)
+            self._add(batch, req, n)
             budget -= n
         return batch
+
+    @staticmethod
+    def _add(batch: ScheduledBatch, req: Request, n: int) -> None:
+        req.schedule(n)
+        batch.requests.append(req)
+        batch.num_tokens.append(n)
 
     def _preempt(self, victim: Request, batch: ScheduledBatch) -> None:
         self.running.remove(victim)

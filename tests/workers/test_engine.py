@@ -1,6 +1,5 @@
 """The engine against transformers: alone, in a busy batch, with prefix hits, preemption and chunks."""
 
-import time
 
 import pytest
 import torch
@@ -176,15 +175,13 @@ def test_abort_frees_blocks_and_ends_the_stream(hf_checkpoint):
     assert_all_blocks_free(eng)
 
 
-def test_zero_token_step_is_harmless_and_cheap(hf_checkpoint):
+def test_zero_token_step_is_harmless(hf_checkpoint):
     ckpt, _ = hf_checkpoint
     eng = engine(ckpt)
     assert eng.step() == [] and not eng.has_work()
-    t0 = time.perf_counter()
     for _ in range(1000):
         eng.step()
-    assert (time.perf_counter() - t0) / 1000 < 1e-3
-    assert eng.stats().num_steps == 0
+    assert eng.stats().num_steps == 0  # no forward ran (its cost is a benchmark's business)
     out = LLM(engine=eng).generate([[4, 5, 6]], GREEDY)[0]
     assert len(out.token_ids) == 24
 
