@@ -45,7 +45,7 @@ $(BENCH_CKPT)/config.json: | install
 	$(BIN)/maverick make-tiny $(BENCH_CKPT) --preset bench --layout causal --dtype float32
 
 bench: install $(VLLM_VENV)/.installed $(BENCH_CKPT)/config.json
-	$(BIN)/maverick bench engine --model $(BENCH_CKPT) --output bench-results/engine.json --compare-no-free
+	$(BIN)/maverick bench engine --model $(BENCH_CKPT) --output bench-results/engine.json --compare-no-free --compare-kv-fraction 0.25
 
 clean:
 	rm -rf $(VENV) build *.egg-info

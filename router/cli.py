@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", default="vllm,hf", help="comma-separated: vllm, hf; or none")
     p.add_argument("--compare-no-free", action="store_true",
                    help="also run our engine with chunked-KV freeing off")
+    p.add_argument("--compare-kv-fraction", type=float, default=None, metavar="F",
+                   help="bench engine: also run ours with a KV cache for F of the largest batch (0.25: a quarter)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--expert-workers", type=int, default=0, help="bench serve: the gang layout (A=1)")
     p.add_argument("--repeat", type=int, default=3, help="runs per engine and level; medians are compared")

@@ -69,10 +69,11 @@ class Scheduler:
             while n == 0 and self.running[-1] is not req:
                 self._preempt(self.running[-1], batch)
                 n = self.kv.fit(req, min(req.num_uncomputed, budget))
-            if n == 0:  # alone and still no room: only a request too long for the cache gets here
+            if n == 0:  # req is now the newest runner: it waits too (alone, only if too long for the cache)
                 self._preempt(req, batch)
                 break
-            assert self.kv.allocate(req, n)
+            if not self.kv.allocate(req, n):
+                raise RuntimeError(f"KV blocks for {req.request_id} vanished between fit and allocate")
             self._add(batch, req, n)
             budget -= n
             i += 1

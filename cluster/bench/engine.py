@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+PEERS = ("vllm", "hf", "ours_nofree", "ours_pressure")  # measured beside "ours", reported as ratios
 
 
 class EngineProcess:
@@ -68,6 +69,8 @@ def run_engines(args) -> dict:
     commands = {"ours": runner + ["ours", *common]}
     if args.compare_no_free:
         commands["ours_nofree"] = runner + ["ours", *common, "--no-free-chunked"]
+    if args.compare_kv_fraction:
+        commands["ours_pressure"] = runner + ["ours", *common, "--kv-fraction", str(args.compare_kv_fraction)]
     if "hf" in args.peers:
         commands["hf"] = runner + ["hf", *common]
     if "vllm" in args.peers:
@@ -113,11 +116,14 @@ def assemble(args, machine: dict, runs: dict) -> dict:
                "ours_decode_step_ms": ours["decode_step_ms"], "roofline_decode_step_ms": floor["step_ms"],
                "roofline_bound": floor["bound"], "roofline_fraction": floor["step_ms"] / ours["decode_step_ms"],
                "chunked_kv_bytes_saved_midrun": ours["chunked_kv_bytes_saved_midrun"]}
-        for peer in ("vllm", "hf", "ours_nofree"):
+        for peer in PEERS:
             if peer in by_c:
                 row[f"{peer}_tok_s"] = by_c[peer][c]["tok_s"]
                 row[f"{peer}_step_ms"] = by_c[peer][c]["step_ms"]
                 row[f"ratio_vs_{peer}"] = ours["tok_s"] / by_c[peer][c]["tok_s"]
+                if "preemptions" in by_c[peer][c]:
+                    row[f"{peer}_preemptions"] = by_c[peer][c]["preemptions"]
+        row["ours_preemptions"] = ours.get("preemptions", 0)
         results.append(row)
     return {"results": results, "machine": machine, "checkpoint": str(args.model),
             "load": {"prompt_len": args.prompt_len, "output_len": args.output_len, "greedy": True,
@@ -132,17 +138,25 @@ def markdown(report: dict) -> str:
              f"Machine: {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads; measured read "
              f"bandwidth {m['read_GBps']:.1f} GB/s, fp32 matmul {m['matmul_GFLOPs']:.0f} GFLOP/s.", ""]
     rows = report["results"]
-    peers = [p for p in ("vllm", "hf", "ours_nofree") if f"{p}_tok_s" in rows[0]]
+    peers = [p for p in PEERS if f"{p}_tok_s" in rows[0]]
     head = ["concurrency", "ours tok/s"] + [f"{p} tok/s" for p in peers] + [f"ours / {p}" for p in peers] + [
         "ours decode step ms", "roofline step ms", "fraction of roofline"]
+    if "ours_pressure_tok_s" in rows[0]:
+        head.append("preemptions (ours / ours_pressure)")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["concurrency"]), f"{r['ours_tok_s']:.1f}"]
         cells += [f"{r[f'{p}_tok_s']:.1f}" for p in peers] + [f"{r[f'ratio_vs_{p}']:.2f}x" for p in peers]
         cells += [f"{r['ours_decode_step_ms']:.1f}", f"{r['roofline_decode_step_ms']:.1f} ({r['roofline_bound']})",
                   f"{r['roofline_fraction']:.0%}"]
+        if "ours_pressure_tok_s" in r:
+            cells.append(f"{r['ours_preemptions']} / {r['ours_pressure_preemptions']}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "`ours_nofree`: our engine with chunked-attention KV freeing switched off.", "",
+    notes = {"ours_nofree": "our engine with chunked-attention KV freeing switched off.",
+             "ours_pressure": "our engine with a KV cache for a fraction of the largest batch "
+                              "(`--compare-kv-fraction`): requests wait, and running ones are preempted and "
+                              "recomputed."}
+    lines += [""] + [f"`{p}`: {notes[p]}" for p in peers if p in notes] + ["",
               "## Where one decode step goes (highest concurrency)", "", "```", report["profile"].strip(), "```", ""]
     return "\n".join(lines)
 

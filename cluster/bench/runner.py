@@ -1,6 +1,6 @@
 """One engine under load, in its own process: ours (`LLMEngine`) or transformers' `generate`.
 
-    python -m cluster.bench.runner ours|hf --model DIR [--no-free-chunked]
+    python -m cluster.bench.runner ours|hf --model DIR [--no-free-chunked] [--kv-fraction F]
 
 It loads the model, prints `{"ready": ...}`, then serves one measurement per line of stdin:
 `{"concurrency": c, "seed": s}` submits c requests of `--prompt-len` random prompt tokens and
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import sys
@@ -36,6 +37,8 @@ class Ours:
         config = EngineConfig(max_num_seqs=args.max_concurrency,
                               max_num_batched_tokens=max(4096, args.prompt_len),
                               free_chunked_blocks=not args.no_free_chunked)
+        if args.kv_fraction:
+            config.kv_blocks = pressured_blocks(args, config)
         self.engine = LLMEngine.from_model_dir(args.model, config, skip_tokenizer_init=True)
         self.params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
         self.args = args
@@ -56,11 +59,13 @@ class Ours:
         return time.perf_counter() - start, steps, tokens, saved
 
     def measure(self, c: int, seed: int) -> dict:
+        preempted = self.engine.stats().num_preemptions_total
         seconds, steps, tokens, saved = self._generate(random_prompts(c, self.args.prompt_len, self.args.vocab, seed))
         decode = steps[1:] or steps  # the first step prefills every prompt (the budget holds them all)
         return {"concurrency": c, "tok_s": tokens / seconds, "seconds": seconds,
                 "step_ms": seconds / self.args.output_len * 1e3,
-                "decode_step_ms": statistics.median(decode) * 1e3, "chunked_kv_bytes_saved_midrun": saved}
+                "decode_step_ms": statistics.median(decode) * 1e3, "chunked_kv_bytes_saved_midrun": saved,
+                "preemptions": self.engine.stats().num_preemptions_total - preempted}
 
     def profile(self, c: int) -> str:
         """Where one decode step at concurrency c spends its time (torch profiler, CPU)."""
@@ -80,6 +85,20 @@ class Ours:
             self.engine.step()
         return prof.key_averages(group_by_input_shape=True).table(
             sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=32, max_shapes_column_width=40)
+
+
+def pressured_blocks(args: argparse.Namespace, config) -> dict[str, int]:
+    """KV blocks per group for `kv_fraction` of the largest batch at full length (at least one sequence)."""
+    from model.config import load_config
+    from workers.kv_cache import KVCacheManager
+
+    model_config = load_config(args.model)
+    groups = set(model_config.layer_types)
+    probe = KVCacheManager(model_config, dict.fromkeys(groups, 1), config.block_size, dict.fromkeys(groups, 1),
+                           free_chunked_blocks=config.free_chunked_blocks)
+    seqs = max(1.0, args.kv_fraction * args.max_concurrency)
+    length = args.prompt_len + args.output_len
+    return {g: math.ceil(seqs * probe.max_blocks_needed(g, length)) for g in groups}
 
 
 class Transformers:
@@ -110,6 +129,8 @@ def main() -> None:
     parser.add_argument("--max-concurrency", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-free-chunked", action="store_true")
+    parser.add_argument("--kv-fraction", type=float, default=None,
+                        help="a KV cache for this fraction of --max-concurrency full-length sequences")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from model.config import load_config

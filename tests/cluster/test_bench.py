@@ -14,14 +14,20 @@ def test_bench_engine_smoke(tmp_path):
     ckpt = make_tiny(tmp_path / "tiny", "tiny-maverick", layout="causal")
     out = tmp_path / "engine.json"
     proc = subprocess.run([MAVERICK, "bench", "engine", "--model", str(ckpt), "--output", str(out), "--peers",
-                           "none", "--concurrency", "1", "2", "--prompt-len", "8", "--output-len", "6",
-                           "--repeat", "1", "--compare-no-free"], capture_output=True, text=True, timeout=600)
+                           "none", "--concurrency", "1", "8", "--prompt-len", "12", "--output-len", "10",
+                           "--repeat", "1", "--compare-no-free", "--compare-kv-fraction", "0.25"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
-    assert [r["concurrency"] for r in report["results"]] == [1, 2]
+    assert [r["concurrency"] for r in report["results"]] == [1, 8]
     for row in report["results"]:
-        assert row["ours_tok_s"] > 0 and row["ours_nofree_tok_s"] > 0
+        assert row["ours_tok_s"] > 0 and row["ours_nofree_tok_s"] > 0 and row["ours_pressure_tok_s"] > 0
         assert 0 < row["roofline_fraction"] and row["roofline_decode_step_ms"] > 0
+        assert row["ours_preemptions"] == 0
+    # a cache for 2 of the 8 sequences (2 blocks of 16 each at 22 tokens): the 4 prompts admitted
+    # together all cross into their second block, so running requests are preempted
+    assert report["results"][0]["ours_pressure_preemptions"] == 0
+    assert report["results"][1]["ours_pressure_preemptions"] > 0
     assert report["machine"]["read_GBps"] > 0 and report["machine"]["matmul_GFLOPs"] > 0
     assert "mkldnn" in report["profile"] or "aten::" in report["profile"]
     assert out.with_suffix(".md").read_text().startswith("# Engine benchmark")
