@@ -39,6 +39,16 @@ class EngineLimits(Strict):
         return EngineConfig(dtype=dtype, device=device, **self.model_dump())
 
 
+class MetricsConfig(Strict):
+    """Prometheus metrics through Ray's metrics agent (and `GET /metrics` on the serving port)."""
+
+    enabled: bool = True
+    period_s: float = Field(1.0, gt=0, description="how often each rank exports its step snapshot")
+    expert_layer_matrix: bool = Field(False, description="tokens per (MoE layer, expert): layers x experts "
+                                      "series per gang (24 x 128 for Maverick); per expert and per "
+                                      "(layer, expert rank) are always exported")
+
+
 class GangConfig(Strict):
     model: str
     attention_workers: int = Field(1, ge=1)
@@ -52,6 +62,7 @@ class GangConfig(Strict):
     collective_timeout_s: float = Field(60, gt=0, description="a collective longer than this fails the gang")
     idle_steps: int = Field(3, ge=1, description="empty steps before the gang goes idle together")
     skip_tokenizer_init: bool = False
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _devices_match(self) -> "GangConfig":

@@ -21,6 +21,7 @@ from cluster.config import GangConfig
 from model.config import load_config
 from workers.attention_worker import AttentionWorker
 from workers.expert_worker import ExpertWorker
+from workers.rank import MetricsOptions
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class Gang:
 
 
 def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: float = 300,
-               bundle_offset: int = 0) -> Gang:
+               bundle_offset: int = 0, name: str = "gang", application: str = "maverick") -> Gang:
     """Start every rank and return once all are loaded and waving. `pg`: an existing placement group
     (a Serve replica's, whose bundle 0 holds the replica itself) where rank r takes bundle
     `r + bundle_offset`; else one is created with a bundle per rank."""
@@ -59,16 +60,18 @@ def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: 
         ray.get(pg.ready(), timeout=timeout_s)
     gang.pg = pg
     engine = config.engine.engine_config(config.dtype, config.device)
+    metrics = (MetricsOptions(name, application, config.metrics.period_s, config.metrics.expert_layer_matrix)
+               if config.metrics.enabled else None)
     for rank in range(A):
         gang.attention.append(AttentionActor.options(
             **_resources(config.attention), scheduling_strategy=_in(pg, bundle_offset + rank)).remote(
             rank, A, E, config.model, engine, config.attention.torch_threads, config.idle_steps,
-            config.skip_tokenizer_init))
+            config.skip_tokenizer_init, metrics))
     for i in range(E):
         gang.experts.append(ExpertActor.options(
             **_resources(config.experts), scheduling_strategy=_in(pg, bundle_offset + A + i)).remote(
             A + i, A, E, config.model, config.dtype, config.device, config.experts.torch_threads,
-            config.idle_steps))
+            config.idle_steps, metrics))
     try:
         if E:
             address, port = ray.get(gang.attention[0].rendezvous_address.remote(), timeout=timeout_s)

@@ -36,8 +36,8 @@ class _Stream:
 
 class GangSupervisor:
     def __init__(self, config: GangConfig, health_period_s: float = 1.0, rebuild: bool = True,
-                 pg=None, bundle_offset: int = 0):
-        self.config = config
+                 pg=None, bundle_offset: int = 0, name: str = "gang", application: str = "maverick"):
+        self.config, self.name, self.application = config, name, application
         self.pg, self.bundle_offset = pg, bundle_offset  # a Serve replica's placement group, if any
         self.health_period_s = health_period_s
         self.rebuild = rebuild
@@ -56,7 +56,8 @@ class GangSupervisor:
     # -- lifecycle --------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.gang = await asyncio.to_thread(build_gang, self.config, self.pg, bundle_offset=self.bundle_offset)
+        self.gang = await asyncio.to_thread(build_gang, self.config, self.pg, bundle_offset=self.bundle_offset,
+                                            name=self.name, application=self.application)
         self._epoch += 1
         self.state, self.failure, self.warm = "ready", None, False
         epoch = self._epoch

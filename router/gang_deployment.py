@@ -27,7 +27,9 @@ class GangDeployment:
     async def __init__(self, args: dict):
         config = AppConfig.model_validate(args)
         pg = ray.util.get_current_placement_group()
-        self.supervisor = GangSupervisor(config.gang_config(), pg=pg, bundle_offset=1 if pg else 0)
+        context = serve.get_replica_context()  # gang-0, gang-1, ...: the gang label of its ranks' metrics
+        self.supervisor = GangSupervisor(config.gang_config(), pg=pg, bundle_offset=1 if pg else 0,
+                                         name=context.deployment, application=context.app_name)
         await self.supervisor.start()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
@@ -43,6 +45,11 @@ class GangDeployment:
 
     def ready(self) -> bool:
         return self.supervisor.ready()
+
+    def status(self) -> dict:
+        """What the ingress polls twice a second: readiness, and the state and restarts it exports."""
+        return {"ready": self.supervisor.ready(), "state": self.supervisor.state,
+                "restarts": self.supervisor.restarts}
 
     async def stats(self) -> dict:
         return await self.supervisor.stats()

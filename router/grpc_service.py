@@ -15,6 +15,7 @@ import grpc
 from router import maverick_v1_pb2 as pb
 from router.errors import HTTPError, error_body
 from router.http_guard import key_matches
+from router.metrics import Ticket, outcome_of
 from router.openai_responses import Choice
 from router.serving import next_before
 from workers.errors import DeadlineExceeded, EngineError, InvalidRequest
@@ -66,7 +67,8 @@ class StreamRejected(Exception):
 
 
 class GenerationService:
-    """Mixed into the ingress deployment (needs `config`, `serving`, `tokenizer`, `_admit`, `_runner`)."""
+    """Mixed into the ingress deployment (needs `config`, `serving`, `tokenizer`, `_ticket`, `_admit`,
+    `_runner`)."""
 
     def _grpc_request(self, req: pb.GenerateRequest, context) -> GenerateRequest:
         api_key = self.config.api_key
@@ -87,21 +89,25 @@ class GenerationService:
         context.set_trailing_metadata([("request_id", request_id)])
         log.info("grpc request %s: %s", request_id, GRPC_CODES.get(status))
 
-    def _accept(self, req: pb.GenerateRequest, context) -> GenerateRequest | None:
-        """The validated, admitted request; None (status set on the context) when refused."""
+    def _accept(self, req: pb.GenerateRequest, context, method: str) -> tuple[GenerateRequest | None, Ticket]:
+        """The validated, admitted request and its ticket; None (status set on the context, ticket closed)
+        when refused."""
+        ticket = self._ticket(method, "grpc")
         try:
             request = self._grpc_request(req, context)
-            self._admit()
-            return request
+            self._admit(ticket)
+            return request, ticket
         except EngineError as exc:
+            ticket.close(outcome_of(exc))
             self._grpc_error(exc, context, uuid.uuid4().hex)
-            return None
+            return None, ticket
 
     async def Generate(self, req: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
-        request = self._accept(req, grpc_context)
+        request, ticket = self._accept(req, grpc_context, "Generate")
         if request is None:
             return pb.GenerateResponse()
         request_id = request.request_id
+        outcome = "aborted"  # a client cancel arrives as CancelledError
         try:
             choices: dict[int, Choice] = {}
             async for out in self._grpc_outputs(request):
@@ -111,6 +117,7 @@ class GenerationService:
                              completion_tokens=sum(c.completion_tokens for c in done),
                              cached_tokens=max((c.cached_tokens for c in done), default=0))
             has_text = self.tokenizer is not None
+            outcome = "ok"
             return pb.GenerateResponse(
                 request_id=request_id, model=self.config.model_name, usage=usage,
                 prompt_token_ids=request.prompt_token_ids,
@@ -118,16 +125,18 @@ class GenerationService:
                 choices=[_choice(c.index, c.token_ids, "".join(c.text) if has_text else None, c.finish_reason,
                                  c.stop_reason, c.logprobs) for c in done])
         except Exception as exc:
+            outcome = outcome_of(exc)
             self._grpc_error(exc, grpc_context, request_id)
             return pb.GenerateResponse()
         finally:
-            self.in_flight -= 1
+            ticket.close(outcome)
 
     async def GenerateStream(self, req: pb.GenerateRequest, grpc_context):
-        request = self._accept(req, grpc_context)
+        request, ticket = self._accept(req, grpc_context, "GenerateStream")
         if request is None:
             raise StreamRejected()  # a stream's status reaches the client only this way
         request_id = request.request_id
+        outcome = "aborted"
         try:
             has_text = self.tokenizer is not None
             first = True
@@ -148,12 +157,14 @@ class GenerationService:
                 open_choices -= out.finished
                 if not open_choices:
                     message.usage.CopyFrom(usage)
+                    outcome = "ok"
                 yield message
         except Exception as exc:
+            outcome = outcome_of(exc)
             self._grpc_error(exc, grpc_context, request_id)
             raise StreamRejected(request_id) from None
         finally:
-            self.in_flight -= 1
+            ticket.close(outcome)
 
     async def _grpc_outputs(self, request: GenerateRequest):
         """The request's outputs from a gang, errors raised, bounded by the server-side deadline."""

@@ -10,6 +10,7 @@ import hmac
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from router.errors import HTTPError, error_response
 
@@ -22,6 +23,7 @@ OPEN_PATHS = frozenset({"/health", "/health/ready"})  # liveness and readiness p
 class GuardSettings:
     api_key: str | None
     max_body_bytes: int
+    metrics: Any = None  # router.metrics.RequestMetrics: refused generation requests count too
 
 
 def key_matches(header: str | None, api_key: str) -> bool:
@@ -48,6 +50,8 @@ class Guard:
         problem = self._check(path, headers, settings)
         if problem is not None:
             log.info("request %s %s %s: %d", request_id, scope["method"], scope["path"], problem.status)
+            if settings.metrics is not None and path in ("/v1/completions", "/v1/chat/completions"):
+                settings.metrics.ticket(path, "http").close("client_error")
             return await error_response(problem, request_id)(scope, receive, send)
         limit = settings.max_body_bytes if settings else None
 

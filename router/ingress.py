@@ -14,6 +14,7 @@ import logging
 import time
 
 from fastapi import FastAPI, Request
+from fastapi.responses import Response
 from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,7 +25,8 @@ from cluster.config import AppConfig
 from model.tokenizer import Tokenizer
 from router.errors import HTTPError, error_response
 from router.grpc_service import GenerationService
-from router.http_guard import Guard, GuardSettings
+from router.http_guard import BodyTooLarge, Guard, GuardSettings
+from router.metrics import RequestMetrics, Ticket, outcome_of
 from router.openai_models import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from router.serving import Prepared, Serving
 from workers.errors import EngineError, InvalidRequest, QueueFull, Unavailable
@@ -75,7 +77,9 @@ class Ingress(GenerationService):
         self.in_flight = 0
         self.draining = False
         self.created = int(time.time())
-        api.state.guard = GuardSettings(config.api_key, config.max_body_bytes)
+        self.metrics = RequestMetrics(config.model_name, config.metrics.enabled)
+        self.gang_status: list[dict | None] = [None] * len(gangs)
+        api.state.guard = GuardSettings(config.api_key, config.max_body_bytes, self.metrics)
         self._watch = asyncio.create_task(self._watch_gangs())
 
     # -- gangs ----------------------------------------------------------------------------------------
@@ -89,11 +93,13 @@ class Ingress(GenerationService):
     async def _refresh_ready(self) -> None:
         async def one(i: int) -> None:
             try:
-                self.gang_ready[i] = bool(await asyncio.wait_for(self.gangs[i].ready.remote(), 5.0))
+                self.gang_status[i] = await asyncio.wait_for(self.gangs[i].status.remote(), 5.0)
             except Exception:  # unreachable or timed out: not ready
-                self.gang_ready[i] = False
+                self.gang_status[i] = None
+            self.gang_ready[i] = bool(self.gang_status[i] and self.gang_status[i]["ready"])
 
         await asyncio.gather(*(one(i) for i in range(len(self.gangs))))
+        self.metrics.gangs(self.gang_status, self.gang_load)
 
     def _pick_gang(self, prompt_token_ids: list[int]) -> int:
         ready = [i for i, ok in enumerate(self.gang_ready) if ok]
@@ -105,13 +111,16 @@ class Ingress(GenerationService):
         """A function streaming one engine request's output batches from the gang it picks."""
 
         async def run(request: GenerateRequest):
+            clock = self.metrics.engine_request()
             gang = self._pick_gang(request.prompt_token_ids)
             self.gang_load[gang] += 1
             self.gang_requests[gang] += 1
+            clock.prompt(len(request.prompt_token_ids))
             responses = self.gangs[gang].options(stream=True).generate.remote(request)
             finished = False
             try:
                 async for batch in responses:
+                    clock.outputs(batch)
                     yield batch
                 finished = True
             finally:
@@ -123,56 +132,73 @@ class Ingress(GenerationService):
 
     # -- admission ------------------------------------------------------------------------------------
 
-    def _admit(self) -> None:
+    def _ticket(self, route: str, protocol: str) -> Ticket:
+        """Counted as received now; `close(outcome)` on every path counts the outcome and releases it."""
+        return self.metrics.ticket(route, protocol, self._release)
+
+    def _admit(self, ticket: Ticket) -> None:
         if self.draining:
             raise Unavailable("the server is shutting down; retry on another replica")
         if self.in_flight >= self.config.max_pending_requests:
             raise QueueFull(f"too many requests in flight ({self.in_flight}); retry later")
         self.in_flight += 1
+        ticket.admitted = True
+        self.metrics.set_in_flight(self.in_flight)
 
-    async def _serve(self, request: Request, body_cls, prepare) -> object:
+    def _release(self) -> None:
+        self.in_flight -= 1
+        self.metrics.set_in_flight(self.in_flight)
+
+    async def _serve(self, request: Request, route: str, body_cls, prepare) -> object:
         """Parse the body as `body_cls`, admit, then run `prepare(body, request_id)` on a gang."""
         rid = _rid(request)
+        ticket = self._ticket(route, "http")
+        outcome = "server_error"  # unless a path below says otherwise
         try:
             body = await _parse(request, body_cls)
-            self._admit()
-        except EngineError as exc:
-            return error_response(exc, rid, self.config.retry_after_s)
-        released = False
-        try:
+            self._admit(ticket)
             prepared: Prepared = prepare(body, rid)
             run = self._runner()
             log.info("request %s: %d prompt(s), stream=%s", rid, len(prepared.requests), prepared.stream)
             if not prepared.stream:
-                return JSONResponse(await self.serving.run_full(prepared, run))
+                response = JSONResponse(await self.serving.run_full(prepared, run))
+                outcome = "ok"
+                return response
             events = await self.serving.start_stream(prepared, run, rid)
-            released = True
-            return StreamingResponse(self._release_after(events), media_type="text/event-stream")
+            outcome = None  # the stream's end decides
+            return StreamingResponse(self._close_after(events, prepared, ticket), media_type="text/event-stream")
         except asyncio.CancelledError:
             log.info("request %s: client went away (499); aborted", rid)
+            outcome = "aborted"
+            raise
+        except BodyTooLarge:  # the guard answers 413
+            outcome = "client_error"
             raise
         except Exception as exc:
+            outcome = outcome_of(exc)
             return error_response(exc, rid, self.config.retry_after_s)
         finally:
-            if not released:
-                self.in_flight -= 1
+            if outcome is not None:
+                ticket.close(outcome)
 
-    async def _release_after(self, events):
+    async def _close_after(self, events, prepared: Prepared, ticket: Ticket):
+        outcome = "aborted"  # the client went away mid-stream, unless the stream ends
         try:
             async for event in events:
                 yield event
+            outcome = outcome_of(prepared.stream_error)
         finally:
-            self.in_flight -= 1
+            ticket.close(outcome)
 
     # -- routes ---------------------------------------------------------------------------------------
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        return await self._serve(request, CompletionRequest, self.serving.prepare_completion)
+        return await self._serve(request, "/v1/completions", CompletionRequest, self.serving.prepare_completion)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        return await self._serve(request, ChatCompletionRequest, self.serving.prepare_chat)
+        return await self._serve(request, "/v1/chat/completions", ChatCompletionRequest, self.serving.prepare_chat)
 
     @api.get("/v1/models")
     async def models(self):
@@ -214,6 +240,11 @@ class Ingress(GenerationService):
         if self.tokenizer is None:
             raise InvalidRequest("this server runs with --skip-tokenizer-init: no tokenizer")
         return self.tokenizer
+
+    @api.get("/metrics")
+    async def prometheus_metrics(self):
+        """This replica's request, token, latency and gang metrics, in Prometheus text format."""
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @api.get("/health")
     async def health(self):

@@ -36,6 +36,7 @@ class Prepared:
     stream: bool
     include_usage: bool
     logprobs: bool
+    stream_error: BaseException | None = None  # an error sent as the stream's last event (for metrics)
 
 
 class Serving:
@@ -182,9 +183,10 @@ class Serving:
             if prepared.include_usage:
                 yield _sse(fmt.usage_chunk(choices, [len(r.prompt_token_ids) for r in prepared.requests]))
         except TimeoutError:
-            yield self._error_event(DeadlineExceeded(f"the request did not finish within {self.timeout_s:g}s"),
-                                    request_id)
+            prepared.stream_error = DeadlineExceeded(f"the request did not finish within {self.timeout_s:g}s")
+            yield self._error_event(prepared.stream_error, request_id)
         except Exception as exc:  # after the first byte: an error event, then [DONE]
+            prepared.stream_error = exc
             yield self._error_event(exc, request_id)
         finally:
             await merged.aclose()

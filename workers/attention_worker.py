@@ -9,6 +9,7 @@ requests leave together through `next_outputs` (one Ray call per step, never per
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -26,7 +27,7 @@ from workers.engine import LLMEngine
 from workers.errors import Unavailable
 from workers.expert_parallel import AllToAllExperts, ExpertGroup, Placement
 from workers.protocol import GenerateRequest, RequestOutput
-from workers.rank import Rank
+from workers.rank import MetricsOptions, Rank
 from workers.wave import WaveLoop
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ log = logging.getLogger(__name__)
 class AttentionWorker(Rank):
     def __init__(self, rank: int, num_attention: int, num_experts_ranks: int, model_dir: str,
                  engine_config: EngineConfig, torch_threads: int = 1, idle_steps: int = 3,
-                 skip_tokenizer_init: bool = False):
-        super().__init__(rank, num_attention + num_experts_ranks, torch_threads, engine_config.device)
+                 skip_tokenizer_init: bool = False, metrics: MetricsOptions | None = None):
+        super().__init__(rank, num_attention + num_experts_ranks, torch_threads, engine_config.device, metrics)
         self.num_attention, self.num_expert_ranks = num_attention, num_experts_ranks
         self.model_dir, self.engine_config = model_dir, engine_config
         self.idle_steps, self.skip_tokenizer_init = idle_steps, skip_tokenizer_init
@@ -47,6 +48,8 @@ class AttentionWorker(Rank):
         self._ready: asyncio.Event | None = None
         self.comm: ExpertGroup | None = None
         self.step_seconds: list[float] = []  # recent steps with work, for the benchmark
+        self.steps_timed = 0  # steps appended to step_seconds since start
+        self._steps_exported = 0
 
     def load(self) -> dict:
         """Build the model without routed experts (they are remote), load its weights, start an engine."""
@@ -80,6 +83,14 @@ class AttentionWorker(Rank):
 
     def start(self) -> None:
         self.wave.start()
+        self.start_metrics("attention")
+
+    def publish_metrics(self, metrics) -> None:
+        super().publish_metrics(metrics)
+        done, window = self.steps_timed, self.step_seconds
+        new = min(done - self._steps_exported, len(window))
+        self._steps_exported = done
+        metrics.engine(self.engine.snapshot, window[len(window) - new:] if new > 0 else [])
 
     # -- requests (called on the actor's event loop while waves run on their own thread) -----------
 
@@ -111,11 +122,15 @@ class AttentionWorker(Rank):
         return state
 
     def stats(self) -> dict:
-        s = self.engine.stats()
+        """The engine's snapshot of its last step: never the live structures the wave thread mutates."""
+        s = self.engine.snapshot
         return {**self.wave_state(), "running": s.num_running, "waiting": s.num_waiting,
-                "pending_tokens": self.engine.pending_tokens(), "kv": s.kv.__dict__,
+                "pending_tokens": s.pending_tokens, "kv": dataclasses.asdict(s.kv),
                 "preemptions": s.num_preemptions_total, "blocked_steps": s.num_blocked_steps_total,
+                "engine_steps": s.num_steps, "scheduled_tokens": s.scheduled_tokens_total,
+                "prompt_tokens": s.prompt_tokens_total, "generation_tokens": s.generation_tokens_total,
                 "alltoall_seconds": self.comm.alltoall_seconds if self.comm else 0.0,
+                "alltoall_bytes": self.comm.alltoall_bytes if self.comm else 0,
                 "step_seconds": list(self.step_seconds)}
 
     # -- on the wave thread -------------------------------------------------------------------------
@@ -125,6 +140,7 @@ class AttentionWorker(Rank):
         outputs = self.engine.step()
         if self.engine.num_steps > before:  # a step that computed tokens: keep a window of their times
             self.step_seconds = (self.step_seconds + [time.perf_counter() - start])[-4096:]
+            self.steps_timed += 1
         if outputs:
             self._publish(outputs)
 

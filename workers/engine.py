@@ -67,6 +67,8 @@ class LLMEngine(Engine):
         # reports no pending work until something changes (a new request, an abort)
         self.num_blocked_steps_total = 0
         self._blocked = False
+        self.scheduled_tokens_total = 0
+        self.snapshot = self.stats()  # frozen view for other threads: replaced after every step
         log.info("KV cache: %s blocks of %d tokens, max_model_len %d", num_blocks, config.block_size,
                  self.max_model_len)
 
@@ -170,11 +172,19 @@ class LLMEngine(Engine):
             raise Unavailable(f"engine failed: {self._failed}")
 
     def stats(self) -> EngineStats:
+        """Counters read on the stepping thread; other threads read `snapshot` instead."""
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.num_steps,
                            self.prompt_tokens_total, self.generation_tokens_total,
-                           self.num_preemptions_total, self.kv.stats(), self.num_blocked_steps_total)
+                           self.num_preemptions_total, self.kv.stats(), self.num_blocked_steps_total,
+                           self.scheduled_tokens_total, self.scheduler.pending_tokens())
 
     def step(self) -> list[RequestOutput]:
+        try:
+            return self._step()
+        finally:
+            self.snapshot = self.stats()
+
+    def _step(self) -> list[RequestOutput]:
         outputs = self._take_inbox()
         batch = self.scheduler.schedule() if self.scheduler.num_unfinished else None
         self._note_blocked(batch is not None and not batch.requests and not outputs)
@@ -221,6 +231,7 @@ class LLMEngine(Engine):
         sampling = [req.num_computed + n == len(req.tokens) for req, n in zip(batch.requests, batch.num_tokens)]
         hidden_TD, rows = self.runner.execute(batch)
         self.num_steps += 1
+        self.scheduled_tokens_total += batch.total_tokens
         self._prompt_logprobs(batch, hidden_TD, rows)
         samplers = [req for req, s in zip(batch.requests, sampling) if s]
         last_rows = [end - 1 for (_, end), s in zip(rows, sampling) if s]

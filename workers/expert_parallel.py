@@ -67,8 +67,8 @@ class ExpertGroup:
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.group, self.rank, self.world_size = group, rank, world_size
         self.hidden, self.dtype, self.device = hidden, dtype, torch.device(device)
-        self.alltoall_seconds = 0.0  # time spent waiting in collectives, for the benchmark
-        self.alltoall_bytes = 0
+        self.alltoall_seconds = 0.0  # time spent in collectives, since start
+        self.alltoall_bytes = 0  # payload this rank sent: dispatch on attention ranks, combine on expert ranks
 
     def exchange_counts(self, send_counts: list[int]) -> list[int]:
         start = time.perf_counter()
@@ -127,13 +127,16 @@ class AllToAllExperts(nn.Module):
         return y_ND
 
 
-def serve_layer(comm: ExpertGroup, experts: RoutedExperts) -> int:
-    """An expert rank's share of one MoE layer: receive rows, run the grouped FFN, send them back."""
+def serve_layer(comm: ExpertGroup, experts: RoutedExperts, load_E: torch.Tensor | None = None) -> int:
+    """An expert rank's share of one MoE layer: receive rows, run the grouped FFN, send them back.
+    `load_E` (per expert of the model) counts the rows each expert received."""
     zeros = [0] * comm.world_size
     recv_counts = comm.exchange_counts(zeros)
     empty = torch.empty(0, comm.hidden + 1, dtype=comm.dtype, device=comm.device)
     rows_ND1, _ = comm.all_to_all(empty, zeros, recv_counts)
     x_ND, experts_N = rows_ND1[:, :-1], rows_ND1[:, -1].long()
+    if load_E is not None and experts_N.numel():
+        load_E += torch.bincount(experts_N.cpu(), minlength=load_E.numel())
     y_ND = experts(x_ND, experts_N) if rows_ND1.shape[0] else x_ND
     comm.all_to_all(y_ND, recv_counts, zeros)
     return rows_ND1.shape[0]

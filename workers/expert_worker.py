@@ -20,7 +20,7 @@ from model.moe import RoutedExperts
 from model.optimize import optimize_for_inference
 from workers.errors import Unavailable
 from workers.expert_parallel import ExpertGroup, Placement, serve_layer
-from workers.rank import Rank
+from workers.rank import MetricsOptions, Rank
 from workers.wave import WaveLoop
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,9 @@ class ExpertShard(nn.Module):
 
 class ExpertWorker(Rank):
     def __init__(self, rank: int, num_attention: int, num_expert_ranks: int, model_dir: str,
-                 dtype: str | None = None, device: str = "cpu", torch_threads: int = 1, idle_steps: int = 3):
-        super().__init__(rank, num_attention + num_expert_ranks, torch_threads, device)
+                 dtype: str | None = None, device: str = "cpu", torch_threads: int = 1, idle_steps: int = 3,
+                 metrics: MetricsOptions | None = None):
+        super().__init__(rank, num_attention + num_expert_ranks, torch_threads, device, metrics)
         self.num_attention = num_attention
         self.model_dir, self.dtype_name, self.idle_steps = model_dir, dtype, idle_steps
         self.rows_served = 0
@@ -66,7 +67,12 @@ class ExpertWorker(Rank):
             report = load_model(self.shard, reader, dtype, strict=False)
         optimize_for_inference(self.shard)
         self.layers = [self.shard.experts(layer) for layer in config.moe_layers]
+        self.moe_layers = list(config.moe_layers)
+        # rows routed to each expert per MoE layer, since start (whole-model expert ids)
+        self.expert_load_LE = torch.zeros(len(self.layers), config.num_experts, dtype=torch.long)
+        self.owned_experts = owned[config.moe_layers[0]]
         self.comm = ExpertGroup(self.group, self.rank, self.world_size, config.hidden_size, dtype, self.device)
+        self.snapshot = self._snapshot()
         self.wave = WaveLoop(self.group, self.idle_steps, lambda: 0, self._step, f"experts-{self.rank}",
                               self.torch_threads)
         log.info("expert rank %d holds experts %s: %.1f MB in %.1fs", self.rank, owned[config.moe_layers[0]],
@@ -76,11 +82,18 @@ class ExpertWorker(Rank):
 
     def start(self) -> None:
         self.wave.start()
+        self.start_metrics("experts")
+
+    def publish_metrics(self, metrics) -> None:
+        super().publish_metrics(metrics)
+        snapshot = self.snapshot
+        metrics.experts(snapshot["moe_layers"], snapshot["expert_load"].tolist())
 
     @torch.inference_mode()
     def _step(self) -> None:
-        for experts in self.layers:
-            self.rows_served += serve_layer(self.comm, experts)
+        for experts, load_E in zip(self.layers, self.expert_load_LE):
+            self.rows_served += serve_layer(self.comm, experts, load_E)
+        self.snapshot = self._snapshot()
 
     def health(self) -> dict:
         state = self.wave_state()
@@ -88,6 +101,13 @@ class ExpertWorker(Rank):
             raise Unavailable(f"expert rank {self.rank} failed: {state['failed']}")
         return state
 
+    def _snapshot(self) -> dict:
+        """Counters of this rank, frozen at the end of a step (read by other threads)."""
+        return {"rows_served": self.rows_served, "alltoall_bytes": self.comm.alltoall_bytes,
+                "alltoall_seconds": self.comm.alltoall_seconds, "moe_layers": self.moe_layers,
+                "experts": self.owned_experts, "expert_load": self.expert_load_LE.clone()}
+
     def stats(self) -> dict:
-        return {**self.wave_state(), "rows_served": self.rows_served,
-                "alltoall_bytes": self.comm.alltoall_bytes}
+        snapshot = dict(self.snapshot)
+        snapshot["expert_load"] = snapshot["expert_load"].tolist()
+        return {**self.wave_state(), **snapshot}

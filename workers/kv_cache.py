@@ -99,6 +99,7 @@ class CacheStats:
     chunked_bytes_saved: int  # held by running sequences without chunk freeing, minus actually held
     prefix_hits_tokens: int
     prefix_queries_tokens: int
+    chunked_blocks_released_total: int = 0
 
 
 class KVCacheManager:
@@ -115,6 +116,7 @@ class KVCacheManager:
         self.seqs: dict[str, SequenceBlocks] = {}
         self.prefix_hits_tokens = 0
         self.prefix_queries_tokens = 0
+        self.chunked_blocks_released_total = 0  # released early by chunk-local freeing, since start
 
     def window_start(self, group: str, position: int) -> int:
         """First position whose K/V the query at `position` (or any later one) can still read."""
@@ -283,6 +285,7 @@ class KVCacheManager:
                     self.pools[CHUNKED].release(table[i])
                     table[i] = NO_BLOCK
                     seq.num_released_chunked += 1
+                    self.chunked_blocks_released_total += 1
 
     def free(self, request_id: str) -> None:
         seq = self.seqs.pop(request_id, None)
@@ -334,6 +337,7 @@ class KVCacheManager:
             chunked_bytes_saved=saved * self.bytes_per_block.get(CHUNKED, 0),
             prefix_hits_tokens=self.prefix_hits_tokens,
             prefix_queries_tokens=self.prefix_queries_tokens,
+            chunked_blocks_released_total=self.chunked_blocks_released_total,
         )
 
 

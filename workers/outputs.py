@@ -55,7 +55,7 @@ class OutputProcessor:
         req.finish(reason, stop_reason)
         usage = Usage(req.num_prompt_tokens, len(req.output_token_ids), req.num_cached_prompt)
         return RequestOutput(req.parent_id, new_ids or [], self._echo(req, delta), reason, stop_reason, usage, error, req.index,
-                             logprobs, self._take_prompt_logprobs(req))
+                             logprobs, self._take_prompt_logprobs(req), req.timings())
 
     @staticmethod
     def _take_prompt_logprobs(req: Request) -> list | None:

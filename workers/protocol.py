@@ -48,6 +48,7 @@ class RequestOutput:
     index: int = 0  # the choice, for n > 1
     logprobs: list[Any] | None = None  # workers.sampler.TokenLogprob per new token, when asked
     prompt_logprobs: list[Any] | None = None  # per prompt token (None for the first), once, when asked
+    timings: Any = None  # workers.request.RequestTimings, on a choice's last output
 
     @property
     def finished(self) -> bool:
@@ -64,6 +65,8 @@ class EngineStats:
     num_preemptions_total: int
     kv: Any  # workers.kv_cache.CacheStats
     num_blocked_steps_total: int = 0  # steps that could schedule none of the waiting requests
+    scheduled_tokens_total: int = 0  # tokens computed by all steps (prefill chunks and decodes)
+    pending_tokens: int = 0
 
 
 class RequestStream:

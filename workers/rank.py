@@ -11,13 +11,23 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from workers.metrics import Exporter, RankMetrics
 from workers.wave import WaveLoop
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MetricsOptions:
+    gang: str  # the label that tells gangs apart (the Serve deployment's name)
+    application: str = "maverick"  # the Serve application
+    period_s: float = 1.0
+    expert_layer_matrix: bool = False  # tokens per (layer, expert): Maverick has 24 x 128 per gang
 
 
 def free_port() -> int:
@@ -36,8 +46,11 @@ def node_ip() -> str:
 
 
 class Rank:
-    def __init__(self, rank: int, world_size: int, torch_threads: int, device: str = "cpu"):
+    def __init__(self, rank: int, world_size: int, torch_threads: int, device: str = "cpu",
+                 metrics: MetricsOptions | None = None):
         self.rank, self.world_size = rank, world_size
+        self.metrics_options = metrics
+        self._exporter: Exporter | None = None
         self.device = torch.device(device)
         # NOTE: one Ray actor per rank; its intra-op threads are the cores it may use, and they
         # belong to the wave thread, which runs every step. libgomp gives the thread that first
@@ -64,6 +77,23 @@ class Rank:
         self.group = dist.group.WORLD
         return time.monotonic() - start
 
+    def start_metrics(self, role: str) -> None:
+        """Export this rank's metrics from a thread of their own (never the wave thread)."""
+        options = self.metrics_options
+        if options is None or self._exporter is not None:
+            return
+        labels = {"application": options.application, "gang": options.gang, "rank": str(self.rank), "role": role}
+        metrics = RankMetrics(labels, options.expert_layer_matrix)
+        self._exporter = Exporter(lambda: self.publish_metrics(metrics), options.period_s, f"{role}-{self.rank}")
+        self._exporter.start()
+
+    def publish_metrics(self, metrics: RankMetrics) -> None:
+        wave = self.wave
+        if wave is not None:
+            comm = getattr(self, "comm", None)
+            metrics.comm(comm.alltoall_seconds if comm else 0.0, comm.alltoall_bytes if comm else 0,
+                         wave.idle_seconds)
+
     def wake(self, generation: int) -> None:
         if self.wave is not None:
             self.wave.wake(generation)
@@ -84,6 +114,8 @@ class Rank:
                 "failed": repr(wave.failed) if wave and wave.failed else None}
 
     def shutdown(self) -> None:
+        if self._exporter is not None:
+            self._exporter.stop()
         if self.wave is not None:
             self.wave.stop()
         if dist.is_initialized():

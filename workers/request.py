@@ -41,6 +41,13 @@ _ALLOWED = {
 }
 
 
+@dataclass(frozen=True)
+class RequestTimings:
+    queue_s: float  # arrival in the engine -> first scheduled
+    prefill_s: float  # first scheduled -> first token
+    decode_s: float  # first token -> finished
+
+
 @dataclass(eq=False)
 class Request:
     request_id: str
@@ -48,6 +55,8 @@ class Request:
     params: SamplingParams
     max_tokens: int  # resolved: never more than the context leaves
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # queue time ends here (the first admission)
+    first_token_time: float | None = None  # prefill ends here
     state: RequestState = RequestState.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     tokens: list[int] = field(init=False)  # prompt + outputs: what the model consumes
@@ -90,6 +99,8 @@ class Request:
         """The scheduler gave this request `num_tokens` of the step (prefill chunk or decode)."""
         if self.state is RequestState.WAITING:  # new, or resumed after preemption: (re)compute
             self._move(RequestState.PREFILL)
+            if self.first_scheduled_time is None:
+                self.first_scheduled_time = time.monotonic()
         assert 0 < num_tokens <= self.num_uncomputed
 
     def computed(self, num_tokens: int) -> bool:
@@ -98,6 +109,8 @@ class Request:
         return self.num_computed == len(self.tokens)
 
     def append_token(self, token: int) -> None:
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
         self.output_token_ids.append(token)
         self.tokens.append(token)
         if self.state is RequestState.PREFILL:
@@ -107,6 +120,13 @@ class Request:
         self._move(RequestState.WAITING)
         self.num_computed = 0
         self.num_preemptions += 1
+
+    def timings(self) -> "RequestTimings":
+        """Where the request's time went, at its end (vLLM's queue / prefill / decode split)."""
+        now = time.monotonic()
+        scheduled = self.first_scheduled_time or now
+        first = self.first_token_time or now
+        return RequestTimings(scheduled - self.arrival_time, max(0.0, first - scheduled), max(0.0, now - first))
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         target = {"abort": RequestState.ABORTED, "error": RequestState.FAILED}.get(reason, RequestState.FINISHED)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -39,6 +40,7 @@ class WaveLoop:
         self.failed: BaseException | None = None
         self.num_steps = 0
         self.idle = False
+        self.idle_seconds = 0.0  # asleep between waves, since start (a metric: idle fraction)
         self.on_failure: Callable[[BaseException], None] | None = None
         self._thread = threading.Thread(target=self._run, name=f"wave-{name}", daemon=True)
 
@@ -78,9 +80,9 @@ class WaveLoop:
                 empty = 0
                 lowest = -int(flags[1])
                 with self._cond:
-                    self.idle = True
+                    self.idle, asleep = True, time.monotonic()
                     self._cond.wait_for(lambda: self._wake_gen > lowest or self._stop)
-                    self.idle = False
+                    self.idle, self.idle_seconds = False, self.idle_seconds + time.monotonic() - asleep
         except BaseException as exc:  # a dead peer or a collective timeout: the gang has failed
             log.error("wave loop %s failed: %s", self.name, exc)
             self.failed = exc
