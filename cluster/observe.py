@@ -39,15 +39,43 @@ def scrape_config(serve_target: str | None, sd_file: Path = RAY_SD_FILE, interva
     return {"global": {"scrape_interval": interval, "evaluation_interval": interval}, "scrape_configs": jobs}
 
 
-class Prometheus:
+class PrometheusClient:
+    """Instant queries against a Prometheus server's HTTP API."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+
+    def query(self, promql: str) -> list[dict]:
+        """An instant query's result vector (empty: no data)."""
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        with urllib.request.urlopen(url, timeout=30) as r:
+            body = json.loads(r.read())
+        if body.get("status") != "success":
+            raise RuntimeError(f"query failed: {promql}: {body}")
+        return body["data"]["result"]
+
+    def value(self, promql: str) -> float | None:
+        result = self.query(promql)
+        return float(result[0]["value"][1]) if result else None
+
+    def targets_up(self) -> dict[str, int]:
+        """Scrape targets up, per job."""
+        up: dict[str, int] = {}
+        for r in self.query("up"):
+            job = r["metric"].get("job", "?")
+            up[job] = up.get(job, 0) + int(float(r["value"][1]))
+        return up
+
+
+class Prometheus(PrometheusClient):
     """A Prometheus server process on 127.0.0.1:`port`, with its data in `workdir`."""
 
     def __init__(self, workdir: Path, port: int, config: dict):
+        super().__init__(f"http://127.0.0.1:{port}")
         self.workdir, self.port = Path(workdir), port
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "prometheus.yml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 60) -> "Prometheus":
@@ -76,19 +104,3 @@ class Prometheus:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-    def query(self, promql: str) -> list[dict]:
-        """An instant query's result vector (empty: no data)."""
-        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-        with urllib.request.urlopen(url, timeout=30) as r:
-            body = json.loads(r.read())
-        if body.get("status") != "success":
-            raise RuntimeError(f"query failed: {promql}: {body}")
-        return body["data"]["result"]
-
-    def value(self, promql: str) -> float | None:
-        result = self.query(promql)
-        return float(result[0]["value"][1]) if result else None
-
-    def targets_up(self) -> dict[str, int]:
-        return {r["metric"].get("job", "?"): int(float(r["value"][1])) for r in self.query("up")}

@@ -16,14 +16,19 @@ from workers.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
-def ensure_local_ray(num_cpus: float | None = None) -> bool:
-    """Start a small local Ray unless one is connected; returns whether this call started it."""
+def ensure_local_ray(num_cpus: float | None = None, dashboard: bool = False,
+                     metrics_export_port: int | None = None) -> bool:
+    """Start a small local Ray unless one is connected; returns whether this call started it.
+    `dashboard` (on 127.0.0.1) makes Ray write the Prometheus service-discovery file."""
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    extra = {"_metrics_export_port": metrics_export_port} if metrics_export_port else {}
+    if dashboard:  # and metrics reported every 5 s (Ray's default is 10 s)
+        extra.update(dashboard_host="127.0.0.1", _system_config={"metrics_report_interval_ms": 5000})
     # logical CPUs may exceed the cores: ranks ask for fractions and share them
-    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 2), include_dashboard=False,
-             log_to_driver=False, object_store_memory=200 * 2**20)
+    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 2), include_dashboard=dashboard,
+             log_to_driver=False, object_store_memory=200 * 2**20, **extra)
     return True
 
 

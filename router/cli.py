@@ -67,6 +67,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_ep(args)
 
 
+def cmd_dashboards(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cluster import dashboards
+
+    out = Path(args.out) if args.out else dashboards.OUT_DIR
+    if args.check:
+        stale = dashboards.stale(out)
+        if stale:
+            print(f"maverick: dashboards out of date: {', '.join(stale)} (run `maverick dashboards`)", file=sys.stderr)
+            return 1
+        return 0
+    for path in dashboards.write(out):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maverick", description="Serve Llama 4 MoE models on Ray.")
     parser.add_argument("--log-level", default="WARNING", help="logging level for stderr")
@@ -94,8 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     from router.serve_cli import add_serve_parser
+    from router.top import add_top_parser
 
     add_serve_parser(sub)
+    add_top_parser(sub)
+
+    p = sub.add_parser("dashboards", help="write the Grafana dashboards of deploy/grafana/dashboards")
+    p.add_argument("--out", help="folder (default: the repository's deploy/grafana/dashboards)")
+    p.add_argument("--check", action="store_true", help="exit 1 if the committed JSON is out of date")
+    p.set_defaults(func=cmd_dashboards)
 
     p = sub.add_parser("bench", help="benchmarks, measured against peers in the same run")
     p.add_argument("target", choices=["engine", "ep", "serve"])

@@ -96,7 +96,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
-        ensure_local_ray()
+        ensure_local_ray(dashboard=args.observe, metrics_export_port=args.metrics_export_port)
     schema = ServeDeploySchema.model_validate(data)
     client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
                          grpc_options=gRPCOptions(**schema.grpc_options.model_dump()))
@@ -105,6 +105,7 @@ def run_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     client.deploy_apps(schema, _blocking=False)
     url = f"http://{host}:{port}"
+    prometheus = None
     started = time.monotonic()
     code = 0
     while not stop.is_set() and not http_ok(url + "/health/ready"):
@@ -120,6 +121,10 @@ def run_serve(args: argparse.Namespace) -> int:
         if _grpc_port(data) is not None:
             print(f"  gRPC maverick.v1.Generation: port {_grpc_port(data)} (metadata application={APP_NAME})",
                   flush=True)
+        print(f"  Prometheus metrics: {url}/metrics", flush=True)
+        if args.observe:
+            prometheus = _start_prometheus(args, f"{host}:{port}", _api_key_of(data))
+            print(f"  Prometheus: {prometheus.url}  (maverick top --prometheus {prometheus.url})", flush=True)
         while not stop.wait(2.0):
             state, message = _app_status()
             if state != "OK":
@@ -128,9 +133,36 @@ def run_serve(args: argparse.Namespace) -> int:
                 break
     if stop.is_set():
         _drain(float(args.grace_period))
+    if prometheus is not None:
+        prometheus.stop()
     serve.shutdown()
     ray.shutdown()
     return code
+
+
+def _api_key_of(data: dict) -> str | None:
+    return next((app["args"].get("api_key") for app in data["applications"] if app.get("args")), None)
+
+
+def _start_prometheus(args: argparse.Namespace, serve_target: str, api_key: str | None):
+    """Debian's prometheus on 127.0.0.1, scraping this local Ray (service discovery) and the serving port."""
+    import tempfile
+    from pathlib import Path
+
+    import ray
+
+    from cluster.observe import Prometheus, scrape_config
+
+    work = Path(tempfile.mkdtemp(prefix="maverick-prometheus-"))
+    key_file = None
+    if api_key:
+        key_file = work / "api_key"
+        key_file.write_text(api_key)
+        key_file.chmod(0o600)
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    config = scrape_config(serve_target, sd_file=session / "prom_metrics_service_discovery.json",
+                           interval_s=5, api_key_file=key_file)
+    return Prometheus(work, args.prometheus_port, config).start()
 
 
 def _drain(grace_s: float) -> None:
@@ -173,4 +205,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per attention worker")
     p.add_argument("--skip-tokenizer-init", action="store_true", help="token ids in and out, no tokenizer")
     p.add_argument("--grace-period", type=float, default=30, help="seconds in-flight requests get on shutdown")
+    p.add_argument("--observe", action="store_true",
+                   help="also start Debian's prometheus on 127.0.0.1 against this local cluster and print its URL")
+    p.add_argument("--prometheus-port", type=int, default=9090, help="with --observe")
+    p.add_argument("--metrics-export-port", type=int,
+                   help="a fixed port for Ray's metrics agent (for static Prometheus targets)")
     p.set_defaults(func=run_serve)

@@ -33,7 +33,8 @@ def test_make_serve_answers_chat_and_exits_0_on_sigterm(tmp_path):
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
     make = subprocess.Popen(["make", "-s", "serve", f"SERVE_ARGS=--http-port {port}"], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                            stderr=subprocess.STDOUT, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+                            start_new_session=True)  # its own process group: killpg below spares pytest
     try:
         deadline = time.monotonic() + 400  # a user waits for the printed endpoints
         while "maverick: ready" not in (tmp_path / "serve.log").read_text():
@@ -64,6 +65,51 @@ def test_make_serve_answers_chat_and_exits_0_on_sigterm(tmp_path):
         assert events[-1] == "data: [DONE]"
         assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
         assert make.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        if make.poll() is None:
+            os.killpg(os.getpgid(make.pid), signal.SIGKILL)
+        log.close()
+
+
+def test_make_observe_starts_prometheus_that_sees_the_deployment(tmp_path):
+    from cluster.observe import PrometheusClient
+
+    port, prom_port = free_port(), free_port()
+    log = open(tmp_path / "observe.log", "w")
+    make = subprocess.Popen(["make", "-s", "observe", f"SERVE_ARGS=--http-port {port} --prometheus-port {prom_port}"],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, start_new_session=True)
+    prom_url = f"http://127.0.0.1:{prom_port}"
+    try:
+        deadline = time.monotonic() + 400
+        while f"Prometheus: {prom_url}" not in (tmp_path / "observe.log").read_text():
+            assert make.poll() is None and time.monotonic() < deadline, (tmp_path / "observe.log").read_text()[-3000:]
+            time.sleep(1.0)
+        body = {"model": "tiny-maverick", "prompt": [2016, 5, 6], "max_tokens": 8, "ignore_eos": True}
+        prom = PrometheusClient(prom_url)
+        for expected in (24, 48):  # a second round once Prometheus has the first: rates need two samples
+            for _ in range(3):
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                             {"content-type": "application/json"})
+                assert json.loads(urllib.request.urlopen(req, timeout=60).read())["usage"]["completion_tokens"] == 8
+            deadline = time.monotonic() + 120  # Ray reports every 5 s, Prometheus scrapes every 5 s
+            while not (prom.value("sum(ray_maverick_generation_tokens_total)") == expected and
+                       prom.value('sum(maverick_generation_tokens_total{job="maverick-serve"})') == expected and
+                       prom.value("sum(ray_maverick_expert_tokens_total)")):
+                assert time.monotonic() < deadline, prom.query("up")
+                time.sleep(2.0)
+        top = subprocess.run([MAVERICK, "top", "--prometheus", prom_url, "--once"], capture_output=True, text=True,
+                             timeout=60)
+        assert top.returncode == 0, top.stderr
+        assert "gang-0" in top.stdout and "ready" in top.stdout and "hottest experts: #" in top.stdout, top.stdout
+        plain = subprocess.run([MAVERICK, "top", "--url", f"http://127.0.0.1:{port}", "--once", "--interval", "0.5"],
+                               capture_output=True, text=True, timeout=60)
+        assert plain.returncode == 0 and "gang-0" in plain.stdout and "ok 6" in plain.stdout, plain.stdout
+        serve_pids = _children(make.pid)
+        os.kill(serve_pids[0], signal.SIGTERM)
+        assert make.wait(timeout=120) == 0, (tmp_path / "observe.log").read_text()[-3000:]
+        with pytest.raises(OSError):  # prometheus went with it
+            urllib.request.urlopen(prom_url + "/-/ready", timeout=5)
     finally:
         if make.poll() is None:
             os.killpg(os.getpgid(make.pid), signal.SIGKILL)

@@ -1,0 +1,174 @@
+"""`maverick top`: a live terminal view of a running deployment.
+
+From Prometheus (`--prometheus URL`, the whole picture: gangs, throughput, latency percentiles, KV
+use, the hottest experts and rank imbalance), or else from the serving port's `/metrics` (requests,
+tokens, latency and gang state; rates and percentiles from the change between two refreshes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+
+from cluster.observe import PrometheusClient
+
+
+def _fmt(value: float | None, unit: str = "", scale: float = 1.0) -> str:
+    if value is None or math.isnan(value) or math.isinf(value):
+        return "-"
+    return f"{value * scale:.1f}{unit}"
+
+
+class PrometheusSource:
+    def __init__(self, url: str, application: str, window: str):
+        self.prom = PrometheusClient(url)
+        self.app = f'application=~"{application}"'
+        self.window = window
+
+    def _by(self, promql: str, label: str) -> dict[str, float]:
+        return {r["metric"].get(label, ""): float(r["value"][1]) for r in self.prom.query(promql)}
+
+    def _one(self, promql: str) -> float | None:
+        return self.prom.value(promql)
+
+    def lines(self) -> list[str]:
+        a, w = self.app, self.window
+        states = self.prom.query(f"max by (gang, state) (ray_maverick_gang_state{{{a}}}) > 0")
+        restarts = self._by(f"max by (gang) (ray_maverick_gang_restarts{{{a}}})", "gang")
+        running = self._by(f"sum by (gang) (ray_maverick_num_requests_running{{{a}}})", "gang")
+        waiting = self._by(f"sum by (gang) (ray_maverick_num_requests_waiting{{{a}}})", "gang")
+        kv = self.prom.query(f"max by (gang, group) (ray_maverick_kv_cache_usage_perc{{{a}}})")
+        kv_by_gang = defaultdict(list)
+        for r in kv:
+            kv_by_gang[r["metric"].get("gang", "")].append(
+                f"{r['metric'].get('group', '').split('_')[0]} {float(r['value'][1]):.0%}")
+        out = [f"{'gang':<10} {'state':<11} {'restarts':>8} {'running':>8} {'waiting':>8}  KV in use"]
+        for r in sorted(states, key=lambda r: r["metric"].get("gang", "")):
+            g = r["metric"].get("gang", "")
+            out.append(f"{g:<10} {r['metric'].get('state', ''):<11} {restarts.get(g, 0):>8.0f} "
+                       f"{running.get(g, 0):>8.0f} {waiting.get(g, 0):>8.0f}  {', '.join(kv_by_gang.get(g, [])) or '-'}")
+
+        def q(metric: str, p: float) -> float | None:
+            return self._one(f"histogram_quantile({p}, sum by (le) (rate({metric}_bucket{{{a}}}[{w}])))")
+
+        tok_s = self._one(f"sum (rate(ray_maverick_generation_tokens_total{{{a}}}[{w}]))")
+        outcomes = self._by(f"sum by (outcome) (rate(ray_maverick_requests_total{{{a}}}[{w}]))", "outcome")
+        out += ["", f"generation {_fmt(tok_s, ' tok/s')}   requests/s: " +
+                (", ".join(f"{k} {v:.2f}" for k, v in sorted(outcomes.items())) or "-"),
+                f"TTFT p50 {_fmt(q('ray_maverick_time_to_first_token_seconds', 0.5), ' ms', 1e3)}  "
+                f"p99 {_fmt(q('ray_maverick_time_to_first_token_seconds', 0.99), ' ms', 1e3)}   "
+                f"TPOT p50 {_fmt(q('ray_maverick_inter_token_latency_seconds', 0.5), ' ms', 1e3)}  "
+                f"p99 {_fmt(q('ray_maverick_inter_token_latency_seconds', 0.99), ' ms', 1e3)}"]
+        hot = self.prom.query(f"topk(5, sum by (expert) (increase(ray_maverick_expert_tokens_total{{{a}}}[{w}])))")
+        layer_rank = f"sum by (layer, rank) (increase(ray_maverick_expert_rank_layer_tokens_total{{{a}}}[{w}]))"
+        imbalance = self._by(f"max by (layer) ({layer_rank}) / avg by (layer) ({layer_rank})", "layer")
+        out.append("hottest experts: " + (", ".join(
+            f"#{r['metric'].get('expert')} {float(r['value'][1]):.0f}" for r in hot) or "-") + f" tokens in {w}")
+        out.append("rank imbalance (max/mean) by layer: " + (", ".join(
+            f"L{k} {v:.2f}" for k, v in sorted(imbalance.items(), key=lambda kv: int(kv[0]))
+            if not math.isnan(v)) or "-"))
+        return out
+
+
+class EndpointSource:
+    """The serving port's /metrics: the view of one ingress replica."""
+
+    def __init__(self, url: str, api_key: str | None):
+        self.url, self.api_key = url.rstrip("/") + "/metrics", api_key
+        self.previous: dict | None = None
+        self.previous_time = 0.0
+
+    def _scrape(self) -> dict:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        req = urllib.request.Request(self.url)
+        if self.api_key:
+            req.add_header("authorization", f"Bearer {self.api_key}")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            text = r.read().decode()
+        samples = defaultdict(float)
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                samples[(s.name, tuple(sorted(s.labels.items())))] += s.value
+        return samples
+
+    def lines(self) -> list[str]:
+        now, samples = time.monotonic(), self._scrape()
+        prev, dt = self.previous or {}, max(1e-9, now - self.previous_time)
+        self.previous, self.previous_time = samples, now
+
+        def total(name: str, **match) -> float:
+            return sum(v for (n, labels), v in samples.items()
+                       if n == name and all(dict(labels).get(k) == x for k, x in match.items()))
+
+        def delta(name: str) -> float:
+            return total(name) - sum(v for (n, _), v in prev.items() if n == name)
+
+        def quantile(metric: str, p: float) -> float | None:
+            buckets = defaultdict(float)
+            for (n, labels), v in samples.items():
+                if n == f"{metric}_bucket":
+                    le = float(dict(labels)["le"])
+                    buckets[le] += v - sum(pv for (pn, pl), pv in prev.items()
+                                           if pn == n and float(dict(pl)["le"]) == le)
+            count = buckets.get(math.inf, 0)
+            if not prev or count <= 0:
+                return None
+            return next(le for le in sorted(buckets) if buckets[le] >= p * count)
+
+        out = [f"{'gang':<10} {'state':<11} {'restarts':>8} {'in flight':>9}"]
+        gangs = sorted({dict(labels)["gang"] for (n, labels) in samples if n == "maverick_gang_state"})
+        for g in gangs:
+            state = next((dict(labels)["state"] for (n, labels), v in samples.items()
+                          if n == "maverick_gang_state" and dict(labels)["gang"] == g and v == 1), "-")
+            out.append(f"{g:<10} {state:<11} {total('maverick_gang_restarts', gang=g):>8.0f} "
+                       f"{total('maverick_gang_requests_in_flight', gang=g):>9.0f}")
+        tok_s = delta("maverick_generation_tokens_total") / dt if prev else None
+        out += ["", f"generation {_fmt(tok_s, ' tok/s')}   requests: " + ", ".join(
+            f"{o} {total('maverick_requests_total', outcome=o):.0f}"
+            for o in ("ok", "client_error", "rejected", "unavailable", "timeout", "server_error", "aborted")),
+            f"TTFT p50 {_fmt(quantile('maverick_time_to_first_token_seconds', 0.5), ' ms', 1e3)}  "
+            f"p99 {_fmt(quantile('maverick_time_to_first_token_seconds', 0.99), ' ms', 1e3)}   "
+            f"TPOT p50 {_fmt(quantile('maverick_inter_token_latency_seconds', 0.5), ' ms', 1e3)}  "
+            f"p99 {_fmt(quantile('maverick_inter_token_latency_seconds', 0.99), ' ms', 1e3)}",
+            "(KV use and experts: give --prometheus)"]
+        return out
+
+
+def run_top(args) -> int:
+    if args.prometheus:
+        source = PrometheusSource(args.prometheus, args.application, args.window)
+        where = f"Prometheus {args.prometheus}"
+    else:
+        source = EndpointSource(args.url, args.api_key or os.environ.get("MAVERICK_API_KEY"))
+        source.lines()  # a first scrape, so the first view already has rates
+        time.sleep(min(args.interval, 2.0))
+        where = f"{args.url}/metrics"
+    live = sys.stdout.isatty() and not args.once
+    while True:
+        try:
+            lines = source.lines()
+        except OSError as exc:
+            lines = [f"cannot read {where}: {exc}"]
+        header = f"maverick top — {where} — {time.strftime('%H:%M:%S')}"
+        text = "\n".join([header, ""] + lines)
+        print(("\x1b[H\x1b[2J" if live else "") + text, flush=True)
+        if args.once:
+            return 0
+        time.sleep(args.interval)
+
+
+def add_top_parser(sub) -> None:
+    p = sub.add_parser("top", help="a live terminal view of a running deployment")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the serving port (read its /metrics)")
+    p.add_argument("--api-key", help="the deployment's API key (or MAVERICK_API_KEY)")
+    p.add_argument("--prometheus", help="a Prometheus scraping the cluster (the full view)")
+    p.add_argument("--application", default=".*", help="Serve application (regex) in the Prometheus view")
+    p.add_argument("--window", default="1m", help="rate window of the Prometheus view")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    p.add_argument("--once", action="store_true", help="print one view and exit")
+    p.set_defaults(func=run_top)
