@@ -187,8 +187,9 @@ class EngineRequestClock:
             n = len(out.new_token_ids)
             if n:
                 before = self.last.get(out.index)
-                if before is None:
-                    m.ttft.record(now - self.start, tags)
+                if before is None:  # a choice's first token: TTFT once per engine request, as vLLM counts
+                    if not self.last:
+                        m.ttft.record(now - self.start, tags)
                     n -= 1
                 for _ in range(n):  # tokens that came together share the gap
                     m.itl.record((now - (before or now)) / max(1, n), tags)
