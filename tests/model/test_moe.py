@@ -59,7 +59,11 @@ def test_router_scales_the_input_not_the_output():
     score = torch.sigmoid(top)
     routed = torch.stack([experts_for_loop(moe.experts, (score[t] * x[t])[None], expert[t:t + 1])[0]
                           for t in range(7)])
-    torch.testing.assert_close(moe(x), moe.shared_expert(x) + routed, atol=1e-6, rtol=1e-5)
+    expected = moe.shared_expert(x) + routed
+    # NOTE: with std-0.5 weights the activations reach ~100; fp32 rounding of sums that large (the
+    # grouped and per-row paths use different GEMM kernels, which differ by CPU) is ~1e-7 of that
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(moe(x), expected, atol=1e-6 * scale, rtol=1e-5)
     wrong = moe.shared_expert(x) + score[:, None] * moe.experts(x, expert)
     assert (moe(x) - wrong).abs().max() > 1e-3  # SiLU-gated experts are not homogeneous
 
