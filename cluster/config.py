@@ -103,8 +103,9 @@ class AppConfig(GangConfig):
     """The `args` of a deployment YAML (`router.app:build`): one gang layout served `num_gangs` times."""
 
     served_model_name: str | None = None  # default: `model` as given
-    make_tiny: Literal["tiny-maverick", "tiny-scout", "bench"] | None = Field(
-        None, description="write a random-weight checkpoint of this preset at `model` when it is missing")
+    make_tiny: Literal["tiny-maverick", "tiny-scout", "bench", "tiny-maverick-fp8"] | None = Field(
+        None, description="write a random-weight checkpoint of this preset at `model` when it is missing "
+                          "(`-fp8`: in Meta's FP8 layout)")
     num_gangs: int = Field(1, ge=1)
     api_key: str | None = Field(None, min_length=1, repr=False)
     max_pending_requests: int = Field(256, ge=1, description="in flight per ingress replica; beyond: 429")

@@ -5,6 +5,8 @@ Checkpoint quirks handled in one place:
 - Routed experts are fused (`experts.gate_up_proj` [E,D,2F], `experts.down_proj` [E,F,D]) or
   per-expert Linear weights (`experts.{e}.{gate,up,down}_proj.weight`, [F,D]/[F,D]/[D,F]).
 - Vision tower and projector keys are ignored.
+- FP8 checkpoints (`model.quant`): quantized modules keep their FP8 `weight` and its `weight_scale`;
+  FP8 routed experts come only as per-expert keys.
 Only the rows of the experts a module holds are read.
 """
 
@@ -20,12 +22,15 @@ from torch import nn
 
 from model.checkpoint import CheckpointError, CheckpointReader
 from model.moe import RoutedExperts
+from model.quant import FP8, load_scheme, quantize_modules
 
 log = logging.getLogger(__name__)
 
 TEXT_PREFIX = "language_model."
 IGNORED_PREFIXES = ("vision_model.", "multi_modal_projector.")
 _EXPERT_PARAM = re.compile(r"^(?P<layer>.*\.feed_forward\.experts)\.(?P<name>gate_up_proj|down_proj)$")
+_FP8_EXPERT_PARAM = re.compile(r"^(?P<layer>.*\.feed_forward\.experts)\."
+                               r"(?P<name>gate_up_weight|down_weight)(?P<scale>_scale)?$")
 
 
 @dataclass
@@ -52,10 +57,14 @@ def load_model(model: nn.Module, reader: CheckpointReader, dtype: torch.dtype,
     modules = dict(model.named_modules())
     for name, param in model.named_parameters():
         m = _EXPERT_PARAM.match(name)
+        fp8 = _FP8_EXPERT_PARAM.match(name)
         if m:
             experts = modules[m["layer"]]
             assert isinstance(experts, RoutedExperts)
             tensor, keys = read_experts(reader, prefix + m["layer"], m["name"], experts.expert_ids)
+        elif fp8:
+            tensor, keys = read_fp8_experts(reader, prefix + fp8["layer"], fp8["name"], bool(fp8["scale"]),
+                                            modules[fp8["layer"]].expert_ids)
         else:
             keys = [prefix + name]
             tensor = reader.read(keys[0])
@@ -92,12 +101,39 @@ def read_experts(reader: CheckpointReader, experts_key: str, name: str,
     return torch.stack(rows), keys
 
 
+def read_fp8_experts(reader: CheckpointReader, experts_key: str, name: str, scale: bool,
+                     expert_ids: list[int]) -> tuple[torch.Tensor, list[str]]:
+    """FP8 experts [e, out, in] (or their scales [e, out, 1]) from per-expert keys, as stored: no transpose.
+    `gate_up_weight` stacks the gate rows over the up rows."""
+    if not expert_ids:
+        return torch.empty(0), []
+    suffix = ".weight_scale" if scale else ".weight"
+    parts = ("down_proj",) if name == "down_weight" else ("gate_proj", "up_proj")
+    keys, rows = [], []
+    for e in expert_ids:
+        names = [f"{experts_key}.{e}.{part}{suffix}" for part in parts]
+        for key in names:
+            if key not in reader.tensors:
+                raise CheckpointError(f"FP8 checkpoint {reader.dir} has no tensor {key!r} (FP8 routed experts "
+                                      f"need per-expert weights and weight_scale)")
+        keys += names
+        rows.append(torch.cat([reader.read(k) for k in names]))
+    return torch.stack(rows), keys
+
+
 def _copy(param: torch.Tensor, tensor: torch.Tensor, key: str, reader: CheckpointReader,
           dtype: torch.dtype) -> None:
     if tuple(tensor.shape) != tuple(param.shape):
         file = reader.tensors[key].file.name if key in reader.tensors else "?"
         raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                               f"the config expects {tuple(param.shape)}")
+    if param.dtype == FP8:  # FP8 storage stays FP8 (a quantized module)
+        if tensor.dtype != FP8:
+            raise CheckpointError(f"tensor {key!r} is {tensor.dtype}, but quantization_config quantizes its "
+                                  f"module to float8_e4m3fn")
+        dtype = FP8
+    elif key.endswith("weight_scale"):
+        dtype = torch.float32  # scales stay exact
     with torch.no_grad():
         param.data = tensor.to(device=param.device, dtype=dtype).contiguous()
 
@@ -110,6 +146,12 @@ def _check_unexpected(reader: CheckpointReader, prefix: str, used: set[str]) -> 
         if prefix and not key.startswith(prefix):
             raise CheckpointError(f"{file}: unexpected tensor {key!r} (neither text nor vision)")
         raise CheckpointError(f"{file}: unexpected tensor {key!r}: the config.json does not describe it")
+
+
+def apply_quantization(model: nn.Module, model_dir: str | Path) -> nn.Module:
+    """Swap in the FP8 modules an FP8 checkpoint needs (a no-op for bf16/fp32); call on the meta model."""
+    scheme = load_scheme(model_dir)
+    return model if scheme is None else quantize_modules(model, scheme)
 
 
 def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
@@ -130,6 +172,7 @@ def load_pretrained(model_dir: str | Path, dtype: torch.dtype = torch.float32,
     config = load_config(model_dir)
     with torch.device("meta"):
         model = Llama4ForCausalLM(config)
+    apply_quantization(model, model_dir)
     materialize(model, device)
     with CheckpointReader(model_dir) as reader:
         load_model(model, reader, dtype)

@@ -1,6 +1,6 @@
 """Inference-time rewrites of a loaded model that change speed, never results beyond fp32 rounding.
 
-- `fuse`: q/k/v and gate/up projections become one GEMM each (every device).
+- `fuse`: q/k/v and gate/up projections become one GEMM each (every device; FP8 ones stay apart).
 - CPU, fp32, with the decode kernel (`model.cpu_kernels`): every Linear and every routed expert runs
   skinny inputs through it; routed expert weights are stored [out, in] in memory (their logical
   checkpoint shape is kept as a transposed view) so the kernel streams them row by row.
@@ -19,6 +19,7 @@ from model import cpu_kernels
 from model.attention import Attention
 from model.layers import MLP
 from model.moe import RoutedExperts
+from model.quant import Fp8Linear
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ def fuse(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         if isinstance(module, (Attention, MLP)) and getattr(module, "qkv_proj", None) is None \
                 and getattr(module, "gate_up_proj", None) is None:
+            if any(isinstance(child, Fp8Linear) for child in module.children()):
+                continue  # FP8 projections stay apart: each dequantizes (or runs an FP8 GEMM) on its own
             module.fuse()
     return model
 

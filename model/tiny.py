@@ -5,7 +5,9 @@ What it writes, as the Hub repos have it: a `Llama4ForConditionalGeneration` `co
 tower), sharded safetensors with `language_model.` keys and an index, `generation_config.json`, a
 byte-level BPE `tokenizer.json` trained here carrying the Llama 4 special tokens (ids remapped into
 the small vocab) and `tokenizer_config.json` with the Llama 4 chat template.
-`--layout causal` writes a text-only `Llama4ForCausalLM` checkpoint instead.
+`--layout causal` writes a text-only `Llama4ForCausalLM` checkpoint instead. `--fp8` writes Meta's FP8
+layout (`model.quant`): per-channel E4M3 weights with `weight_scale` for every Linear not in the
+ignore list, routed experts as per-expert keys, the compressed-tensors `quantization_config`.
 """
 
 from __future__ import annotations
@@ -115,8 +117,38 @@ def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> to
     return gain / math.sqrt(fan_in) * torch.randn(shape, generator=gen)
 
 
+def fp8_tensors(tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Quantize every Linear the FP8 scheme covers (per output channel, from the fp32 values); routed
+    experts become per-expert keys."""
+    from model.quant import Fp8Scheme, DEFAULT_IGNORE, quantize_rows
+
+    scheme = Fp8Scheme(DEFAULT_IGNORE, True)
+    out: dict[str, torch.Tensor] = {}
+
+    def linear(key: str, w_OI: torch.Tensor) -> None:
+        q, scale = quantize_rows(w_OI)
+        out[key], out[key + "_scale"] = q, scale.to(dtype)
+
+    for key, t in tensors.items():
+        module = key.removeprefix(prefix).rsplit(".", 1)[0]
+        if key.endswith("experts.gate_up_proj"):  # [E, D, 2F] -> per expert gate/up [F, D]
+            width = t.shape[-1] // 2
+            for e in range(t.shape[0]):
+                linear(f"{key[:-len('gate_up_proj')]}{e}.gate_proj.weight", t[e, :, :width].t())
+                linear(f"{key[:-len('gate_up_proj')]}{e}.up_proj.weight", t[e, :, width:].t())
+        elif key.endswith("experts.down_proj"):  # [E, F, D] -> per expert [D, F]
+            for e in range(t.shape[0]):
+                linear(f"{key[:-len('down_proj')]}{e}.down_proj.weight", t[e].t())
+        elif key.endswith("_proj.weight") and not key.startswith(("vision_model.", "multi_modal_projector.")) \
+                and scheme.quantized(module):
+            linear(key, t)
+        else:
+            out[key] = t.to(dtype)
+    return out
+
+
 def make_tiny(out_dir: str | Path, preset: str = "tiny-maverick", seed: int = 0, layout: str = "conditional",
-              dtype: torch.dtype = torch.bfloat16, num_shards: int = 2) -> Path:
+              dtype: torch.dtype = torch.bfloat16, num_shards: int = 2, fp8: bool = False) -> Path:
     if preset not in TINY_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(TINY_PRESETS)}")
     if layout not in ("conditional", "causal"):
@@ -132,12 +164,18 @@ def make_tiny(out_dir: str | Path, preset: str = "tiny-maverick", seed: int = 0,
                           pad_token_id=ids["<|finetune_right_pad|>"], torch_dtype=str(dtype).split(".")[-1])
     gen = torch.Generator().manual_seed(seed)
     prefix = "language_model." if layout == "conditional" else ""
-    tensors = {prefix + k: random_tensor(k, s, gen).to(dtype) for k, s in text_weight_shapes(config).items()}
+    tensors = {prefix + k: random_tensor(k, s, gen) for k, s in text_weight_shapes(config).items()}
     if layout == "conditional":
         vshapes = vision_weight_shapes(config.hidden_size, TINY_VISION)
-        tensors.update({k: random_tensor(k, s, gen).to(dtype) for k, s in vshapes.items()})
+        tensors.update({k: random_tensor(k, s, gen) for k, s in vshapes.items()})
+    tensors = fp8_tensors(tensors, prefix, dtype) if fp8 else {k: t.to(dtype) for k, t in tensors.items()}
     _write_shards(out, tensors, num_shards)
-    _write_json(out / "config.json", _hf_config(config, layout, special_ids))
+    hf_config = _hf_config(config, layout, special_ids)
+    if fp8:
+        from model.quant import fp8_quantization_config
+
+        hf_config["quantization_config"] = fp8_quantization_config()
+    _write_json(out / "config.json", hf_config)
     _write_json(out / "generation_config.json", {
         "bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": config.pad_token_id,
         "do_sample": True, "temperature": 0.6, "top_p": 0.9, "transformers_version": "5.24.0"})

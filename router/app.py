@@ -32,7 +32,7 @@ def prepare_args(args: dict) -> AppConfig:
         from model.tiny import make_tiny
 
         log.warning("writing a %s checkpoint to %s", config.make_tiny, model)
-        make_tiny(model, preset=config.make_tiny)
+        make_tiny(model, preset=config.make_tiny.removesuffix("-fp8"), fp8=config.make_tiny.endswith("-fp8"))
     return config.model_copy(update={"model": str(model),
                                      "served_model_name": config.served_model_name or config.model})
 

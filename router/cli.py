@@ -33,7 +33,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     from model.tiny import make_tiny
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    out = make_tiny(args.dir, preset=args.preset, seed=args.seed, layout=args.layout, dtype=dtype)
+    out = make_tiny(args.dir, preset=args.preset, seed=args.seed, layout=args.layout, dtype=dtype, fp8=args.fp8)
     print(out)
     return 0
 
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="conditional", choices=["conditional", "causal"],
                    help="Llama4ForConditionalGeneration (Hub layout) or text-only Llama4ForCausalLM")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--fp8", action="store_true",
+                   help="Meta's FP8 layout: per-channel E4M3 weights + weight_scale, compressed-tensors config")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("generate", help="greedy generation for a batch of prompts, one JSON line each")

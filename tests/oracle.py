@@ -72,3 +72,42 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     for _ in range(max_new_tokens):
         ids.append(int(hf_logits(model, ids)[-1].argmax()))
     return ids[len(prompt):]
+
+
+def dequantized_copy(src: Path, dst: Path) -> Path:
+    """The FP8 checkpoint's weights as fp32 (W = q * scale), fused experts, no quantization_config."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from model.checkpoint import CheckpointReader
+    from model.quant import dequantize
+
+    dst.mkdir(parents=True, exist_ok=True)
+    reader = CheckpointReader(src)
+    tensors = {k: reader.read(k) for k in reader.keys()}
+    out, experts = {}, {}
+    for key, t in tensors.items():
+        if key.endswith("weight_scale"):
+            continue
+        if key + "_scale" in tensors:
+            t = dequantize(t, tensors[key + "_scale"], torch.float32)
+        if ".experts." in key:  # ...experts.{e}.{gate,up,down}_proj.weight
+            head, e, part = key.rsplit(".", 3)[0], int(key.rsplit(".", 3)[1]), key.rsplit(".", 3)[2]
+            experts.setdefault(head, {}).setdefault(e, {})[part] = t
+            continue
+        out[key] = t.float()
+    for head, by_e in experts.items():
+        ids = sorted(by_e)
+        out[head + ".gate_up_proj"] = torch.stack([torch.cat([by_e[e]["gate_proj"].t(), by_e[e]["up_proj"].t()], -1)
+                                                   for e in ids])
+        out[head + ".down_proj"] = torch.stack([by_e[e]["down_proj"].t() for e in ids])
+    save_file({k: v.contiguous() for k, v in out.items()}, str(dst / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    del config["quantization_config"]
+    config["torch_dtype"] = config["text_config"]["torch_dtype"] = "float32"
+    (dst / "config.json").write_text(json.dumps(config))
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, dst / name)
+    return dst

@@ -19,8 +19,9 @@ import torch
 from model.checkpoint import CheckpointReader
 from model.config import load_config
 from model.decoder import Llama4ForCausalLM
-from model.loader import load_model, materialize, resolve_dtype
+from model.loader import apply_quantization, load_model, materialize, resolve_dtype
 from model.optimize import optimize_for_inference
+from model.quant import weight_bytes
 from model.tokenizer import Tokenizer, load_generation_defaults
 from workers.config import EngineConfig
 from workers.engine import LLMEngine
@@ -65,9 +66,11 @@ class AttentionWorker(Rank):
             placement = Placement.contiguous(config.moe_layers, config.num_experts, expert_ranks)
             for layer, moe in model.moe_blocks():
                 moe.experts = AllToAllExperts(comm, placement, layer)
+        apply_quantization(model, self.model_dir)  # an FP8 checkpoint: shared experts, dense MLPs in FP8
         materialize(model, self.device)
         with CheckpointReader(self.model_dir) as reader:
             report = load_model(model, reader, dtype, strict=False)
+        self.weight_bytes = weight_bytes(model)
         model = optimize_for_inference(model.eval())
         tokenizer = None if self.skip_tokenizer_init else Tokenizer(self.model_dir)
         self.engine = LLMEngine(model, self.engine_config, tokenizer, load_generation_defaults(self.model_dir))
@@ -79,7 +82,8 @@ class AttentionWorker(Rank):
         log.info("attention rank %d loaded %.1f MB in %.1fs", self.rank, report.bytes_read / 1e6,
                  time.monotonic() - start)
         return {"rank": self.rank, "bytes_read": report.bytes_read, "seconds": time.monotonic() - start,
-                "expert_keys_read": sum(".experts." in k for k in report.keys_read)}
+                "expert_keys_read": sum(".experts." in k for k in report.keys_read),
+                "weight_bytes": self.weight_bytes}
 
     def start(self) -> None:
         self.wave.start()
@@ -131,6 +135,7 @@ class AttentionWorker(Rank):
                 "prompt_tokens": s.prompt_tokens_total, "generation_tokens": s.generation_tokens_total,
                 "alltoall_seconds": self.comm.alltoall_seconds if self.comm else 0.0,
                 "alltoall_bytes": self.comm.alltoall_bytes if self.comm else 0,
+                "weight_bytes": self.weight_bytes,
                 "step_seconds": list(self.step_seconds)}
 
     # -- on the wave thread -------------------------------------------------------------------------

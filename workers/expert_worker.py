@@ -15,9 +15,10 @@ from torch import nn
 
 from model.checkpoint import CheckpointReader
 from model.config import Llama4Config, load_config
-from model.loader import load_model, materialize, resolve_dtype
+from model.loader import apply_quantization, load_model, materialize, resolve_dtype
 from model.moe import RoutedExperts
 from model.optimize import optimize_for_inference
+from model.quant import weight_bytes
 from workers.errors import Unavailable
 from workers.expert_parallel import ExpertGroup, Placement, serve_layer
 from workers.rank import MetricsOptions, Rank
@@ -62,9 +63,11 @@ class ExpertWorker(Rank):
         owned = {layer: placement.experts_on(self.rank, layer) for layer in config.moe_layers}
         with torch.device("meta"):
             self.shard = ExpertShard(config, owned)
+        apply_quantization(self.shard, self.model_dir)  # an FP8 checkpoint: the experts stay FP8 in memory
         materialize(self.shard, self.device)
         with CheckpointReader(self.model_dir) as reader:
             report = load_model(self.shard, reader, dtype, strict=False)
+        self.weight_bytes = weight_bytes(self.shard)
         optimize_for_inference(self.shard)
         self.layers = [self.shard.experts(layer) for layer in config.moe_layers]
         self.moe_layers = list(config.moe_layers)
@@ -78,7 +81,7 @@ class ExpertWorker(Rank):
         log.info("expert rank %d holds experts %s: %.1f MB in %.1fs", self.rank, owned[config.moe_layers[0]],
                  report.bytes_read / 1e6, time.monotonic() - start)
         return {"rank": self.rank, "bytes_read": report.bytes_read, "seconds": time.monotonic() - start,
-                "experts": owned[config.moe_layers[0]]}
+                "experts": owned[config.moe_layers[0]], "weight_bytes": self.weight_bytes}
 
     def start(self) -> None:
         self.wave.start()
@@ -105,6 +108,7 @@ class ExpertWorker(Rank):
         """Counters of this rank, frozen at the end of a step (read by other threads)."""
         return {"rows_served": self.rows_served, "alltoall_bytes": self.comm.alltoall_bytes,
                 "alltoall_seconds": self.comm.alltoall_seconds, "moe_layers": self.moe_layers,
+                "weight_bytes": self.weight_bytes,
                 "experts": self.owned_experts, "expert_load": self.expert_load_LE.clone()}
 
     def stats(self) -> dict:
