@@ -73,6 +73,28 @@ def test_fp8_engine_greedy_equals_transformers_on_the_dequantized_weights(checkp
         assert out.token_ids == hf_greedy(hf, prompt, 12)
 
 
+def test_transformers_reads_our_fp8_layout_with_compressed_tensors(tmp_path):
+    """transformers' own compressed-tensors support loads `make-tiny --fp8`. It dequantizes in the
+    scale's dtype, so with fp32 scales its weights are exactly q * scale, as ours are (with bf16
+    scales it rounds each product to bf16; we multiply in fp32, as an FP8 GEMM does)."""
+    from transformers import CompressedTensorsConfig, Llama4ForConditionalGeneration
+
+    from workers.llm import LLM
+    from workers.sampling_params import SamplingParams
+
+    ckpt = make_tiny(tmp_path / "fp8", "tiny-maverick", seed=4, fp8=True, dtype=torch.float32)
+    hf = Llama4ForConditionalGeneration.from_pretrained(
+        ckpt, dtype=torch.float32, attn_implementation="eager",
+        quantization_config=CompressedTensorsConfig(dequantize=True)).eval().language_model
+    assert type(hf.model.layers[1].feed_forward.experts).__name__ == "SequentialLlama4TextExperts"
+    ours = load_pretrained(ckpt)
+    for prompt in PROMPTS:
+        assert (prefill_logits(ours, prompt) - hf_logits(hf, prompt)).abs().max() < 1e-4
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    for out, prompt in zip(LLM(ckpt, skip_tokenizer_init=True).generate(PROMPTS, params), PROMPTS):
+        assert out.token_ids == hf_greedy(hf, prompt, 12)
+
+
 def _edit_config(ckpt, edit):
     config = json.loads((ckpt / "config.json").read_text())
     edit(config["quantization_config"])
