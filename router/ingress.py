@@ -53,10 +53,14 @@ async def _parse(request: Request, model_cls):
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # a hostile body of thousands of nested brackets
+        raise InvalidRequest("the body is nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object")
     try:
         return model_cls.model_validate(data)
+    except RecursionError:
+        raise InvalidRequest("the body is nested too deeply") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
