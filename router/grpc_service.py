@@ -16,7 +16,7 @@ from router import maverick_v1_pb2 as pb
 from router.errors import HTTPError, error_body
 from router.http_guard import key_matches
 from router.metrics import Ticket, outcome_of
-from router.openai_responses import Choice
+from router.openai_responses import Choice, cached_prompt_tokens
 from router.serving import next_before
 from workers.errors import DeadlineExceeded, EngineError, InvalidRequest
 from workers.protocol import GenerateRequest
@@ -115,7 +115,7 @@ class GenerationService:
             done = [choices[i] for i in sorted(choices)]
             usage = pb.Usage(prompt_tokens=len(request.prompt_token_ids),
                              completion_tokens=sum(c.completion_tokens for c in done),
-                             cached_tokens=max((c.cached_tokens for c in done), default=0))
+                             cached_tokens=cached_prompt_tokens(done, 1))
             has_text = self.tokenizer is not None
             outcome = "ok"
             return pb.GenerateResponse(
@@ -153,7 +153,8 @@ class GenerationService:
                     message.prompt_logprobs.extend(_logprobs(out.prompt_logprobs[1:]))
                 if out.usage is not None:
                     usage.completion_tokens += out.usage.completion_tokens
-                    usage.cached_tokens = max(usage.cached_tokens, out.usage.cached_tokens)
+                    if out.index == 0:  # the prompt's cache hits, as HTTP counts them
+                        usage.cached_tokens = out.usage.cached_tokens
                 open_choices -= out.finished
                 if not open_choices:
                     message.usage.CopyFrom(usage)

@@ -39,6 +39,14 @@ class Choice:
                 self.completion_tokens, self.cached_tokens = out.usage.completion_tokens, out.usage.cached_tokens
 
 
+def cached_prompt_tokens(choices: list[Choice], num_prompts: int) -> int:
+    """Prompt tokens served by the prefix cache, each prompt counted once (by its first choice: later
+    choices read the prompt the first one computed, so their hits are not the client's cache hits).
+    Always present, 0 when nothing was cached, as `aiperf` and OpenAI clients expect."""
+    n = max(1, len(choices) // max(1, num_prompts))
+    return sum(c.cached_tokens for c in choices if c.index % n == 0)
+
+
 class Formatter:
     """Builds bodies for one request; `token_text` maps a token id to its text (for logprobs)."""
 
@@ -88,9 +96,7 @@ class Formatter:
         prompt = sum(prompt_lens)
         completion = sum(c.completion_tokens for c in choices)
         usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-        cached = sum(c.cached_tokens for c in choices)
-        if cached:
-            usage["prompt_tokens_details"] = {"cached_tokens": cached}
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_prompt_tokens(choices, len(prompt_lens))}
         return usage
 
     def response(self, choices: list[Choice], prompt_lens: list[int], logprobs: bool) -> dict:

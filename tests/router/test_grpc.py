@@ -147,3 +147,15 @@ def test_reflection_lists_the_service(live):
     with grpc.insecure_channel(live.grpc_target) as channel:
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
     assert "maverick.v1.Generation" in services
+
+
+def test_cached_tokens_agree_with_http(live, stub):
+    """Both doors count a prompt's cache hits once, by its first choice (never more than the prompt)."""
+    prompt = [2016] + list(range(900, 980))  # 81 tokens
+    req = pb.GenerateRequest(prompt_token_ids=prompt, max_tokens=2, temperature=0.0, n=2)
+    cold = stub.Generate(req, metadata=md(), timeout=60).usage
+    assert cold.cached_tokens == 0 and cold.prompt_tokens == 81
+    warm = [m.usage for m in stub.GenerateStream(req, metadata=md(), timeout=60) if m.HasField("usage")][-1]
+    assert warm.cached_tokens == 80
+    body = http(live, {"prompt": prompt, "max_tokens": 2, "temperature": 0, "n": 2})
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == warm.cached_tokens

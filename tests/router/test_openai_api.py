@@ -271,3 +271,17 @@ def test_skip_tokenizer_init_serves_token_ids_only(live, tmp_path_factory, hf):
     from ray import serve
 
     serve.delete("raw")
+
+
+def test_cached_tokens_always_present_and_counted_once_per_prompt(client):
+    prompt = [2016] + list(range(700, 780))  # 81 tokens: 5 full blocks of 16 can be cached
+    kw = dict(model="tiny", prompt=prompt, max_tokens=2, temperature=0.0, n=3)
+    cold = client.completions.create(**kw).usage
+    # choices 1 and 2 read the prompt choice 0 computed: that is not the client's cache hit
+    assert cold.prompt_tokens_details.cached_tokens == 0 and cold.prompt_tokens == 81
+    warm = client.completions.create(**kw).usage
+    assert warm.prompt_tokens_details.cached_tokens == 80
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi there"}],
+                                                 max_tokens=2, stream=True, stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens_details is not None and 0 <= usage.prompt_tokens_details.cached_tokens <= usage.prompt_tokens
