@@ -38,8 +38,13 @@ class Placement:
 
     @classmethod
     def contiguous(cls, moe_layers: list[int], num_experts: int, expert_ranks: list[int]) -> "Placement":
-        per = num_experts // len(expert_ranks)
-        owners = [[expert_ranks[e // per]] for e in range(num_experts)]
+        """Consecutive experts per rank, as even as the counts allow: 128 over 6 ranks is 22,22,21,21,21,21."""
+        k = len(expert_ranks)
+        if not 0 < k <= num_experts:
+            raise ValueError(f"{k} expert ranks cannot split {num_experts} experts (each needs at least one)")
+        owners = []
+        for i, rank in enumerate(expert_ranks):
+            owners += [[rank]] * (num_experts // k + (i < num_experts % k))
         return cls({layer: owners for layer in moe_layers})
 
     def experts_on(self, rank: int, layer: int) -> list[int]:

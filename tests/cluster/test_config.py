@@ -34,11 +34,12 @@ def test_cuda_needs_one_gpu_per_rank():
     GangConfig(model="/m", device="cuda", attention={"num_gpus": 1})
 
 
-def test_experts_must_divide():
-    config = GangConfig(model="/m", expert_workers=3)
-    with pytest.raises(ValueError, match=r"expert_workers \(3\).*num_local_experts \(8\)"):
+def test_every_expert_worker_needs_an_expert():
+    config = GangConfig(model="/m", expert_workers=9)
+    with pytest.raises(ValueError, match=r"expert_workers \(9\).*num_local_experts \(8\)"):
         config.check_experts(8)
-    GangConfig(model="/m", expert_workers=4).check_experts(8)
+    GangConfig(model="/m", expert_workers=3).check_experts(8)  # uneven: 3, 3, 2
+    GangConfig(model="/m", expert_workers=6).check_experts(128)
     GangConfig(model="/m", expert_workers=0).check_experts(7)
 
 

@@ -61,7 +61,7 @@ def _worker(rank, world, num_attention, case, store_path, results):
 
 @pytest.mark.parametrize("num_attention,num_experts,case", [
     (1, 1, "random"), (1, 2, "random"), (2, 2, "random"), (2, 1, "one_expert"), (2, 2, "zero_on_rank1"),
-    (1, 4, "empty"),
+    (1, 4, "empty"), (1, 3, "random"), (2, 3, "zero_on_rank1"),  # 8 experts over 3 ranks: 3, 3, 2
 ])
 def test_dispatch_combine_equals_local_experts(tmp_path, num_attention, num_experts, case):
     world = num_attention + num_experts
@@ -81,6 +81,15 @@ def test_dispatch_combine_equals_local_experts(tmp_path, num_attention, num_expe
     assert served == rows  # every routed row visited exactly one expert rank, once per layer
     if case == "one_expert" and num_experts == 1:
         assert results[(num_attention, 0, "served")] == rows[0]
+
+
+def test_uneven_placement_splits_as_evenly_as_counts_allow():
+    p = Placement.contiguous([1], 128, list(range(2, 8)))
+    counts = [len(p.experts_on(r, 1)) for r in range(2, 8)]
+    assert counts == [22, 22, 21, 21, 21, 21]
+    assert sum((p.experts_on(r, 1) for r in range(2, 8)), []) == list(range(128))  # consecutive, all once
+    with pytest.raises(ValueError, match="at least one"):
+        Placement.contiguous([1], 4, list(range(5)))
 
 
 def test_placement_contiguous_and_replicas():
