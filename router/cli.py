@@ -84,6 +84,12 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from router.plan_cli import run_plan
+
+    return run_plan(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maverick", description="Serve Llama 4 MoE models on Ray.")
     parser.add_argument("--log-level", default="WARNING", help="logging level for stderr")
@@ -117,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_top_parser(sub)
+
+    from router.plan_cli import add_plan_parser
+
+    add_plan_parser(sub, cmd_plan)
 
     p = sub.add_parser("dashboards", help="write the Grafana dashboards of deploy/grafana/dashboards")
     p.add_argument("--out", help="folder (default: the repository's deploy/grafana/dashboards)")

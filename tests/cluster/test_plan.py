@@ -1,0 +1,77 @@
+"""`maverick plan` against hand arithmetic, and every GPU layout in deploy/gpu/ fits by its own plan."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.plan import GPUS, Layout, experts_per_rank, fits, needs, non_routed_bytes, routed_expert_params, suggest
+from model.config import preset
+
+ROOT = Path(__file__).resolve().parents[2]
+MAVERICK = str(Path(sys.executable).with_name("maverick"))
+GPU_LAYOUTS = sorted((ROOT / "deploy" / "gpu").glob("*.yaml"))
+
+
+def test_maverick_parameter_arithmetic():
+    c = preset("maverick")
+    # 24 MoE layers x 128 experts x 3 matrices x 5120 x 8192
+    assert routed_expert_params(c) == 24 * 128 * 3 * 5120 * 8192 == 386_547_056_640
+    assert non_routed_bytes(c, fp8=False) / 2 == pytest.approx(14.16e9, rel=0.01)  # "the rest is ~14B"
+    fp8 = needs(c, Layout(1, 8, "fp8"))[1].weights
+    assert fp8 == 16 * 24 * (3 * 5120 * 8192 + (2 * 8192 + 5120) * 4)  # 16 experts x 24 layers, bytes + scales
+
+
+def test_bf16_experts_over_8_ranks_do_not_fit_an_h100():
+    c = preset("maverick")
+    _, expert = needs(c, Layout(1, 8, "bf16"))
+    assert expert.weights == pytest.approx(96.6e9, rel=0.01)  # 772 GB / 8
+    ok, reasons = fits(c, Layout(1, 8, "bf16"), GPUS["h100"])
+    assert not ok and any(r.startswith("an expert rank needs 97.") and "H100" in r for r in reasons)
+
+
+def test_fp8_on_one_h100_node_fits_only_with_an_uneven_split():
+    c = preset("maverick")
+    h100 = GPUS["h100"]
+    fitting = {e for e in range(1, 8) if fits(c, Layout(8 - e, e, "fp8", max_num_seqs=8), h100)[0]}
+    assert fitting and all(128 % e for e in fitting)  # 4 ranks (even) would need 97 GB each
+    assert experts_per_rank(c, 6) == 22 and experts_per_rank(c, 7) == 19
+    best = suggest(c, 8, h100, Layout(1, 7, "fp8"))
+    assert best is not None and best.expert_ranks in fitting
+
+
+def test_fp8_fits_one_h200_node_and_suggest_uses_every_gpu():
+    c = preset("maverick")
+    best = suggest(c, 8, GPUS["h200"], Layout(1, 7, "fp8"))
+    assert best.attention_ranks + best.expert_ranks == 8 and fits(c, best, GPUS["h200"])[0]
+
+
+def test_kv_cache_counts_chunked_layers_at_one_chunk():
+    c = preset("maverick", attention_chunk_size=1024)
+    long = needs(c, Layout(1, 7, "fp8", max_num_seqs=1, max_model_len=65536))[0].kv_cache
+    per_token_layer = 2 * 8 * 128 * 2
+    full_layers, chunked_layers = c.layer_types.count("full_attention"), c.layer_types.count("chunked_attention")
+    assert long == per_token_layer * (full_layers * 65536 + chunked_layers * 1025)
+
+
+@pytest.mark.parametrize("path", GPU_LAYOUTS, ids=lambda p: p.stem)
+def test_every_gpu_layout_fits_by_its_plan(path):
+    command = re.search(r"`(maverick plan [^`]+)`", path.read_text()).group(1).split()[1:]
+    out = subprocess.run([MAVERICK, *command, "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads(out.stdout)
+    assert report["fits"] and "fits: yes" in report["report"]
+
+
+def test_plan_exits_nonzero_when_it_does_not_fit():
+    out = subprocess.run([MAVERICK, "plan", "--preset", "maverick", "--gpu", "h100", "--attention-workers", "1",
+                          "--expert-workers", "8"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "fits: NO" in out.stdout and "an expert rank needs" in out.stdout
+
+
+def test_gpu_layouts_cover_the_issue():
+    assert {p.stem for p in GPU_LAYOUTS} == {"scout-bf16-8xh100", "maverick-fp8-8xh200", "maverick-fp8-8xh100",
+                                             "maverick-bf16-2x8xh100"}
