@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -170,7 +171,10 @@ class Ingress(GenerationService):
                 return response
             events = await self.serving.start_stream(prepared, run, rid)
             outcome = None  # the stream's end decides
-            return StreamingResponse(self._close_after(events, prepared, ticket), media_type="text/event-stream")
+            body = self._close_after(events, prepared, ticket)
+            # a client gone before the first byte: the body never starts, so no finally of its runs
+            weakref.finalize(body, ticket.close, "aborted")
+            return StreamingResponse(body, media_type="text/event-stream")
         except asyncio.CancelledError:
             log.info("request %s: client went away (499); aborted", rid)
             outcome = "aborted"
