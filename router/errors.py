@@ -1,4 +1,4 @@
-"""The error table of DESIGN.md §4, implemented once: typed errors → HTTP status and OpenAI-style body.
+"""HTTP error bodies from typed errors, whose classes carry the table of DESIGN.md §4 (`workers.errors`).
 
 Bodies carry the request id and never a traceback or prompt text; anything unexpected is a 500 with a
 generic message (the details go to the log, with the request id).
@@ -10,46 +10,40 @@ import logging
 
 from starlette.responses import JSONResponse
 
-from workers.errors import (ContextTooLong, DeadlineExceeded, EngineError, InternalError, InvalidRequest,
-                            QueueFull, Unavailable)
+from workers.errors import EngineError
 
 log = logging.getLogger(__name__)
 
 
 class HTTPError(EngineError):
-    """Errors only the HTTP front raises: auth, unknown model, body size, unsupported features."""
+    """Errors only the front door raises: auth, unknown model, body size, unsupported features."""
+
+    _ROWS = {401: ("UNAUTHENTICATED", "authentication_error"), 404: ("NOT_FOUND", "not_found_error"),
+             413: ("INVALID_ARGUMENT", "invalid_request_error")}
 
     def __init__(self, status: int, message: str, *, param: str | None = None, kind: str | None = None):
         super().__init__(message, param=param)
-        self.status = status
-        self.kind = kind
+        self.http_status = status
+        grpc_code, error_type = self._ROWS.get(status, ("INVALID_ARGUMENT", "invalid_request_error"))
+        self.grpc_code, self.error_type = grpc_code, kind or error_type
+
+    @property
+    def status(self) -> int:
+        return self.http_status
 
     def __reduce__(self):
-        return (HTTPError, (self.status, self.message), {"param": self.param, "kind": self.kind})
-
-
-# (engine error class, HTTP status, OpenAI error type); first match wins
-_TABLE: list[tuple[type[Exception], int, str]] = [
-    (ContextTooLong, 400, "invalid_request_error"),
-    (InvalidRequest, 400, "invalid_request_error"),
-    (QueueFull, 429, "rate_limit_error"),
-    (Unavailable, 503, "service_unavailable"),
-    (DeadlineExceeded, 504, "timeout"),
-    (InternalError, 500, "internal_error"),
-]
-
-_HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
-               504: "timeout"}
+        return (HTTPError, (self.http_status, self.message), {"param": self.param, "error_type": self.error_type})
 
 
 def status_of(exc: BaseException) -> tuple[int, str]:
-    if isinstance(exc, HTTPError):
-        return exc.status, exc.kind or _HTTP_TYPES.get(exc.status, "invalid_request_error")
-    for cls, status, kind in _TABLE:
-        if isinstance(exc, cls):
-            return status, kind
+    """(HTTP status, OpenAI error type) from the error's own row of the table; anything untyped is a 500."""
+    if isinstance(exc, EngineError):
+        return exc.http_status, exc.error_type
     return 500, "internal_error"
+
+
+def grpc_code_name(exc: BaseException) -> str:
+    return exc.grpc_code if isinstance(exc, EngineError) else "INTERNAL"
 
 
 def error_body(exc: BaseException, request_id: str) -> tuple[int, dict]:

@@ -13,7 +13,7 @@ import uuid
 import grpc
 
 from router import maverick_v1_pb2 as pb
-from router.errors import HTTPError, error_body
+from router.errors import HTTPError, error_body, grpc_code_name
 from router.http_guard import key_matches
 from router.metrics import Ticket, outcome_of
 from router.openai_responses import Choice, cached_prompt_tokens
@@ -23,12 +23,6 @@ from workers.protocol import GenerateRequest
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-# HTTP status of the error table → gRPC status
-GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-              404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
-              429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
-              504: grpc.StatusCode.DEADLINE_EXCEEDED, 500: grpc.StatusCode.INTERNAL}
 
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "logprobs", "prompt_logprobs",
              "repetition_penalty")
@@ -83,11 +77,12 @@ class GenerationService:
         return GenerateRequest(ids, sampling_params(req), uuid.uuid4().hex)
 
     def _grpc_error(self, exc: BaseException, context, request_id: str) -> None:
-        status, body = error_body(exc, request_id)
-        context.set_code(GRPC_CODES.get(status, grpc.StatusCode.INTERNAL))
+        _, body = error_body(exc, request_id)
+        code = grpc.StatusCode[grpc_code_name(exc)]
+        context.set_code(code)
         context.set_details(body["error"]["message"])
         context.set_trailing_metadata([("request_id", request_id)])
-        log.info("grpc request %s: %s", request_id, GRPC_CODES.get(status))
+        log.info("grpc request %s: %s", request_id, code)
 
     def _accept(self, req: pb.GenerateRequest, context, method: str) -> tuple[GenerateRequest | None, Ticket]:
         """The validated, admitted request and its ticket; None (status set on the context, ticket closed)

@@ -1,19 +1,25 @@
-"""Typed, transport-neutral engine errors. The router maps `code` to HTTP and gRPC status once.
+"""Typed, transport-neutral engine errors: each carries its row of the error table (DESIGN.md §4), so
+both doors map it the same way and nothing else keeps a copy.
 
-| class             | code               | HTTP | gRPC               |
-| InvalidRequest    | invalid_request    | 400  | INVALID_ARGUMENT   |
-| ContextTooLong    | invalid_request    | 400  | INVALID_ARGUMENT   |
-| QueueFull         | queue_full         | 429  | RESOURCE_EXHAUSTED |
-| Unavailable       | unavailable        | 503  | UNAVAILABLE        |
-| DeadlineExceeded  | deadline_exceeded  | 504  | DEADLINE_EXCEEDED  |
-| InternalError     | internal           | 500  | INTERNAL           |
+| class             | HTTP | gRPC               | OpenAI error type     |
+| InvalidRequest    | 400  | INVALID_ARGUMENT   | invalid_request_error |
+| ContextTooLong    | 400  | INVALID_ARGUMENT   | invalid_request_error |
+| QueueFull         | 429  | RESOURCE_EXHAUSTED | rate_limit_error      |
+| Unavailable       | 503  | UNAVAILABLE        | service_unavailable   |
+| DeadlineExceeded  | 504  | DEADLINE_EXCEEDED  | timeout               |
+| InternalError     | 500  | INTERNAL           | internal_error        |
+
+gRPC codes are `grpc.StatusCode` names (workers/ does not import grpc). The router adds
+`HTTPError` for what only the front door refuses (401, 404, 413).
 """
 
 from __future__ import annotations
 
 
 class EngineError(Exception):
-    code = "internal"
+    http_status = 500
+    grpc_code = "INTERNAL"
+    error_type = "internal_error"
 
     def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message)
@@ -29,7 +35,7 @@ def _rebuild(cls, message, param):
 
 
 class InvalidRequest(EngineError):
-    code = "invalid_request"
+    http_status, grpc_code, error_type = 400, "INVALID_ARGUMENT", "invalid_request_error"
 
 
 class ContextTooLong(InvalidRequest):
@@ -37,16 +43,16 @@ class ContextTooLong(InvalidRequest):
 
 
 class QueueFull(EngineError):
-    code = "queue_full"
+    http_status, grpc_code, error_type = 429, "RESOURCE_EXHAUSTED", "rate_limit_error"
 
 
 class Unavailable(EngineError):
-    code = "unavailable"
+    http_status, grpc_code, error_type = 503, "UNAVAILABLE", "service_unavailable"
 
 
 class DeadlineExceeded(EngineError):
-    code = "deadline_exceeded"
+    http_status, grpc_code, error_type = 504, "DEADLINE_EXCEEDED", "timeout"
 
 
 class InternalError(EngineError):
-    code = "internal"
+    pass
