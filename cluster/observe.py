@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import yaml
+
+from cluster.probe import wait_http_ok
 
 RAY_SD_FILE = Path("/tmp/ray/prom_metrics_service_discovery.json")
 
@@ -84,17 +85,12 @@ class Prometheus(PrometheusClient):
             [find_prometheus(), f"--config.file={self.config_path}", f"--web.listen-address=127.0.0.1:{self.port}",
              f"--storage.tsdb.path={self.workdir / 'data'}", "--storage.tsdb.retention.time=1d"],
             stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"prometheus did not start: {(self.workdir / 'prometheus.log').read_text()[-2000:]}")
-            time.sleep(0.3)
+        try:
+            wait_http_ok(self.url + "/-/ready", timeout_s, alive=lambda: self.proc.poll() is None, poll_s=0.3)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"prometheus did not start ({exc}): "
+                               f"{(self.workdir / 'prometheus.log').read_text()[-2000:]}") from None
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -1,10 +1,25 @@
-"""Waiting for an HTTP endpoint (a readiness probe) to answer 200: the CLI, benchmarks and tests."""
+"""Waiting for a state (a readiness probe answering 200, or any condition): the CLI, benchmarks, tests."""
 
 from __future__ import annotations
 
 import time
 import urllib.request
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], timeout_s: float, what: str, poll_s: float = 0.5) -> T:
+    """Poll `condition` until it returns something truthy (returned); TimeoutError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what}")
+        time.sleep(poll_s)
 
 
 def http_ok(url: str, timeout_s: float = 5.0) -> bool:
@@ -17,11 +32,9 @@ def http_ok(url: str, timeout_s: float = 5.0) -> bool:
 
 def wait_http_ok(url: str, timeout_s: float, alive: Callable[[], bool] | None = None, poll_s: float = 0.5) -> None:
     """Return once `url` answers 200; raise if `alive()` turns false or `timeout_s` passes first."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         if alive is not None and not alive():
             raise RuntimeError(f"the server behind {url} exited before it was ready")
-        if http_ok(url):
-            return
-        time.sleep(poll_s)
-    raise TimeoutError(f"{url} not ready within {timeout_s:g}s")
+        return http_ok(url)
+
+    wait_until(ready, timeout_s, f"{url} to answer 200", poll_s)

@@ -5,6 +5,7 @@ application `args` for every application whose `import_path` is ours. Errors nam
 
 from __future__ import annotations
 
+import argparse
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,24 @@ from ray.serve.schema import ServeDeploySchema
 from cluster.config import AppConfig, describe, parse_app_args
 
 OUR_IMPORT_PATHS = ("router.app:build", "router.app.build")
+
+APP_NAME = "maverick"
+GRPC_SERVICER = "router.maverick_v1_pb2_grpc.add_GenerationServicer_to_server"
+
+
+def config_from_flags(args: argparse.Namespace) -> dict:
+    """The Serve config `maverick serve --model DIR ...` deploys: one application from the CLI's flags."""
+    engine = {k: v for k, v in {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+                                "max_num_batched_tokens": args.max_num_batched_tokens,
+                                "kv_cache_memory": args.kv_cache_memory}.items() if v is not None}
+    app_args = {"model": args.model, "served_model_name": args.served_model_name or args.model,
+                "attention_workers": args.attention_workers, "expert_workers": args.expert_workers,
+                "num_gangs": args.num_gangs, "dtype": args.dtype, "skip_tokenizer_init": args.skip_tokenizer_init,
+                "attention": {"torch_threads": args.torch_threads}, "engine": engine}
+    return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": 8000},
+            "grpc_options": {"port": 9000, "grpc_servicer_functions": [GRPC_SERVICER]},
+            "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "router.app:build",
+                              "args": app_args}]}
 
 
 def load_serve_config(path: str | Path) -> dict:

@@ -15,27 +15,10 @@ import time
 
 log = logging.getLogger("maverick.serve")
 
-APP_NAME = "maverick"
-GRPC_SERVICER = "router.maverick_v1_pb2_grpc.add_GenerationServicer_to_server"
-
-
-def config_from_flags(args: argparse.Namespace) -> dict:
-    engine = {k: v for k, v in {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
-                                "max_num_batched_tokens": args.max_num_batched_tokens,
-                                "kv_cache_memory": args.kv_cache_memory}.items() if v is not None}
-    app_args = {"model": args.model, "served_model_name": args.served_model_name or args.model,
-                "attention_workers": args.attention_workers, "expert_workers": args.expert_workers,
-                "num_gangs": args.num_gangs, "dtype": args.dtype, "skip_tokenizer_init": args.skip_tokenizer_init,
-                "attention": {"torch_threads": args.torch_threads}, "engine": engine}
-    return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": 8000},
-            "grpc_options": {"port": 9000, "grpc_servicer_functions": [GRPC_SERVICER]},
-            "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "router.app:build",
-                              "args": app_args}]}
-
 
 def _resolve(data: dict, args: argparse.Namespace) -> tuple[dict, str, int]:
     """Apply CLI overrides, validate everything, make model paths absolute (and tiny ones exist)."""
-    from cluster.serve_config import validate_serve_config
+    from cluster.serve_config import GRPC_SERVICER, validate_serve_config
     from router.app import prepare_args
 
     http = data.setdefault("http_options", {})
@@ -79,7 +62,7 @@ def _app_status() -> tuple[str, str]:
 def run_serve(args: argparse.Namespace) -> int:
     if bool(args.config) == bool(args.model):
         raise SystemExit("give a Serve config file or --model DIR (not both)")
-    from cluster.serve_config import load_serve_config
+    from cluster.serve_config import APP_NAME, config_from_flags, load_serve_config
 
     data = load_serve_config(args.config) if args.config else config_from_flags(args)
     data, host, port = _resolve(data, args)
@@ -168,6 +151,8 @@ def _start_prometheus(args: argparse.Namespace, serve_target: str, api_key: str 
 def _drain(grace_s: float) -> None:
     """Readiness false and new requests refused; wait for in-flight ones up to the grace period."""
     from ray import serve
+
+    from cluster.serve_config import APP_NAME
 
     print("maverick: draining", file=sys.stderr, flush=True)
     try:

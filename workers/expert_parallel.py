@@ -140,8 +140,8 @@ def serve_layer(comm: ExpertGroup, experts: RoutedExperts, load_E: torch.Tensor 
     empty = torch.empty(0, comm.hidden + 1, dtype=comm.dtype, device=comm.device)
     rows_ND1, _ = comm.all_to_all(empty, zeros, recv_counts)
     x_ND, experts_N = rows_ND1[:, :-1], rows_ND1[:, -1].long()
-    if load_E is not None and experts_N.numel():
-        load_E += torch.bincount(experts_N.cpu(), minlength=load_E.numel())
+    if load_E is not None and experts_N.numel():  # on the rows' device: no host sync per layer
+        load_E += torch.bincount(experts_N, minlength=load_E.numel())
     y_ND = experts(x_ND, experts_N) if rows_ND1.shape[0] else x_ND
     comm.all_to_all(y_ND, recv_counts, zeros)
     return rows_ND1.shape[0]

@@ -72,7 +72,7 @@ class ExpertWorker(Rank):
         self.layers = [self.shard.experts(layer) for layer in config.moe_layers]
         self.moe_layers = list(config.moe_layers)
         # rows routed to each expert per MoE layer, since start (whole-model expert ids)
-        self.expert_load_LE = torch.zeros(len(self.layers), config.num_experts, dtype=torch.long)
+        self.expert_load_LE = torch.zeros(len(self.layers), config.num_experts, dtype=torch.long, device=self.device)
         self.owned_experts = owned[config.moe_layers[0]]
         self.comm = ExpertGroup(self.group, self.rank, self.world_size, config.hidden_size, dtype, self.device)
         self.snapshot = self._snapshot()

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from workers.kv_cache import KVCacheManager
-from workers.request import Request, RequestState
+from workers.request import Request
 
 
 @dataclass

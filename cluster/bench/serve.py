@@ -111,7 +111,7 @@ def _serve_config(args, path: Path) -> Path:
     """One application (or, with --compare-metrics-off, a twin at /off with metrics off) for `maverick serve`."""
     import yaml
 
-    from router.serve_cli import config_from_flags
+    from cluster.serve_config import config_from_flags
 
     flags = argparse.Namespace(model=str(args.model), served_model_name="bench", attention_workers=1,
                                expert_workers=args.expert_workers, num_gangs=1, dtype=None, skip_tokenizer_init=True,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from cluster.probe import wait_http_ok
+from cluster.serve_config import GRPC_SERVICER
 
 
 def free_port() -> int:
@@ -70,4 +71,3 @@ def deploy(tmp_dir: Path, name: str = "maverick", route_prefix: str = "/", **arg
 
 
 _ports: dict[str, tuple[int, int]] = {}  # "local" → (HTTP port, gRPC port) of this module's Serve
-GRPC_SERVICER = "router.maverick_v1_pb2_grpc.add_GenerationServicer_to_server"

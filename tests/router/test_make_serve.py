@@ -73,6 +73,7 @@ def test_make_serve_answers_chat_and_exits_0_on_sigterm(tmp_path):
 
 def test_make_observe_starts_prometheus_that_sees_the_deployment(tmp_path):
     from cluster.observe import PrometheusClient
+    from cluster.probe import wait_until
 
     port, prom_port = free_port(), free_port()
     log = open(tmp_path / "observe.log", "w")
@@ -81,10 +82,11 @@ def test_make_observe_starts_prometheus_that_sees_the_deployment(tmp_path):
                             env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, start_new_session=True)
     prom_url = f"http://127.0.0.1:{prom_port}"
     try:
-        deadline = time.monotonic() + 400
-        while f"Prometheus: {prom_url}" not in (tmp_path / "observe.log").read_text():
-            assert make.poll() is None and time.monotonic() < deadline, (tmp_path / "observe.log").read_text()[-3000:]
-            time.sleep(1.0)
+        def printed_prometheus() -> bool:
+            assert make.poll() is None, (tmp_path / "observe.log").read_text()[-3000:]
+            return f"Prometheus: {prom_url}" in (tmp_path / "observe.log").read_text()
+
+        wait_until(printed_prometheus, 400, "the printed Prometheus URL", poll_s=1.0)
         body = {"model": "tiny-maverick", "prompt": [2016, 5, 6], "max_tokens": 8, "ignore_eos": True}
         prom = PrometheusClient(prom_url)
         for expected in (24, 48):  # a second round once Prometheus has the first: rates need two samples
@@ -92,12 +94,11 @@ def test_make_observe_starts_prometheus_that_sees_the_deployment(tmp_path):
                 req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
                                              {"content-type": "application/json"})
                 assert json.loads(urllib.request.urlopen(req, timeout=60).read())["usage"]["completion_tokens"] == 8
-            deadline = time.monotonic() + 120  # Ray reports every 5 s, Prometheus scrapes every 5 s
-            while not (prom.value("sum(ray_maverick_generation_tokens_total)") == expected and
-                       prom.value('sum(maverick_generation_tokens_total{job="maverick-serve"})') == expected and
-                       prom.value("sum(ray_maverick_expert_tokens_total)")):
-                assert time.monotonic() < deadline, prom.query("up")
-                time.sleep(2.0)
+            # Ray reports every 5 s, Prometheus scrapes every 5 s
+            wait_until(lambda: (prom.value("sum(ray_maverick_generation_tokens_total)") == expected and
+                                prom.value('sum(maverick_generation_tokens_total{job="maverick-serve"})') == expected
+                                and prom.value("sum(ray_maverick_expert_tokens_total)")),
+                       120, f"Prometheus to count {expected} tokens", poll_s=2.0)
         top = subprocess.run([MAVERICK, "top", "--prometheus", prom_url, "--once"], capture_output=True, text=True,
                              timeout=60)
         assert top.returncode == 0, top.stderr

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -22,6 +21,7 @@ import pytest
 
 from cluster import dashboards
 from cluster.observe import Prometheus, scrape_config
+from cluster.probe import wait_until
 from router import maverick_v1_pb2 as pb
 from router import maverick_v1_pb2_grpc as pb_grpc
 from tests.router import conftest
@@ -168,16 +168,6 @@ def ingress_metrics(live) -> dict[str, float]:
     return sums
 
 
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
 def gang_pids() -> list[int]:
     from ray import serve
 
@@ -209,7 +199,7 @@ def drive_load(live) -> tuple[Tally, float]:
     assert stream(live, tally, "/v1/completions", long, stop_after_first=True) is None
     tally.outcomes["aborted"] += 1
     tally.first_tokens += 1
-    after = wait_for(lambda: (m := ingress_metrics(live)).get("maverick_requests_total:aborted") and m, 60,
+    after = wait_until(lambda: (m := ingress_metrics(live)).get("maverick_requests_total:aborted") and m, 60,
                      "the server to see the client leave")
     abandoned = after["maverick_generation_tokens_total"] - before["maverick_generation_tokens_total"]
     # three slow streams fill the 3 admission slots: the next 4 requests get 429
@@ -250,7 +240,7 @@ def prometheus(live, tmp_path_factory):
     key_file = work / "api_key"
     key_file.write_text(KEY)
     sd_file = _global_node.get_session_dir_path() + "/prom_metrics_service_discovery.json"
-    wait_for(lambda: os.path.exists(sd_file), 60, "Ray's service-discovery file")
+    wait_until(lambda: os.path.exists(sd_file), 60, "Ray's service-discovery file")
     config = scrape_config(live.url.removeprefix("http://"), sd_file=sd_file, interval_s=1, api_key_file=key_file)
     server = Prometheus(work, free_port(), config).start()
     yield server
@@ -268,7 +258,7 @@ def test_every_panel_returns_data_and_counts_equal_the_clients(live, prometheus)
         served = prometheus.value('sum(maverick_requests_total{job="maverick-serve"})')
         return got == total and streams == tally.first_tokens and served == total
 
-    wait_for(settled, 180, f"Prometheus to see {total} requests")
+    wait_until(settled, 180, f"Prometheus to see {total} requests")
     assert sum(prometheus.targets_up().values()) >= 2  # Ray's agent and the serving port, with the key
     by_outcome = {r["metric"]["outcome"]: int(float(r["value"][1]))
                   for r in prometheus.query(f"sum by (outcome) (ray_maverick_requests_total{{{app}}})")}
