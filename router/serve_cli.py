@@ -62,6 +62,8 @@ def _app_status() -> tuple[str, str]:
 def run_serve(args: argparse.Namespace) -> int:
     if bool(args.config) == bool(args.model):
         raise SystemExit("give a Serve config file or --model DIR (not both)")
+    if args.detach and not args.address:  # a local Ray started here would stop with this process
+        raise SystemExit("--detach needs --address (a running cluster, e.g. one from `ray up`)")
     from cluster.serve_config import APP_NAME, config_from_flags, load_serve_config
 
     data = load_serve_config(args.config) if args.config else config_from_flags(args)
@@ -105,6 +107,10 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"  gRPC maverick.v1.Generation: port {_grpc_port(data)} (metadata application={APP_NAME})",
                   flush=True)
         print(f"  Prometheus metrics: {url}/metrics", flush=True)
+        if args.detach:  # Serve's applications outlive this driver: leave them running
+            print("maverick: detached; stop with `serve shutdown -y`", flush=True)
+            ray.shutdown()
+            return 0
         if args.observe:
             prometheus = _start_prometheus(args, f"{host}:{port}", _api_key_of(data))
             print(f"  Prometheus: {prometheus.url}  (maverick top --prometheus {prometheus.url})", flush=True)
@@ -190,6 +196,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per attention worker")
     p.add_argument("--skip-tokenizer-init", action="store_true", help="token ids in and out, no tokenizer")
     p.add_argument("--grace-period", type=float, default=30, help="seconds in-flight requests get on shutdown")
+    p.add_argument("--detach", action="store_true",
+                   help="exit once ready and leave the application running (with --address: a cluster from `ray up`)")
     p.add_argument("--observe", action="store_true",
                    help="also start Debian's prometheus on 127.0.0.1 against this local cluster and print its URL")
     p.add_argument("--prometheus-port", type=int, default=9090, help="with --observe")
