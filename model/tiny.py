@@ -38,6 +38,15 @@ TINY_PRESETS: dict[str, dict] = {
         rope_scaling=RopeScaling(rope_type="llama3", factor=16.0, low_freq_factor=1.0,
                                  high_freq_factor=4.0, original_max_position_embeddings=256),
     ),
+    # Maverick's real structure at tiny widths (51M parameters): 48 layers, MoE every other layer,
+    # 128 routed experts + the shared one, 40 query / 8 KV heads, three chunked RoPE layers then a
+    # global NoPE one; for gangs as deep and as wide as the real model's (2 attention + 16 expert ranks).
+    "maverick-full-depth": dict(
+        vocab_size=2048, hidden_size=128, intermediate_size=64, intermediate_size_mlp=128,
+        num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8, head_dim=16,
+        num_local_experts=128, interleave_moe_layer_step=2, no_rope_layer_interval=4, use_qk_norm=False,
+        attention_chunk_size=128, max_position_embeddings=4096,
+    ),
     # The benchmark shape of shared/PEERS.md (133M parameters).
     "bench": dict(
         vocab_size=8192, hidden_size=512, intermediate_size=1024, intermediate_size_mlp=2048,
