@@ -7,6 +7,8 @@ with the application's `args`.
 
 from __future__ import annotations
 
+import os
+
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -109,12 +111,24 @@ class AppConfig(GangConfig):
                           "(`-fp8`: in Meta's FP8 layout)")
     num_gangs: int = Field(1, ge=1)
     api_key: str | None = Field(None, min_length=1, repr=False)
+    api_key_env: str | None = Field(
+        None, min_length=1, description="an environment variable of the ingress replicas holding the API key "
+                                        "(a Kubernetes Secret, say): the key stays out of the YAML")
     max_pending_requests: int = Field(256, ge=1, description="in flight per ingress replica; beyond: 429")
     request_timeout_s: float = Field(600, gt=0, description="a request running longer gets 504")
     max_body_bytes: int = Field(4 * 2**20, ge=1024)
     retry_after_s: int = Field(2, ge=1)
     graceful_shutdown_timeout_s: float = Field(120, ge=0)
     serve: ServeResources = ServeResources()
+
+    def with_api_key_from_env(self) -> "AppConfig":
+        """`api_key_env` resolved where the replica runs; unset there is an error, never an open door."""
+        if self.api_key is not None or self.api_key_env is None:
+            return self
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ValueError(f"api_key_env: environment variable {self.api_key_env} is not set on this replica")
+        return self.model_copy(update={"api_key": key})
 
     def gang_config(self) -> GangConfig:
         return GangConfig(**{name: getattr(self, name) for name in GangConfig.model_fields})

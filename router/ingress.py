@@ -72,7 +72,7 @@ async def _parse(request: Request, model_cls):
 @serve.ingress(api)
 class Ingress(GenerationService):
     async def __init__(self, args: dict, gangs: list):
-        self.config = config = AppConfig.model_validate(args)
+        self.config = config = AppConfig.model_validate(args).with_api_key_from_env()
         self.gangs = gangs
         self.gang_load = [0] * len(gangs)
         self.gang_ready = [False] * len(gangs)

@@ -78,3 +78,17 @@ def test_serve_config_unknown_keys_are_found_at_every_level():
             validate_serve_config(data)
     foreign = config(import_path="other.module:app", args={"anything": 1})
     assert validate_serve_config(foreign)[1] == [None]  # only our own args schema is ours to check
+
+
+def test_api_key_from_the_replicas_environment(monkeypatch):
+    from cluster.config import parse_app_args
+
+    config = parse_app_args({"model": "m", "api_key_env": "MAVERICK_TEST_KEY"})
+    monkeypatch.delenv("MAVERICK_TEST_KEY", raising=False)
+    with pytest.raises(ValueError, match="MAVERICK_TEST_KEY is not set"):  # never silently open
+        config.with_api_key_from_env()
+    monkeypatch.setenv("MAVERICK_TEST_KEY", "s3cret")
+    assert config.with_api_key_from_env().api_key == "s3cret"
+    literal = parse_app_args({"model": "m", "api_key": "given", "api_key_env": "MAVERICK_TEST_KEY"})
+    assert literal.with_api_key_from_env().api_key == "given"
+    assert parse_app_args({"model": "m"}).with_api_key_from_env().api_key is None

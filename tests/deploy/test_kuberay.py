@@ -239,7 +239,8 @@ def test_serve_config_is_the_gpu_layout_it_names(path):
     assert named, f"{path.name}: say which deploy/gpu/ layout serveConfigV2 carries"
     layout = load_serve_config(ROOT / named.group(0))
     ours = serve_config(load(path))
-    assert [parse_app_args(a["args"]) for a in ours["applications"]] == \
+    # the same layout and limits; only where the API key comes from differs (a Secret here)
+    assert [parse_app_args(a["args"]).model_copy(update={"api_key_env": None}) for a in ours["applications"]] == \
            [parse_app_args(a["args"]) for a in layout["applications"]]
     assert ours["grpc_options"] == layout["grpc_options"]
     assert ours["http_options"]["port"] == layout["http_options"]["port"]
@@ -416,3 +417,15 @@ if __name__ == "__main__":
     crd = yaml.load(Path(options.refresh).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     SCHEMA.write_text(json.dumps(reduce_crd(crd, options.commit), indent=0, sort_keys=True) + "\n")
     print(f"wrote {SCHEMA} ({SCHEMA.stat().st_size:,} bytes); update KUBERAY_COMMIT if the commit changed")
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_api_key_comes_from_a_secret_on_every_pod(path):
+    """The serving ports need their own key (Ray's token does not cover them); it lives in a Secret,
+    and every pod that may hold the ingress replica gets it under the name the app reads."""
+    manifest = load(path)
+    app = our_app(manifest, path.name)
+    assert app.api_key is None and app.api_key_env
+    for template in pod_templates(manifest):
+        env = {e["name"]: e for e in template["spec"]["containers"][0].get("env", [])}
+        assert "secretKeyRef" in env[app.api_key_env]["valueFrom"], env
