@@ -38,7 +38,7 @@ TINY_PRESETS: dict[str, dict] = {
         rope_scaling=RopeScaling(rope_type="llama3", factor=16.0, low_freq_factor=1.0,
                                  high_freq_factor=4.0, original_max_position_embeddings=256),
     ),
-    # Maverick's real structure at tiny widths (51M parameters): 48 layers, MoE every other layer,
+    # Maverick's real structure at tiny widths (88M parameters): 48 layers, MoE every other layer,
     # 128 routed experts + the shared one, 40 query / 8 KV heads, three chunked RoPE layers then a
     # global NoPE one; for gangs as deep and as wide as the real model's (2 attention + 16 expert ranks).
     "maverick-full-depth": dict(
