@@ -3,8 +3,9 @@
 Ranks 0..A-1 are attention workers, A..A+E-1 expert workers, one bundle each in one placement group
 (PACK by default, SPREAD across nodes allowed). Every rank joins the process group at the same time
 (rendezvous on rank 0's address and a free port, explicit timeout), then all load their weights in
-parallel, then their wave loops start. The same code runs with GPUs (NCCL, one GPU per actor) and
-without (gloo); only the backend name differs.
+parallel, then their wave loops start; each stage, the ranks up and the bytes loaded go to a
+`GangStartup`. The same code runs with GPUs (NCCL, one GPU per actor) and without (gloo); only the
+backend name differs.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import time
 from dataclasses import dataclass, field
 
 import ray
+from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import GangConfig
+from cluster.startup import GangStartup
 from model.config import load_config
 from workers.attention_worker import AttentionWorker
 from workers.expert_worker import ExpertWorker
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 
 AttentionActor = ray.remote(AttentionWorker)
 ExpertActor = ray.remote(ExpertWorker)
+LOAD_POLL_S = 0.5  # how often the ranks' byte counts are read while they load
 
 
 @dataclass
@@ -45,14 +49,18 @@ class Gang:
 
 
 def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: float = 300,
-               bundle_offset: int = 0, name: str = "gang", application: str = "maverick") -> Gang:
+               bundle_offset: int = 0, name: str = "gang", application: str = "maverick",
+               startup: GangStartup | None = None) -> Gang:
     """Start every rank and return once all are loaded and waving. `pg`: an existing placement group
     (a Serve replica's, whose bundle 0 holds the replica itself) where rank r takes bundle
-    `r + bundle_offset`; else one is created with a bundle per rank."""
+    `r + bundle_offset`; else one is created with a bundle per rank. `startup` follows the stages
+    placement, process group and weights (each stage may take `timeout_s`)."""
     start = time.monotonic()
     num_experts = load_config(config.model).num_experts
     config.check_experts(num_experts)
     A, E = config.attention_workers, config.expert_workers
+    startup = startup or GangStartup(name, A + E, application)
+    startup.enter("placement")
     gang = Gang(config)
     if pg is None:
         bundles = rank_bundles(config)
@@ -73,12 +81,15 @@ def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: 
             A + i, A, E, config.model, config.dtype, config.device, config.experts.torch_threads,
             config.idle_steps, metrics))
     try:
+        _wait_ranks_up(gang.ranks, startup, timeout_s)
+        startup.enter("process group")
         if E:
             address, port = ray.get(gang.attention[0].rendezvous_address.remote(), timeout=timeout_s)
             # NOTE: init_process_group blocks until all ranks joined: the calls must be concurrent
             ray.get([r.init_group.remote(address, port, config.collective_timeout_s) for r in gang.ranks],
                     timeout=timeout_s)
-        gang.loads = ray.get([r.load.remote() for r in gang.ranks], timeout=timeout_s)
+        startup.enter("weights")
+        gang.loads = _load_weights(gang.ranks, startup, timeout_s)
         for report in gang.loads:
             log.info("rank %(rank)d loaded %(bytes_read)d bytes in %(seconds).1fs", report)
         ray.get([r.start.remote() for r in gang.ranks], timeout=timeout_s)
@@ -88,6 +99,34 @@ def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: 
     gang.build_seconds = time.monotonic() - start
     log.info("gang of %d attention + %d expert workers ready in %.1fs", A, E, gang.build_seconds)
     return gang
+
+
+def _wait_ranks_up(ranks: list, startup: GangStartup, timeout_s: float) -> None:
+    """Until every rank actor has been constructed (a new worker process imports torch first)."""
+    deadline = time.monotonic() + timeout_s
+    pending = [r.load_progress.remote() for r in ranks]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            raise GetTimeoutError(f"{len(pending)} of {len(ranks)} ranks not up after {timeout_s:g}s")
+        ray.get(done)  # a rank whose constructor failed raises here
+        startup.set_ranks_up(len(ranks) - len(pending))
+
+
+def _load_weights(ranks: list, startup: GangStartup, timeout_s: float) -> list[dict]:
+    """Every rank loads at once; meanwhile their byte counts are polled (each rank loads on a thread of
+    its own, so `load_progress` answers while `load` runs)."""
+    deadline = time.monotonic() + timeout_s
+    loads = [r.load.remote() for r in ranks]
+    pending = loads
+    while True:
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=LOAD_POLL_S)
+        ray.get(done)  # a rank that failed raises now, not after the others finish
+        startup.set_rank_bytes(ray.get([r.load_progress.remote() for r in ranks], timeout=timeout_s))
+        if not pending:
+            return ray.get(loads)
+        if time.monotonic() > deadline:
+            raise GetTimeoutError(f"{len(pending)} of {len(ranks)} ranks still loading after {timeout_s:g}s")
 
 
 def destroy_gang(gang: Gang) -> None:

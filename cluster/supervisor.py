@@ -20,6 +20,7 @@ from ray.exceptions import RayActorError, RayError, GetTimeoutError
 from cluster import routing
 from cluster.config import GangConfig
 from cluster.gang import Gang, build_gang, destroy_gang
+from cluster.startup import BoardPublisher, GangStartup
 from workers.errors import EngineError, Unavailable
 from workers.protocol import GenerateRequest, RequestOutput
 from workers.sampling_params import SamplingParams
@@ -42,6 +43,7 @@ class GangSupervisor:
         self.health_period_s = health_period_s
         self.rebuild = rebuild
         self.gang: Gang | None = None
+        self.startup: GangStartup | None = None  # this build's stages, bytes loaded, ranks up
         self.state = "starting"  # starting | ready | failed | rebuilding | stopped
         self.failure: str | None = None
         self.restarts = 0
@@ -56,8 +58,10 @@ class GangSupervisor:
     # -- lifecycle --------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        num_ranks = self.config.attention_workers + self.config.expert_workers
+        self.startup = GangStartup(self.name, num_ranks, self.application, BoardPublisher())
         self.gang = await asyncio.to_thread(build_gang, self.config, self.pg, bundle_offset=self.bundle_offset,
-                                            name=self.name, application=self.application)
+                                            name=self.name, application=self.application, startup=self.startup)
         self._epoch += 1
         self.state, self.failure, self.warm = "ready", None, False
         epoch = self._epoch
@@ -82,11 +86,13 @@ class GangSupervisor:
 
     async def _warm_up(self) -> None:
         """One single-token request through every layer, so readiness means a token came out."""
+        self.startup.enter("warm-up")
         request = GenerateRequest([0], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
                                   request_id=f"warmup-{self._epoch}")
         async for out in self.generate(request):
             if out.error is not None:
                 raise out.error
+        self.startup.enter("ready")  # pushed before readiness turns true, so a watcher sees it first
         self.warm = True
 
     def health(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,85 +41,129 @@ class LoadReport:
     keys_read: list[str]
 
 
+class LoadProgress:
+    """Bytes a load will read (set before its first read) and bytes copied so far.
+
+    Written by the loading thread, read by others (a rank actor answering `load_progress`): plain int
+    attributes, each assignment atomic under the GIL.
+    """
+
+    def __init__(self) -> None:
+        self.total_bytes = 0
+        self.loaded_bytes = 0
+
+    def start(self, total_bytes: int) -> None:
+        self.total_bytes, self.loaded_bytes = total_bytes, 0
+
+    def advance(self, nbytes: int) -> None:
+        self.loaded_bytes += nbytes
+
+
+@dataclass(frozen=True)
+class _ParamRead:
+    """What one parameter takes from the checkpoint: planned (and sized) before anything is read."""
+    name: str
+    keys: list[str]
+    nbytes: int
+    read: Callable[[], torch.Tensor]
+
+
 def text_prefix(reader: CheckpointReader) -> str:
     return TEXT_PREFIX if any(k.startswith(TEXT_PREFIX) for k in reader.keys()) else ""
 
 
 def load_model(model: nn.Module, reader: CheckpointReader, dtype: torch.dtype,
-               strict: bool = True) -> LoadReport:
+               strict: bool = True, progress: LoadProgress | None = None) -> LoadReport:
     """Fill every parameter of `model` (named like HF `Llama4ForCausalLM`) from the checkpoint.
 
     With `strict`, text weights the model does not hold are an error (a wrong config); pass
     `strict=False` for a module that deliberately owns a part (an attention or expert worker).
+    `progress` learns the total bytes before the first read, then counts each parameter as it is copied.
     """
     prefix = text_prefix(reader)
-    before = reader.bytes_read
-    used: set[str] = set()
-    modules = dict(model.named_modules())
-    for name, param in model.named_parameters():
-        m = _EXPERT_PARAM.match(name)
-        fp8 = _FP8_EXPERT_PARAM.match(name)
-        if m:
-            experts = modules[m["layer"]]
-            assert isinstance(experts, RoutedExperts)
-            tensor, keys = read_experts(reader, prefix + m["layer"], m["name"], experts.expert_ids)
-        elif fp8:
-            tensor, keys = read_fp8_experts(reader, prefix + fp8["layer"], fp8["name"], bool(fp8["scale"]),
-                                            modules[fp8["layer"]].expert_ids)
-        else:
-            keys = [prefix + name]
-            tensor = reader.read(keys[0])
-        if keys:
-            _copy(param, tensor, keys[0], reader, dtype)
-        used.update(keys)
-    if strict:
+    plan = plan_reads(model, reader, prefix)
+    used = {key for p in plan for key in p.keys}
+    if strict:  # a wrong config fails before a byte is read
         _check_unexpected(reader, prefix, used)
+    progress = progress or LoadProgress()
+    progress.start(sum(p.nbytes for p in plan))
+    before = reader.bytes_read
+    params = dict(model.named_parameters())
+    for p in plan:
+        _copy(params[p.name], p.read(), p.keys[0], reader, dtype)
+        progress.advance(p.nbytes)
     report = LoadReport(len(used), reader.bytes_read - before, sorted(used))
     log.info("loaded %d tensors, %.1f MB from %s", report.tensors, report.bytes_read / 1e6, reader.dir)
     return report
 
 
-def read_experts(reader: CheckpointReader, experts_key: str, name: str,
-                 expert_ids: list[int]) -> tuple[torch.Tensor, list[str]]:
+def plan_reads(model: nn.Module, reader: CheckpointReader, prefix: str) -> list[_ParamRead]:
+    """Every parameter's checkpoint tensors (or expert rows) and their bytes; parameters reading nothing
+    (a worker without routed experts) are left out."""
+    modules = dict(model.named_modules())
+    plan = []
+    for name, _ in model.named_parameters():
+        m = _EXPERT_PARAM.match(name)
+        fp8 = _FP8_EXPERT_PARAM.match(name)
+        if m:
+            experts = modules[m["layer"]]
+            assert isinstance(experts, RoutedExperts)
+            keys, nbytes, read = plan_experts(reader, prefix + m["layer"], m["name"], experts.expert_ids)
+        elif fp8:
+            keys, nbytes, read = plan_fp8_experts(reader, prefix + fp8["layer"], fp8["name"], bool(fp8["scale"]),
+                                                  modules[fp8["layer"]].expert_ids)
+        else:
+            key = prefix + name
+            info = reader.info(key)
+            keys, nbytes, read = [key], info.end - info.begin, lambda key=key: reader.read(key)
+        if keys:
+            plan.append(_ParamRead(name, keys, nbytes, read))
+    return plan
+
+
+def _nbytes(reader: CheckpointReader, keys: list[str]) -> int:
+    return sum(reader.info(k).end - reader.info(k).begin for k in keys)
+
+
+def plan_experts(reader: CheckpointReader, experts_key: str, name: str,
+                 expert_ids: list[int]) -> tuple[list[str], int, Callable[[], torch.Tensor]]:
     """Rows of `gate_up_proj` [e,D,2F] or `down_proj` [e,F,D] for the given experts, in that order."""
     fused = f"{experts_key}.{name}"
     if not expert_ids:  # a worker without routed experts reads nothing
-        return torch.empty(0), []
+        return [], 0, lambda: torch.empty(0)
     if fused in reader.tensors:
-        return reader.read(fused, rows=list(expert_ids)), [fused]
+        ids = list(expert_ids)
+        return [fused], len(ids) * reader.info(fused).row_bytes, lambda: reader.read(fused, rows=ids)
     if f"{experts_key}.0.down_proj.weight" not in reader.tensors:
         raise CheckpointError(f"checkpoint {reader.dir} has neither {fused!r} nor per-expert keys "
                               f"{experts_key}.<e>.*_proj.weight")
-    keys, rows = [], []
-    for e in expert_ids:
-        if name == "down_proj":  # Linear [D,F] -> [F,D]
-            keys.append(f"{experts_key}.{e}.down_proj.weight")
-            rows.append(reader.read(keys[-1]).t())
-        else:  # [gate | up] on the last dim, each Linear [F,D] -> [D,F]
-            gate, up = f"{experts_key}.{e}.gate_proj.weight", f"{experts_key}.{e}.up_proj.weight"
-            keys += [gate, up]
-            rows.append(torch.cat([reader.read(gate).t(), reader.read(up).t()], dim=-1))
-    return torch.stack(rows), keys
+    parts = ("down_proj",) if name == "down_proj" else ("gate_proj", "up_proj")
+    per_expert = [[f"{experts_key}.{e}.{part}.weight" for part in parts] for e in expert_ids]
+
+    def read() -> torch.Tensor:
+        # Linear [D,F] -> [F,D] for down; [gate | up] on the last dim, each Linear [F,D] -> [D,F]
+        return torch.stack([torch.cat([reader.read(k).t() for k in keys], dim=-1) for keys in per_expert])
+
+    keys = [k for ks in per_expert for k in ks]
+    return keys, _nbytes(reader, keys), read
 
 
-def read_fp8_experts(reader: CheckpointReader, experts_key: str, name: str, scale: bool,
-                     expert_ids: list[int]) -> tuple[torch.Tensor, list[str]]:
+def plan_fp8_experts(reader: CheckpointReader, experts_key: str, name: str, scale: bool,
+                     expert_ids: list[int]) -> tuple[list[str], int, Callable[[], torch.Tensor]]:
     """FP8 experts [e, out, in] (or their scales [e, out, 1]) from per-expert keys, as stored: no transpose.
     `gate_up_weight` stacks the gate rows over the up rows."""
     if not expert_ids:
-        return torch.empty(0), []
+        return [], 0, lambda: torch.empty(0)
     suffix = ".weight_scale" if scale else ".weight"
     parts = ("down_proj",) if name == "down_weight" else ("gate_proj", "up_proj")
-    keys, rows = [], []
-    for e in expert_ids:
-        names = [f"{experts_key}.{e}.{part}{suffix}" for part in parts]
-        for key in names:
-            if key not in reader.tensors:
-                raise CheckpointError(f"FP8 checkpoint {reader.dir} has no tensor {key!r} (FP8 routed experts "
-                                      f"need per-expert weights and weight_scale)")
-        keys += names
-        rows.append(torch.cat([reader.read(k) for k in names]))
-    return torch.stack(rows), keys
+    per_expert = [[f"{experts_key}.{e}.{part}{suffix}" for part in parts] for e in expert_ids]
+    keys = [k for ks in per_expert for k in ks]
+    for key in keys:
+        if key not in reader.tensors:
+            raise CheckpointError(f"FP8 checkpoint {reader.dir} has no tensor {key!r} (FP8 routed experts "
+                                  f"need per-expert weights and weight_scale)")
+    return keys, _nbytes(reader, keys), lambda: torch.stack([torch.cat([reader.read(k) for k in ks])
+                                                              for ks in per_expert])
 
 
 def _copy(param: torch.Tensor, tensor: torch.Tensor, key: str, reader: CheckpointReader,

@@ -48,8 +48,9 @@ class GangDeployment:
 
     def status(self) -> dict:
         """What the ingress polls twice a second: readiness, and the state and restarts it exports."""
+        startup = self.supervisor.startup
         return {"ready": self.supervisor.ready(), "state": self.supervisor.state,
-                "restarts": self.supervisor.restarts}
+                "restarts": self.supervisor.restarts, "stage": startup.stage if startup else None}
 
     async def stats(self) -> dict:
         return await self.supervisor.stats()

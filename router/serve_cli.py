@@ -1,6 +1,7 @@
-"""`maverick serve CONFIG.yaml` and `maverick serve --model DIR`: deploy, wait until ready, print the
-endpoints, serve in the foreground; SIGINT/SIGTERM drain (readiness false, in-flight requests
-finish within the grace period) and exit 0; an application that fails exits non-zero.
+"""`maverick serve CONFIG.yaml` and `maverick serve --model DIR`: deploy, show each gang's start-up
+(stage, bytes loaded, ranks up) until ready, print the endpoints, serve in the foreground;
+SIGINT/SIGTERM drain (readiness false, in-flight requests finish within the grace period) and exit 0;
+an application that fails exits non-zero.
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ def _app_status() -> tuple[str, str]:
     return "OK", ""
 
 
+def _startup_snapshots(board) -> list:
+    """Every gang's latest start-up snapshot; none if the board does not answer (progress is optional)."""
+    import ray
+
+    try:
+        return ray.get(board.snapshots.remote(), timeout=5)
+    except Exception as exc:
+        log.info("no start-up progress: %s", exc)
+        return []
+
+
 def run_serve(args: argparse.Namespace) -> int:
     if bool(args.config) == bool(args.model):
         raise SystemExit("give a Serve config file or --model DIR (not both)")
@@ -77,6 +89,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from cluster.offline import ensure_local_ray
     from cluster.probe import http_ok
+    from cluster.startup import open_board
+    from cluster.terminal import StartupDisplay
 
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
@@ -88,18 +102,24 @@ def run_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    board = open_board()  # before deploying: every gang pushes its start-up stages there
     client.deploy_apps(schema, _blocking=False)
     url = f"http://{host}:{port}"
     prometheus = None
     started = time.monotonic()
     code = 0
+    display = StartupDisplay(sys.stderr)
     while not stop.is_set() and not http_ok(url + "/health/ready"):
         state, message = _app_status()
         if state != "OK":
             print(f"maverick: deployment failed: {message}", file=sys.stderr)
             code = 1
             break
-        stop.wait(1.0)
+        display.update(_startup_snapshots(board))
+        stop.wait(0.5)
+    if code == 0 and not stop.is_set():
+        display.update(_startup_snapshots(board))  # the "ready" lines
+    display.close()
     if code == 0 and not stop.is_set():
         print(f"maverick: ready in {time.monotonic() - started:.0f}s\n"
               f"  OpenAI API: {url}/v1  (health: {url}/health, readiness: {url}/health/ready)", flush=True)

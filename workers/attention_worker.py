@@ -52,7 +52,7 @@ class AttentionWorker(Rank):
         self.steps_timed = 0  # steps appended to step_seconds since start
         self._steps_exported = 0
 
-    def load(self) -> dict:
+    def load_weights(self) -> dict:
         """Build the model without routed experts (they are remote), load its weights, start an engine."""
         start = time.monotonic()
         config = load_config(self.model_dir)
@@ -69,7 +69,7 @@ class AttentionWorker(Rank):
         apply_quantization(model, self.model_dir)  # an FP8 checkpoint: shared experts, dense MLPs in FP8
         materialize(model, self.device)
         with CheckpointReader(self.model_dir) as reader:
-            report = load_model(model, reader, dtype, strict=False)
+            report = load_model(model, reader, dtype, strict=False, progress=self.progress)
         self.weight_bytes = weight_bytes(model)
         model = optimize_for_inference(model.eval())
         tokenizer = None if self.skip_tokenizer_init else Tokenizer(self.model_dir)

@@ -54,7 +54,7 @@ class ExpertWorker(Rank):
         self.model_dir, self.dtype_name, self.idle_steps = model_dir, dtype, idle_steps
         self.rows_served = 0
 
-    def load(self) -> dict:
+    def load_weights(self) -> dict:
         start = time.monotonic()
         config = load_config(self.model_dir)
         dtype = resolve_dtype(self.dtype_name, self.device.type)
@@ -66,7 +66,7 @@ class ExpertWorker(Rank):
         apply_quantization(self.shard, self.model_dir)  # an FP8 checkpoint: the experts stay FP8 in memory
         materialize(self.shard, self.device)
         with CheckpointReader(self.model_dir) as reader:
-            report = load_model(self.shard, reader, dtype, strict=False)
+            report = load_model(self.shard, reader, dtype, strict=False, progress=self.progress)
         self.weight_bytes = weight_bytes(self.shard)
         optimize_for_inference(self.shard)
         self.layers = [self.shard.experts(layer) for layer in config.moe_layers]

@@ -6,6 +6,7 @@ Actor classes (`AttentionWorker`, `ExpertWorker`) are plain classes here; `clust
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import os
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from model.loader import LoadProgress
 from workers.metrics import Exporter, RankMetrics
 from workers.wave import WaveLoop
 
@@ -55,11 +57,12 @@ class Rank:
         # NOTE: one Ray actor per rank; its intra-op threads are the cores it may use, and they
         # belong to the wave thread, which runs every step. libgomp gives the thread that first
         # forks a team the fast pool: a second thread forking later measured as slow as one
-        # thread. So this (loading) thread stays single-threaded; `WaveLoop` takes the threads.
+        # thread. So this thread and the loading thread stay single-threaded; `WaveLoop` takes them.
         self.torch_threads = torch_threads
         torch.set_num_threads(1)
         self.group: dist.ProcessGroup | None = None
         self.wave: WaveLoop | None = None
+        self.progress = LoadProgress()
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0's reachable address and a free port, for every rank's `init_process_group`."""
@@ -76,6 +79,24 @@ class Rank:
                                 world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_s))
         self.group = dist.group.WORLD
         return time.monotonic() - start
+
+    async def load(self) -> dict:
+        """Load this rank's weights on a thread of their own. Ray runs every method of an actor with an
+        async method on its event loop: loading there would block `load_progress` until the end."""
+        return await asyncio.to_thread(self._load_single_threaded)
+
+    def _load_single_threaded(self) -> dict:
+        torch.set_num_threads(1)  # a loading thread never forks the OpenMP team (see __init__)
+        return self.load_weights()
+
+    def load_weights(self) -> dict:
+        """Read this rank's share of the checkpoint into its modules, counting into `self.progress`."""
+        raise NotImplementedError
+
+    def load_progress(self) -> dict:
+        """Bytes of this rank's weights copied so far, of the total it will read (0 of 0 before loading)."""
+        return {"rank": self.rank, "loaded_bytes": self.progress.loaded_bytes,
+                "total_bytes": self.progress.total_bytes}
 
     def start_metrics(self, role: str) -> None:
         """Export this rank's metrics from a thread of their own (never the wave thread)."""

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from cluster.bench.machine import decode_step_floor, measure
+from cluster.terminal import StepLine, format_step
 from model.config import load_config
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ class EngineProcess:
     """A loaded engine in its own process, answering one measurement per request line."""
 
     def __init__(self, name: str, cmd: list[str], timeout: float):
-        log.warning("starting %s", name)
+        log.info("starting %s", name)
         self.name, self.timeout = name, timeout
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
@@ -78,17 +79,22 @@ def run_engines(args) -> dict:
             raise FileNotFoundError(f"{VLLM_PYTHON} missing: `make bench` builds .venv-vllm")
         vocab = load_config(args.model).vocab_size
         commands["vllm"] = [str(VLLM_PYTHON), str(HERE / "peer_vllm.py"), *common, "--vocab", str(vocab)]
+    steps = StepLine()
     engines = {name: EngineProcess(name, cmd, args.timeout) for name, cmd in commands.items()}
     try:
-        for engine in engines.values():
+        for name, engine in engines.items():
+            steps.show(f"bench engine  {name}  loading")
             engine.ready()
         samples: dict[str, dict[int, list[dict]]] = {n: {c: [] for c in args.concurrency} for n in engines}
         for rep in range(args.repeat):  # interleaved: every engine meets the same machine state
-            for c in args.concurrency:
+            for level, c in enumerate(args.concurrency, 1):
                 for name, engine in engines.items():
+                    steps.show(format_step("engine", name, c, level, len(args.concurrency), rep + 1, args.repeat))
                     samples[name][c].append(engine.ask({"concurrency": c, "seed": 1000 * rep + c}))
+        steps.show(f"bench engine  ours  profile at concurrency {max(args.concurrency)}")
         profile = engines["ours"].ask({"profile": max(args.concurrency)}, key="profile")
     finally:
+        steps.close()
         for engine in engines.values():
             engine.close()
     runs = {}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import statistics
 import time
 from pathlib import Path
@@ -25,13 +24,13 @@ from cluster.bench.runner import random_prompts
 from cluster.config import EngineLimits, GangConfig, RankResources
 from cluster.offline import ensure_local_ray
 from cluster.supervisor import GangSupervisor
+from cluster.terminal import StepLine, format_step
 from model.config import load_config
 from workers.config import EngineConfig
 from workers.engine import LLMEngine
 from workers.protocol import GenerateRequest
 from workers.sampling_params import SamplingParams
 
-log = logging.getLogger(__name__)
 
 
 class _Single:
@@ -88,17 +87,22 @@ class _Gang:
 
 async def _interleaved(args, vocab: int, single: _Single, gang: _Gang) -> tuple[list[dict], dict]:
     """Per level, `repeat` rounds of single then gang on the same prompts; medians of each figure."""
+    steps = StepLine()
+    steps.show("bench ep  gang  starting")
     await gang.supervisor.start()
     try:
+        steps.show("bench ep  warm-up")
         warm = random_prompts(1, args.prompt_len, vocab, seed=1)
         single.measure(warm)
         await gang.measure(warm)
         results = []
-        for c in args.concurrency:
+        for level, c in enumerate(args.concurrency, 1):
             prompts = random_prompts(c, args.prompt_len, vocab, seed=c)
             runs = {"single": [], "gang": []}
-            for _ in range(args.repeat):
+            for rep in range(1, args.repeat + 1):
+                steps.show(format_step("ep", "single", c, level, len(args.concurrency), rep, args.repeat))
                 runs["single"].append(single.measure(prompts))
+                steps.show(format_step("ep", "gang", c, level, len(args.concurrency), rep, args.repeat))
                 runs["gang"].append(await gang.measure(prompts))
             med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
             results.append({"concurrency": c, "single_tok_s": med["single"]["tok_s"],
@@ -108,9 +112,11 @@ async def _interleaved(args, vocab: int, single: _Single, gang: _Gang) -> tuple[
                             "gang_over_single_step": med["gang"]["step_ms"] / med["single"]["step_ms"],
                             "gang_over_single_step_runs": [g["step_ms"] / s["step_ms"]
                                                            for s, g in zip(runs["single"], runs["gang"])]})
-            log.warning("c=%d: gang/single step %.2fx", c, results[-1]["gang_over_single_step"])
+            steps.print(f"bench ep  concurrency {c}: gang/single step {results[-1]['gang_over_single_step']:.2f}x")
+        steps.show("bench ep  gang  idle CPU and wake-up")
         idle = await _idle_and_wake(gang.supervisor, gang.run)
     finally:
+        steps.close()
         await gang.supervisor.stop()
     return results, idle
 

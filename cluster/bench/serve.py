@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import copy
 import json
-import logging
 import os
 import signal
 import statistics
@@ -33,11 +32,11 @@ from cluster.config import EngineLimits, GangConfig, RankResources
 from cluster.offline import ensure_local_ray
 from cluster.probe import wait_http_ok
 from cluster.supervisor import GangSupervisor
+from cluster.terminal import StepLine, format_step
 from model.config import load_config
 from workers.protocol import GenerateRequest
 from workers.sampling_params import SamplingParams
 
-log = logging.getLogger(__name__)
 VLLM_PYTHON = Path(".venv-vllm/bin/python")
 
 
@@ -163,7 +162,7 @@ def _stop(proc: subprocess.Popen | None) -> None:
         proc.kill()
 
 
-async def _measure(args, supervisor, urls: dict[str, str]) -> list[dict]:
+async def _measure(args, supervisor, urls: dict[str, str], steps: StepLine) -> list[dict]:
     vocab = load_config(args.model).vocab_size
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     warm = random_prompts(2, args.prompt_len, vocab, seed=99)
@@ -171,19 +170,21 @@ async def _measure(args, supervisor, urls: dict[str, str]) -> list[dict]:
     for url in urls.values():
         await _http(url, "bench", warm, 2, 4)
     results = []
-    for c in args.concurrency:
+    for level, c in enumerate(args.concurrency, 1):
         row: dict = {"concurrency": c}
         prompts = random_prompts(2 * c, args.prompt_len, vocab, seed=c)
         samples: dict[str, list[dict]] = {name: [] for name in ["inproc", *urls]}
-        for _ in range(args.repeat):  # interleaved rounds: every system meets the same machine state
+        for rep in range(1, args.repeat + 1):  # interleaved rounds: every system meets the same machine state
             for name in samples:
+                step = format_step("serve", name, c, level, len(args.concurrency), rep, args.repeat)
+                steps.show(step)
                 if name == "inproc":
                     got = await _inproc(supervisor, prompts, c, params)
                 else:
                     got = await _http(urls[name], "bench", prompts, c, args.output_len)
                 samples[name].append(got)
-                log.warning("c=%d %s: %.1f tok/s, TPOT %.1f ms, TTFT %.0f ms", c, name, got["tok_s"],
-                            got["tpot_ms"], got["ttft_ms"])
+                steps.print(f"{step}: {got['tok_s']:.1f} tok/s, TPOT {got['tpot_ms']:.1f} ms, "
+                            f"TTFT {got['ttft_ms']:.0f} ms")
         for name, rounds in samples.items():
             median = sorted(rounds, key=lambda r: r["tok_s"])[len(rounds) // 2]
             row.update({f"{name}_{k}": v for k, v in median.items()})
@@ -238,19 +239,25 @@ def main(args) -> int:
     ours = vllm = None
     supervisor = GangSupervisor(config, rebuild=False)
     loop = asyncio.new_event_loop()
+    steps = StepLine()
     try:
+        steps.show("bench serve  inproc  starting the gang")
         loop.run_until_complete(supervisor.start())
         ours_port = _free_port()
+        steps.show("bench serve  http  starting maverick serve")
         ours = _start_ours(args, address, ours_port)
         urls = {"http": f"http://127.0.0.1:{ours_port}/v1"}
         if args.compare_metrics_off:
             urls["http_nometrics"] = f"http://127.0.0.1:{ours_port}/off/v1"
         if want_vllm:
             vllm_port = _free_port()
+            steps.show("bench serve  vllm  starting")
             vllm = _start_vllm(args, vllm_port)
             urls["vllm"] = f"http://127.0.0.1:{vllm_port}/v1"
-        results = loop.run_until_complete(_measure(args, supervisor, urls))
+        steps.show("bench serve  warm-up")
+        results = loop.run_until_complete(_measure(args, supervisor, urls, steps))
     finally:
+        steps.close()
         _stop(vllm)
         _stop(ours)
         loop.run_until_complete(supervisor.stop())

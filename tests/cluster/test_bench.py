@@ -31,6 +31,8 @@ def test_bench_engine_smoke(tmp_path):
     assert report["machine"]["read_GBps"] > 0 and report["machine"]["matmul_GFLOPs"] > 0
     assert "mkldnn" in report["profile"] or "aten::" in report["profile"]
     assert out.with_suffix(".md").read_text().startswith("# Engine benchmark")
+    # one plain line per step (stderr is no terminal here): engine, level and round
+    assert "bench engine  ours_pressure  concurrency 8 (level 2/2)  round 1/1\n" in proc.stderr
 
 
 def test_bench_ep_smoke(tmp_path):
@@ -45,6 +47,9 @@ def test_bench_ep_smoke(tmp_path):
     for row in report["results"]:
         assert row["gang_step_ms"] > 0 and row["single_step_ms"] > 0 and 0 < row["alltoall_ms"] < row["gang_step_ms"]
     assert 0 <= report["idle"]["idle_cpu_share"] < 0.5 and report["idle"]["wake_to_first_token_ms"] > 0
+    steps = [line for line in proc.stderr.splitlines() if line.startswith("bench ep  ") and "round" in line]
+    assert steps[0] == "bench ep  single  concurrency 1 (level 1/2)  round 1/3"
+    assert steps[-1] == "bench ep  gang  concurrency 2 (level 2/2)  round 3/3" and len(steps) == 12
 
 
 def test_bench_serve_smoke(tmp_path):
@@ -64,3 +69,8 @@ def test_bench_serve_smoke(tmp_path):
         assert row["metrics_on_vs_off_tok_s"] == row["http_tok_s"] / row["http_nometrics_tok_s"]
     assert out.with_suffix(".md").read_text().startswith("# Serving benchmark")
     assert "metrics on" in out.with_suffix(".md").read_text()
+    assert "bench serve  http_nometrics  concurrency 2 (level 2/2)  round 1/1: " in proc.stderr
+    # two applications: progress lines carry their names (the CLI waits for the first one only)
+    progress = [line for line in out.with_name("maverick-serve.log").read_text().splitlines() if " gang 0  " in line]
+    assert "maverick gang 0  ready" in "\n".join(progress)
+    assert all(line.startswith(("maverick gang 0  ", "nometrics gang 0  ")) for line in progress), progress

@@ -2,6 +2,8 @@
 spread over nodes, a killed expert actor fails its requests and the gang comes back, idle is idle."""
 
 import asyncio
+import json
+import struct
 import time
 
 import pytest
@@ -9,6 +11,8 @@ import ray
 import torch
 
 from cluster.config import EngineLimits, GangConfig, RankResources
+from cluster.probe import wait_until
+from cluster.startup import STAGES, open_board
 from cluster.supervisor import GangSupervisor
 from tests.cluster.conftest import CHUNK
 from tests.oracle import hf_greedy
@@ -158,3 +162,49 @@ def test_idle_gang_does_not_keep_a_core_busy(ray_cluster, gang_checkpoint):
     assert all(state["idle"] for state in idle)
     assert max(used) < 0.3  # seconds of CPU over 3 s idle: nobody spins
     assert len(ids) == 1 and wake_latency < 5
+
+
+def safetensors_sizes(ckpt) -> dict[str, int]:
+    """Bytes of every tensor, read from the files' own headers (not through our reader)."""
+    sizes = {}
+    for path in sorted(ckpt.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        sizes.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+                      if k != "__metadata__"})
+    return sizes
+
+
+def test_gang_start_up_reports_stages_in_order_and_each_ranks_bytes(ray_cluster, gang_checkpoint):
+    ckpt, hf = gang_checkpoint
+    board = open_board()  # as `maverick serve` does: the supervisor pushes its snapshots there
+
+    async def main():
+        supervisor = GangSupervisor(gang_config(ckpt, 1, 2), name="gang-7")
+        await supervisor.start()
+        try:
+            ranks = await asyncio.gather(*[r.load_progress.remote() for r in supervisor.gang.ranks])
+            return supervisor.startup, ranks, supervisor.gang.loads
+        finally:
+            await supervisor.stop()
+
+    startup, ranks, loads = asyncio.run(main())
+    assert startup.history == ["placement", "process group", "weights", "warm-up", "ready"] == list(STAGES)
+    sizes = safetensors_sizes(ckpt)
+    routed = {k: n for k, n in sizes.items() if ".feed_forward.experts." in k}
+    assert routed and all(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k in routed)  # fused
+    num_experts = hf.config.num_local_experts
+    expected = [sum(n for k, n in sizes.items() if k.startswith("language_model.") and k not in routed)]
+    expected += [sum(routed.values()) * len(report["experts"]) // num_experts for report in loads[1:]]
+    assert sorted(e for report in loads[1:] for e in report["experts"]) == list(range(num_experts))
+    assert [r["total_bytes"] for r in ranks] == expected
+    assert [r["loaded_bytes"] for r in ranks] == expected == [report["bytes_read"] for report in loads]
+    final = startup.snapshot()
+    assert (final.ranks_up, final.num_ranks) == (3, 3)
+    assert final.loaded_bytes == final.total_bytes == sum(expected) and final.bytes_per_s > 0
+    pushed = wait_until(lambda: [stages for stages in ray.get(board.snapshots.remote())
+                                 if stages[-1].gang == "gang-7" and stages[-1].stage == "ready"],
+                        30, "the ready snapshot on the board")
+    assert [s.stage for s in pushed[0]] == list(STAGES)  # every stage reached the board
+    assert pushed[0][-1].loaded_bytes == sum(expected) and pushed[0][-1].ranks_up == 3
+    ray.kill(board)

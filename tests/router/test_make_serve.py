@@ -40,7 +40,14 @@ def test_make_serve_answers_chat_and_exits_0_on_sigterm(tmp_path):
         while "maverick: ready" not in (tmp_path / "serve.log").read_text():
             assert make.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
             time.sleep(1.0)
-        assert f"http://127.0.0.1:{port}/v1" in (tmp_path / "serve.log").read_text()
+        printed = (tmp_path / "serve.log").read_text()
+        assert f"http://127.0.0.1:{port}/v1" in printed
+        # not a terminal: plain progress lines, every stage of the gang's start-up in order, before "ready"
+        progress = [line for line in printed[:printed.index("maverick: ready")].splitlines()
+                    if line.startswith("gang 0  ")]
+        stages = [line[len("gang 0  "):].split("  ")[0].strip() for line in progress]
+        assert list(dict.fromkeys(stages)) == ["placement", "process group", "weights", "warm-up", "ready"], printed
+        assert "[##########]" in progress[-1] and "ranks 3/3" in progress[-1] and "\r" not in printed
         wait_ready(f"http://127.0.0.1:{port}", timeout_s=30)
         body = {"model": "tiny-maverick", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5}
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
