@@ -47,6 +47,16 @@ def node_ip() -> str:
         return "127.0.0.1"
 
 
+def interface_of(ip: str) -> str | None:
+    """The network interface that holds `ip`."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == ip for a in addresses):
+            return name
+    return None
+
+
 class Rank:
     def __init__(self, rank: int, world_size: int, torch_threads: int, device: str = "cpu",
                  metrics: MetricsOptions | None = None):
@@ -72,6 +82,13 @@ class Rank:
         """Join the gang's process group; blocks until every rank has joined (call all at once)."""
         start = time.monotonic()
         backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
+            # gloo advertises the address its host name resolves to, often 127.0.1.1 (Debian's
+            # /etc/hosts): ranks on other hosts could not connect. Bind it to the interface that
+            # carries this node's Ray address instead, the one the other hosts already reach.
+            interface = interface_of(node_ip())
+            if interface is not None:
+                os.environ["GLOO_SOCKET_IFNAME"] = interface
         if self.device.type == "cuda":
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
             torch.cuda.set_device(0)  # one GPU per actor: Ray shows it as device 0
