@@ -65,7 +65,7 @@ class AttentionWorker(Rank):
             expert_ranks = list(range(self.num_attention, self.world_size))
             placement = Placement.contiguous(config.moe_layers, config.num_experts, expert_ranks)
             for layer, moe in model.moe_blocks():
-                moe.experts = AllToAllExperts(comm, placement, layer)
+                moe.experts = AllToAllExperts(comm, placement, layer, self.num_attention)
         apply_quantization(model, self.model_dir)  # an FP8 checkpoint: shared experts, dense MLPs in FP8
         materialize(model, self.device)
         with CheckpointReader(self.model_dir) as reader:

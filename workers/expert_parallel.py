@@ -1,16 +1,20 @@
 """Expert parallelism over one process group: placement, and the one dispatch/combine pair.
 
-Ranks 0..A-1 are attention workers, A..A+E-1 expert workers. For each MoE layer, in this order,
-every rank takes part in three collectives:
-  1. count exchange: each attention rank tells every rank how many rows it sends it;
-  2. dispatch `all_to_all_single`: score-scaled activations (+ their expert id as one extra column)
-     go to the expert ranks that own those experts, with uneven splits;
-  3. combine `all_to_all_single`: expert outputs come back to the rows' senders.
-Expert ranks send nothing in (2), attention ranks receive nothing from each other. Dispatch is
-asynchronous, so the attention rank computes the shared expert while its tokens are away.
+Ranks 0..A-1 are attention workers, A..A+E-1 expert workers. Each step, at its first MoE layer, all
+ranks agree on the step's capacity T (one tiny all-reduce MAX of the attention ranks' routed rows).
+Then for every MoE layer, in order, every rank takes part in two collectives of fixed shape, so no
+rank needs to learn anything about the others' rows first (no count exchange, no host sync):
+  1. dispatch `all_to_all_single`: each attention rank sends a block of T rows to every expert rank:
+     its score-scaled activations routed there, the expert id as one extra column, and padding rows
+     with id -1 after them;
+  2. combine `all_to_all_single`: each expert rank returns the same blocks with the real rows' outputs.
+Expert ranks send nothing in (1), attention ranks receive nothing from each other. A block holds at
+most T real rows because top-1 routing sends each row to exactly one rank. Padding costs bytes (E
+blocks of T rows per attention rank, about E x the real rows), nothing in latency at these sizes.
+Dispatch is asynchronous, so the attention rank computes the shared expert while its tokens are away.
 The local path (`model.moe.RoutedExperts`) stays the reference these are tested against.
 
-Shape suffixes: N routed rows, D hidden, W world size, E experts.
+Shape suffixes: N routed rows, D hidden, W world size, E experts, B = blocks x T buffer rows.
 """
 
 from __future__ import annotations
@@ -51,17 +55,20 @@ class Placement:
         return [e for e, ranks in enumerate(self.table[layer]) if rank in ranks]
 
     def destinations(self, layer: int, experts_N: torch.Tensor) -> torch.Tensor:
-        dest_EW = self._dest[layer]
+        dest_EW = self._dest[layer].to(experts_N.device)
         if dest_EW.shape[1] == 1:
             return dest_EW[experts_N, 0]
-        replica_N = torch.arange(experts_N.shape[0]) % dest_EW.shape[1]
+        replica_N = torch.arange(experts_N.shape[0], device=experts_N.device) % dest_EW.shape[1]
         return dest_EW[experts_N, replica_N]
+
+    @property
+    def first_layer(self) -> int:
+        return min(self.table)
 
 
 @dataclass
 class Pending:
-    order_N: torch.Tensor  # rows sorted by destination rank
-    send_counts: list[int]
+    slot_N: torch.Tensor  # each row's place in the fixed-shape dispatch buffer
     work: dist.Work | None
 
 
@@ -74,15 +81,23 @@ class ExpertGroup:
         self.hidden, self.dtype, self.device = hidden, dtype, torch.device(device)
         self.alltoall_seconds = 0.0  # time spent in collectives, since start
         self.alltoall_bytes = 0  # payload this rank sent: dispatch on attention ranks, combine on expert ranks
+        self.capacity = 0  # rows per block this step (agreed at the step's first MoE layer)
 
-    def exchange_counts(self, send_counts: list[int]) -> list[int]:
+    def agree_capacity(self, local_rows: int) -> int:
+        """The step's capacity T: the most routed rows any attention rank has (expert ranks give 0)."""
         start = time.perf_counter()
-        send = torch.tensor(send_counts, dtype=torch.long, device=self.device)
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
-        counts = recv.tolist()
+        rows = torch.tensor([local_rows], dtype=torch.long, device=self.device)
+        dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=self.group)
+        self.capacity = int(rows.item())  # NOTE: one host read per step, not per MoE layer
         self.alltoall_seconds += time.perf_counter() - start
-        return counts
+        return self.capacity
+
+    def splits(self, attention_ranks: int, to_experts: bool) -> list[int]:
+        """Rows per rank of a fixed-shape block: T for every expert rank (attention side) or every
+        attention rank (expert side), 0 for the others."""
+        expert_blocks = [0] * attention_ranks + [self.capacity] * (self.world_size - attention_ranks)
+        attention_blocks = [self.capacity] * attention_ranks + [0] * (self.world_size - attention_ranks)
+        return expert_blocks if to_experts else attention_blocks
 
     def all_to_all(self, send_RD: torch.Tensor, send_counts: list[int], recv_counts: list[int],
                    async_op: bool = False) -> tuple[torch.Tensor, dist.Work | None]:
@@ -105,43 +120,60 @@ class AllToAllExperts(nn.Module):
     """Stands in for `model.moe.RoutedExperts` on an attention rank: same `dispatch`/`combine` pair,
     the experts themselves live on the expert ranks."""
 
-    def __init__(self, comm: ExpertGroup, placement: Placement, layer: int):
+    def __init__(self, comm: ExpertGroup, placement: Placement, layer: int, attention_ranks: int):
         super().__init__()
         self.comm, self.placement, self.layer = comm, placement, layer
-        self._recv: torch.Tensor | None = None
+        self.attention_ranks = attention_ranks
+        self.first = layer == placement.first_layer
 
     def dispatch(self, x_ND: torch.Tensor, experts_N: torch.Tensor) -> Pending:
-        comm = self.comm
-        dest_N = self.placement.destinations(self.layer, experts_N.cpu())
+        comm, n = self.comm, x_ND.shape[0]
+        if self.first:
+            comm.agree_capacity(n)
+        capacity = comm.capacity
+        dest_N = self.placement.destinations(self.layer, experts_N) - self.attention_ranks  # expert block
         order_N = torch.argsort(dest_N, stable=True)
-        send_counts = torch.bincount(dest_N, minlength=comm.world_size).tolist()
-        comm.exchange_counts(send_counts)  # attention ranks receive no rows: zeros come back
-        # NOTE: the expert id rides as an extra column, exact in fp32 and in bf16 up to 256 experts
-        ids = experts_N.to(x_ND.dtype)[:, None]
-        payload_N = torch.cat([x_ND, ids], dim=1).index_select(0, order_N.to(x_ND.device))
-        _, work = comm.all_to_all(payload_N, send_counts, [0] * comm.world_size, async_op=True)
-        return Pending(order_N, send_counts, work)
+        counts_B = torch.bincount(dest_N, minlength=comm.world_size - self.attention_ranks)
+        starts_B = torch.cumsum(counts_B, 0) - counts_B
+        sorted_dest_N = dest_N.index_select(0, order_N)
+        slot_N = torch.empty_like(order_N)
+        # a row's slot: its block's start plus its rank among the rows of that block (arrival order)
+        slot_N[order_N] = sorted_dest_N * capacity + torch.arange(n, device=x_ND.device) - starts_B[sorted_dest_N]
+        blocks = comm.world_size - self.attention_ranks
+        # NOTE: the expert id rides as an extra column, exact in fp32 and in bf16 up to 256 experts; -1 pads
+        send_BD1 = torch.zeros(blocks * capacity, comm.hidden + 1, dtype=x_ND.dtype, device=x_ND.device)
+        send_BD1[:, -1] = -1
+        send_BD1.index_copy_(0, slot_N, torch.cat([x_ND, experts_N.to(x_ND.dtype)[:, None]], dim=1))
+        _, work = comm.all_to_all(send_BD1, comm.splits(self.attention_ranks, to_experts=True),
+                                  [0] * comm.world_size, async_op=True)
+        return Pending(slot_N, work)
 
     def combine(self, pending: Pending) -> torch.Tensor:
         comm = self.comm
         comm.wait(pending.work)
         empty = torch.empty(0, comm.hidden, dtype=comm.dtype, device=comm.device)
-        back_ND, _ = comm.all_to_all(empty, [0] * comm.world_size, pending.send_counts)
-        y_ND = torch.empty_like(back_ND)
-        y_ND[pending.order_N.to(back_ND.device)] = back_ND
-        return y_ND
+        back_BD, _ = comm.all_to_all(empty, [0] * comm.world_size, comm.splits(self.attention_ranks, to_experts=True))
+        return back_BD.index_select(0, pending.slot_N)
 
 
-def serve_layer(comm: ExpertGroup, experts: RoutedExperts, load_E: torch.Tensor | None = None) -> int:
-    """An expert rank's share of one MoE layer: receive rows, run the grouped FFN, send them back.
-    `load_E` (per expert of the model) counts the rows each expert received."""
+def serve_layer(comm: ExpertGroup, experts: RoutedExperts, attention_ranks: int, first: bool,
+                load_E: torch.Tensor | None = None) -> int:
+    """An expert rank's share of one MoE layer: receive blocks, run the grouped FFN on their real rows,
+    send the blocks back. `first`: the step's first MoE layer (agree the capacity). `load_E` (per
+    expert of the model) counts the rows each expert received."""
+    if first:
+        comm.agree_capacity(0)
     zeros = [0] * comm.world_size
-    recv_counts = comm.exchange_counts(zeros)
+    blocks = comm.splits(attention_ranks, to_experts=False)
     empty = torch.empty(0, comm.hidden + 1, dtype=comm.dtype, device=comm.device)
-    rows_ND1, _ = comm.all_to_all(empty, zeros, recv_counts)
-    x_ND, experts_N = rows_ND1[:, :-1], rows_ND1[:, -1].long()
+    rows_BD1, _ = comm.all_to_all(empty, zeros, blocks)
+    experts_B = rows_BD1[:, -1].long()
+    real_N = torch.nonzero(experts_B >= 0).squeeze(1)
+    x_ND, experts_N = rows_BD1[:, :-1].index_select(0, real_N), experts_B.index_select(0, real_N)
     if load_E is not None and experts_N.numel():  # on the rows' device: no host sync per layer
         load_E += torch.bincount(experts_N, minlength=load_E.numel())
-    y_ND = experts(x_ND, experts_N) if rows_ND1.shape[0] else x_ND
-    comm.all_to_all(y_ND, recv_counts, zeros)
-    return rows_ND1.shape[0]
+    out_BD = torch.zeros(rows_BD1.shape[0], comm.hidden, dtype=comm.dtype, device=comm.device)
+    if real_N.numel():
+        out_BD.index_copy_(0, real_N, experts(x_ND, experts_N))
+    comm.all_to_all(out_BD, blocks, zeros)
+    return int(real_N.numel())

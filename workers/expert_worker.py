@@ -94,8 +94,8 @@ class ExpertWorker(Rank):
 
     @torch.inference_mode()
     def _step(self) -> None:
-        for experts, load_E in zip(self.layers, self.expert_load_LE):
-            self.rows_served += serve_layer(self.comm, experts, load_E)
+        for i, (experts, load_E) in enumerate(zip(self.layers, self.expert_load_LE)):
+            self.rows_served += serve_layer(self.comm, experts, self.num_attention, first=i == 0, load_E=load_E)
         self.snapshot = self._snapshot()
 
     def health(self) -> dict:

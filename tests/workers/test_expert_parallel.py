@@ -27,12 +27,17 @@ def _reference_experts(expert_ids=None):
     return part
 
 
-def _inputs(attention_rank, case):
-    g = torch.Generator().manual_seed(100 + attention_rank)
+def _inputs(attention_rank, case, step):
+    g = torch.Generator().manual_seed(100 + attention_rank + 10 * step)
     n = {"random": 23, "one_expert": 9, "zero_on_rank1": 0 if attention_rank == 1 else 12, "empty": 0}[case]
+    if n:  # a second step with other batch sizes: rank 0's grows (the capacity must too), rank 1's shrinks
+        n += step * (9 if attention_rank == 0 else -7)
     x = torch.randn(n, D, generator=g)
     ids = torch.full((n,), 5) if case == "one_expert" else torch.randint(0, E, (n,), generator=g)
     return x, ids
+
+
+STEPS, LAYERS = 2, (0, 1)
 
 
 def _worker(rank, world, num_attention, case, store_path, results):
@@ -41,19 +46,21 @@ def _worker(rank, world, num_attention, case, store_path, results):
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
         comm = ExpertGroup(dist.group.WORLD, rank, world, D, torch.float32)
         expert_ranks = list(range(num_attention, world))
-        placement = Placement.contiguous([0], E, expert_ranks)
-        for layer_pass in range(2):  # two MoE layers in a row keep the collectives in step
-            if rank < num_attention:
-                x, ids = _inputs(rank, case)
-                a2a = AllToAllExperts(comm, placement, 0)
-                pending = a2a.dispatch(x, ids)
-                y = a2a.combine(pending)
-                expected = _reference_experts()(x, ids)
-                results[(rank, layer_pass)] = float((y - expected).abs().max()) if len(x) else 0.0
-                results[(rank, layer_pass, "rows")] = len(y)
-            else:
-                experts = _reference_experts(placement.experts_on(rank, 0))
-                results[(rank, layer_pass, "served")] = serve_layer(comm, experts)
+        placement = Placement.contiguous(list(LAYERS), E, expert_ranks)
+        # steps of two MoE layers: the capacity is agreed at each step's first layer only
+        for step in range(STEPS):
+            for layer in LAYERS:
+                if rank < num_attention:
+                    x, ids = _inputs(rank, case, step)
+                    a2a = AllToAllExperts(comm, placement, layer, num_attention)
+                    y = a2a.combine(a2a.dispatch(x, ids))
+                    expected = _reference_experts()(x, ids)
+                    results[(rank, step, layer)] = float((y - expected).abs().max()) if len(x) else 0.0
+                    assert len(y) == len(x)
+                else:
+                    experts = _reference_experts(placement.experts_on(rank, layer))
+                    results[(rank, step, layer, "served")] = serve_layer(comm, experts, num_attention,
+                                                                         first=layer == LAYERS[0])
         dist.destroy_process_group()
     except Exception:
         results[(rank, "error")] = traceback.format_exc()
@@ -73,14 +80,14 @@ def test_dispatch_combine_equals_local_experts(tmp_path, num_attention, num_expe
     results = dict(results)
     errors = {k: v for k, v in results.items() if "error" in k}
     assert not errors, errors
-    for rank in range(num_attention):
-        for layer_pass in range(2):
-            assert results[(rank, layer_pass)] <= 1e-5
-    rows = [sum(len(_inputs(r, case)[0]) for r in range(num_attention))] * 2
-    served = [sum(results[(r, p, "served")] for r in range(num_attention, world)) for p in range(2)]
-    assert served == rows  # every routed row visited exactly one expert rank, once per layer
-    if case == "one_expert" and num_experts == 1:
-        assert results[(num_attention, 0, "served")] == rows[0]
+    for step in range(STEPS):
+        rows = sum(len(_inputs(r, case, step)[0]) for r in range(num_attention))
+        for layer in LAYERS:
+            assert all(results[(rank, step, layer)] <= 1e-5 for rank in range(num_attention))
+            served = [results[(r, step, layer, "served")] for r in range(num_attention, world)]
+            assert sum(served) == rows  # every routed row visited exactly one expert rank, once per layer
+            if case == "one_expert" and num_experts == 1:
+                assert served[0] == rows
 
 
 def test_uneven_placement_splits_as_evenly_as_counts_allow():
