@@ -23,6 +23,7 @@ from cluster.config import GangConfig
 from cluster.startup import GangStartup
 from model.config import load_config
 from workers.attention_worker import AttentionWorker
+from workers.expert_parallel import Placement
 from workers.expert_worker import ExpertWorker
 from workers.rank import MetricsOptions
 
@@ -42,6 +43,7 @@ class Gang:
     own_pg: bool = False
     build_seconds: float = 0.0
     loads: list[dict] = field(default_factory=list)
+    placement: Placement | None = None  # None: no expert ranks, the attention ranks hold every expert
 
     @property
     def ranks(self) -> list:
@@ -50,18 +52,27 @@ class Gang:
 
 def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: float = 300,
                bundle_offset: int = 0, name: str = "gang", application: str = "maverick",
-               startup: GangStartup | None = None) -> Gang:
+               startup: GangStartup | None = None, placement: Placement | None = None) -> Gang:
     """Start every rank and return once all are loaded and waving. `pg`: an existing placement group
     (a Serve replica's, whose bundle 0 holds the replica itself) where rank r takes bundle
     `r + bundle_offset`; else one is created with a bundle per rank. `startup` follows the stages
-    placement, process group and weights (each stage may take `timeout_s`)."""
+    placement, process group and weights (each stage may take `timeout_s`). `placement`: which expert
+    ranks hold which experts (default: consecutive experts, as even as the counts allow); every rank
+    gets this one table."""
     start = time.monotonic()
-    num_experts = load_config(config.model).num_experts
-    config.check_experts(num_experts)
+    model_config = load_config(config.model)
+    config.check_experts(model_config.num_experts)
     A, E = config.attention_workers, config.expert_workers
+    # the one placement every rank follows: attention ranks dispatch by it, expert ranks load by it
+    if E:
+        expert_ranks = list(range(A, A + E))
+        placement = placement or Placement.contiguous(model_config.moe_layers, model_config.num_experts, expert_ranks)
+        placement.check(model_config.moe_layers, model_config.num_experts, expert_ranks)
+    elif placement is not None:
+        raise ValueError("a placement needs expert ranks")
     startup = startup or GangStartup(name, A + E, application)
     startup.enter("placement")
-    gang = Gang(config)
+    gang = Gang(config, placement=placement)
     if pg is None:
         bundles = rank_bundles(config)
         pg, gang.own_pg = placement_group(bundles, strategy=config.placement_strategy), True
@@ -74,11 +85,11 @@ def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: 
         gang.attention.append(AttentionActor.options(
             **_resources(config.attention), scheduling_strategy=_in(pg, bundle_offset + rank)).remote(
             rank, A, E, config.model, engine, config.attention.torch_threads, config.idle_steps,
-            config.skip_tokenizer_init, metrics))
+            config.skip_tokenizer_init, metrics, placement))
     for i in range(E):
         gang.experts.append(ExpertActor.options(
             **_resources(config.experts), scheduling_strategy=_in(pg, bundle_offset + A + i)).remote(
-            A + i, A, E, config.model, config.dtype, config.device, config.experts.torch_threads,
+            A + i, A, E, config.model, placement, config.dtype, config.device, config.experts.torch_threads,
             config.idle_steps, metrics))
     try:
         _wait_ranks_up(gang.ranks, startup, timeout_s)

@@ -22,6 +22,7 @@ from cluster.config import GangConfig
 from cluster.gang import Gang, build_gang, destroy_gang
 from cluster.startup import BoardPublisher, GangStartup
 from workers.errors import EngineError, Unavailable
+from workers.expert_parallel import Placement
 from workers.protocol import GenerateRequest, RequestOutput
 from workers.sampling_params import SamplingParams
 
@@ -37,8 +38,10 @@ class _Stream:
 
 class GangSupervisor:
     def __init__(self, config: GangConfig, health_period_s: float = 1.0, rebuild: bool = True,
-                 pg=None, bundle_offset: int = 0, name: str = "gang", application: str = "maverick"):
+                 pg=None, bundle_offset: int = 0, name: str = "gang", application: str = "maverick",
+                 placement: Placement | None = None):
         self.config, self.name, self.application = config, name, application
+        self.placement = placement  # None: experts split contiguously over the expert ranks
         self.pg, self.bundle_offset = pg, bundle_offset  # a Serve replica's placement group, if any
         self.health_period_s = health_period_s
         self.rebuild = rebuild
@@ -61,7 +64,8 @@ class GangSupervisor:
         num_ranks = self.config.attention_workers + self.config.expert_workers
         self.startup = GangStartup(self.name, num_ranks, self.application, BoardPublisher())
         self.gang = await asyncio.to_thread(build_gang, self.config, self.pg, bundle_offset=self.bundle_offset,
-                                            name=self.name, application=self.application, startup=self.startup)
+                                            name=self.name, application=self.application, startup=self.startup,
+                                            placement=self.placement)
         self._epoch += 1
         self.state, self.failure, self.warm = "ready", None, False
         epoch = self._epoch

@@ -37,9 +37,13 @@ log = logging.getLogger(__name__)
 class AttentionWorker(Rank):
     def __init__(self, rank: int, num_attention: int, num_experts_ranks: int, model_dir: str,
                  engine_config: EngineConfig, torch_threads: int = 1, idle_steps: int = 3,
-                 skip_tokenizer_init: bool = False, metrics: MetricsOptions | None = None):
+                 skip_tokenizer_init: bool = False, metrics: MetricsOptions | None = None,
+                 placement: Placement | None = None):
         super().__init__(rank, num_attention + num_experts_ranks, torch_threads, engine_config.device, metrics)
+        if num_experts_ranks and placement is None:
+            raise ValueError("a gang with expert ranks needs the placement its builder made")
         self.num_attention, self.num_expert_ranks = num_attention, num_experts_ranks
+        self.placement = placement  # the gang's one (MoE layer, expert) -> ranks table, made in cluster/gang.py
         self.model_dir, self.engine_config = model_dir, engine_config
         self.idle_steps, self.skip_tokenizer_init = idle_steps, skip_tokenizer_init
         self.engine: LLMEngine | None = None
@@ -62,10 +66,8 @@ class AttentionWorker(Rank):
         if self.num_expert_ranks:
             comm = self.comm = ExpertGroup(self.group, self.rank, self.world_size, config.hidden_size, dtype,
                                            self.device)
-            expert_ranks = list(range(self.num_attention, self.world_size))
-            placement = Placement.contiguous(config.moe_layers, config.num_experts, expert_ranks)
             for layer, moe in model.moe_blocks():
-                moe.experts = AllToAllExperts(comm, placement, layer, self.num_attention)
+                moe.experts = AllToAllExperts(comm, self.placement, layer, self.num_attention)
         apply_quantization(model, self.model_dir)  # an FP8 checkpoint: shared experts, dense MLPs in FP8
         materialize(model, self.device)
         with CheckpointReader(self.model_dir) as reader:

@@ -51,6 +51,17 @@ class Placement:
             owners += [[rank]] * (num_experts // k + (i < num_experts % k))
         return cls({layer: owners for layer in moe_layers})
 
+    def check(self, moe_layers: list[int], num_experts: int, expert_ranks: list[int]) -> None:
+        """Every expert of every MoE layer held by at least one expert rank, and nothing else."""
+        if sorted(self.table) != sorted(moe_layers):
+            raise ValueError(f"placement covers layers {sorted(self.table)}, the model's MoE layers are {moe_layers}")
+        for layer, owners in self.table.items():
+            if len(owners) != num_experts or any(not ranks for ranks in owners):
+                raise ValueError(f"layer {layer}: every one of {num_experts} experts needs a rank")
+            strangers = {r for ranks in owners for r in ranks} - set(expert_ranks)
+            if strangers:
+                raise ValueError(f"layer {layer}: ranks {sorted(strangers)} are not expert ranks {expert_ranks}")
+
     def experts_on(self, rank: int, layer: int) -> list[int]:
         return [e for e, ranks in enumerate(self.table[layer]) if rank in ranks]
 

@@ -46,11 +46,12 @@ class ExpertShard(nn.Module):
 
 
 class ExpertWorker(Rank):
-    def __init__(self, rank: int, num_attention: int, num_expert_ranks: int, model_dir: str,
+    def __init__(self, rank: int, num_attention: int, num_expert_ranks: int, model_dir: str, placement: Placement,
                  dtype: str | None = None, device: str = "cpu", torch_threads: int = 1, idle_steps: int = 3,
                  metrics: MetricsOptions | None = None):
         super().__init__(rank, num_attention + num_expert_ranks, torch_threads, device, metrics)
         self.num_attention = num_attention
+        self.placement = placement  # the gang's one (MoE layer, expert) -> ranks table, made in cluster/gang.py
         self.model_dir, self.dtype_name, self.idle_steps = model_dir, dtype, idle_steps
         self.rows_served = 0
 
@@ -58,9 +59,7 @@ class ExpertWorker(Rank):
         start = time.monotonic()
         config = load_config(self.model_dir)
         dtype = resolve_dtype(self.dtype_name, self.device.type)
-        placement = Placement.contiguous(config.moe_layers, config.num_experts,
-                                         list(range(self.num_attention, self.world_size)))
-        owned = {layer: placement.experts_on(self.rank, layer) for layer in config.moe_layers}
+        owned = {layer: self.placement.experts_on(self.rank, layer) for layer in config.moe_layers}
         with torch.device("meta"):
             self.shard = ExpertShard(config, owned)
         apply_quantization(self.shard, self.model_dir)  # an FP8 checkpoint: the experts stay FP8 in memory

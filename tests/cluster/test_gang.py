@@ -13,12 +13,14 @@ import torch
 from cluster.config import EngineLimits, GangConfig, RankResources
 from cluster.probe import wait_until
 from cluster.startup import STAGES, open_board
+from cluster.gang import build_gang
 from cluster.supervisor import GangSupervisor
 from tests.cluster.conftest import CHUNK
 from tests.oracle import hf_greedy
 from workers.config import EngineConfig
 from workers.engine import LLMEngine
 from workers.errors import InvalidRequest, Unavailable
+from workers.expert_parallel import Placement
 from workers.llm import LLM
 from workers.protocol import GenerateRequest
 from workers.sampling_params import SamplingParams
@@ -86,6 +88,41 @@ def test_gang_equals_single_process(ray_cluster, gang_checkpoint, reference, att
     assert len(per_expert) == 1, [(r["bytes_read"], r["experts"]) for r in loads[attention:]]
     assert sorted(e for r in loads[attention:] for e in r["experts"]) == list(range(8))
     assert all(steps > 0 for steps in per_worker)
+
+
+def test_placement_from_outside_is_what_every_rank_follows(ray_cluster, gang_checkpoint, reference):
+    """A placement made by the caller (experts interleaved over the ranks, another order in each layer)
+    reaches every rank: expert ranks load those experts, attention ranks dispatch to them, tokens stay
+    exact."""
+    ckpt, hf = gang_checkpoint
+    ps, single = reference
+    config = hf.config
+    moe_layers = config.moe_layers
+    ranks = [2, 3, 4]  # A=2, E=3
+    table = {layer: [[ranks[(e + k) % 3]] for e in range(config.num_local_experts)] for k, layer in enumerate(moe_layers)}
+    placement = Placement(table)
+
+    async def main():
+        supervisor = GangSupervisor(gang_config(ckpt, 2, 3), placement=placement)
+        await supervisor.start()
+        try:
+            return await asyncio.gather(*(collect(supervisor, p) for p in ps[:3])), supervisor.gang.loads
+        finally:
+            await supervisor.stop()
+
+    results, loads = asyncio.run(main())
+    assert [ids for ids, _, _ in results] == single[:3]
+    assert [report["experts"] for report in loads[2:]] == [placement.experts_on(r, moe_layers[0]) for r in ranks]
+    assert loads[2]["experts"] == [0, 3, 6]  # interleaved, not consecutive
+
+
+def test_a_placement_that_misses_an_expert_is_refused(ray_cluster, gang_checkpoint):
+    ckpt, hf = gang_checkpoint
+    config = hf.config
+    moe_layers = config.moe_layers
+    holes = Placement({layer: [[1]] * (config.num_local_experts - 1) + [[]] for layer in moe_layers})
+    with pytest.raises(ValueError, match="needs a rank"):
+        build_gang(gang_config(ckpt, 1, 1), placement=holes)
 
 
 def test_invalid_request_is_rejected_by_the_gang(ray_cluster, gang_checkpoint):

@@ -106,3 +106,13 @@ def test_placement_contiguous_and_replicas():
     replicated = Placement({1: [[2, 3]] + [[2]] * 7})  # expert 0 on both ranks
     assert set(replicated.destinations(1, torch.zeros(6, dtype=torch.long)).tolist()) == {2, 3}
     assert replicated.experts_on(3, 1) == [0]
+
+
+def test_placement_check_names_what_is_wrong():
+    Placement.contiguous([1, 3], 8, [2, 3]).check([1, 3], 8, [2, 3])
+    with pytest.raises(ValueError, match="MoE layers"):
+        Placement.contiguous([1], 8, [2, 3]).check([1, 3], 8, [2, 3])
+    with pytest.raises(ValueError, match="needs a rank"):
+        Placement({1: [[2]] * 7 + [[]]}).check([1], 8, [2, 3])
+    with pytest.raises(ValueError, match="not expert ranks"):
+        Placement({1: [[1]] * 8}).check([1], 8, [2, 3])
