@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import cpu_kernels
 from model.batch import AttentionMetadata, DecodeBatch, GroupMetadata
 from model.config import Llama4Config
 from model.layers import apply_rope, rms_normalize, temperature_scale
@@ -82,7 +81,7 @@ class Attention(nn.Module):
         if self.use_rope:
             qk_TNK = apply_rope(qk_TNK, freqs_cis_TK)
         if self.use_qk_norm:
-            qk_TNK = rms_normalize(qk_TNK, self.eps)
+            qk_TNK = self.qk_norm(qk_TNK)
         q_THK, k_TGK = qk_TNK[:, :self.num_heads], qk_TNK[:, self.num_heads:]
         if self.temperature_tuning:
             scale_T = temperature_scale(positions_T, self.floor_scale, self.attn_scale)
@@ -93,6 +92,9 @@ class Attention(nn.Module):
         v_cache.index_copy_(1, gm.write_slots_T, v_TGK.transpose(0, 1))
         o_THK = self._attend(q_THK, k_cache, v_cache, gm)
         return self.o_proj(o_THK.reshape(T, self.num_heads * self.head_dim))
+
+    def qk_norm(self, qk_TNK: torch.Tensor) -> torch.Tensor:
+        return rms_normalize(qk_TNK, self.eps)
 
     def _attend(self, q_THK: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 gm: GroupMetadata) -> torch.Tensor:
@@ -115,8 +117,6 @@ class Attention(nn.Module):
                 d: DecodeBatch) -> torch.Tensor:
         """One query per sequence. Each kv head serves its group of query heads without copying
         K/V (heads j*R .. (j+1)*R-1 share kv head j, as transformers' repeat_kv lays them out)."""
-        if cpu_kernels.decode_attention_fits(q_BHK, k_cache):  # reads the cache in place: no gather
-            return cpu_kernels.decode_attention(q_BHK, k_cache, v_cache, d.kv_slots_BL, d.lengths_B, self.scaling)
         k_GBLK, v_GBLK = gather(k_cache, d.kv_slots_BL), gather(v_cache, d.kv_slots_BL)
         B, H, K = q_BHK.shape
         G = self.num_kv_heads

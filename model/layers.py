@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import cpu_kernels
 from model.config import Llama4Config, RopeScaling
 
 
@@ -23,13 +22,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # NOTE: cast back to the input dtype before the weight multiply, as transformers does
-        return cpu_kernels.rms_norm(x, self.weight, self.eps)
+        return rms_normalize(x, self.eps) * self.weight
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Weightless RMS normalisation over the last dim in fp32 (also Llama 4's per-head qk-norm):
     x * rsqrt(mean(x^2) + eps), computed in fp32 and cast back, as one fused op."""
-    return cpu_kernels.rms_norm(x, None, eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -98,5 +97,6 @@ class MLP(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            return self.down_proj(cpu_kernels.silu_mul(self.gate_up_proj(x_TD)))
+            gate, up = self.gate_up_proj(x_TD).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))

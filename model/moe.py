@@ -10,14 +10,12 @@ K experts per token, N = T*K routed rows.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import cpu_kernels
 from model.config import Llama4Config
 from model.layers import MLP
 
@@ -62,73 +60,23 @@ class RoutedExperts(nn.Module):
         if x_ND.shape[0] == 1:  # a lone token (batch-1 decode): no grouping needed
             return self._ffn(int(local_N), x_ND)
         order_N = torch.argsort(local_N, stable=True)
-        counts_e = torch.bincount(local_N, minlength=len(self.expert_ids))
         x_sorted = x_ND.index_select(0, order_N)
-        gate_up_eOI, down_eOI = self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
-        if cpu_kernels.grouped_experts_fit(x_sorted, gate_up_eOI, down_eOI):  # one call for every expert
-            y_sorted = cpu_kernels.grouped_experts(x_sorted, counts_e, gate_up_eOI, down_eOI)
-            return torch.empty_like(x_ND).index_copy_(0, order_N, y_sorted)
-        # NOTE: .tolist() is a host sync; free on CPU, one small copy per MoE layer on GPU
-        counts = counts_e.tolist()
         y_sorted = torch.empty_like(x_sorted)
-        spans, start = [], 0
-        for e, n in enumerate(counts):
+        start = 0
+        # NOTE: .tolist() is a host sync; free on CPU, one small copy per MoE layer on GPU
+        for e, n in enumerate(torch.bincount(local_N, minlength=len(self.expert_ids)).tolist()):
             if n:
-                spans.append((e, start, start + n))
+                y_sorted[start:start + n] = self._ffn(e, x_sorted[start:start + n])
                 start += n
-
-        def run(part: list[tuple[int, int, int]]) -> None:
-            for e, lo, hi in part:
-                y_sorted[lo:hi] = self._ffn(e, x_sorted[lo:hi])
-
-        run_spread(run, spans, x_ND.device)
         return torch.empty_like(x_ND).index_copy_(0, order_N, y_sorted)
 
     def _ffn(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
         return expert_ffn(x_nD, self.gate_up_proj[e], self.down_proj[e])
 
 
-_POOL: ThreadPoolExecutor | None = None
-
-
-def run_spread(run, spans: list[tuple[int, int, int]], device: torch.device) -> None:
-    """Run the experts' GEMMs side by side, one per core, instead of one at a time on every core.
-
-    NOTE: an expert's GEMM has only a few rows; split across cores it reaches a fraction of the
-    memory bandwidth, while independent single-threaded GEMMs on each core stream weights at full
-    speed. On CPU with more than one intra-op thread the experts are dealt out to that many threads,
-    balanced by rows, with intra-op threading off meanwhile.
-    """
-    global _POOL
-    threads = torch.get_num_threads()
-    if threads < 2 or len(spans) < 2 or device.type != "cpu":
-        run(spans)
-        return
-    bins: list[list[tuple[int, int, int]]] = [[] for _ in range(threads)]
-    load = [0] * threads
-    for span in sorted(spans, key=lambda s: s[1] - s[2]):  # largest first onto the lightest bin
-        i = load.index(min(load))
-        bins[i].append(span)
-        load[i] += span[2] - span[1] + 4  # + fixed cost of reading an expert's weights
-    if _POOL is None or _POOL._max_workers < threads - 1:
-        _POOL = ThreadPoolExecutor(threads - 1, thread_name_prefix="experts")
-    torch.set_num_threads(1)
-    try:
-        futures = [_POOL.submit(_no_grad_call, run, b) for b in bins[1:]]
-        run(bins[0])
-        for f in futures:
-            f.result()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _no_grad_call(fn, *args):
-    with torch.inference_mode():  # grad mode is per thread
-        return fn(*args)
-
-
 def expert_ffn(x_nD: torch.Tensor, gate_up_D2F: torch.Tensor, down_FD: torch.Tensor) -> torch.Tensor:
-    return cpu_kernels.matmul(cpu_kernels.silu_mul(cpu_kernels.matmul(x_nD, gate_up_D2F)), down_FD)
+    gate, up = (x_nD @ gate_up_D2F).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ down_FD
 
 
 def experts_for_loop(experts: RoutedExperts, x_ND: torch.Tensor, experts_N: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,8 @@
 """Inference-time rewrites of a loaded model that change speed, never results beyond fp32 rounding.
 
 - `fuse`: q/k/v and gate/up projections become one GEMM each (every device; FP8 ones stay apart).
-- CPU, fp32, with the decode kernel (`model.cpu_kernels`): every Linear and every routed expert runs
-  skinny inputs through it; routed expert weights are stored [out, in] in memory (their logical
-  checkpoint shape is kept as a transposed view) so the kernel streams them row by row.
+- CPU, fp32, with the decode kernels: `model.kernel_modules.apply_cpu_kernels` swaps in their modules
+  (Linears, RMSNorm, SwiGLU, decode attention, grouped routed experts).
 - CPU, fp32, without it: every Linear runs through oneDNN with its weight prepacked in oneDNN's
   blocked layout, which streams decode GEMMs faster than MKL here.
 """
@@ -18,7 +17,7 @@ from torch import nn
 from model import cpu_kernels
 from model.attention import Attention
 from model.layers import MLP
-from model.moe import RoutedExperts
+from model.kernel_modules import apply_cpu_kernels
 from model.quant import Fp8Linear
 
 log = logging.getLogger(__name__)
@@ -45,25 +44,6 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
 
 
-class KernelLinear(nn.Module):
-    """A bias-free Linear whose skinny inputs take `model.cpu_kernels`; weight [out, in] unchanged."""
-
-    def __init__(self, weight_OI: torch.Tensor):
-        super().__init__()
-        self.in_features, self.out_features = weight_OI.shape[1], weight_OI.shape[0]
-        self.weight = weight_OI.contiguous()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.linear(x, self.weight)
-
-
-def experts_out_in(experts: RoutedExperts) -> None:
-    """Store each expert matrix [out, in] in memory, keeping the [in, out] shape as a view."""
-    for name in ("gate_up_proj", "down_proj"):
-        param = getattr(experts, name)
-        param.data = param.data.transpose(1, 2).contiguous().transpose(1, 2)
-
-
 def fuse(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         if isinstance(module, (Attention, MLP)) and getattr(module, "qkv_proj", None) is None \
@@ -81,13 +61,7 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     if weight is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
         return model
     if cpu_kernels.available():
-        for module in list(model.modules()):
-            if isinstance(module, RoutedExperts):
-                experts_out_in(module)
-            for name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear) and child.bias is None:
-                    setattr(module, name, KernelLinear(child.weight.data))
-        return model
+        return apply_cpu_kernels(model)
     if not _onednn_available():
         log.warning("oneDNN linear kernels unavailable: CPU matmuls stay on the default BLAS")
         return model

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from model import cpu_kernels
-from model.optimize import KernelLinear, optimize_for_inference
+from model.kernel_modules import KernelLinear, KernelRoutedExperts, apply_cpu_kernels
+from model.optimize import optimize_for_inference
 
 
 def test_kernels_build_on_this_machine():
@@ -105,7 +106,8 @@ def test_optimize_routes_linears_and_experts_to_the_kernels(tmp_path):
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj, KernelLinear)
     experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
-    assert experts and all(e.gate_up_proj[0].T.is_contiguous() for e in experts)
+    assert experts and all(isinstance(e, KernelRoutedExperts) for e in experts)
+    assert all(e.gate_up_proj[0].T.is_contiguous() for e in experts)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 300])
@@ -118,7 +120,6 @@ def test_silu_mul_matches_torch(rows):
 @pytest.mark.parametrize("counts", [[0, 3, 0, 1], [70, 0, 2, 1], [0, 0, 0, 1]])
 def test_grouped_experts_match_one_expert_at_a_time(counts):
     from model.moe import RoutedExperts, experts_for_loop
-    from model.optimize import experts_out_in
 
     D, F, E = 64, 32, 4
     experts = RoutedExperts(D, F, list(range(E)), E)
@@ -128,7 +129,7 @@ def test_grouped_experts_match_one_expert_at_a_time(counts):
     ids_N = ids_N[torch.randperm(ids_N.numel())]  # unsorted, as the router leaves them
     x_ND = torch.randn(ids_N.numel(), D)
     expected = experts_for_loop(experts, x_ND, ids_N)
-    experts_out_in(experts)
+    assert isinstance(apply_cpu_kernels(experts), KernelRoutedExperts)
     assert cpu_kernels.grouped_experts_fit(x_ND, experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2))
     torch.testing.assert_close(experts(x_ND, ids_N), expected, rtol=1e-5, atol=1e-5)
 

@@ -89,13 +89,18 @@ def test_eos_stops_generation(pair):
 
 def test_inference_rewrites_keep_the_oracle_tolerance(pair):
     """Fused projections and (on CPU, fp32) the decode kernels: same logits and tokens within 1e-4."""
-    from model.optimize import KernelLinear, optimize_for_inference
+    from model.kernel_modules import KERNEL_MODULES, KernelLinear
+    from model.optimize import optimize_for_inference
 
     hf, ours = pair
     import copy
 
     fast = optimize_for_inference(copy.deepcopy(ours))
     assert isinstance(fast.model.layers[0].self_attn.qkv_proj, KernelLinear)
+    # every module with a kernel version runs it (what production runs on CPU); `ours` stays plain torch
+    kinds = {type(m) for m in fast.modules()}
+    assert set(KERNEL_MODULES.values()) <= kinds and not set(KERNEL_MODULES) & kinds
+    assert not set(KERNEL_MODULES.values()) & {type(m) for m in ours.modules()}
     for prompt in PROMPTS:
         cache = ContiguousCache(fast, 1, 64)
         positions, meta = build_metadata(fast.config, [cache.slots(0, 0, len(prompt))])
