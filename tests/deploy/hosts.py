@@ -163,6 +163,10 @@ class Hosts:
             subprocess.run(["ip", "netns", "del", f"mav-h{index}"], capture_output=True)
             subprocess.run(["ip", "link", "del", f"mvh{index}"], capture_output=True)
         subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
+        # a head killed with its namespace leaves its address where the next plain ray.init() looks
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().startswith(SUBNET + "."):
+            current.unlink()
         _remove_user()
         if self.linked_key is not None:
             self.linked_key.unlink(missing_ok=True)

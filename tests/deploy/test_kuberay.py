@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[2]
 KUBERAY = ROOT / "deploy" / "kuberay"
 MANIFESTS = sorted([*KUBERAY.glob("*.yml"), *KUBERAY.glob("*.yaml")])
 SCHEMA = Path(__file__).with_name("schemas") / "rayservice-v1.json"
-SHARED_CRD = ROOT.parent / "shared" / "schemas" / "ray.io_rayservices.yaml"
 KUBERAY_COMMIT = "feeaf72facab4881ba2b179248bb67315634e229"
 CRD_PATH = "ray-operator/config/crd/bases/ray.io_rayservices.yaml"
 
@@ -218,12 +217,6 @@ def test_vendored_schema_is_small_and_says_where_it_comes_from():
     assert {"spec", "status"} <= set(schema["properties"]) and len(text) < 400_000
 
 
-@pytest.mark.skipif(not SHARED_CRD.is_file(), reason="the CRD file lives in ../shared, outside a clean clone")
-def test_vendored_schema_is_the_reduced_crd():
-    crd = yaml.load(SHARED_CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    assert json.loads(SCHEMA.read_text()) == reduce_crd(crd)
-
-
 # -- (2) serveConfigV2 and the plan -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
@@ -409,16 +402,6 @@ def test_image_is_pinned_and_built_from_the_rays_version(path):
     assert len(images) == 1 and images.pop().endswith(f"/maverick:{version}")
 
 
-if __name__ == "__main__":
-    cli = argparse.ArgumentParser(description="rewrite tests/deploy/schemas/rayservice-v1.json from KubeRay's CRD")
-    cli.add_argument("--refresh", metavar="CRD_YAML", required=True, help=f"a copy of KubeRay's {CRD_PATH}")
-    cli.add_argument("--commit", default=KUBERAY_COMMIT, help="the KubeRay commit that file comes from")
-    options = cli.parse_args()
-    crd = yaml.load(Path(options.refresh).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    SCHEMA.write_text(json.dumps(reduce_crd(crd, options.commit), indent=0, sort_keys=True) + "\n")
-    print(f"wrote {SCHEMA} ({SCHEMA.stat().st_size:,} bytes); update KUBERAY_COMMIT if the commit changed")
-
-
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_api_key_comes_from_a_secret_on_every_pod(path):
     """The serving ports need their own key (Ray's token does not cover them); it lives in a Secret,
@@ -429,3 +412,13 @@ def test_api_key_comes_from_a_secret_on_every_pod(path):
     for template in pod_templates(manifest):
         env = {e["name"]: e for e in template["spec"]["containers"][0].get("env", [])}
         assert "secretKeyRef" in env[app.api_key_env]["valueFrom"], env
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(description="rewrite tests/deploy/schemas/rayservice-v1.json from KubeRay's CRD")
+    cli.add_argument("--refresh", metavar="CRD_YAML", required=True, help=f"a copy of KubeRay's {CRD_PATH}")
+    cli.add_argument("--commit", default=KUBERAY_COMMIT, help="the KubeRay commit that file comes from")
+    options = cli.parse_args()
+    crd = yaml.load(Path(options.refresh).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    SCHEMA.write_text(json.dumps(reduce_crd(crd, options.commit), indent=0, sort_keys=True) + "\n")
+    print(f"wrote {SCHEMA} ({SCHEMA.stat().st_size:,} bytes); update KUBERAY_COMMIT if the commit changed")
