@@ -36,6 +36,8 @@ class Placement:
         self.table = table  # layer -> [ranks of expert 0, ranks of expert 1, ...]
         self._dest: dict[int, torch.Tensor] = {}
         for layer, experts in table.items():
+            if any(not ranks for ranks in experts):
+                raise ValueError(f"layer {layer}: every expert needs a rank")
             width = max(len(r) for r in experts)
             # replicas padded by repeating the first; dispatch picks replica (row index % count)
             self._dest[layer] = torch.tensor([(r * width)[:width] for r in experts], dtype=torch.long)
@@ -56,8 +58,8 @@ class Placement:
         if sorted(self.table) != sorted(moe_layers):
             raise ValueError(f"placement covers layers {sorted(self.table)}, the model's MoE layers are {moe_layers}")
         for layer, owners in self.table.items():
-            if len(owners) != num_experts or any(not ranks for ranks in owners):
-                raise ValueError(f"layer {layer}: every one of {num_experts} experts needs a rank")
+            if len(owners) != num_experts:
+                raise ValueError(f"layer {layer}: {len(owners)} experts placed, the model has {num_experts}")
             strangers = {r for ranks in owners for r in ranks} - set(expert_ranks)
             if strangers:
                 raise ValueError(f"layer {layer}: ranks {sorted(strangers)} are not expert ranks {expert_ranks}")

@@ -116,13 +116,15 @@ def test_placement_from_outside_is_what_every_rank_follows(ray_cluster, gang_che
     assert loads[2]["experts"] == [0, 3, 6]  # interleaved, not consecutive
 
 
-def test_a_placement_that_misses_an_expert_is_refused(ray_cluster, gang_checkpoint):
+def test_a_placement_that_does_not_fit_the_gang_is_refused(ray_cluster, gang_checkpoint):
     ckpt, hf = gang_checkpoint
     config = hf.config
-    moe_layers = config.moe_layers
-    holes = Placement({layer: [[1]] * (config.num_local_experts - 1) + [[]] for layer in moe_layers})
-    with pytest.raises(ValueError, match="needs a rank"):
-        build_gang(gang_config(ckpt, 1, 1), placement=holes)
+    on_attention = Placement({layer: [[0]] * config.num_local_experts for layer in config.moe_layers})
+    with pytest.raises(ValueError, match="not expert ranks"):
+        build_gang(gang_config(ckpt, 1, 1), placement=on_attention)
+    short = Placement({layer: [[1]] * (config.num_local_experts - 1) for layer in config.moe_layers})
+    with pytest.raises(ValueError, match="experts placed"):
+        build_gang(gang_config(ckpt, 1, 1), placement=short)
 
 
 def test_invalid_request_is_rejected_by_the_gang(ray_cluster, gang_checkpoint):

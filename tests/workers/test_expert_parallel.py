@@ -112,7 +112,9 @@ def test_placement_check_names_what_is_wrong():
     Placement.contiguous([1, 3], 8, [2, 3]).check([1, 3], 8, [2, 3])
     with pytest.raises(ValueError, match="MoE layers"):
         Placement.contiguous([1], 8, [2, 3]).check([1, 3], 8, [2, 3])
+    with pytest.raises(ValueError, match="7 experts placed"):
+        Placement({1: [[2]] * 7}).check([1], 8, [2, 3])
     with pytest.raises(ValueError, match="needs a rank"):
-        Placement({1: [[2]] * 7 + [[]]}).check([1], 8, [2, 3])
+        Placement({1: [[2]] * 7 + [[]]})
     with pytest.raises(ValueError, match="not expert ranks"):
         Placement({1: [[1]] * 8}).check([1], 8, [2, 3])
