@@ -144,7 +144,11 @@ def run_serve(args: argparse.Namespace) -> int:
         _drain(float(args.grace_period))
     if prometheus is not None:
         prometheus.stop()
-    serve.shutdown()
+    if args.address:  # someone else's cluster: take our applications away, leave Serve and the rest
+        for app in data["applications"]:
+            serve.delete(app["name"])
+    # NOTE: a local Ray started here goes down whole with ray.shutdown(); serve.shutdown() first
+    # would only add Ray's "graceful_shutdown failed ... killed by ray.kill" retry warnings
     ray.shutdown()
     return code
 

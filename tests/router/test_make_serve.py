@@ -72,6 +72,8 @@ def test_make_serve_answers_chat_and_exits_0_on_sigterm(tmp_path):
         assert events[-1] == "data: [DONE]"
         assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
         assert make.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        output = (tmp_path / "serve.log").read_text()  # what the user saw: the drain, then the exit
+        assert "maverick: draining" in output and "killed by `ray.kill`" not in output, output[-3000:]
     finally:
         if make.poll() is None:
             os.killpg(os.getpgid(make.pid), signal.SIGKILL)
