@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import ray
 from ray.exceptions import RayActorError, RayError, GetTimeoutError
 
 from cluster import routing

@@ -15,6 +15,8 @@ import urllib.request
 import openai
 import pytest
 
+from cluster.probe import wait_until
+
 from tests.router.conftest import deploy
 
 pytestmark = pytest.mark.timeout(600)
@@ -208,8 +210,5 @@ def test_failed_gang_gives_503_and_readiness_false_until_rebuilt(live):
     assert status == 503 and int(headers["retry-after"]) >= 1, payload
     ready_status = call(live, "/health/ready", key=None)[0]
     assert ready_status == 503
-    deadline = time.monotonic() + 120
-    while call(live, "/health/ready", key=None)[0] != 200:
-        assert time.monotonic() < deadline, "the gang was not rebuilt"
-        time.sleep(0.5)
+    wait_until(lambda: call(live, "/health/ready", key=None)[0] == 200, 120, "the gang rebuilt")
     assert call(live, *cmpl())[0] == 200

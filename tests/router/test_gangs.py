@@ -3,11 +3,12 @@
 import json
 import os
 import signal
-import time
 import urllib.error
 import urllib.request
 
 import pytest
+
+from cluster.probe import wait_until
 
 from tests.router.conftest import deploy
 
@@ -82,15 +83,9 @@ def test_killing_one_gangs_expert_leaves_the_other_serving(live):
     victim = gang_stats(1)
     expert_pid = victim["ranks"][-1]["pid"]  # ranks are in order: attention first, experts last
     os.kill(expert_pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while routing()["ready"] != [True, False]:
-        assert time.monotonic() < deadline, routing()
-        time.sleep(0.2)
+    wait_until(lambda: routing()["ready"] == [True, False], 30, "the killed gang marked not ready", poll_s=0.2)
     for i in range(10):
         status, body = complete(live, PREFIX[: 10 + i] if i % 2 else PREFIX + [i])
         assert status == 200, body
-    deadline = time.monotonic() + 120
-    while routing()["ready"] != [True, True]:  # and the failed gang comes back
-        assert time.monotonic() < deadline, routing()
-        time.sleep(0.5)
+    wait_until(lambda: routing()["ready"] == [True, True], 120, "the failed gang back")
     assert complete(live, PREFIX)[0] == 200

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster.probe import wait_until
+
 from tests.router.conftest import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,10 +38,12 @@ def test_make_serve_answers_chat_and_exits_0_on_sigterm(tmp_path):
                             stderr=subprocess.STDOUT, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
                             start_new_session=True)  # its own process group: killpg below spares pytest
     try:
-        deadline = time.monotonic() + 400  # a user waits for the printed endpoints
-        while "maverick: ready" not in (tmp_path / "serve.log").read_text():
-            assert make.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(1.0)
+        def ready_printed() -> bool:
+            text = (tmp_path / "serve.log").read_text()
+            assert make.poll() is None, text[-3000:]
+            return "maverick: ready" in text
+
+        wait_until(ready_printed, 400, "maverick serve to print its endpoints", poll_s=1.0)  # a user waits for them
         printed = (tmp_path / "serve.log").read_text()
         assert f"http://127.0.0.1:{port}/v1" in printed
         # not a terminal: plain progress lines, every stage of the gang's start-up in order, before "ready"
@@ -82,7 +86,6 @@ def test_make_serve_answers_chat_and_exits_0_on_sigterm(tmp_path):
 
 def test_make_observe_starts_prometheus_that_sees_the_deployment(tmp_path):
     from cluster.observe import PrometheusClient
-    from cluster.probe import wait_until
 
     port, prom_port = free_port(), free_port()
     log = open(tmp_path / "observe.log", "w")
