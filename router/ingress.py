@@ -74,6 +74,9 @@ class Ingress(GenerationService):
     async def __init__(self, args: dict, gangs: list):
         self.config = config = AppConfig.model_validate(args).with_api_key_from_env()
         self.gangs = gangs
+        # one streaming handle per gang, made once: `.options()` per request builds a new handle (and
+        # its router state) every time
+        self.gang_streams = [gang.options(stream=True) for gang in gangs]
         self.gang_load = [0] * len(gangs)
         self.gang_ready = [False] * len(gangs)
         self.gang_requests = [0] * len(gangs)  # engine requests sent to each gang since start
@@ -121,7 +124,7 @@ class Ingress(GenerationService):
             self.gang_load[gang] += 1
             self.gang_requests[gang] += 1
             clock.prompt(len(request.prompt_token_ids))
-            responses = self.gangs[gang].options(stream=True).generate.remote(request)
+            responses = self.gang_streams[gang].generate.remote(request)
             finished = False
             try:
                 async for batch in responses:
