@@ -9,21 +9,26 @@ from tests.oracle import MAVERICK_LIKE, hf_model, hf_text_config, save_condition
 CHUNK = 20
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
+def multi_node_cluster(nodes: int, cpus_per_node: int):
+    """A real Ray cluster of `nodes` nodes on this machine, connected; yields it, then shuts it down."""
     import ray
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    for _ in range(2):
-        cluster.add_node(num_cpus=2)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "include_dashboard": False})
+    for _ in range(nodes - 1):
+        cluster.add_node(num_cpus=cpus_per_node)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    yield from multi_node_cluster(3, 2)
 
 
 @pytest.fixture(scope="module")

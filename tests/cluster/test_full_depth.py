@@ -15,6 +15,7 @@ import torch
 from cluster.config import EngineLimits, GangConfig, RankResources
 from cluster.supervisor import GangSupervisor
 from model.tiny import make_tiny
+from tests.cluster.conftest import multi_node_cluster
 from tests.oracle import hf_greedy
 from workers.protocol import GenerateRequest
 from workers.sampling_params import SamplingParams
@@ -25,18 +26,7 @@ NEW_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def four_nodes():
-    from ray.cluster_utils import Cluster
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    for _ in range(NODES - 1):
-        cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    yield from multi_node_cluster(NODES, 1)
 
 
 @pytest.fixture(scope="module")
