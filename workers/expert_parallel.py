@@ -154,8 +154,7 @@ class AllToAllExperts(nn.Module):
         slot_N[order_N] = sorted_dest_N * capacity + torch.arange(n, device=x_ND.device) - starts_B[sorted_dest_N]
         blocks = comm.world_size - self.attention_ranks
         # NOTE: the expert id rides as an extra column, exact in fp32 and in bf16 up to 256 experts; -1 pads
-        send_BD1 = torch.zeros(blocks * capacity, comm.hidden + 1, dtype=x_ND.dtype, device=x_ND.device)
-        send_BD1[:, -1] = -1
+        send_BD1 = torch.full((blocks * capacity, comm.hidden + 1), -1, dtype=x_ND.dtype, device=x_ND.device)
         send_BD1.index_copy_(0, slot_N, torch.cat([x_ND, experts_N.to(x_ND.dtype)[:, None]], dim=1))
         _, work = comm.all_to_all(send_BD1, comm.splits(self.attention_ranks, to_experts=True),
                                   [0] * comm.world_size, async_op=True)
@@ -185,7 +184,8 @@ def serve_layer(comm: ExpertGroup, experts: RoutedExperts, attention_ranks: int,
     x_ND, experts_N = rows_BD1[:, :-1].index_select(0, real_N), experts_B.index_select(0, real_N)
     if load_E is not None and experts_N.numel():  # on the rows' device: no host sync per layer
         load_E += torch.bincount(experts_N, minlength=load_E.numel())
-    out_BD = torch.zeros(rows_BD1.shape[0], comm.hidden, dtype=comm.dtype, device=comm.device)
+    # padding rows go back unwritten: their senders never read them
+    out_BD = torch.empty(rows_BD1.shape[0], comm.hidden, dtype=comm.dtype, device=comm.device)
     if real_N.numel():
         out_BD.index_copy_(0, real_N, experts(x_ND, experts_N))
     comm.all_to_all(out_BD, blocks, zeros)
