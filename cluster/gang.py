@@ -103,7 +103,9 @@ def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: 
         gang.loads = _load_weights(gang.ranks, startup, timeout_s)
         for report in gang.loads:
             log.info("rank %(rank)d loaded %(bytes_read)d bytes in %(seconds).1fs", report)
-        ray.get([r.start.remote() for r in gang.ranks], timeout=timeout_s)
+        # an attention rank that gets work while the gang is idle wakes every other rank itself
+        starts = [a.start.remote([r for r in gang.ranks if r is not a]) for a in gang.attention]
+        ray.get(starts + [e.start.remote() for e in gang.experts], timeout=timeout_s)
     except Exception:
         destroy_gang(gang)
         raise

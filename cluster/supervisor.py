@@ -1,24 +1,26 @@
-"""The gang supervisor: requests in, per-request output streams out, failure detection and rebuild.
+"""The gang supervisor: builds the gang, watches it, rebuilds it; its own requests (the warm-up, the
+in-process benchmark and tests) go through a `GangClient` like any consumer's.
 
-About one Ray call per request (`submit`, then a `wake` to every rank) and one per step per attention
-worker (`next_outputs`, carrying every request's new tokens of that step), never one per layer or
-token. A dead rank, or a rank whose collective failed, marks the gang failed: its in-flight requests
-end with the typed `Unavailable` error, new ones are refused, and the gang is rebuilt.
+Consumers (the ingress replicas) ask `attention()` for the gang's attention worker handles and its
+epoch, and stream from those workers themselves: no request's tokens pass through this process. A
+dead rank, a rank whose collective failed (its channels break) or a failed health check marks the
+gang failed: in-flight requests end with the typed `Unavailable` error, new ones are refused, and the
+gang is rebuilt under a new epoch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
 
-from ray.exceptions import RayActorError, RayError, GetTimeoutError
+from ray.exceptions import RayError, GetTimeoutError
 
 from cluster import routing
 from cluster.config import GangConfig
 from cluster.gang import Gang, build_gang, destroy_gang
+from cluster.gang_client import GangClient
 from cluster.startup import BoardPublisher, GangStartup
 from workers.errors import EngineError, Unavailable
 from workers.expert_parallel import Placement
@@ -26,13 +28,6 @@ from workers.protocol import GenerateRequest, RequestOutput
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-class _Stream:
-    def __init__(self, choices: int, worker: int):
-        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self.open_choices = choices
-        self.worker = worker
 
 
 class GangSupervisor:
@@ -49,13 +44,11 @@ class GangSupervisor:
         self.state = "starting"  # starting | ready | failed | rebuilding | stopped
         self.failure: str | None = None
         self.restarts = 0
-        self._streams: dict[str, _Stream] = {}
-        self._wake_gen = itertools.count(1)
+        self.client: GangClient | None = None  # this supervisor's own requests
         self._tasks: list[asyncio.Task] = []
-        self._epoch = 0  # bumped per build, so stale pollers of a dead gang stop
+        self.epoch = 0  # bumped per build, so stale watchers of a dead gang stop
         self.warm = False
         self.prefix_tokens = routing.DEFAULT_PREFIX_TOKENS
-        self.requests_per_worker: dict[int, int] = {}  # since start, for stats and routing tests
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -65,23 +58,28 @@ class GangSupervisor:
         self.gang = await asyncio.to_thread(build_gang, self.config, self.pg, bundle_offset=self.bundle_offset,
                                             name=self.name, application=self.application, startup=self.startup,
                                             placement=self.placement)
-        self._epoch += 1
+        self.epoch += 1
         self.state, self.failure, self.warm = "ready", None, False
-        epoch = self._epoch
-        self._tasks = [asyncio.create_task(self._poll(i, epoch)) for i in range(len(self.gang.attention))]
-        self._tasks.append(asyncio.create_task(self._monitor(epoch)))
+        epoch = self.epoch
+        self.client = GangClient(self.gang.attention, f"supervisor-{self.name}-{epoch}", self.prefix_tokens,
+                                 on_broken=lambda reason: self._fail_soon(reason, epoch), epoch=epoch)
+        self._tasks = [asyncio.create_task(self._monitor(epoch))]
         await self._warm_up()
 
     async def stop(self) -> None:
         self.state = "stopped"
         for task in self._tasks:
             task.cancel()
+        if self.client is not None:
+            self.client.close()
         if self.gang is not None:
             await asyncio.to_thread(destroy_gang, self.gang)
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._streams)
+    def attention(self) -> tuple[int, list]:
+        """The epoch of the gang now serving and its attention workers' handles, for consumers that
+        stream from them directly (a new epoch: the gang was rebuilt, make a new `GangClient`)."""
+        self.health()
+        return self.epoch, list(self.gang.attention)
 
     def ready(self) -> bool:
         """Serving, and this gang has produced a token since it was (re)built."""
@@ -91,7 +89,7 @@ class GangSupervisor:
         """One single-token request through every layer, so readiness means a token came out."""
         self.startup.enter("warm-up")
         request = GenerateRequest([0], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
-                                  request_id=f"warmup-{self._epoch}")
+                                  request_id=f"warmup-{self.epoch}")
         async for out in self.generate(request):
             if out.error is not None:
                 raise out.error
@@ -113,72 +111,13 @@ class GangSupervisor:
     async def generate_batches(self, request: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
         """As `generate`, but every output already there travels together: about one message per step."""
         self.health()
-        worker = self._pick_worker(request.prompt_token_ids)
-        self.requests_per_worker[worker] = self.requests_per_worker.get(worker, 0) + 1
-        stream = _Stream(request.params.n, worker)
-        self._streams[request.request_id] = stream
-        try:
-            try:
-                await self.gang.attention[worker].submit.remote(request)
-            except RayError as exc:
-                cause = getattr(exc, "cause", None)
-                if isinstance(cause, EngineError):  # the typed error itself, not Ray's wrapper
-                    raise cause from None
-                raise Unavailable(f"attention worker {worker} is unreachable: {type(exc).__name__}") from None
-            self._wake_all()
-            while stream.open_choices:
-                batch = [await stream.queue.get()]
-                while not stream.queue.empty():
-                    batch.append(stream.queue.get_nowait())
-                stream.open_choices -= sum(out.finished for out in batch)
-                yield batch
-        finally:
-            if self._streams.pop(request.request_id, None) is not None and stream.open_choices:
-                self._abort_on(stream.worker, request.request_id)  # the consumer went away before the end
-
-    def abort(self, request_id: str) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            self._abort_on(stream.worker, request_id)
-
-    def _abort_on(self, worker: int, request_id: str) -> None:
-        if self.gang is not None and self.state == "ready":
-            self.gang.attention[worker].abort.remote(request_id)
-            self._wake_all()
-
-    def _pick_worker(self, prompt_token_ids: list[int]) -> int:
-        """Prefix affinity balanced against load: a shared long prefix finds the worker that cached it."""
-        load = [0] * len(self.gang.attention)
-        for s in self._streams.values():
-            load[s.worker] += 1
-        return routing.pick(routing.affinity_key(prompt_token_ids, self.prefix_tokens), load)
-
-    def _wake_all(self) -> None:
-        generation = next(self._wake_gen)
-        for rank in self.gang.ranks:
-            rank.wake.remote(generation)
+        async for batch in self.client.generate_batches(request):
+            yield batch
 
     # -- background -----------------------------------------------------------------------------------
 
-    async def _poll(self, worker: int, epoch: int) -> None:
-        actor = self.gang.attention[worker]
-        while self._epoch == epoch and self.state in ("ready", "failed"):
-            try:
-                outputs = await actor.next_outputs.remote(1.0)
-            except (RayActorError, RayError) as exc:
-                await self._fail(f"attention worker {worker} died: {type(exc).__name__}", epoch)
-                return
-            failed = next((o.error for o in outputs if isinstance(o.error, Unavailable)), None)
-            if failed is not None:  # the rank's collective failed: the gang is down, say so first
-                await self._fail(f"attention worker {worker}: {failed.message}", epoch)
-                return
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is not None:
-                    stream.queue.put_nowait(out)
-
     async def _monitor(self, epoch: int) -> None:
-        while self._epoch == epoch and self.state == "ready":
+        while self.epoch == epoch and self.state == "ready":
             await asyncio.sleep(self.health_period_s)
             refs = [r.health.remote() for r in self.gang.ranks]
             try:
@@ -187,15 +126,23 @@ class GangSupervisor:
                 await self._fail(f"a rank failed its health check: {type(exc).__name__}: {exc}", epoch)
                 return
 
+    def _fail_soon(self, reason: str, epoch: int) -> None:
+        """Failed from now on (health() says so at once); the teardown and rebuild follow on a task."""
+        if self.epoch == epoch and self.state == "ready":
+            self._mark_failed(reason)
+            asyncio.create_task(self._tear_down())
+
     async def _fail(self, reason: str, epoch: int) -> None:
-        if self._epoch != epoch or self.state != "ready":
-            return
+        if self.epoch == epoch and self.state == "ready":
+            self._mark_failed(reason)
+            await self._tear_down()
+
+    def _mark_failed(self, reason: str) -> None:
         log.error("gang failed: %s", reason)
         self.state, self.failure = "failed", reason
-        error = Unavailable(f"the gang serving this request failed ({reason}); retry")
-        for request_id, stream in list(self._streams.items()):
-            for index in range(stream.open_choices):
-                stream.queue.put_nowait(RequestOutput(request_id, [], None, "error", error=error, index=index))
+        self.client.close(reason)
+
+    async def _tear_down(self) -> None:
         gang, self.gang = self.gang, None
         await asyncio.to_thread(destroy_gang, gang)
         if self.rebuild:
@@ -215,6 +162,10 @@ class GangSupervisor:
                 await asyncio.sleep(2.0)
 
     async def stats(self) -> dict:
+        """`in_flight`: requests the attention workers' engines hold (running or waiting, whoever sent
+        them), as of each one's last step; `requests_per_worker`: requests each has taken since start."""
         ranks = await asyncio.gather(*[r.stats.remote() for r in self.gang.ranks]) if self.gang else []
-        return {"state": self.state, "restarts": self.restarts, "in_flight": self.in_flight,
-                "requests_per_worker": dict(self.requests_per_worker), "ranks": ranks}
+        attention = [r for r in ranks if "running" in r]
+        return {"state": self.state, "restarts": self.restarts,
+                "in_flight": sum(r["running"] + r["waiting"] for r in attention),
+                "requests_per_worker": {r["rank"]: r["submitted"] for r in attention}, "ranks": ranks}

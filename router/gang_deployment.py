@@ -1,25 +1,18 @@
 """One Serve deployment replica per gang: it runs the gang supervisor, and its placement group holds
 the replica (bundle 0) and every rank (bundles 1..), so Serve treats a gang as one unit.
 
-`generate` streams lists of outputs (every output of a step together: about one message per step),
-and ends a request's stream with a typed error as data rather than as an exception, so the ingress
-sees the error class itself and not Ray's wrapper of it.
+Requests do not pass through it: the ingress asks `attention()` for the attention workers' handles
+and streams from them (`cluster.gang_client`). `status()` carries the epoch, so the ingress knows when
+the gang was rebuilt and its handles changed.
 """
 
 from __future__ import annotations
-
-import logging
-from collections.abc import AsyncIterator
 
 import ray
 from ray import serve
 
 from cluster.config import AppConfig
 from cluster.supervisor import GangSupervisor
-from workers.errors import EngineError, InternalError
-from workers.protocol import GenerateRequest, RequestOutput
-
-log = logging.getLogger(__name__)
 
 
 @serve.deployment
@@ -32,16 +25,8 @@ class GangDeployment:
                                          name=context.deployment, application=context.app_name)
         await self.supervisor.start()
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
-        try:
-            async for batch in self.supervisor.generate_batches(request):
-                yield batch
-        except EngineError as exc:
-            yield [RequestOutput(request.request_id, [], None, "error", error=exc)]
-        except Exception as exc:  # a bug: reported typed, logged with the request id
-            log.exception("request %s failed in the gang", request.request_id)
-            yield [RequestOutput(request.request_id, [], None, "error",
-                                 error=InternalError(f"{type(exc).__name__} in the gang"))]
+    def attention(self) -> tuple[int, list]:
+        return self.supervisor.attention()
 
     def ready(self) -> bool:
         return self.supervisor.ready()
@@ -49,7 +34,7 @@ class GangDeployment:
     def status(self) -> dict:
         """What the ingress polls twice a second: readiness, and the state and restarts it exports."""
         startup = self.supervisor.startup
-        return {"ready": self.supervisor.ready(), "state": self.supervisor.state,
+        return {"ready": self.supervisor.ready(), "state": self.supervisor.state, "epoch": self.supervisor.epoch,
                 "restarts": self.supervisor.restarts, "stage": startup.stage if startup else None}
 
     async def stats(self) -> dict:

@@ -2,8 +2,10 @@
 the gangs.
 
 It validates and tokenizes, admits (beyond `max_pending_requests` in flight: 429 + Retry-After),
-picks a ready gang (the least loaded), streams from it, and maps every error through the one table
-in `router.errors`. Readiness is true only when every gang has produced a token and the ingress is
+picks a ready gang (prefix affinity balanced against load) and streams from that gang's attention
+workers directly through a `GangClient` (the gang replica only builds and watches its gang, and tells
+this replica its attention workers' handles), and maps every error through the one table in
+`router.errors`. Admission and routing are per ingress replica. Readiness is true only when every gang has produced a token and the ingress is
 not draining; draining turns new requests away with 503 while in-flight ones finish.
 """
 
@@ -12,6 +14,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 import weakref
 
 from fastapi import FastAPI, Request
@@ -23,6 +26,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from cluster import routing
 from cluster.config import AppConfig
+from cluster.gang_client import GangClient
 from model.tokenizer import Tokenizer
 from router.errors import HTTPError, error_response
 from router.grpc_service import GenerationService
@@ -74,9 +78,8 @@ class Ingress(GenerationService):
     async def __init__(self, args: dict, gangs: list):
         self.config = config = AppConfig.model_validate(args).with_api_key_from_env()
         self.gangs = gangs
-        # one streaming handle per gang, made once: `.options()` per request builds a new handle (and
-        # its router state) every time
-        self.gang_streams = [gang.options(stream=True) for gang in gangs]
+        self.gang_clients: list[GangClient | None] = [None] * len(gangs)  # for each gang's epoch now serving
+        self.consumer = f"ingress-{serve.get_replica_context().replica_tag}-{uuid.uuid4().hex[:8]}"
         self.gang_load = [0] * len(gangs)
         self.gang_ready = [False] * len(gangs)
         self.gang_requests = [0] * len(gangs)  # engine requests sent to each gang since start
@@ -105,6 +108,11 @@ class Ingress(GenerationService):
             except Exception:  # unreachable or timed out: not ready
                 self.gang_status[i] = None
             self.gang_ready[i] = bool(self.gang_status[i] and self.gang_status[i]["ready"])
+            client = self.gang_clients[i]
+            if client is not None and (client.broken or self.gang_status[i] is None
+                                       or self.gang_status[i].get("epoch") != client.epoch):
+                self.gang_clients[i] = None
+                client.close("the gang was rebuilt")
 
         await asyncio.gather(*(one(i) for i in range(len(self.gangs))))
         self.metrics.gangs(self.gang_status, self.gang_load)
@@ -115,6 +123,20 @@ class Ingress(GenerationService):
             raise Unavailable("no gang can take requests now (starting, failed or rebuilding); retry")
         return routing.pick(routing.affinity_key(prompt_token_ids), self.gang_load, ready)
 
+    async def _client(self, gang: int) -> GangClient:
+        """This replica's client of the gang's epoch now serving: made on first use after a (re)build."""
+        client = self.gang_clients[gang]
+        if client is None or client.broken:
+            try:
+                epoch, attention = await self.gangs[gang].attention.remote()
+            except Exception as exc:  # rebuilding, or the replica is gone
+                cause = getattr(exc, "cause", None)
+                raise cause if isinstance(cause, Unavailable) else Unavailable(f"gang {gang} is unreachable") from None
+            client = self.gang_clients[gang]
+            if client is None or client.broken or client.epoch != epoch:  # another request may have made it
+                client = self.gang_clients[gang] = GangClient(attention, self.consumer, epoch=epoch)
+        return client
+
     def _runner(self):
         """A function streaming one engine request's output batches from the gang it picks."""
 
@@ -123,18 +145,17 @@ class Ingress(GenerationService):
             gang = self._pick_gang(request.prompt_token_ids)
             self.gang_load[gang] += 1
             self.gang_requests[gang] += 1
-            clock.prompt(len(request.prompt_token_ids))
-            responses = self.gang_streams[gang].generate.remote(request)
-            finished = False
             try:
-                async for batch in responses:
-                    clock.outputs(batch)
-                    yield batch
-                finished = True
+                clock.prompt(len(request.prompt_token_ids))
+                batches = (await self._client(gang)).generate_batches(request)
+                try:
+                    async for batch in batches:
+                        clock.outputs(batch)
+                        yield batch
+                finally:  # timed out, failed or abandoned: its `finally` aborts it in the engine now
+                    await batches.aclose()
             finally:
                 self.gang_load[gang] -= 1
-                if not finished:  # timed out, failed or abandoned: abort it in the engine too
-                    responses.cancel()
 
         return run
 

@@ -2,8 +2,10 @@
 
 It holds every non-routed weight (attention, dense MLPs, shared experts, routers, embeddings,
 lm_head) and its own KV cache; it never reads routed experts (unless the gang has no expert
-workers, when they stay local). Requests arrive through `submit`; each step's outputs for all its
-requests leave together through `next_outputs` (one Ray call per step, never per token or layer).
+workers, when they stay local). Requests arrive through `submit(request, consumer)`; each consumer
+(an ingress replica, the gang supervisor) holds one streaming call to `outputs(consumer)`, and a
+step's outputs of all its requests reach it as one item of that stream: one message per step and
+consumer, pushed, never one per request, token or layer.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import threading
 import time
 
 import torch
@@ -47,10 +48,11 @@ class AttentionWorker(Rank):
         self.model_dir, self.engine_config = model_dir, engine_config
         self.idle_steps, self.skip_tokenizer_init = idle_steps, skip_tokenizer_init
         self.engine: LLMEngine | None = None
-        self._outbox: list[RequestOutput] = []
-        self._lock = threading.Lock()
+        self._channels: dict[str, _Channel] = {}  # consumer -> its outputs not yet sent
+        self._owners: dict[str, list] = {}  # request id -> [consumer, choices still open]
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready: asyncio.Event | None = None
+        self.peers: list = []  # every other rank's actor handle: wakes go to them
+        self.submitted = 0  # requests taken since start
         self.comm: ExpertGroup | None = None
         self.step_seconds: list[float] = []  # recent steps with work, for the benchmark
         self.steps_timed = 0  # steps appended to step_seconds since start
@@ -87,9 +89,15 @@ class AttentionWorker(Rank):
                 "expert_keys_read": sum(".experts." in k for k in report.keys_read),
                 "weight_bytes": self.weight_bytes}
 
-    def start(self) -> None:
+    def start(self, peers: list | None = None) -> None:
+        self._loop = asyncio.get_running_loop()  # sync methods of this async actor run on its loop
+        self.peers = peers or []
+        self.wave.wake_peers = self._wake_peers
         self.wave.start()
         self.start_metrics("attention")
+
+    def _wake_peers(self, generation: int) -> None:  # on the wave thread
+        self._loop.call_soon_threadsafe(lambda: [peer.wake.remote(generation) for peer in self.peers])
 
     def publish_metrics(self, metrics) -> None:
         super().publish_metrics(metrics)
@@ -100,26 +108,58 @@ class AttentionWorker(Rank):
 
     # -- requests (called on the actor's event loop while waves run on their own thread) -----------
 
-    def submit(self, request: GenerateRequest) -> None:
-        """Queue a request; a typed `workers.errors` exception travels back to the caller if invalid."""
+    def submit(self, request: GenerateRequest, consumer: str) -> None:
+        """Queue a request whose outputs go to `consumer`'s channel; a typed `workers.errors` exception
+        travels back to the caller if it is invalid."""
         self.engine.submit(request)
+        self.submitted += 1
+        self._owners[request.request_id] = [self._channel(consumer), request.params.n]
+        self.wave.wake_local()
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
+        self.wave.wake_local()
 
-    async def next_outputs(self, timeout_s: float = 1.0) -> list[RequestOutput]:
-        """Every output produced since the last call; waits up to `timeout_s` for the next step."""
-        if self._ready is None:
-            self._loop, self._ready = asyncio.get_running_loop(), asyncio.Event()
-        if not self._outbox and (self.wave is None or self.wave.failed is None):
-            self._ready.clear()
-            try:
-                await asyncio.wait_for(self._ready.wait(), timeout_s)
-            except asyncio.TimeoutError:
-                pass
-        with self._lock:
-            out, self._outbox = self._outbox, []
-        return out
+    async def outputs(self, consumer: str):
+        """`consumer`'s channel (a streaming call, one per consumer): one list per step with every new
+        output of its requests. A second call with the same name takes the channel over. Ends with
+        `Unavailable` once this rank's wave has failed (after the requests' own error outputs)."""
+        channel = self._channel(consumer)
+        channel.listeners += 1
+        generation = channel.listeners
+        while channel.listeners == generation:
+            if not channel.items:
+                if self.wave.failed is not None:
+                    raise Unavailable(f"attention rank {self.rank} failed: {self.wave.failed}")
+                channel.ready.clear()
+                await channel.ready.wait()
+                continue
+            batch, channel.items = channel.items, []
+            yield batch
+
+    def _channel(self, consumer: str) -> "_Channel":
+        channel = self._channels.get(consumer)
+        if channel is None:
+            channel = self._channels[consumer] = _Channel()
+        return channel
+
+    def _route(self, outputs: list[RequestOutput]) -> None:
+        """On the actor's loop: each output to its consumer's channel, each channel woken once."""
+        touched = set()
+        for out in outputs:
+            owner = self._owners.get(out.request_id)
+            if owner is None:
+                continue
+            channel = owner[0]
+            channel.items.append(out)
+            touched.add(id(channel))
+            if out.finished:
+                owner[1] -= 1
+                if not owner[1]:
+                    del self._owners[out.request_id]
+        for channel in self._channels.values():
+            if id(channel) in touched or self.wave.failed is not None:
+                channel.ready.set()
 
     def health(self) -> dict:
         state = self.wave_state()
@@ -130,7 +170,7 @@ class AttentionWorker(Rank):
     def stats(self) -> dict:
         """The engine's snapshot of its last step: never the live structures the wave thread mutates."""
         s = self.engine.snapshot
-        return {**self.wave_state(), "running": s.num_running, "waiting": s.num_waiting,
+        return {**self.wave_state(), "submitted": self.submitted, "running": s.num_running, "waiting": s.num_waiting,
                 "pending_tokens": s.pending_tokens, "kv": dataclasses.asdict(s.kv),
                 "preemptions": s.num_preemptions_total, "blocked_steps": s.num_blocked_steps_total,
                 "engine_steps": s.num_steps, "scheduled_tokens": s.scheduled_tokens_total,
@@ -155,7 +195,11 @@ class AttentionWorker(Rank):
         self._publish(self.engine.fail_all(Unavailable(f"the gang failed: {exc}")))
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
-        with self._lock:
-            self._outbox.extend(outputs)
-        if self._loop is not None and self._ready is not None:
-            self._loop.call_soon_threadsafe(self._ready.set)
+        self._loop.call_soon_threadsafe(self._route, outputs)
+
+
+class _Channel:
+    def __init__(self):
+        self.items: list[RequestOutput] = []
+        self.ready = asyncio.Event()
+        self.listeners = 0  # calls of `outputs` so far: only the newest one sends

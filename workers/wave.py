@@ -5,11 +5,13 @@ All ranks step together. Each step starts with one tiny all-reduce (MAX) of [pen
 if they have none, so the MoE collectives line up); after `idle_steps` empty steps all ranks go idle
 together and wait on an event, never inside a collective.
 
-Waking: the supervisor hands a request to an attention worker, then sends `wake(g)` with a new
-generation g to every rank. At the idle decision each rank contributed its generation (read before
-its pending count), and waits until its own generation exceeds the smallest contributed one. So a
-wake that some rank saw before the decision releases everyone, and a request that arrived just
-after a rank counted its pending tokens is never left asleep.
+Waking: a request (or an abort) arrives at one attention worker, which calls `wake_local()`. At the
+idle decision each rank contributed its generation (read, and the local flag cleared, before its
+pending count) and sleeps until its own generation exceeds the smallest contributed one, L. A rank
+woken by local work sets its generation to L + 1 and sends `wake(L + 1)` to every peer
+(`wake_peers`): all ranks then agree again. So a request that arrived just after a rank counted its
+pending tokens is never left asleep, and only an idle gang costs messages: a busy one sees the new
+work at its next step's all-reduce.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class WaveLoop:
         self.idle = False
         self.idle_seconds = 0.0  # asleep between waves, since start (a metric: idle fraction)
         self.on_failure: Callable[[BaseException], None] | None = None
+        self.wake_peers: Callable[[int], None] | None = None  # send wake(generation) to every other rank
+        self._local_wake = False
         self._thread = threading.Thread(target=self._run, name=f"wave-{name}", daemon=True)
 
     def start(self) -> None:
@@ -50,6 +54,12 @@ class WaveLoop:
     def wake(self, generation: int) -> None:
         with self._cond:
             self._wake_gen = max(self._wake_gen, generation)
+            self._cond.notify_all()
+
+    def wake_local(self) -> None:
+        """Work arrived at this rank (a request, an abort)."""
+        with self._cond:
+            self._local_wake = True
             self._cond.notify_all()
 
     def stop(self) -> None:
@@ -66,6 +76,7 @@ class WaveLoop:
                     if self._stop:
                         return
                     gen = self._wake_gen  # NOTE: read before the pending count (see module doc)
+                    self._local_wake = False  # work queued before now is in that count
                 flags = torch.tensor([float(self.pending() > 0), float(-gen)])
                 if self.group is not None:  # None: a lone rank (no expert workers) steps on its own
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
@@ -81,8 +92,12 @@ class WaveLoop:
                 lowest = -int(flags[1])
                 with self._cond:
                     self.idle, asleep = True, time.monotonic()
-                    self._cond.wait_for(lambda: self._wake_gen > lowest or self._stop)
+                    self._cond.wait_for(lambda: self._wake_gen > lowest or self._local_wake or self._stop)
                     self.idle, self.idle_seconds = False, self.idle_seconds + time.monotonic() - asleep
+                    woken_here = self._local_wake and self._wake_gen <= lowest
+                    self._wake_gen = max(self._wake_gen, lowest + 1)
+                if woken_here and self.wake_peers is not None:
+                    self.wake_peers(lowest + 1)
         except BaseException as exc:  # a dead peer or a collective timeout: the gang has failed
             log.error("wave loop %s failed: %s", self.name, exc)
             self.failed = exc

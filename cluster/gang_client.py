@@ -1,0 +1,136 @@
+"""One consumer's connection to one gang's attention workers: submit, stream, abort.
+
+A consumer (an ingress replica, or the gang supervisor for its warm-up) submits each request straight
+to the attention worker it picks (prefix affinity balanced against load) and holds one streaming call
+per attention worker (`AttentionWorker.outputs`), through which every step's outputs of all its
+requests arrive as one message; they are sorted into per-request queues here. So a token crosses one
+process boundary between the engine and the consumer, and a step costs one message per consumer, not
+one per request.
+
+A channel that breaks (the worker died, its wave failed, the gang was torn down) ends every request
+still open on this client with `Unavailable`, and the client refuses new ones: the consumer makes a
+new client for the rebuilt gang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from ray.exceptions import RayError
+
+from cluster import routing
+from workers.errors import EngineError, Unavailable
+from workers.protocol import GenerateRequest, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class _Stream:
+    def __init__(self, choices: int, worker: int):
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.open_choices = choices  # not yet finished as read by the consumer
+        self.unfinished = set(range(choices))  # not yet finished as queued: a failure ends these
+        self.worker = worker
+
+    def put(self, out: RequestOutput) -> None:
+        if out.index in self.unfinished:
+            if out.finished:
+                self.unfinished.discard(out.index)
+            self.queue.put_nowait(out)
+
+
+class GangClient:
+    def __init__(self, attention: list, consumer: str, prefix_tokens: int = routing.DEFAULT_PREFIX_TOKENS,
+                 on_broken=None, epoch: int = 0):
+        self.attention = attention  # actor handles, rank order
+        self.epoch = epoch  # the gang build these handles belong to
+        self.consumer = consumer  # the channel name on every attention worker: unique per consumer
+        self.prefix_tokens = prefix_tokens
+        self.on_broken = on_broken  # called once with the reason when a channel breaks
+        self.broken: str | None = None
+        self.requests_per_worker = [0] * len(attention)  # since start, for stats and routing tests
+        self._streams: dict[str, _Stream] = {}
+        self._listeners = [asyncio.create_task(self._listen(i)) for i in range(len(attention))]
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    async def generate_batches(self, request: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
+        """Submit and stream the request's outputs, every output already there together; typed errors
+        if it is invalid or the gang is down."""
+        if self.broken is not None:
+            raise Unavailable(f"the gang failed ({self.broken}); retry")
+        worker = self._pick_worker(request.prompt_token_ids)
+        self.requests_per_worker[worker] += 1
+        stream = _Stream(request.params.n, worker)
+        self._streams[request.request_id] = stream
+        try:
+            try:
+                await self.attention[worker].submit.remote(request, self.consumer)
+            except RayError as exc:
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, EngineError):  # the typed error itself, not Ray's wrapper
+                    stream.open_choices = 0  # the engine never took it: nothing to abort
+                    raise cause from None
+                raise Unavailable(f"attention worker {worker} is unreachable: {type(exc).__name__}") from None
+            while stream.open_choices:
+                batch = [await stream.queue.get()]
+                while not stream.queue.empty():
+                    batch.append(stream.queue.get_nowait())
+                stream.open_choices -= sum(out.finished for out in batch)
+                yield batch
+        finally:
+            if self._streams.pop(request.request_id, None) is not None and stream.open_choices:
+                self.abort_on(stream.worker, request.request_id)  # the consumer went away before the end
+
+    def abort_on(self, worker: int, request_id: str) -> None:
+        if self.broken is None:
+            self.attention[worker].abort.remote(request_id)
+
+    def _pick_worker(self, prompt_token_ids: list[int]) -> int:
+        """Prefix affinity balanced against load: a shared long prefix finds the worker that cached it."""
+        load = [0] * len(self.attention)
+        for s in self._streams.values():
+            load[s.worker] += 1
+        return routing.pick(routing.affinity_key(prompt_token_ids, self.prefix_tokens), load)
+
+    async def _listen(self, worker: int) -> None:
+        try:
+            channel = self.attention[worker].outputs.options(num_returns="streaming").remote(self.consumer)
+            async for ref in channel:
+                batch = await ref
+                failed = next((o.error for o in batch if isinstance(o.error, Unavailable)), None)
+                if failed is not None:  # the rank's collective failed: the gang is down, say so first
+                    self._break(f"attention worker {worker}: {failed.message}")
+                for out in batch:
+                    stream = self._streams.get(out.request_id)
+                    if stream is not None:
+                        stream.put(out)
+            reason = f"attention worker {worker} closed its channel"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Ray's wrapper of a death, or the rank's own `Unavailable`
+            cause = getattr(exc, "cause", None) or exc
+            reason = f"attention worker {worker}: {getattr(cause, 'message', None) or type(cause).__name__}"
+        self._break(reason)
+
+    def _break(self, reason: str) -> None:
+        if self.broken is not None:
+            return
+        self.broken = reason
+        error = Unavailable(f"the gang serving this request failed ({reason}); retry")
+        for request_id, stream in self._streams.items():
+            for index in sorted(stream.unfinished):
+                stream.put(RequestOutput(request_id, [], None, "error", error=error, index=index))
+        for task in self._listeners:
+            if task is not asyncio.current_task():
+                task.cancel()
+        if self.on_broken is not None:
+            self.on_broken(reason)
+
+    def close(self, reason: str = "the gang was stopped") -> None:
+        """Stop listening; requests still open end with `Unavailable`."""
+        self._break(reason)
