@@ -1,10 +1,12 @@
-"""Offline generation through a gang on a local Ray: `maverick generate --expert-workers E`."""
+"""A local Ray for the CLI (its Serve front chosen before it starts), and offline generation through a
+gang on it: `maverick generate --expert-workers E`."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import socket
 
 import ray
 
@@ -16,12 +18,48 @@ from workers.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
+PROXIES = ("haproxy", "python")
+
+
+def choose_proxy(proxy: str = "haproxy") -> None:
+    """Serve's HTTP/gRPC front for a Ray started by this process (its workers inherit the environment):
+    `haproxy` (Ray 2.60's HAProxy mode: HAProxy forwards straight to the ingress replicas' own ports,
+    no Python proxy in the data path) or `python` (Serve's ProxyActor). HAProxy also opens a stats
+    page and a metrics port on every interface (Ray's defaults 8404 and 9101, free ones if taken)."""
+    if proxy not in PROXIES:
+        raise ValueError(f"proxy must be one of {PROXIES}, not {proxy!r}")
+    if proxy == "python":
+        os.environ.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
+        return
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    for name, default in (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)):
+        if name not in os.environ:
+            os.environ[name] = str(default if _port_free(default) else _free_port())
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def ensure_local_ray(num_cpus: float | None = None, dashboard: bool = False,
-                     metrics_export_port: int | None = None) -> bool:
+                     metrics_export_port: int | None = None, proxy: str = "haproxy") -> bool:
     """Start a small local Ray unless one is connected; returns whether this call started it.
-    `dashboard` (on 127.0.0.1) makes Ray write the Prometheus service-discovery file."""
+    `dashboard` (on 127.0.0.1) makes Ray write the Prometheus service-discovery file; `proxy`: see
+    `choose_proxy`."""
     if ray.is_initialized():
         return False
+    choose_proxy(proxy)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     extra = {"_metrics_export_port": metrics_export_port} if metrics_export_port else {}
     if dashboard:  # and metrics reported every 5 s (Ray's default is 10 s)

@@ -59,8 +59,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.output = f"bench-results/{args.target}.json"
     if args.target == "serve":
         from cluster.bench.serve import main as bench_serve
+        from router.grpc_client import StreamClient
 
         args.peers = [] if args.peers == "none" else args.peers.split(",")
+        args.grpc_client = StreamClient
         return bench_serve(args)
     from cluster.bench.ep import main as bench_ep
 
@@ -148,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-metrics-off", action="store_true",
                    help="bench serve: also a twin application with metrics off, measured in turn")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--expert-workers", type=int, default=0, help="bench serve: the gang layout (A=1)")
+    p.add_argument("--expert-workers", type=int, nargs="+", default=[0, 2],
+                   help="bench serve: the gang layouts (A=1), measured one after the other")
     p.add_argument("--repeat", type=int, default=3, help="runs per engine and level; medians are compared")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per engine run")
     p.set_defaults(func=cmd_bench)

@@ -55,6 +55,13 @@ def _choice(index: int, token_ids: list[int], text: str | None, finish_reason: s
     return choice
 
 
+def _usage(choices: list[Choice]) -> pb.Usage:
+    """One prompt's usage, counted as HTTP counts it (`router.openai_responses`)."""
+    return pb.Usage(prompt_tokens=len(choices[0].prompt_token_ids) if choices else 0,
+                    completion_tokens=sum(c.completion_tokens for c in choices),
+                    cached_tokens=cached_prompt_tokens(choices, 1))
+
+
 class StreamRejected(Exception):
     """Raised after the status is set on the context: Serve's proxy then sends that status (not INTERNAL)
     to a streaming client."""
@@ -108,9 +115,7 @@ class GenerationService:
             async for out in self._grpc_outputs(request):
                 choices.setdefault(out.index, Choice(out.index, request.prompt_token_ids)).add(out)
             done = [choices[i] for i in sorted(choices)]
-            usage = pb.Usage(prompt_tokens=len(request.prompt_token_ids),
-                             completion_tokens=sum(c.completion_tokens for c in done),
-                             cached_tokens=cached_prompt_tokens(done, 1))
+            usage = _usage(done)
             has_text = self.tokenizer is not None
             outcome = "ok"
             return pb.GenerateResponse(
@@ -135,9 +140,10 @@ class GenerationService:
         try:
             has_text = self.tokenizer is not None
             first = True
-            usage = pb.Usage(prompt_tokens=len(request.prompt_token_ids))
+            choices = [Choice(j, request.prompt_token_ids) for j in range(request.params.n)]
             open_choices = request.params.n
             async for out in self._grpc_outputs(request):
+                choices[out.index].add(out)  # the same tally as HTTP's
                 text = (out.text_delta or "") if has_text else None
                 choice = _choice(out.index, out.new_token_ids, text, out.finish_reason, out.stop_reason, out.logprobs)
                 message = pb.GenerateResponse(request_id=request_id, model=self.config.model_name, choices=[choice])
@@ -146,13 +152,9 @@ class GenerationService:
                     first = False
                 if out.prompt_logprobs:
                     message.prompt_logprobs.extend(_logprobs(out.prompt_logprobs[1:]))
-                if out.usage is not None:
-                    usage.completion_tokens += out.usage.completion_tokens
-                    if out.index == 0:  # the prompt's cache hits, as HTTP counts them
-                        usage.cached_tokens = out.usage.cached_tokens
                 open_choices -= out.finished
                 if not open_choices:
-                    message.usage.CopyFrom(usage)
+                    message.usage.CopyFrom(_usage(choices))
                     outcome = "ok"
                 yield message
         except Exception as exc:
@@ -165,14 +167,11 @@ class GenerationService:
     async def _grpc_outputs(self, request: GenerateRequest):
         """The request's outputs from a gang, errors raised, bounded by the server-side deadline."""
         deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
-        batches = self._runner()(request)
+        outputs = self.serving.merged([request], self._runner())
         try:
-            while (batch := await next_before(batches, deadline)) is not None:
-                for out in batch:
-                    if out.error is not None:
-                        raise out.error
-                    yield out
+            while (item := await next_before(outputs, deadline)) is not None:
+                yield item[1]
         except TimeoutError:
             raise DeadlineExceeded(f"the request did not finish within {self.config.request_timeout_s:g}s") from None
         finally:
-            await batches.aclose()  # cancels the gang stream unless it ended
+            await outputs.aclose()  # aborts the request in its engine unless it ended

@@ -5,8 +5,9 @@ It validates and tokenizes, admits (beyond `max_pending_requests` in flight: 429
 picks a ready gang (prefix affinity balanced against load) and streams from that gang's attention
 workers directly through a `GangClient` (the gang replica only builds and watches its gang, and tells
 this replica its attention workers' handles), and maps every error through the one table in
-`router.errors`. Admission and routing are per ingress replica. Readiness is true only when every gang has produced a token and the ingress is
-not draining; draining turns new requests away with 503 while in-flight ones finish.
+`router.errors`. Admission and routing are per ingress replica. Readiness is true only when every
+gang has produced a token and the ingress is not draining; draining turns new requests away with 503
+while in-flight ones finish.
 """
 
 

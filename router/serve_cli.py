@@ -95,7 +95,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
-        ensure_local_ray(dashboard=args.observe, metrics_export_port=args.metrics_export_port)
+        ensure_local_ray(dashboard=args.observe, metrics_export_port=args.metrics_export_port,
+                         proxy=_local_proxy(args.proxy, data["http_options"].get("host")))
     schema = ServeDeploySchema.model_validate(data)
     client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
                          grpc_options=gRPCOptions(**schema.grpc_options.model_dump()))
@@ -151,6 +152,16 @@ def run_serve(args: argparse.Namespace) -> int:
     # would only add Ray's "graceful_shutdown failed ... killed by ray.kill" retry warnings
     ray.shutdown()
     return code
+
+
+def _local_proxy(proxy: str, host: str | None) -> str:
+    """HAProxy unless the HTTP host is one it cannot serve: in Ray 2.60 a replica binds its own port on
+    `http_options.host` and HAProxy dials 127.0.0.1 on its node, so only loopback or every interface work."""
+    if proxy == "haproxy" and host not in (None, "127.0.0.1", "localhost", "0.0.0.0", "::"):
+        print(f"maverick: HTTP host {host}: Serve's HAProxy mode serves only 127.0.0.1 or 0.0.0.0 in Ray 2.60; "
+              "using Serve's Python proxy", file=sys.stderr, flush=True)
+        return "python"
+    return proxy
 
 
 def _api_key_of(data: dict) -> str | None:
@@ -219,6 +230,10 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--dtype", help="float32 on CPU by default, bfloat16 on GPU")
     p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per attention worker")
     p.add_argument("--skip-tokenizer-init", action="store_true", help="token ids in and out, no tokenizer")
+    p.add_argument("--proxy", choices=["haproxy", "python"], default="haproxy",
+                   help="Serve's front on a local Ray: HAProxy straight to the ingress replicas (default; "
+                        "HTTP host 127.0.0.1 or 0.0.0.0) or Serve's Python proxy actor; with --address the "
+                        "cluster's own setting (RAY_SERVE_ENABLE_HA_PROXY=1 on `ray start`) decides")
     p.add_argument("--grace-period", type=float, default=30, help="seconds in-flight requests get on shutdown")
     p.add_argument("--detach", action="store_true",
                    help="exit once ready and leave the application running (with --address: a cluster from `ray up`)")

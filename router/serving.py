@@ -95,8 +95,21 @@ class Serving:
 
     # -- running --------------------------------------------------------------------------------------
 
-    async def _merged(self, prepared: Prepared, run: StreamFn) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Every prompt's outputs as they come, tagged with the prompt's position; errors raised."""
+    @staticmethod
+    async def merged(requests: list[GenerateRequest], run: StreamFn) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every prompt's outputs as they come, tagged with the prompt's position; errors raised. The one
+        path both doors read (HTTP here, gRPC in `router.grpc_service`)."""
+        if len(requests) == 1:  # the common case: no pump task, no second queue
+            batches = run(requests[0])
+            try:
+                async for batch in batches:
+                    for out in batch:
+                        if out.error is not None:
+                            raise out.error
+                        yield 0, out
+            finally:
+                await batches.aclose()  # now, not at garbage collection: it aborts the request in its engine
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, request: GenerateRequest) -> None:
@@ -108,9 +121,9 @@ class Serving:
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, cancellation included
                 queue.put_nowait((i, None, exc))
             finally:
-                await batches.aclose()  # now, not at garbage collection: it cancels the gang stream
+                await batches.aclose()
 
-        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(prepared.requests)]
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
         try:
             open_streams = len(tasks)
             while open_streams:
@@ -133,7 +146,7 @@ class Serving:
         choices = [Choice(i * n + j, r.prompt_token_ids) for i, r in enumerate(prepared.requests) for j in range(n)]
         try:
             async with asyncio.timeout(self.timeout_s):
-                async for i, out in self._merged(prepared, run):
+                async for i, out in self.merged(prepared.requests, run):
                     choices[i * n + out.index].add(out)
         except TimeoutError:
             raise DeadlineExceeded(f"the request did not finish within {self.timeout_s:g}s") from None
@@ -150,7 +163,7 @@ class Serving:
 
     async def start_stream(self, prepared: Prepared, run: StreamFn, request_id: str) -> AsyncIterator[str]:
         """SSE events. The first output is awaited here, so an error before it raises (→ a status code)."""
-        merged = self._merged(prepared, run)
+        merged = self.merged(prepared.requests, run)
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         try:
             first = await next_before(merged, deadline)

