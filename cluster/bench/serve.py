@@ -45,7 +45,7 @@ VLLM_PYTHON = Path(".venv-vllm/bin/python")
 
 def _summary(records: list[tuple[float, float, int]], wall: float) -> dict:
     """records: (ttft s, tpot s, tokens) per request."""
-    return {"tok_s": sum(r[2] for r in records) / wall, "tokens": sum(r[2] for r in records),
+    return {"tok_s": sum(r[2] for r in records) / wall, "tokens": sum(r[2] for r in records), "wall_s": wall,
             "ttft_ms": statistics.median(r[0] for r in records) * 1e3,
             "tpot_ms": statistics.median(r[1] for r in records) * 1e3}
 
@@ -67,6 +67,32 @@ def _timing(start: float, arrivals: list[tuple[float, int]]) -> tuple[float, flo
     tokens = sum(k for _, k in arrivals)
     first, last = arrivals[0][0], arrivals[-1][0]
     return first - start, (last - first) / max(1, tokens - 1), tokens
+
+
+def _cpu_by_process() -> dict[int, tuple[str, float]]:
+    """pid -> (kind, CPU seconds) of every process: Ray workers by their title (`ray::AttentionWorker`,
+    `ray::ServeReplica:maverick:ingress`), others by name; this process is the benchmark's client."""
+    import psutil
+
+    out = {}
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        title = (proc.info["cmdline"] or [proc.info["name"] or "?"])[0]
+        kind = "bench client" if proc.pid == os.getpid() else title.split()[0] if title.startswith("ray::") \
+            else proc.info["name"] or "?"
+        out[proc.pid] = (kind, times.user + times.system)
+    return out
+
+
+def _cores(before: dict, after: dict, wall_s: float) -> dict[str, float]:
+    """Cores each process kind used between two snapshots (above 0.005)."""
+    used: dict[str, float] = {}
+    for pid, (kind, seconds) in after.items():
+        used[kind] = used.get(kind, 0.0) + (seconds - before.get(pid, (kind, 0.0))[1]) / wall_s
+    return {k: round(v, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v > 0.005}
 
 
 async def _inproc(supervisor: GangSupervisor, prompts, concurrency: int, params: SamplingParams) -> dict:
@@ -196,10 +222,14 @@ async def _measure(args, supervisor, systems: dict, steps: StepLine, expert_work
                 step = format_step("serve", f"E={expert_workers} {name}", c, level, len(args.concurrency), rep,
                                    args.repeat)
                 steps.show(step)
+                profile = rep == 1 and c == max(args.concurrency) and name in ("http", "grpc")
+                before = _cpu_by_process() if profile else None
                 if name == "inproc":
                     got = await _inproc(supervisor, prompts, c, params)
                 else:
                     got = await systems[name](prompts, c, args.output_len)
+                if profile:  # where the serving path's CPU goes: cores per process kind over the round
+                    row[f"{name}_cpu_cores"] = _cores(before, _cpu_by_process(), got["wall_s"])
                 samples[name].append(got)
                 steps.print(f"{step}: {got['tok_s']:.1f} tok/s, TPOT {got['tpot_ms']:.1f} ms, "
                             f"TTFT {got['ttft_ms']:.0f} ms")
@@ -244,6 +274,11 @@ def _markdown(out: dict) -> str:
             lines.append(f"| {r['expert_workers']} | {r['concurrency']} | {f(r, 'http_tok_s')} | "
                          f"{f(r, 'http_nometrics_tok_s')} | {f(r, 'metrics_on_vs_off_tok_s', '{:.3f}x')} | "
                          f"{f(r, 'http_tpot_ms')} | {f(r, 'http_nometrics_tpot_ms')} |")
+    for r in out["results"]:
+        for door in ("http", "grpc"):
+            if f"{door}_cpu_cores" in r:
+                cores = ", ".join(f"{k} {v:.2f}" for k, v in r[f"{door}_cpu_cores"].items())
+                lines.append(f"\nCPU cores by process, E={r['expert_workers']}, {door} at {r['concurrency']}: {cores}")
     lines.append(f"\nMedians of {out.get('repeat', 1)} interleaved rounds per system and level.")
     return "\n".join(lines) + "\n"
 
