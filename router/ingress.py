@@ -109,9 +109,9 @@ class Ingress(GenerationService):
             except Exception:  # unreachable or timed out: not ready
                 self.gang_status[i] = None
             self.gang_ready[i] = bool(self.gang_status[i] and self.gang_status[i]["ready"])
-            client = self.gang_clients[i]
-            if client is not None and (client.broken or self.gang_status[i] is None
-                                       or self.gang_status[i].get("epoch") != client.epoch):
+            client, status = self.gang_clients[i], self.gang_status[i]
+            # a new epoch proves the old gang gone; a status that timed out proves nothing (a busy replica)
+            if client is not None and (client.broken or (status is not None and status.get("epoch") != client.epoch)):
                 self.gang_clients[i] = None
                 client.close("the gang was rebuilt")
 

@@ -22,7 +22,7 @@ from workers.errors import ContextTooLong, InternalError, InvalidRequest, Unavai
 from workers.kv_cache import KVCacheManager, plan_num_blocks
 from workers.model_runner import ModelRunner
 from workers.outputs import OutputProcessor
-from workers.protocol import Engine, EngineStats, GenerateRequest, RequestOutput, RequestStream
+from workers.protocol import Engine, EngineStats, GenerateRequest, RequestOutput
 from workers.request import Request
 from workers.sampler import sample, token_logprob
 from workers.scheduler import ScheduledBatch, Scheduler
@@ -53,10 +53,9 @@ class LLMEngine(Engine):
         self.generator = torch.Generator(device=self.runner.device)
         self.generator.seed()
         self._lock = threading.Lock()
-        self._inbox: list[tuple[list[Request], RequestStream]] = []
+        self._inbox: list[tuple[str, list[Request]]] = []  # (request id, its choices), not yet scheduled
         self._aborts: set[str] = set()
         self._live: dict[str, list[Request]] = {}  # parent id -> its choices
-        self._streams: dict[str, RequestStream] = {}
         self._failed: str | None = None
         # in a gang every step is collective: a step with nothing to compute still runs the model
         # with zero tokens, so this rank's MoE layers take part in the all-to-alls
@@ -99,16 +98,15 @@ class LLMEngine(Engine):
 
     # -- the protocol -------------------------------------------------------------------------------
 
-    def submit(self, request: GenerateRequest) -> RequestStream:
+    def submit(self, request: GenerateRequest) -> None:
         if self._failed:
             raise Unavailable(f"engine failed: {self._failed}")
         choices = self._validate(request)
-        stream = RequestStream(request.request_id, len(choices))
+        rid = request.request_id
         with self._lock:
-            if request.request_id in self._streams or any(s.request_id == request.request_id for _, s in self._inbox):
-                raise InvalidRequest(f"request id {request.request_id!r} is already in use", param="request_id")
-            self._inbox.append((choices, stream))
-        return stream
+            if rid in self._live or any(queued == rid for queued, _ in self._inbox):
+                raise InvalidRequest(f"request id {rid!r} is already in use", param="request_id")
+            self._inbox.append((rid, choices))
 
     def _validate(self, request: GenerateRequest) -> list[Request]:
         ids, vocab = request.prompt_token_ids, self.model_config.vocab_size
@@ -157,7 +155,7 @@ class LLMEngine(Engine):
     def pending_tokens(self) -> int:
         """Tokens a step would compute (plus one per queued abort); 0 while blocked and unchanged."""
         with self._lock:
-            inbox = sum(len(r.tokens) for choices, _ in self._inbox for r in choices) + len(self._aborts)
+            inbox = sum(len(r.tokens) for _, choices in self._inbox for r in choices) + len(self._aborts)
         if self._blocked and not inbox:
             return 0
         return inbox + self.scheduler.pending_tokens()
@@ -269,9 +267,8 @@ class LLMEngine(Engine):
         with self._lock:
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
-        for choices, stream in inbox:
-            self._live[stream.request_id] = choices
-            self._streams[stream.request_id] = stream
+        for rid, choices in inbox:
+            self._live[rid] = choices
             self.prompt_tokens_total += choices[0].num_prompt_tokens
             for req in choices:
                 self.outputs.track(req)
@@ -285,14 +282,10 @@ class LLMEngine(Engine):
         return out
 
     def _deliver(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
-        ended = set()
+        """The step's outputs, the only channel they leave by; a request whose choices all finished is
+        forgotten (its id may then be used again)."""
         for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue
-            stream.put(out)
-            if out.finished and all(r.state.done for r in self._live[out.request_id]):
-                ended.add(out.request_id)
-        for rid in ended:  # after the loop: several choices can finish in one step
-            del self._streams[rid], self._live[rid]
+            choices = self._live.get(out.request_id)
+            if out.finished and choices is not None and all(r.state.done for r in choices):
+                del self._live[out.request_id]
         return outputs

@@ -35,7 +35,8 @@ class LLM:
         """Run all prompts as one continuous batch; results in prompt order."""
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         requests = [GenerateRequest(list(p), sp) for p, sp in zip(prompts, params_list)]
-        streams = [self.engine.submit(r) for r in requests]
+        for r in requests:
+            self.engine.submit(r)
         results: dict[str, list[RequestOutput]] = {r.request_id: [] for r in requests}
         done = 0
         while done < len(requests):
@@ -44,7 +45,6 @@ class LLM:
                 done += out.finished
             if self.engine.blocked:  # nothing else can arrive here to unblock it
                 raise RuntimeError("the engine cannot schedule the remaining requests: the KV cache is too small")
-        del streams  # outputs were also delivered to the streams; the step results suffice here
         completions = []
         for r in requests:
             outs = results[r.request_id]

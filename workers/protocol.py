@@ -1,19 +1,17 @@
 """The seam between serving and execution: the `Engine` protocol and the types that cross it.
 
 Everything above the engine (the offline `LLM`, the gang's attention workers, the Serve app) uses
-only this: `submit` a validated request and read its stream of outputs, `abort`, drive `step()`
-(also when there is nothing to do: a gang's wave loop steps every rank together), `health()`,
-`stats()`. Invalid requests raise a typed `workers.errors` exception from `submit`, before anything
-is queued.
+only this: `submit` a validated request, `abort`, drive `step()` (also when there is nothing to do: a
+gang's wave loop steps every rank together) and take its outputs — the only channel outputs leave
+by: every request's new tokens of that step, which the caller routes (`LLM` to its completions, an
+attention worker to its consumers' channels) —, `health()`, `stats()`. Invalid requests raise a
+typed `workers.errors` exception from `submit`, before anything is queued.
 """
 
 from __future__ import annotations
 
 import abc
-import asyncio
-import threading
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,62 +67,15 @@ class EngineStats:
     pending_tokens: int = 0
 
 
-class RequestStream:
-    """Outputs of one request, filled by the engine's thread, read sync (`for`) or async (`async for`)."""
-
-    def __init__(self, request_id: str, num_choices: int = 1):
-        self.request_id = request_id
-        self._items: deque[RequestOutput] = deque()
-        self._cond = threading.Condition()
-        self._wakers: list = []
-        self._open_choices = num_choices  # the stream ends when every choice has finished
-
-    def put(self, output: RequestOutput) -> None:
-        with self._cond:
-            self._items.append(output)
-            self._cond.notify_all()
-            wakers, self._wakers = self._wakers, []
-        for wake in wakers:
-            wake()
-
-    def get(self, timeout: float | None = None) -> RequestOutput:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._items, timeout):
-                raise TimeoutError(f"no output for request {self.request_id} within {timeout}s")
-            return self._items.popleft()
-
-    async def aget(self) -> RequestOutput:
-        loop = asyncio.get_running_loop()
-        while True:
-            with self._cond:
-                if self._items:
-                    return self._items.popleft()
-                ready = loop.create_future()
-                self._wakers.append(lambda: loop.call_soon_threadsafe(
-                    lambda: ready.done() or ready.set_result(None)))
-            await ready
-
-    def __iter__(self):
-        while self._open_choices:
-            out = self.get()
-            self._open_choices -= out.finished
-            yield out
-
-    async def __aiter__(self):
-        while self._open_choices:
-            out = await self.aget()
-            self._open_choices -= out.finished
-            yield out
-
-
 class Engine(abc.ABC):
     @abc.abstractmethod
-    def submit(self, request: GenerateRequest) -> RequestStream:
-        """Validate and queue; raises `workers.errors.InvalidRequest` (or a subclass) when invalid."""
+    def submit(self, request: GenerateRequest) -> None:
+        """Validate and queue; raises `workers.errors.InvalidRequest` (or a subclass) when invalid. Its
+        outputs come out of later `step()` calls."""
 
     @abc.abstractmethod
     def abort(self, request_id: str) -> None:
-        """Stop a request; its blocks are freed and its stream ends with `abort` at the next step."""
+        """Stop a request; its blocks are freed and the next step outputs its `abort`."""
 
     @abc.abstractmethod
     def step(self) -> list[RequestOutput]:

@@ -6,6 +6,7 @@ import torch
 
 from tests.oracle import hf_greedy
 from tests.workers.conftest import CHUNK
+from tests.workers.drive import collect, run_all, token_ids
 from workers.config import EngineConfig
 from workers.engine import LLMEngine
 from workers.errors import ContextTooLong, InvalidRequest
@@ -27,10 +28,9 @@ def prompts(n, lo=3, hi=90, seed=0):
             for _ in range(n)]
 
 
-def run_to_end(eng, streams):
-    while eng.has_work():
-        eng.step()
-    return [[t for out in s for t in out.new_token_ids] for s in streams]
+def run_to_end(eng, requests, outputs=None):
+    outputs = run_all(eng, outputs)
+    return [token_ids(outputs[r.request_id]) for r in requests]
 
 
 def assert_all_blocks_free(eng):
@@ -53,15 +53,17 @@ def test_batch_of_32_mixed_equals_each_alone(hf_checkpoint):
     ckpt, hf = hf_checkpoint
     ps = prompts(32, seed=1)
     eng = engine(ckpt, max_num_batched_tokens=48, max_num_seqs=32)
-    streams = [eng.submit(GenerateRequest(p, GREEDY)) for p in ps[:12]]
-    mixed_steps = 0
+    requests = [GenerateRequest(p, GREEDY) for p in ps]
+    for r in requests[:12]:
+        eng.submit(r)
+    mixed_steps, outputs = 0, {}
     for i in range(12, 32):  # the rest arrive one per step
-        eng.step()
+        collect(eng.step(), outputs)
         sched = eng.scheduler
         mixed_steps += any(r.state.value == "decode" for r in sched.running) and any(
             r.state.value == "prefill" for r in sched.running)
-        streams.append(eng.submit(GenerateRequest(ps[i], GREEDY)))
-    outs = run_to_end(eng, streams)
+        eng.submit(requests[i])
+    outs = run_to_end(eng, requests, outputs)
     assert mixed_steps > 5  # the batches really mixed prefills with decodes
     alone = engine(ckpt)
     for p, out in zip(ps, outs):
@@ -137,14 +139,15 @@ def test_chunk_boundary_crossings_with_unaligned_chunk(hf_checkpoint):
 def test_chunked_group_memory_stays_bounded(hf_checkpoint):
     ckpt, _ = hf_checkpoint
     eng = engine(ckpt, block_size=8)
-    stream = eng.submit(GenerateRequest([5] * 10, SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)))
-    peak_chunked, full_at = 0, []
+    request = GenerateRequest([5] * 10, SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True))
+    eng.submit(request)
+    peak_chunked, full_at, outputs = 0, [], {}
     while eng.has_work():
-        eng.step()
+        collect(eng.step(), outputs)
         used = eng.kv.stats().blocks_used
         peak_chunked = max(peak_chunked, used["chunked_attention"])
         full_at.append(used["full_attention"])
-    assert len([t for o in stream for t in o.new_token_ids]) == 300
+    assert len(token_ids(outputs[request.request_id])) == 300
     assert peak_chunked <= CHUNK // 8 + 2  # one window, a straddling block, the step's new one
     assert max(full_at) == (10 + 300 - 1) // 8 + 1  # the full group keeps every block
     # and the switch turns freeing off: the chunked group then grows like the full one
@@ -160,18 +163,22 @@ def test_chunked_group_memory_stays_bounded(hf_checkpoint):
 def test_abort_frees_blocks_and_ends_the_stream(hf_checkpoint):
     ckpt, _ = hf_checkpoint
     eng = engine(ckpt)
-    keep = eng.submit(GenerateRequest(prompts(1, seed=6)[0], GREEDY))
-    gone = eng.submit(GenerateRequest(prompts(1, 60, 61, seed=7)[0], SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True)))
+    keep = GenerateRequest(prompts(1, seed=6)[0], GREEDY)
+    gone = GenerateRequest(prompts(1, 60, 61, seed=7)[0], SamplingParams(temperature=0.0, max_tokens=500,
+                                                                         ignore_eos=True))
+    eng.submit(keep)
+    eng.submit(gone)
+    outputs = {}
     for _ in range(5):
-        eng.step()
+        collect(eng.step(), outputs)
     assert eng.kv.stats().blocks_used["full_attention"] > 0
     eng.abort(gone.request_id)
-    eng.step()
-    outs = list(gone)
+    collect(eng.step(), outputs)
+    outs = outputs[gone.request_id]
     assert outs[-1].finish_reason == "abort" and outs[-1].usage.completion_tokens == 5
     assert sum(len(o.new_token_ids) for o in outs) == 5  # one token per step, the prefill step's included
     assert gone.request_id not in eng.kv.seqs
-    run_to_end(eng, [keep])
+    run_to_end(eng, [keep], outputs)
     assert_all_blocks_free(eng)
 
 

@@ -14,7 +14,7 @@ from workers.config import EngineConfig
 from workers.engine import LLMEngine
 from workers.errors import ContextTooLong
 from workers.llm import LLM
-from workers.protocol import GenerateRequest, RequestStream
+from workers.protocol import GenerateRequest
 from workers.request import Request
 from workers.sampling_params import SamplingParams
 
@@ -41,9 +41,9 @@ def test_sixteen_requests_in_a_cache_for_two_all_equal_transformers(hf_checkpoin
     eng = pressured_engine(ckpt, budget)
     ps = mixed_prompts(16, seed=budget)
     params = SamplingParams(temperature=0.0, max_tokens=OUTPUT, ignore_eos=True)
-    streams, outputs = {}, {}
+    outputs = {}
     for i, p in enumerate(ps):  # two arrive per step
-        streams[i] = eng.submit(GenerateRequest(p, params, request_id=f"r{i}"))
+        eng.submit(GenerateRequest(p, params, request_id=f"r{i}"))
         if i % 2:
             for out in eng.step():
                 outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
@@ -81,7 +81,7 @@ def test_a_blocked_step_is_counted_logged_once_and_idles_until_an_abort(hf_check
     # validation refuses such a request; put one straight into the scheduler to reach the state
     # a wrong cache plan would cause
     doomed = Request("doomed", [5] * 500, SamplingParams(temperature=0.0), max_tokens=1)
-    eng._live["doomed"], eng._streams["doomed"] = [doomed], RequestStream("doomed")
+    eng._live["doomed"] = [doomed]
     eng.outputs.track(doomed)
     eng.scheduler.add(doomed)
     with caplog.at_level(logging.ERROR, logger="workers.engine"):

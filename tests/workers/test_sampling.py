@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.oracle import hf_logits
+from tests.workers.drive import run_all
 from workers.config import EngineConfig
 from workers.engine import LLMEngine
 from workers.errors import InvalidRequest
@@ -146,11 +147,9 @@ def test_logit_bias_and_penalties_change_generation(eng):
 def test_n_choices_share_the_prompt_and_match_separate_requests(eng):
     prompt = list(range(3, 60))
     before = eng.kv.stats().prefix_hits_tokens
-    stream = eng.submit(GenerateRequest(prompt, SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10,
-                                                               ignore_eos=True)))
-    while eng.has_work():
-        eng.step()
-    outs = list(stream)
+    request = GenerateRequest(prompt, SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True))
+    eng.submit(request)
+    outs = run_all(eng)[request.request_id]
     by_index = {i: [t for o in outs if o.index == i for t in o.new_token_ids] for i in range(3)}
     assert all(len(v) == 10 for v in by_index.values()) and len({tuple(v) for v in by_index.values()}) == 3
     assert eng.kv.stats().prefix_hits_tokens - before >= 2 * 48  # choices 1, 2 reuse the prompt's blocks
@@ -161,11 +160,10 @@ def test_n_choices_share_the_prompt_and_match_separate_requests(eng):
 
 def test_logprobs_are_log_softmax_of_the_model_logits(hf_checkpoint, eng):
     _, hf = hf_checkpoint
-    stream = eng.submit(GenerateRequest(PROMPT, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
-                                                               logprobs=3, prompt_logprobs=2)))
-    while eng.has_work():
-        eng.step()
-    outs = list(stream)
+    request = GenerateRequest(PROMPT, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3,
+                                                     prompt_logprobs=2))
+    eng.submit(request)
+    outs = run_all(eng)[request.request_id]
     tokens = [t for o in outs for t in o.new_token_ids]
     ref = torch.log_softmax(hf_logits(hf, PROMPT + tokens), -1)
     got = [lp for o in outs for lp in o.logprobs]

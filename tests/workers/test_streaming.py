@@ -1,12 +1,13 @@
 """Streams and text: incremental detokenization, sync and async consumers of a stepping engine."""
 
-import asyncio
+import queue
 import threading
 
 import pytest
 
 from model.tiny import make_tiny
 from model.tokenizer import Tokenizer
+from tests.workers.drive import run_all
 from workers.config import EngineConfig
 from workers.detokenizer import IncrementalDetokenizer
 from workers.engine import LLMEngine
@@ -37,47 +38,50 @@ def test_special_tokens_are_skipped_in_text(tiny):
     assert text == "hi there"
 
 
-def test_engine_streams_text_sync_and_async(tiny):
+def test_engine_on_its_own_thread_streams_text_deltas(tiny):
+    """As in an attention worker: requests are submitted from one thread while another steps the engine
+    and hands each step's outputs over; the deltas join to the decoded text."""
     eng = LLMEngine.from_model_dir(tiny, EngineConfig())
     tok = eng.tokenizer
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     prompt = tok.encode("Once upon a time")
-    sync_stream = eng.submit(GenerateRequest(prompt, params))
-    async_stream = eng.submit(GenerateRequest(prompt, params))
+    handed: queue.Queue = queue.Queue()
     stop = threading.Event()
 
     def drive():  # the engine runs on its own thread, like an attention worker's wave thread
         while not stop.is_set():
             if eng.has_work():
-                eng.step()
+                handed.put(eng.step())
             else:
                 stop.wait(0.001)
 
     driver = threading.Thread(target=drive, daemon=True)
     driver.start()
-
-    async def consume():
-        return [out async for out in async_stream]
-
+    requests = [GenerateRequest(prompt, params) for _ in range(2)]
+    outputs: dict[str, list] = {r.request_id: [] for r in requests}
     try:
-        async_outs = asyncio.run(asyncio.wait_for(consume(), 60))
-        sync_outs = list(sync_stream)
+        for r in requests:
+            eng.submit(r)
+        open_requests = len(requests)
+        while open_requests:
+            for out in handed.get(timeout=60):
+                outputs[out.request_id].append(out)
+                open_requests -= out.finished
     finally:
         stop.set()
         driver.join(5)
-    for outs in (sync_outs, async_outs):
+    for outs in outputs.values():
         ids = [t for o in outs for t in o.new_token_ids]
         assert len(ids) == 30 and outs[-1].finish_reason == "length"
         assert "".join(o.text_delta or "" for o in outs) == tok.decode(ids)
         assert outs[-1].usage.prompt_tokens == len(prompt) and outs[-1].usage.completion_tokens == 30
-    assert [o.new_token_ids for o in sync_outs] == [o.new_token_ids for o in async_outs]
+    first, second = outputs.values()
+    assert [t for o in first for t in o.new_token_ids] == [t for o in second for t in o.new_token_ids]
 
 
 def _run(eng, request):
-    stream = eng.submit(request)
-    while eng.has_work():
-        eng.step()
-    return list(stream)
+    eng.submit(request)
+    return run_all(eng)[request.request_id]
 
 
 @pytest.fixture(scope="module")
