@@ -56,6 +56,13 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
+# NVIDIA's aiperf, the second client that checks bench serve's HTTP figures (cluster/bench/aiperf.py).
+AIPERF_VENV := .venv-aiperf
+$(AIPERF_VENV)/.installed:
+	$(PYTHON) -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/pip install aiperf==0.13.0
+	touch $@
+
 $(BENCH_CKPT)/config.json: | install
 	$(BIN)/maverick make-tiny $(BENCH_CKPT) --preset bench --layout causal --dtype float32
 

@@ -57,6 +57,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return bench_engine(args)
     if args.output == ENGINE_OUTPUT:
         args.output = f"bench-results/{args.target}.json"
+    if args.target == "aiperf":
+        from cluster.bench.aiperf import main as bench_aiperf
+
+        args.peers = [] if args.peers == "none" else args.peers.split(",")
+        return bench_aiperf(args)
     if args.target == "serve":
         from cluster.bench.serve import main as bench_serve
         from router.grpc_client import StreamClient
@@ -136,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dashboards)
 
     p = sub.add_parser("bench", help="benchmarks, measured against peers in the same run")
-    p.add_argument("target", choices=["engine", "ep", "serve"])
+    p.add_argument("target", choices=["engine", "ep", "serve", "aiperf"],
+                   help="aiperf: NVIDIA's aiperf beside bench serve's own client, at the top --concurrency")
     p.add_argument("--model", default="checkpoints/bench", help="checkpoint (make-tiny --preset bench)")
     p.add_argument("--output", default=ENGINE_OUTPUT)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])

@@ -100,6 +100,11 @@ def run_serve(args: argparse.Namespace) -> int:
     schema = ServeDeploySchema.model_validate(data)
     client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
                          grpc_options=gRPCOptions(**schema.grpc_options.model_dump()))
+    if client.http_config.port != port:  # Serve already ran here: it keeps its ports and ignores ours
+        print(f"maverick: error: Serve already runs on this cluster with HTTP port {client.http_config.port}; "
+              f"pass --http-port {client.http_config.port} or stop it (`serve shutdown -y`)", file=sys.stderr)
+        ray.shutdown()
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -105,7 +105,7 @@ async def _inproc(supervisor: GangSupervisor, prompts, concurrency: int, params:
     return await _bounded(prompts, concurrency, one)
 
 
-async def _http(base_url: str, model: str, prompts, concurrency: int, output_len: int) -> dict:
+async def http_round(base_url: str, model: str, prompts, concurrency: int, output_len: int) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=1800)
@@ -140,7 +140,7 @@ async def _grpc(make_client, target: str, prompts, concurrency: int, output_len:
         await client.close()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -148,14 +148,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve_config(args, expert_workers: int, path: Path) -> Path:
-    """One application (or, with --compare-metrics-off, a twin at /off with metrics off) for `maverick serve`."""
+def _serve_config(args, expert_workers: int, path: Path, tokenizer: bool = False) -> Path:
+    """One application (or, with --compare-metrics-off, a twin at /off with metrics off) for `maverick serve`;
+    `tokenizer`: text in and out (a client such as aiperf sends text), else token ids only."""
     import yaml
 
     from cluster.serve_config import config_from_flags
 
     flags = argparse.Namespace(model=str(args.model), served_model_name="bench", attention_workers=1,
-                               expert_workers=expert_workers, num_gangs=1, dtype=None, skip_tokenizer_init=True,
+                               expert_workers=expert_workers, num_gangs=1, dtype=None,
+                               skip_tokenizer_init=not tokenizer,
                                torch_threads=args.threads, max_model_len=None, max_num_seqs=max(args.concurrency),
                                max_num_batched_tokens=4096, kv_cache_memory=None)
     data = config_from_flags(flags)
@@ -168,10 +170,11 @@ def _serve_config(args, expert_workers: int, path: Path) -> Path:
     return path
 
 
-def _start_ours(args, expert_workers: int, address: str, port: int, grpc_port: int) -> subprocess.Popen:
+def start_ours(args, expert_workers: int, address: str, port: int, grpc_port: int,
+                tokenizer: bool = False) -> subprocess.Popen:
     log_path = Path(args.output).with_name(f"maverick-serve-e{expert_workers}.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    config = _serve_config(args, expert_workers, log_path.with_suffix(".yaml"))
+    config = _serve_config(args, expert_workers, log_path.with_suffix(".yaml"), tokenizer)
     cmd = [str(Path(sys.executable).with_name("maverick")), "serve", str(config), "--address", address,
            "--http-port", str(port), "--grpc-port", str(grpc_port)]
     proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
@@ -181,9 +184,10 @@ def _start_ours(args, expert_workers: int, address: str, port: int, grpc_port: i
     return proc
 
 
-def _start_vllm(args, port: int) -> subprocess.Popen:
+def start_vllm(args, port: int, tokenizer: bool = False) -> subprocess.Popen:
     cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model),
-           "--skip-tokenizer-init", "--dtype", "float32", "--max-model-len", "1024", "--host", "127.0.0.1",
+           *([] if tokenizer else ["--skip-tokenizer-init"]), "--dtype", "float32", "--max-model-len", "1024",
+           "--host", "127.0.0.1",
            "--port", str(port), "--served-model-name", "bench", "--max-num-seqs", str(max(args.concurrency)),
            "--gpu-memory-utilization", "0.5"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -194,7 +198,7 @@ def _start_vllm(args, port: int) -> subprocess.Popen:
     return proc
 
 
-def _stop(proc: subprocess.Popen | None) -> None:
+def stop_server(proc: subprocess.Popen | None) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
@@ -298,15 +302,16 @@ def main(args) -> int:
     try:
         peers = {}
         if want_vllm:
-            vllm_port = _free_port()
+            vllm_port = free_port()
             steps.show("bench serve  vllm  starting")
-            vllm = _start_vllm(args, vllm_port)
+            vllm = start_vllm(args, vllm_port)
             peers["vllm"] = _http_system(f"http://127.0.0.1:{vllm_port}/v1")
+        ports = free_port(), free_port()  # Serve keeps the ports it first started with on this cluster
         for expert_workers in args.expert_workers:
-            results += _run_layout(args, expert_workers, address, peers, loop, steps)
+            results += _run_layout(args, expert_workers, address, ports, peers, loop, steps)
     finally:
         steps.close()
-        _stop(vllm)
+        stop_server(vllm)
         loop.close()
         ray.shutdown()
     out = {"results": results, "layouts": [{"attention_workers": 1, "expert_workers": e} for e in args.expert_workers],
@@ -321,10 +326,11 @@ def main(args) -> int:
 
 
 def _http_system(base_url: str):
-    return lambda prompts, c, n: _http(base_url, "bench", prompts, c, n)
+    return lambda prompts, c, n: http_round(base_url, "bench", prompts, c, n)
 
 
-def _run_layout(args, expert_workers: int, address: str, peers: dict, loop, steps: StepLine) -> list[dict]:
+def _run_layout(args, expert_workers: int, address: str, ports: tuple[int, int], peers: dict, loop,
+                steps: StepLine) -> list[dict]:
     """One layout: its in-process gang and its `maverick serve`, measured with the peers, then stopped."""
     config = GangConfig(model=str(args.model), expert_workers=expert_workers, skip_tokenizer_init=True,
                         attention=RankResources(num_cpus=0.5, torch_threads=args.threads),
@@ -334,9 +340,9 @@ def _run_layout(args, expert_workers: int, address: str, peers: dict, loop, step
     try:
         steps.show(f"bench serve  E={expert_workers}  inproc  starting the gang")
         loop.run_until_complete(supervisor.start())
-        port, grpc_port = _free_port(), _free_port()
+        port, grpc_port = ports
         steps.show(f"bench serve  E={expert_workers}  starting maverick serve")
-        ours = _start_ours(args, expert_workers, address, port, grpc_port)
+        ours = start_ours(args, expert_workers, address, port, grpc_port)
         systems = {"http": _http_system(f"http://127.0.0.1:{port}/v1")}
         if args.grpc_client is not None:
             systems["grpc"] = lambda prompts, c, n: _grpc(args.grpc_client, f"127.0.0.1:{grpc_port}", prompts, c, n)
@@ -345,5 +351,5 @@ def _run_layout(args, expert_workers: int, address: str, peers: dict, loop, step
         steps.show(f"bench serve  E={expert_workers}  warm-up")
         return loop.run_until_complete(_measure(args, supervisor, {**systems, **peers}, steps, expert_workers))
     finally:
-        _stop(ours)
+        stop_server(ours)
         loop.run_until_complete(supervisor.stop())

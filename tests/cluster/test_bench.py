@@ -57,11 +57,12 @@ def test_bench_serve_smoke(tmp_path):
     out = tmp_path / "serve.json"
     proc = subprocess.run([MAVERICK, "bench", "serve", "--model", str(ckpt), "--output", str(out), "--peers", "none",
                            "--concurrency", "1", "2", "--prompt-len", "8", "--output-len", "6", "--timeout", "300",
-                           "--repeat", "1", "--compare-metrics-off", "--expert-workers", "0"],
+                           "--repeat", "1", "--compare-metrics-off", "--expert-workers", "0", "1"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
-    assert [(r["expert_workers"], r["concurrency"]) for r in report["results"]] == [(0, 1), (0, 2)]
+    # two layouts, one after the other on one Ray: the second `maverick serve` meets the first one's Serve
+    assert [(r["expert_workers"], r["concurrency"]) for r in report["results"]] == [(0, 1), (0, 2), (1, 1), (1, 2)]
     for row in report["results"]:
         for system in ("inproc", "http", "grpc", "http_nometrics"):
             assert row[f"{system}_tok_s"] > 0 and row[f"{system}_tpot_ms"] > 0 and row[f"{system}_ttft_ms"] > 0

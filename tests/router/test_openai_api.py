@@ -296,3 +296,23 @@ def test_the_front_is_haproxy_not_the_python_proxy(live):
     owners = {port: {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid} for port in ports}
     assert all(names == {"haproxy"} for names in owners.values()), owners
+
+
+def test_serve_on_a_cluster_whose_serve_has_other_ports_fails_clearly(live):
+    """Serve keeps the ports it started with and only warns about new ones: `maverick serve --address`
+    with another --http-port would wait forever on a port nobody serves. It exits 2 and says so."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ray
+
+    from tests.router.conftest import free_port
+
+    running = int(live.url.rsplit(":", 1)[1])
+    proc = subprocess.run([str(Path(sys.executable).with_name("maverick")), "serve", "--model", str(live.model_dir),
+                           "--address", ray.get_runtime_context().gcs_address, "--http-port", str(free_port())],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert f"Serve already runs on this cluster with HTTP port {running}; pass --http-port {running}" in proc.stderr
+    assert urllib.request.urlopen(live.url + "/health/ready", timeout=30).status == 200  # the running app is untouched

