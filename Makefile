@@ -7,9 +7,10 @@ TEST_TIMEOUT ?= 300
 PYTEST_ARGS ?=
 
 VLLM_VENV := .venv-vllm
+AIPERF_VENV := .venv-aiperf
 BENCH_CKPT := checkpoints/bench
 
-.PHONY: install system-packages test serve observe bench clean
+.PHONY: install system-packages test serve observe bench bench-serve clean
 
 # Debian's servers the tests start for real on 127.0.0.1: prometheus (the metrics test, `make observe`),
 # openssh-server and rsync (the `ray up` test)
@@ -35,7 +36,7 @@ system-packages:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); \
 	fi
 
-test: install system-packages
+test: install system-packages $(AIPERF_VENV)/.installed
 	$(BIN)/python -m pytest tests --timeout=$(TEST_TIMEOUT) --durations=20 -q $(PYTEST_ARGS)
 
 # The embedded default: a tiny random-weight Maverick (written on first start), one gang of
@@ -57,7 +58,6 @@ $(VLLM_VENV)/.installed:
 	touch $@
 
 # NVIDIA's aiperf, the second client that checks bench serve's HTTP figures (cluster/bench/aiperf.py).
-AIPERF_VENV := .venv-aiperf
 $(AIPERF_VENV)/.installed:
 	$(PYTHON) -m venv $(AIPERF_VENV)
 	$(AIPERF_VENV)/bin/pip install aiperf==0.13.0
@@ -68,6 +68,11 @@ $(BENCH_CKPT)/config.json: | install
 
 bench: install $(VLLM_VENV)/.installed $(BENCH_CKPT)/config.json
 	$(BIN)/maverick bench engine --model $(BENCH_CKPT) --output bench-results/engine.json --compare-no-free --compare-kv-fraction 0.25
+
+# The serving benchmark (HTTP, gRPC, vllm serve; layouts E=0 and E=2), then aiperf's check of it.
+bench-serve: install $(VLLM_VENV)/.installed $(AIPERF_VENV)/.installed $(BENCH_CKPT)/config.json
+	$(BIN)/maverick bench serve --model $(BENCH_CKPT) --output bench-results/serve.json
+	$(BIN)/maverick bench aiperf --model $(BENCH_CKPT) --concurrency 32 --output bench-results/aiperf.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

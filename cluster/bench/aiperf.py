@@ -7,7 +7,10 @@ start with the checkpoint's tokenizer, because aiperf sends text. At one concurr
   `ignore_eos`, 2 x concurrency requests);
 - `aiperf`: `aiperf profile` from `.venv-aiperf` (`make .venv-aiperf/.installed`) with the same shape:
   128-token synthetic text prompts, 128 output tokens, `ignore_eos`, tokens counted from the server's
-  `usage`, 2 x concurrency requests after 4 warm-up requests.
+  `usage`, 2 x concurrency requests after 4 warm-up requests. Its concurrency mode alone polls for a
+  free slot without sleeping (a whole core of this 2-core machine, taken from the server): a request
+  rate of 200/s under the same concurrency cap lets it sleep between tries, at ~0.1 core in all, like
+  our client; one worker and one record processor carry 32 streams.
 Reported: output tok/s and median TTFT of both clients (medians over rounds) and aiperf / bench.
 """
 
@@ -37,10 +40,15 @@ def _aiperf(args, base_url: str, concurrency: int) -> dict:
         cmd = [str(AIPERF), "profile", "--model", "bench", "--url", base_url, "--endpoint-type", "completions",
                "--streaming", "--tokenizer", str(args.model), "--concurrency", str(concurrency),
                "--request-count", str(2 * concurrency), "--warmup-request-count", "4",
+               "--request-rate", "200", "--arrival-pattern", "constant", "--workers-max", "1",
+               "--record-processors", "1",
                "--isl", str(args.prompt_len), "--isl-stddev", "0", "--osl", str(args.output_len), "--osl-stddev", "0",
                "--extra-inputs", "ignore_eos:true", "--use-server-token-count", "--random-seed", str(concurrency),
                "--no-server-metrics", "--no-gpu-telemetry", "--ui-type", "none", "--artifact-dir", out]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        # aiperf 0.13 in HF offline mode takes a local tokenizer directory for a repo id and fails; the
+        # tokenizer is a local directory, so nothing is fetched either way
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
         found = list(Path(out).rglob("profile_export_aiperf.json"))
         if done.returncode != 0 or not found:
             raise RuntimeError(f"aiperf failed ({done.returncode}): {(done.stdout + done.stderr)[-2000:]}")
@@ -73,6 +81,8 @@ def _rounds(args, servers: dict[str, str], loop, steps: StepLine) -> dict:
         row[f"{key}_tok_s"] = statistics.median(r["tok_s"] for r in rounds)
         row[f"{key}_ttft_ms"] = statistics.median(r["ttft_ms"] for r in rounds)
         row[f"{key}_all_tok_s"] = [r["tok_s"] for r in rounds]
+        if "requests" in rounds[0]:  # what aiperf counted as done, per round
+            row[f"{key}_requests"] = [r["requests"] for r in rounds]
     for server in servers:
         for metric in ("tok_s", "ttft_ms"):
             ratio = row[f"{server}_aiperf_{metric}"] / row[f"{server}_bench_{metric}"]
@@ -121,6 +131,7 @@ def main(args) -> int:
         steps.close()
         for proc in procs:
             stop_server(proc)
+        loop.run_until_complete(loop.shutdown_asyncgens())  # the SSE streams the client left open
         loop.close()
         ray.shutdown()
     out = {"result": row, "servers": list(servers), "prompt_len": args.prompt_len, "output_len": args.output_len,

@@ -312,6 +312,7 @@ def main(args) -> int:
     finally:
         steps.close()
         stop_server(vllm)
+        loop.run_until_complete(loop.shutdown_asyncgens())  # the SSE streams the client left open
         loop.close()
         ray.shutdown()
     out = {"results": results, "layouts": [{"attention_workers": 1, "expert_workers": e} for e in args.expert_workers],

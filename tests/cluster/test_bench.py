@@ -1,4 +1,4 @@
-"""Tiny smoke runs of `maverick bench engine|ep|serve` (no peers): each harness works end to end."""
+"""Tiny smoke runs of `maverick bench engine|ep|serve|aiperf` (no peers): each harness works end to end."""
 
 import json
 import subprocess
@@ -78,3 +78,21 @@ def test_bench_serve_smoke(tmp_path):
     progress = [line for line in out.with_name("maverick-serve-e0.log").read_text().splitlines() if " gang 0  " in line]
     assert "maverick gang 0  ready" in "\n".join(progress)
     assert all(line.startswith(("maverick gang 0  ", "nometrics gang 0  ")) for line in progress), progress
+
+
+def test_bench_aiperf_smoke(tmp_path):
+    """aiperf (`.venv-aiperf`, built by `make test`) and our client on one `maverick serve` with its tokenizer."""
+    ckpt = make_tiny(tmp_path / "tiny", "tiny-maverick", layout="causal")
+    out = tmp_path / "aiperf.json"
+    proc = subprocess.run([MAVERICK, "bench", "aiperf", "--model", str(ckpt), "--output", str(out), "--peers", "none",
+                           "--concurrency", "2", "--prompt-len", "8", "--output-len", "6", "--timeout", "300",
+                           "--repeat", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    row = report["result"]
+    assert report["servers"] == ["maverick"] and row["concurrency"] == 2
+    assert row["maverick_aiperf_requests"] == [4]  # 2 x concurrency, counted by aiperf
+    for client in ("bench", "aiperf"):
+        assert row[f"maverick_{client}_tok_s"] > 0 and row[f"maverick_{client}_ttft_ms"] > 0
+    assert row["maverick_aiperf_vs_bench_tok_s"] == row["maverick_aiperf_tok_s"] / row["maverick_bench_tok_s"]
+    assert out.with_suffix(".md").read_text().startswith("# aiperf against")
