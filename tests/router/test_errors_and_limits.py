@@ -27,12 +27,9 @@ GOOD = {"model": "tiny", "prompt": [2016, 5, 6], "max_tokens": 3, "temperature":
 
 @pytest.fixture(scope="module")
 def live(local_ray, tmp_path_factory):
-    from ray import serve
-
     server = deploy(tmp_path_factory.mktemp("limits"), api_key=KEY, max_pending_requests=3, request_timeout_s=4,
                     max_body_bytes=65536)
     yield server
-    serve.shutdown()
 
 
 def call(live, path, body=None, key=KEY, method=None, raw: bytes | None = None):

@@ -15,11 +15,8 @@ PROMPTS = [[2016, 11, 12, 13, 14], [2016] + list(range(300, 420, 3)), [2016, 7, 
 
 @pytest.fixture(scope="module")
 def live(local_ray, tmp_path_factory):
-    from ray import serve
-
     server = deploy(tmp_path_factory.mktemp("fp8"), make_tiny="tiny-maverick-fp8", expert_workers=2)
     yield server
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -52,11 +52,8 @@ def bodies(draw):
 
 @pytest.fixture(scope="module")
 def live(local_ray, tmp_path_factory):
-    from ray import serve
-
     server = deploy(tmp_path_factory.mktemp("fuzz"), request_timeout_s=60, max_body_bytes=1 << 20)
     yield server
-    serve.shutdown()
 
 
 def send(live, method: str, path: str, body: bytes | None, headers: dict | None = None) -> tuple[int, bytes]:

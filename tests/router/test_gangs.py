@@ -18,11 +18,8 @@ PREFIX = [2016] + list(range(400, 479))  # 80 tokens: longer than the 64-token a
 
 @pytest.fixture(scope="module")
 def live(local_ray, tmp_path_factory):
-    from ray import serve
-
     server = deploy(tmp_path_factory.mktemp("gangs"), num_gangs=2, attention_workers=2, expert_workers=1)
     yield server
-    serve.shutdown()
 
 
 def complete(live, prompt, max_tokens=4):

@@ -25,11 +25,8 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def live(local_ray, tmp_path_factory):
-    from ray import serve
-
     server = deploy(tmp_path_factory.mktemp("grpc"), api_key=KEY, request_timeout_s=20, expert_workers=1)
     yield server
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,6 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(local_ray, checkpoint):
-    from ray import serve
-
     ckpt, _ = checkpoint
     common = dict(model=str(ckpt), make_tiny=None, skip_tokenizer_init=True)
     alone = deploy(ckpt.parent, name="alone", route_prefix="/alone", **common,
@@ -41,7 +39,6 @@ def servers(local_ray, checkpoint):
     gang = deploy(ckpt.parent, name="gang", route_prefix="/gang", expert_workers=2, **common,
                   engine={"kv_cache_memory": 600_000})
     yield {"alone": alone, "gang": gang}
-    serve.shutdown()
 
 
 def prompts() -> list[list[int]]:

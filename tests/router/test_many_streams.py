@@ -25,11 +25,8 @@ pytestmark = pytest.mark.timeout(900)
 
 @pytest.fixture(scope="module")
 def live(local_ray, tmp_path_factory):
-    from ray import serve
-
     server = deploy(tmp_path_factory.mktemp("streams"), expert_workers=2, max_pending_requests=STREAMS)
     yield server
-    serve.shutdown()
 
 
 def _specs() -> list[dict]:

@@ -56,12 +56,9 @@ def ray_with_metrics():
 
 @pytest.fixture(scope="module")
 def live(ray_with_metrics, tmp_path_factory):
-    from ray import serve
-
     server = conftest.deploy(tmp_path_factory.mktemp("metrics"), name=APP, route_prefix="/", api_key=KEY,
                              expert_workers=2, max_pending_requests=3, request_timeout_s=120)
     yield server
-    serve.shutdown()
 
 
 class Tally:
