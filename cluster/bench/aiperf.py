@@ -26,7 +26,8 @@ import tempfile
 from pathlib import Path
 
 from cluster.bench.runner import random_prompts
-from cluster.bench.serve import VLLM_PYTHON, free_port, http_round, start_ours, start_vllm, stop_server
+from cluster.bench.serve import (VLLM_PYTHON, free_port, http_round, start_ours, start_vllm, stop_server,
+                                 write_report)
 from cluster.offline import ensure_local_ray
 from cluster.terminal import StepLine, format_step
 from model.config import load_config
@@ -136,9 +137,5 @@ def main(args) -> int:
         ray.shutdown()
     out = {"result": row, "servers": list(servers), "prompt_len": args.prompt_len, "output_len": args.output_len,
            "repeat": args.repeat, "machine": {"cpus": os.cpu_count(), "threads": args.threads}}
-    path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    path.with_suffix(".md").write_text(_markdown(out))
-    print(_markdown(out))
+    write_report(args.output, out, _markdown(out))
     return 0

@@ -318,12 +318,17 @@ def main(args) -> int:
     out = {"results": results, "layouts": [{"attention_workers": 1, "expert_workers": e} for e in args.expert_workers],
            "prompt_len": args.prompt_len, "output_len": args.output_len, "repeat": args.repeat,
            "machine": {"cpus": os.cpu_count(), "threads": args.threads}}
-    path = Path(args.output)
+    write_report(args.output, out, _markdown(out))
+    return 0
+
+
+def write_report(output: str, out: dict, markdown: str) -> None:
+    """The JSON at `output`, the Markdown beside it (`.md`) and on stdout."""
+    path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
-    path.with_suffix(".md").write_text(_markdown(out))
-    print(_markdown(out))
-    return 0
+    path.with_suffix(".md").write_text(markdown)
+    print(markdown)
 
 
 def _http_system(base_url: str):
