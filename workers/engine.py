@@ -134,16 +134,30 @@ class LLMEngine(Engine):
                     f"This model's maximum context length is {limit} tokens (set by {self._limit_reason}). "
                     f"However, you requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} in "
                     f"the completion).", param="max_tokens")
+        resume = self._validate_resume(request.resume, params.n, vocab, max_tokens)
         choices = []
-        for i in range(params.n):
+        for i in (range(params.n) if resume is None else sorted(resume)):
             rid = request.request_id if params.n == 1 else f"{request.request_id}#{i}"
-            gen = None
-            if params.seed is not None:
-                gen = torch.Generator(device=self.runner.device)
-                gen.manual_seed((params.seed + i) % 2**64)
-            choices.append(Request(rid, list(ids), params, max_tokens, parent_id=request.request_id, index=i,
-                                   first_sibling=choices[0] if choices else None, generator=gen))
+            gen = torch.Generator(device=self.runner.device) if params.seed is not None else None
+            done = list(resume[i]) if resume is not None else []
+            choices.append(Request(rid, list(ids), params, max_tokens, output_token_ids=done, parent_id=request.request_id,
+                                   index=i, first_sibling=choices[0] if choices else None, generator=gen))
         return choices
+
+    @staticmethod
+    def _validate_resume(resume: dict[int, list[int]] | None, n: int, vocab: int,
+                         max_tokens: int) -> dict[int, list[int]] | None:
+        """A resumed request's open choices: known indices, tokens in vocabulary, budget left."""
+        if resume is None:
+            return None
+        if not resume or any(not isinstance(i, int) or not 0 <= i < n for i in resume):
+            raise InvalidRequest(f"resume must name open choices among 0..{n - 1}", param="resume")
+        for tokens in resume.values():
+            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in tokens):
+                raise InvalidRequest("a resumed choice holds a token out of vocabulary", param="resume")
+            if len(tokens) >= max_tokens:
+                raise InvalidRequest("a resumed choice has no tokens left to generate", param="resume")
+        return resume
 
     def abort(self, request_id: str) -> None:
         with self._lock:

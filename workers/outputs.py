@@ -19,7 +19,10 @@ class OutputProcessor:
 
     def track(self, req: Request) -> None:
         if self.tokenizer is not None:
-            self.text[req.request_id] = TextTracker(self.tokenizer, req.params.stop, req.params.skip_special_tokens)
+            tracker = TextTracker(self.tokenizer, req.params.stop, req.params.skip_special_tokens)
+            for token in req.output_token_ids:  # a resumed choice: replay what it delivered, so the held-
+                tracker.add(token)  # back text and stop-string window are what they were, deltas unsent
+            self.text[req.request_id] = tracker
 
     def _echo(self, req: Request, delta: str | None) -> str | None:
         """With echo, a choice's first text delta starts with the prompt's text."""

@@ -23,6 +23,9 @@ class GenerateRequest:
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # a request resumed after its gang failed: choice index -> the tokens it already delivered, for
+    # the choices still open only; the engine continues each as if it had generated them itself
+    resume: dict[int, list[int]] | None = None
 
 
 @dataclass

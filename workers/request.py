@@ -69,11 +69,11 @@ class Request:
     parent_id: str = ""
     index: int = 0
     first_sibling: "Request | None" = None  # choices 1.. wait for choice 0's prompt, then share it
-    generator: torch.Generator | None = None  # a seeded request draws from its own stream
+    generator: torch.Generator | None = None  # a seeded request: reseeded per draw (workers.sampler)
     prompt_logprobs: list = field(default_factory=list)  # filled while the prompt is computed
 
     def __post_init__(self) -> None:
-        self.tokens = list(self.prompt_token_ids)
+        self.tokens = list(self.prompt_token_ids) + self.output_token_ids  # a resumed choice has outputs
         self.parent_id = self.parent_id or self.request_id
 
     @property

@@ -2,8 +2,9 @@
 
 Order, as vLLM applies it: logit bias, repetition / frequency / presence penalties, then greedy
 argmax, or temperature, top-k, top-p, min-p and a draw. A draw is `argmax(p / q)` with `q ~ Exp(1)`
-drawn per vocabulary entry from the request's own generator when it has a seed, so a seeded request
-gives the same tokens whatever shares its batch. Logprobs are `log_softmax` of the model's raw
+drawn per vocabulary entry. A seeded request reseeds its own generator before each draw from (seed,
+choice, position), so its tokens depend on nothing else: not on what shares its batch, and not on a
+generator's state that dies with a worker (a request resumed elsewhere draws what it would have). Logprobs are `log_softmax` of the model's raw
 logits (before any processing), as vLLM reports them by default.
 
 Shape suffixes: N rows that sample this step, M rows that draw, V vocab.
@@ -96,10 +97,26 @@ def sample(logits_NV: torch.Tensor, reqs: list[Request], generator: torch.Genera
         probs_MV = _filtered_probs(processed[idx], sub)
         q_MV = torch.empty_like(probs_MV)
         for m, req in enumerate(sub):  # per-request noise: a seeded draw ignores its neighbours
+            if req.generator is not None:
+                req.generator.manual_seed(draw_seed(req.params.seed, req.index, len(req.output_token_ids)))
             q_MV[m].exponential_(generator=req.generator if req.generator is not None else generator)
         tokens[idx] = (probs_MV / q_MV).argmax(-1)
     token_list = tokens.tolist()
     return token_list, logprobs_for(logits_NV, reqs, token_list)
+
+
+def draw_seed(seed: int, choice: int, position: int) -> int:
+    """The seed of one draw: SplitMix64 over the choice's seed and the position, so neighbouring
+    seeds or positions give unrelated streams. Choice i of seed s draws as seed s + i alone (vLLM's
+    rule for n > 1)."""
+    mask = 2**64 - 1
+    x = 0
+    for part in (seed + choice, position):
+        x = (x + 0x9E3779B97F4A7C15 + (part & mask)) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        x ^= x >> 31
+    return x >> 1  # manual_seed takes up to 2**63 - 1 without complaint
 
 
 def logprobs_for(logits_NV: torch.Tensor, reqs: list[Request], tokens: list[int]) -> list[TokenLogprob | None]:
