@@ -116,6 +116,8 @@ class AppConfig(GangConfig):
                                         "(a Kubernetes Secret, say): the key stays out of the YAML")
     max_pending_requests: int = Field(256, ge=1, description="in flight per ingress replica; beyond: 429")
     request_timeout_s: float = Field(600, gt=0, description="a request running longer gets 504")
+    migration_limit: int = Field(3, ge=0, description="times a request moves on when its gang fails (to another "
+                                                      "ready gang, or the same one rebuilt); 0: it ends with 503")
     max_body_bytes: int = Field(4 * 2**20, ge=1024)
     retry_after_s: int = Field(2, ge=1)
     graceful_shutdown_timeout_s: float = Field(120, ge=0)

@@ -4,8 +4,16 @@ in-process benchmark and tests) go through a `GangClient` like any consumer's.
 Consumers (the ingress replicas) ask `attention()` for the gang's attention worker handles and its
 epoch, and stream from those workers themselves: no request's tokens pass through this process. A
 dead rank, a rank whose collective failed (its channels break) or a failed health check marks the
-gang failed: in-flight requests end with the typed `Unavailable` error, new ones are refused, and the
-gang is rebuilt under a new epoch.
+gang failed: its requests' streams end with `Unavailable` (the ingress resumes them elsewhere,
+`router.resume`), new ones are refused, and the gang is rebuilt under a new epoch.
+
+The states, one transition table like `workers.request`'s:
+
+    starting ──warm──> ready ──a rank fails──> failed ──torn down──> rebuilding ──warm──> ready
+    any state ──stop()──> stopped (final: it wins over a rebuild under way)
+
+One owned task does a recovery (tear down, then rebuild until a build warms up); every `await` in it
+is followed by a check that the supervisor was not stopped meanwhile.
 """
 
 from __future__ import annotations
@@ -29,6 +37,18 @@ from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
+_ALLOWED = {
+    "starting": {"ready", "stopped"},
+    "ready": {"failed", "stopped"},
+    "failed": {"rebuilding", "stopped"},
+    "rebuilding": {"ready", "stopped"},
+    "stopped": set(),
+}
+
+
+class Stopped(Exception):
+    """The supervisor was stopped while it built a gang."""
+
 
 class GangSupervisor:
     def __init__(self, config: GangConfig, health_period_s: float = 1.0, rebuild: bool = True,
@@ -41,39 +61,75 @@ class GangSupervisor:
         self.rebuild = rebuild
         self.gang: Gang | None = None
         self.startup: GangStartup | None = None  # this build's stages, bytes loaded, ranks up
-        self.state = "starting"  # starting | ready | failed | rebuilding | stopped
+        self.state = "starting"  # see _ALLOWED
         self.failure: str | None = None
         self.restarts = 0
+        self.failed_at = 0.0
+        self.last_recovery_s: float | None = None  # failure seen -> the rebuilt gang warm
+        self.last_build_bytes = 0  # checkpoint bytes the last build read
         self.client: GangClient | None = None  # this supervisor's own requests
-        self._tasks: list[asyncio.Task] = []
+        self._monitor_task: asyncio.Task | None = None
+        self._recovery: asyncio.Task | None = None  # the one task tearing down and rebuilding
         self.epoch = 0  # bumped per build, so stale watchers of a dead gang stop
-        self.warm = False
         self.prefix_tokens = routing.DEFAULT_PREFIX_TOKENS
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        num_ranks = self.config.attention_workers + self.config.expert_workers
-        self.startup = GangStartup(self.name, num_ranks, self.application, BoardPublisher())
-        self.gang = await asyncio.to_thread(build_gang, self.config, self.pg, bundle_offset=self.bundle_offset,
-                                            name=self.name, application=self.application, startup=self.startup,
-                                            placement=self.placement)
-        self.epoch += 1
-        self.state, self.failure, self.warm = "ready", None, False
-        epoch = self.epoch
-        self.client = GangClient(self.gang.attention, f"supervisor-{self.name}-{epoch}", self.prefix_tokens,
-                                 on_broken=lambda reason: self._fail_soon(reason, epoch), epoch=epoch)
-        self._tasks = [asyncio.create_task(self._monitor(epoch))]
-        await self._warm_up()
+        """Build and warm up the first gang; raises if that fails (a Serve replica then fails to start)."""
+        await self._build()
+        self._now_ready()
 
     async def stop(self) -> None:
-        self.state = "stopped"
-        for task in self._tasks:
-            task.cancel()
+        if self.state == "stopped":
+            return
+        self._move("stopped")
+        for task in (self._monitor_task, self._recovery):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
         if self.client is not None:
             self.client.close()
-        if self.gang is not None:
-            await asyncio.to_thread(destroy_gang, self.gang)
+        gang, self.gang = self.gang, None
+        if gang is not None:
+            await asyncio.to_thread(destroy_gang, gang)
+
+    def _move(self, new: str) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise RuntimeError(f"gang {self.name}: illegal transition {self.state} -> {new}")
+        log.info("gang %s: %s -> %s", self.name, self.state, new)
+        self.state = new
+
+    async def _build(self) -> None:
+        """A new gang under a new epoch, warmed up by one token; on any failure it is torn down again."""
+        num_ranks = self.config.attention_workers + self.config.expert_workers
+        self.startup = GangStartup(self.name, num_ranks, self.application, BoardPublisher())
+        gang = await asyncio.to_thread(build_gang, self.config, self.pg, bundle_offset=self.bundle_offset,
+                                       name=self.name, application=self.application, startup=self.startup,
+                                       placement=self.placement)
+        self.gang = gang
+        self.epoch += 1
+        epoch = self.epoch
+        self.client = GangClient(gang.attention, f"supervisor-{self.name}-{epoch}", self.prefix_tokens,
+                                 on_broken=lambda reason: self._on_broken(reason, epoch), epoch=epoch)
+        try:
+            self._check_not_stopped()
+            await self._warm_up()
+            self._check_not_stopped()
+        except BaseException:
+            self.client.close("the build failed")
+            if self.gang is gang:
+                self.gang = None
+            await asyncio.to_thread(destroy_gang, gang)
+            raise
+        self.last_build_bytes = sum(done for done, _ in self.startup.rank_bytes.values())
+
+    def _now_ready(self) -> None:
+        self._move("ready")
+        self._monitor_task = asyncio.create_task(self._monitor(self.epoch))
+
+    def _check_not_stopped(self) -> None:
+        if self.state == "stopped":
+            raise Stopped(f"gang {self.name} was stopped")
 
     def attention(self) -> tuple[int, list]:
         """The epoch of the gang now serving and its attention workers' handles, for consumers that
@@ -82,19 +138,23 @@ class GangSupervisor:
         return self.epoch, list(self.gang.attention)
 
     def ready(self) -> bool:
-        """Serving, and this gang has produced a token since it was (re)built."""
-        return self.state == "ready" and self.warm
+        """Serving: this gang has produced a token since it was (re)built."""
+        return self.state == "ready"
+
+    @property
+    def warm(self) -> bool:
+        return self.state == "ready"
 
     async def _warm_up(self) -> None:
         """One single-token request through every layer, so readiness means a token came out."""
         self.startup.enter("warm-up")
         request = GenerateRequest([0], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
                                   request_id=f"warmup-{self.epoch}")
-        async for out in self.generate(request):
-            if out.error is not None:
-                raise out.error
+        async for batch in self.client.generate_batches(request):
+            for out in batch:
+                if out.error is not None:
+                    raise out.error
         self.startup.enter("ready")  # pushed before readiness turns true, so a watcher sees it first
-        self.warm = True
 
     def health(self) -> None:
         if self.state != "ready":
@@ -114,58 +174,61 @@ class GangSupervisor:
         async for batch in self.client.generate_batches(request):
             yield batch
 
-    # -- background -----------------------------------------------------------------------------------
+    # -- failure and recovery ---------------------------------------------------------------------------
 
     async def _monitor(self, epoch: int) -> None:
         while self.epoch == epoch and self.state == "ready":
             await asyncio.sleep(self.health_period_s)
+            if self.epoch != epoch or self.state != "ready":
+                return
             refs = [r.health.remote() for r in self.gang.ranks]
             try:
                 await asyncio.wait_for(asyncio.gather(*refs), timeout=max(5.0, 5 * self.health_period_s))
             except (RayError, EngineError, asyncio.TimeoutError, GetTimeoutError) as exc:
-                await self._fail(f"a rank failed its health check: {type(exc).__name__}: {exc}", epoch)
+                self._on_broken(f"a rank failed its health check: {type(exc).__name__}: {exc}", epoch)
                 return
 
-    def _fail_soon(self, reason: str, epoch: int) -> None:
-        """Failed from now on (health() says so at once); the teardown and rebuild follow on a task."""
-        if self.epoch == epoch and self.state == "ready":
-            self._mark_failed(reason)
-            asyncio.create_task(self._tear_down())
-
-    async def _fail(self, reason: str, epoch: int) -> None:
-        if self.epoch == epoch and self.state == "ready":
-            self._mark_failed(reason)
-            await self._tear_down()
-
-    def _mark_failed(self, reason: str) -> None:
-        log.error("gang failed: %s", reason)
-        self.state, self.failure = "failed", reason
+    def _on_broken(self, reason: str, epoch: int) -> None:
+        """The gang of `epoch` failed (a channel broke, a health check failed): mark it failed now, so
+        health() says so at once, and start the one recovery task. Stale or repeated calls do nothing."""
+        if self.epoch != epoch or self.state != "ready":
+            return
+        log.error("gang %s failed: %s", self.name, reason)
+        self._move("failed")
+        self.failure = reason
+        self.failed_at = time.monotonic()
         self.client.close(reason)
+        self._recovery = asyncio.create_task(self._recover())
 
-    async def _tear_down(self) -> None:
+    async def _recover(self) -> None:
         gang, self.gang = self.gang, None
-        await asyncio.to_thread(destroy_gang, gang)
-        if self.rebuild:
-            asyncio.create_task(self._rebuild())
-
-    async def _rebuild(self) -> None:
-        self.state = "rebuilding"
+        if gang is not None:
+            await asyncio.to_thread(destroy_gang, gang)
+        if not self.rebuild or self.state == "stopped":
+            return
+        self._move("rebuilding")
         self.restarts += 1
-        started = time.monotonic()
         while self.state == "rebuilding":
             try:
-                await self.start()
-                log.warning("gang rebuilt in %.1fs (restart %d)", time.monotonic() - started, self.restarts)
+                await self._build()
+            except Stopped:
                 return
-            except Exception as exc:  # e.g. resources not back yet: try again
-                log.error("gang rebuild failed: %s", exc)
+            except Exception as exc:  # e.g. resources not back yet, or the warm-up failed: try again
+                log.error("gang %s rebuild failed: %s", self.name, exc)
                 await asyncio.sleep(2.0)
+                continue
+            self.last_recovery_s = time.monotonic() - self.failed_at
+            self.failure = None
+            self._now_ready()
+            log.warning("gang %s rebuilt %.1fs after it failed (restart %d, %d bytes read)", self.name,
+                        self.last_recovery_s, self.restarts, self.last_build_bytes)
 
     async def stats(self) -> dict:
         """`in_flight`: requests the attention workers' engines hold (running or waiting, whoever sent
         them), as of each one's last step; `requests_per_worker`: requests each has taken since start."""
         ranks = await asyncio.gather(*[r.stats.remote() for r in self.gang.ranks]) if self.gang else []
         attention = [r for r in ranks if "running" in r]
-        return {"state": self.state, "restarts": self.restarts,
+        return {"state": self.state, "restarts": self.restarts, "last_recovery_s": self.last_recovery_s,
+                "last_build_bytes": self.last_build_bytes,
                 "in_flight": sum(r["running"] + r["waiting"] for r in attention),
                 "requests_per_worker": {r["rank"]: r["submitted"] for r in attention}, "ranks": ranks}

@@ -12,6 +12,7 @@ while in-flight ones finish.
 
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -34,6 +35,7 @@ from router.grpc_service import GenerationService
 from router.http_guard import BodyTooLarge, Guard, GuardSettings
 from router.metrics import RequestMetrics, Ticket, outcome_of
 from router.openai_models import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from router.resume import NoReadyGang, ResumeStats, resumable
 from router.serving import Prepared, Serving
 from workers.errors import EngineError, InvalidRequest, QueueFull, Unavailable
 from workers.protocol import GenerateRequest
@@ -91,6 +93,8 @@ class Ingress(GenerationService):
         self.created = int(time.time())
         self.metrics = RequestMetrics(config.model_name, config.metrics.enabled)
         self.gang_status: list[dict | None] = [None] * len(gangs)
+        self.failed_epoch: list[int | None] = [None] * len(gangs)  # seen failing: not ready until rebuilt
+        self.resume_stats = ResumeStats()
         api.state.guard = GuardSettings(config.api_key, config.max_body_bytes, self.metrics)
         self._watch = asyncio.create_task(self._watch_gangs())
 
@@ -108,8 +112,8 @@ class Ingress(GenerationService):
                 self.gang_status[i] = await asyncio.wait_for(self.gangs[i].status.remote(), 5.0)
             except Exception:  # unreachable or timed out: not ready
                 self.gang_status[i] = None
-            self.gang_ready[i] = bool(self.gang_status[i] and self.gang_status[i]["ready"])
             client, status = self.gang_clients[i], self.gang_status[i]
+            self.gang_ready[i] = bool(status and status["ready"] and status.get("epoch") != self.failed_epoch[i])
             # a new epoch proves the old gang gone; a status that timed out proves nothing (a busy replica)
             if client is not None and (client.broken or (status is not None and status.get("epoch") != client.epoch)):
                 self.gang_clients[i] = None
@@ -118,11 +122,26 @@ class Ingress(GenerationService):
         await asyncio.gather(*(one(i) for i in range(len(self.gangs))))
         self.metrics.gangs(self.gang_status, self.gang_load)
 
+    def _gang_broke(self, gang: int, epoch: int) -> None:
+        """A client of this gang saw it fail: no request goes there until a status shows a new epoch."""
+        self.failed_epoch[gang] = epoch
+        status = self.gang_status[gang]
+        if status is None or status.get("epoch") == epoch:
+            self.gang_ready[gang] = False
+
     def _pick_gang(self, prompt_token_ids: list[int]) -> int:
         ready = [i for i, ok in enumerate(self.gang_ready) if ok]
         if not ready:
-            raise Unavailable("no gang can take requests now (starting, failed or rebuilding); retry")
+            raise NoReadyGang("no gang can take requests now (starting, failed or rebuilding); retry")
         return routing.pick(routing.affinity_key(prompt_token_ids), self.gang_load, ready)
+
+    async def _wait_for_gang(self, prompt_token_ids: list[int]) -> int:
+        """A ready gang for a request moving off a failed one; the request's deadline bounds the wait."""
+        while True:
+            try:
+                return self._pick_gang(prompt_token_ids)
+            except NoReadyGang:
+                await asyncio.sleep(0.1)
 
     async def _client(self, gang: int) -> GangClient:
         """This replica's client of the gang's epoch now serving: made on first use after a (re)build."""
@@ -133,32 +152,46 @@ class Ingress(GenerationService):
             except Exception as exc:  # rebuilding, or the replica is gone
                 cause = getattr(exc, "cause", None)
                 raise cause if isinstance(cause, Unavailable) else Unavailable(f"gang {gang} is unreachable") from None
+            if epoch == self.failed_epoch[gang]:  # its supervisor has not noticed the failure yet
+                raise Unavailable(f"gang {gang} is failing")
             client = self.gang_clients[gang]
             if client is None or client.broken or client.epoch != epoch:  # another request may have made it
-                client = self.gang_clients[gang] = GangClient(attention, self.consumer, epoch=epoch)
+                client = self.gang_clients[gang] = GangClient(
+                    attention, self.consumer, epoch=epoch, on_broken=lambda _reason: self._gang_broke(gang, epoch))
         return client
 
     def _runner(self):
-        """A function streaming one engine request's output batches from the gang it picks."""
+        """A function streaming one engine request's output batches, from the gang it picks and, when
+        that gang fails, from the next (`router.resume`)."""
 
         async def run(request: GenerateRequest):
             clock = self.metrics.engine_request()
-            gang = self._pick_gang(request.prompt_token_ids)
-            self.gang_load[gang] += 1
-            self.gang_requests[gang] += 1
+            clock.prompt(len(request.prompt_token_ids))
+            batches = resumable(request, self._attempt, self.config.migration_limit, self.resume_stats)
             try:
-                clock.prompt(len(request.prompt_token_ids))
-                batches = (await self._client(gang)).generate_batches(request)
-                try:
-                    async for batch in batches:
-                        clock.outputs(batch)
-                        yield batch
-                finally:  # timed out, failed or abandoned: its `finally` aborts it in the engine now
-                    await batches.aclose()
-            finally:
-                self.gang_load[gang] -= 1
+                async for batch in batches:
+                    clock.outputs(batch)
+                    yield batch
+            finally:  # timed out, failed or abandoned: its `finally` aborts it in the engine now
+                await batches.aclose()
 
         return run
+
+    async def _attempt(self, request: GenerateRequest, retry: bool):
+        """One try of a request on one gang; a retry waits for a ready one."""
+        prompt = request.prompt_token_ids
+        gang = await self._wait_for_gang(prompt) if retry else self._pick_gang(prompt)
+        self.gang_load[gang] += 1
+        self.gang_requests[gang] += 1
+        try:
+            batches = (await self._client(gang)).generate_batches(request)
+            try:
+                async for batch in batches:
+                    yield batch
+            finally:
+                await batches.aclose()
+        finally:
+            self.gang_load[gang] -= 1
 
     # -- admission ------------------------------------------------------------------------------------
 
@@ -303,7 +336,7 @@ class Ingress(GenerationService):
 
     def routing_stats(self) -> dict:
         return {"ready": list(self.gang_ready), "in_flight": list(self.gang_load),
-                "requests": list(self.gang_requests)}
+                "requests": list(self.gang_requests), "resume": dataclasses.asdict(self.resume_stats)}
 
     def routes(self) -> list[tuple[str, list[str]]]:
         """Every HTTP route this replica serves, as bound at start (tests check auth on each)."""
