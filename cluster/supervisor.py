@@ -70,7 +70,9 @@ class GangSupervisor:
         self.client: GangClient | None = None  # this supervisor's own requests
         self._monitor_task: asyncio.Task | None = None
         self._recovery: asyncio.Task | None = None  # the one task tearing down and rebuilding
-        self.epoch = 0  # bumped per build, so stale watchers of a dead gang stop
+        # bumped per build, so stale watchers of a dead gang stop; starts at the clock, so a replica that
+        # Serve started anew after the old one died never repeats an epoch its consumers saw failing
+        self.epoch = time.time_ns() // 1000
         self.prefix_tokens = routing.DEFAULT_PREFIX_TOKENS
 
     # -- lifecycle --------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ the gang was rebuilt and its handles changed.
 
 from __future__ import annotations
 
+import os
+
 import ray
 from ray import serve
 
@@ -35,7 +37,8 @@ class GangDeployment:
         """What the ingress polls twice a second: readiness, and the state and restarts it exports."""
         startup = self.supervisor.startup
         return {"ready": self.supervisor.ready(), "state": self.supervisor.state, "epoch": self.supervisor.epoch,
-                "restarts": self.supervisor.restarts, "stage": startup.stage if startup else None}
+                "restarts": self.supervisor.restarts, "stage": startup.stage if startup else None,
+                "pid": os.getpid(), "last_recovery_s": self.supervisor.last_recovery_s}
 
     async def stats(self) -> dict:
         return await self.supervisor.stats()

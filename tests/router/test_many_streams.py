@@ -7,16 +7,10 @@ import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
-from openai import OpenAI
 
-from router import maverick_v1_pb2 as pb
-from router import maverick_v1_pb2_grpc as pb_grpc
 from tests.router.conftest import deploy
-from workers.engine import LLMEngine
-from workers.protocol import GenerateRequest
-from workers.sampling_params import SamplingParams
+from tests.router.streams import assert_same, over_grpc, over_http, reference
 
 STREAMS = 64
 STOPS = [" the", "e ", "an", "\n"]
@@ -44,101 +38,19 @@ def _specs() -> list[dict]:
     return specs
 
 
-def _reference(model_dir, specs) -> list[list[dict]]:
-    """The same requests through one in-process engine: per choice, tokens, text, finish, logprobs."""
-    engine = LLMEngine.from_model_dir(model_dir)
-    requests = []
-    for s in specs:
-        params = SamplingParams(max_tokens=s["max_tokens"], n=s["n"], temperature=s["temperature"], seed=s["seed"],
-                                stop=s["stop"], logprobs=s["logprobs"])
-        requests.append(GenerateRequest(s["prompt"], params))
-        engine.submit(requests[-1])
-    results = {r.request_id: [{"ids": [], "text": "", "finish": None, "logprobs": []} for _ in range(r.params.n)]
-               for r in requests}
-    open_choices = sum(s["n"] for s in specs)
-    while open_choices:
-        for out in engine.step():
-            choice = results[out.request_id][out.index]
-            choice["ids"] += out.new_token_ids
-            choice["text"] += out.text_delta or ""
-            choice["logprobs"] += [lp.logprob for lp in out.logprobs or []]
-            if out.finished:
-                choice["finish"] = out.finish_reason
-                open_choices -= 1
-    return [results[r.request_id] for r in requests]
-
-
-def _over_http(live, spec) -> list[dict]:
-    client = OpenAI(base_url=live.v1, api_key="unused", max_retries=0, timeout=300)
-    choices = [{"ids": [], "text": "", "finish": None, "logprobs": [], "chunks": 0} for _ in range(spec["n"])]
-    stream = client.completions.create(
-        model=live.model_name, prompt=spec["prompt"], max_tokens=spec["max_tokens"], n=spec["n"],
-        temperature=spec["temperature"], seed=spec["seed"], stop=spec["stop"] or None, logprobs=spec["logprobs"],
-        stream=True, extra_body={"return_token_ids": True})
-    for chunk in stream:
-        for c in chunk.choices:
-            choice = choices[c.index]
-            choice["ids"] += c.model_extra.get("token_ids") or []
-            choice["text"] += c.text
-            choice["chunks"] += 1
-            if c.logprobs is not None:
-                choice["logprobs"] += c.logprobs.token_logprobs or []
-            if c.finish_reason:
-                assert choice["finish"] is None, "a second finish"
-                choice["finish"] = c.finish_reason
-    return choices
-
-
-def _over_grpc(live, spec) -> list[dict]:
-    channel = grpc.insecure_channel(live.grpc_target)
-    try:
-        stub = pb_grpc.GenerationStub(channel)
-        request = pb.GenerateRequest(prompt_token_ids=spec["prompt"], max_tokens=spec["max_tokens"], n=spec["n"],
-                                     temperature=spec["temperature"], stop=spec["stop"])
-        if spec["seed"] is not None:
-            request.seed = spec["seed"]
-        if spec["logprobs"] is not None:
-            request.logprobs = spec["logprobs"]
-        choices = [{"ids": [], "text": "", "finish": None, "logprobs": [], "chunks": 0} for _ in range(spec["n"])]
-        usage = None
-        for message in stub.GenerateStream(request, metadata=[("application", live.app_name)], timeout=300):
-            for c in message.choices:
-                choice = choices[c.index]
-                choice["ids"] += list(c.token_ids)
-                choice["text"] += c.text
-                choice["chunks"] += 1
-                choice["logprobs"] += [lp.logprob for lp in c.logprobs]
-                if c.finish_reason:
-                    assert choice["finish"] is None, "a second finish"
-                    choice["finish"] = c.finish_reason
-            if message.HasField("usage"):
-                assert usage is None, "usage twice"
-                usage = message.usage
-        assert usage is not None and usage.completion_tokens == sum(len(c["ids"]) for c in choices)
-        return choices
-    finally:
-        channel.close()
-
-
 def test_64_concurrent_streams_each_token_once_and_as_in_process(live):
     specs = _specs()
-    expected = _reference(live.model_dir, specs)
+    expected = reference(live.model_dir, specs)
     started = threading.Barrier(STREAMS, timeout=120)  # every stream is open before any is read to the end
 
     def run(spec):
         started.wait()
-        return (_over_grpc if spec["door"] == "grpc" else _over_http)(live, spec)
+        return (over_grpc if spec["door"] == "grpc" else over_http)(live, spec)
 
     with ThreadPoolExecutor(STREAMS) as pool:
         got = list(pool.map(run, specs))
 
     assert sum(s["n"] for s in specs) > STREAMS and {s["door"] for s in specs} == {"http", "grpc"}
-    for i, (spec, want, have) in enumerate(zip(specs, expected, got)):
-        for index, (w, h) in enumerate(zip(want, have, strict=True)):
-            where = f"stream {i} ({spec['door']}) choice {index}"
-            assert h["ids"] == w["ids"], where  # every token once, in order
-            assert h["text"] == w["text"] and h["finish"] == w["finish"], where
-            assert h["chunks"] >= 1 and len(h["logprobs"]) == len(w["logprobs"]), where
-            assert h["logprobs"] == pytest.approx(w["logprobs"], abs=1e-4), where
+    assert_same(specs, expected, got)
     stopped = [c for spec, choices in zip(specs, expected) if spec["stop"] for c in choices]
     assert any(c["finish"] == "stop" for c in stopped)  # the stop strings were exercised

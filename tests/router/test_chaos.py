@@ -1,0 +1,178 @@
+"""Requests survive a dying worker. 16 streams (greedy and seeded, `n=2`, stop strings, logprobs, HTTP
+and gRPC) run against a gang of 1 attention + 2 expert workers; once every stream has its first
+chunk, a real process of the gang is killed or stopped. Every stream must go on after a pause and
+end exactly as the same requests do in one in-process engine: no error, no token lost or repeated.
+A second app with `migration_limit: 0` shows the error table's 503 and, for a hung gang, 504."""
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from cluster.probe import wait_until
+from tests.router.conftest import deploy
+from tests.router.streams import assert_same, over_grpc, over_http, reference
+
+STREAMS = 16
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def live(local_ray, tmp_path_factory):
+    return deploy(tmp_path_factory.mktemp("chaos"), expert_workers=2, max_pending_requests=STREAMS,
+                  collective_timeout_s=10)
+
+
+@pytest.fixture(scope="module")
+def specs_and_expected(live):
+    rng = random.Random(13)
+    specs = []
+    for i in range(STREAMS):
+        seeded = i % 2 == 1
+        specs.append({"prompt": [rng.randrange(3, 2000) for _ in range(rng.randrange(3, 30))],
+                      "max_tokens": rng.randrange(60, 90), "n": 2 if i % 4 == 1 else 1,
+                      "temperature": 0.8 if seeded else 0.0, "seed": 500 + i if seeded else None,
+                      "stop": ["e ", "an"] if i % 4 == 2 else [], "logprobs": 2 if i % 4 == 3 else None,
+                      "door": "grpc" if i % 3 == 0 else "http"})
+    return specs, reference(live.model_dir, specs)
+
+
+def handle(name: str, app: str = "maverick"):
+    from ray import serve
+
+    return serve.get_deployment_handle(name, app) if name != "ingress" else serve.get_app_handle(app)
+
+
+def gang_pids(app: str = "maverick") -> list[int]:
+    """Rank processes, attention first."""
+    return [r["pid"] for r in handle("gang-0", app).stats.remote().result()["ranks"]]
+
+
+def resume_stats(app: str = "maverick") -> dict:
+    return handle("ingress", app).routing_stats.remote().result()["resume"]
+
+
+def wait_serving(app: str = "maverick") -> None:
+    wait_until(lambda: handle("gang-0", app).status.remote().result()["ready"]
+               and all(handle("ingress", app).routing_stats.remote().result()["ready"]), 240,
+               "the gang ready again", poll_s=0.5)
+
+
+def run_with_fault(live, specs, fault) -> tuple[list, float]:
+    """Every stream, with `fault()` called once all have their first chunk; the longest pause seen."""
+    first = threading.Barrier(STREAMS + 1, timeout=300)
+    pause = [0.0]
+
+    def run(i_spec):
+        i, spec = i_spec
+        last, seen_first = [time.monotonic()], [False]
+
+        def on_chunk():
+            now = time.monotonic()
+            if seen_first[0]:
+                pause[0] = max(pause[0], now - last[0])
+            else:
+                seen_first[0] = True
+                first.wait()
+            last[0] = now
+
+        return (over_grpc if spec["door"] == "grpc" else over_http)(live, spec, on_chunk)
+
+    with ThreadPoolExecutor(STREAMS) as pool:
+        futures = pool.map(run, enumerate(specs))
+        first.wait()
+        fault()
+        got = list(futures)
+    return got, pause[0]
+
+
+def kill(pid: int, sig=signal.SIGKILL) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def check_case(live, specs_and_expected, fault, what: str) -> None:
+    specs, expected = specs_and_expected
+    wait_serving()
+    before = resume_stats()
+    got, pause = run_with_fault(live, specs, fault)
+    after = resume_stats()
+    assert_same(specs, expected, got)
+    resumed = after["resumed_requests"] - before["resumed_requests"]
+    assert resumed >= 1 and after["gave_up"] == before["gave_up"], (before, after)
+    print(f"\n{what}: {resumed} requests resumed, longest pause a client saw {pause:.1f}s")
+
+
+def test_sigkill_of_an_expert_worker(live, specs_and_expected):
+    pids = gang_pids()
+    check_case(live, specs_and_expected, lambda: kill(pids[-1]), "SIGKILL expert")
+
+
+def test_sigkill_of_the_attention_worker(live, specs_and_expected):
+    pids = gang_pids()
+    check_case(live, specs_and_expected, lambda: kill(pids[0]), "SIGKILL attention")
+
+
+def test_sigstop_of_an_expert_worker_is_a_hang_detected_and_recovered(live, specs_and_expected):
+    pids = gang_pids()
+    try:
+        check_case(live, specs_and_expected, lambda: kill(pids[-1], signal.SIGSTOP), "SIGSTOP expert")
+    finally:
+        kill(pids[-1])  # the torn-down gang's actor, if Ray has not killed it yet
+
+
+def test_sigkill_of_the_gang_replica_process(live, specs_and_expected):
+    wait_serving()
+    replica_pid = handle("gang-0").status.remote().result()["pid"]
+    check_case(live, specs_and_expected, lambda: kill(replica_pid), "SIGKILL gang replica")
+
+
+# -- when resuming is not allowed or takes too long --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strict(live, tmp_path_factory):
+    return deploy(tmp_path_factory.mktemp("strict"), name="strict", route_prefix="/strict", migration_limit=0,
+                  request_timeout_s=4)
+
+
+def stream_then(strict, fault) -> dict:
+    """A streamed completion: after its first event, `fault()`; the last event before [DONE]."""
+    body = {"prompt": [2016, 5, 6], "max_tokens": 500, "temperature": 0, "ignore_eos": True, "stream": True}
+    req = urllib.request.Request(strict.url + "/v1/completions", json.dumps(body).encode(),
+                                 {"content-type": "application/json"})
+    events = []
+    with urllib.request.urlopen(req, timeout=120) as r:
+        for line in r:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            events.append(json.loads(line[6:]))
+            if len(events) == 1:
+                fault()
+    return events[-1]
+
+
+def test_a_request_that_may_not_move_ends_with_503(strict):
+    wait_serving("strict")
+    pid = gang_pids("strict")[0]
+    last = stream_then(strict, lambda: kill(pid))
+    assert last["error"]["code"] == 503 and last["error"]["type"] == "service_unavailable", last
+    assert resume_stats("strict")["gave_up"] >= 1
+
+
+def test_a_request_whose_timeout_passes_while_its_gang_hangs_ends_with_504(strict):
+    wait_serving("strict")
+    pid = gang_pids("strict")[0]
+    try:
+        last = stream_then(strict, lambda: kill(pid, signal.SIGSTOP))
+    finally:
+        kill(pid)
+    assert last["error"]["code"] == 504 and last["error"]["type"] == "timeout", last
