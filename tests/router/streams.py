@@ -3,6 +3,10 @@ in-process engine: the outputs a test compares (per choice: tokens, text, finish
 
 A spec: prompt, max_tokens, n, temperature, seed, stop, logprobs, door ("http" or "grpc")."""
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import grpc
 import pytest
 from openai import OpenAI
@@ -103,3 +107,31 @@ def assert_same(specs, expected, got) -> None:
             assert h["text"] == w["text"] and h["finish"] == w["finish"], where
             assert h["chunks"] >= 1 and len(h["logprobs"]) == len(w["logprobs"]), where
             assert h["logprobs"] == pytest.approx(w["logprobs"], abs=1e-4), where
+
+
+def run_with_fault(live, specs, fault) -> tuple[list, float]:
+    """Every stream, with `fault()` called once all have their first chunk; the longest pause seen."""
+    first = threading.Barrier(len(specs) + 1, timeout=300)
+    pause = [0.0]
+
+    def run(i_spec):
+        i, spec = i_spec
+        last, seen_first = [time.monotonic()], [False]
+
+        def on_chunk():
+            now = time.monotonic()
+            if seen_first[0]:
+                pause[0] = max(pause[0], now - last[0])
+            else:
+                seen_first[0] = True
+                first.wait()
+            last[0] = now
+
+        return (over_grpc if spec["door"] == "grpc" else over_http)(live, spec, on_chunk)
+
+    with ThreadPoolExecutor(len(specs)) as pool:
+        futures = pool.map(run, enumerate(specs))
+        first.wait()
+        fault()
+        got = list(futures)
+    return got, pause[0]

@@ -8,16 +8,13 @@ import json
 import os
 import random
 import signal
-import threading
-import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from cluster.probe import wait_until
 from tests.router.conftest import deploy
-from tests.router.streams import assert_same, over_grpc, over_http, reference
+from tests.router.streams import assert_same, reference, run_with_fault
 
 STREAMS = 16
 pytestmark = pytest.mark.timeout(900)
@@ -62,34 +59,6 @@ def wait_serving(app: str = "maverick") -> None:
     wait_until(lambda: handle("gang-0", app).status.remote().result()["ready"]
                and all(handle("ingress", app).routing_stats.remote().result()["ready"]), 240,
                "the gang ready again", poll_s=0.5)
-
-
-def run_with_fault(live, specs, fault) -> tuple[list, float]:
-    """Every stream, with `fault()` called once all have their first chunk; the longest pause seen."""
-    first = threading.Barrier(STREAMS + 1, timeout=300)
-    pause = [0.0]
-
-    def run(i_spec):
-        i, spec = i_spec
-        last, seen_first = [time.monotonic()], [False]
-
-        def on_chunk():
-            now = time.monotonic()
-            if seen_first[0]:
-                pause[0] = max(pause[0], now - last[0])
-            else:
-                seen_first[0] = True
-                first.wait()
-            last[0] = now
-
-        return (over_grpc if spec["door"] == "grpc" else over_http)(live, spec, on_chunk)
-
-    with ThreadPoolExecutor(STREAMS) as pool:
-        futures = pool.map(run, enumerate(specs))
-        first.wait()
-        fault()
-        got = list(futures)
-    return got, pause[0]
 
 
 def kill(pid: int, sig=signal.SIGKILL) -> None:

@@ -76,13 +76,25 @@ def test_unrelated_requests_spread_over_both_gangs(live):
     assert sum(grown) == 16 and min(grown) >= 2, grown
 
 
-def test_killing_one_gangs_expert_leaves_the_other_serving(live):
+def test_killing_one_gangs_expert_moves_its_streams_to_the_other_gang(live):
+    """Its in-flight streams resume on the other gang at once (no wait for the rebuild), exactly."""
+    from tests.router.streams import assert_same, reference, run_with_fault
+
+    specs = [{"prompt": PREFIX[: 8 + i] if i % 2 else [2016, 300 + 7 * i, 5, 9], "max_tokens": 60, "n": 1 + i % 2,
+              "temperature": 0.8 if i % 3 else 0.0, "seed": 40 + i if i % 3 else None,
+              "stop": ["e "] if i % 4 == 2 else [], "logprobs": 1 if i % 4 == 3 else None,
+              "door": "grpc" if i % 3 == 0 else "http"} for i in range(16)]
+    expected = reference(live.model_dir, specs)
+    before = routing()
     victim = gang_stats(1)
     expert_pid = victim["ranks"][-1]["pid"]  # ranks are in order: attention first, experts last
-    os.kill(expert_pid, signal.SIGKILL)
-    wait_until(lambda: routing()["ready"] == [True, False], 30, "the killed gang marked not ready", poll_s=0.2)
-    for i in range(10):
+    got, pause = run_with_fault(live, specs, lambda: os.kill(expert_pid, signal.SIGKILL))
+    assert_same(specs, expected, got)
+    after = routing()
+    moved = after["resume"]["resumed_requests"] - before["resume"]["resumed_requests"]
+    assert moved >= 1 and after["resume"]["gave_up"] == before["resume"]["gave_up"]
+    print(f"\n2 gangs, SIGKILL of one's expert: {moved} streams moved, longest pause {pause:.1f}s")
+    wait_until(lambda: routing()["ready"] == [True, True], 120, "the failed gang back")
+    for i in range(4):
         status, body = complete(live, PREFIX[: 10 + i] if i % 2 else PREFIX + [i])
         assert status == 200, body
-    wait_until(lambda: routing()["ready"] == [True, True], 120, "the failed gang back")
-    assert complete(live, PREFIX)[0] == 200
