@@ -43,6 +43,10 @@ class GangDeployment:
     async def stats(self) -> dict:
         return await self.supervisor.stats()
 
+    async def inject_fault(self, expert_rank: int, steps: int) -> None:
+        """Chaos testing: that expert rank's wave step `steps` from now raises."""
+        await self.supervisor.gang.experts[expert_rank].inject_fault.remote(steps)
+
     async def check_health(self) -> None:
         # a failed gang rebuilds itself; only a stopped supervisor asks Serve for a new replica
         if self.supervisor.state == "stopped":

