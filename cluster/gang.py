@@ -44,10 +44,25 @@ class Gang:
     build_seconds: float = 0.0
     loads: list[dict] = field(default_factory=list)
     placement: Placement | None = None  # None: no expert ranks, the attention ranks hold every expert
+    bundle_offset: int = 0  # rank r runs in bundle r + bundle_offset of `pg`
+    metrics: MetricsOptions | None = None
 
     @property
     def ranks(self) -> list:
         return self.attention + self.experts
+
+    def start_rank(self, rank: int):
+        """A new actor for `rank` in its bundle (at build, or replacing a dead one)."""
+        config, A, E = self.config, self.config.attention_workers, self.config.expert_workers
+        where = _in(self.pg, self.bundle_offset + rank)
+        if rank < A:
+            engine = config.engine.engine_config(config.dtype, config.device)
+            return AttentionActor.options(**_resources(config.attention), scheduling_strategy=where).remote(
+                rank, A, E, config.model, engine, config.attention.torch_threads, config.idle_steps,
+                config.skip_tokenizer_init, self.metrics, self.placement)
+        return ExpertActor.options(**_resources(config.experts), scheduling_strategy=where).remote(
+            rank, A, E, config.model, self.placement, config.dtype, config.device, config.experts.torch_threads,
+            config.idle_steps, self.metrics)
 
 
 def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: float = 300,
@@ -77,20 +92,11 @@ def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: 
         bundles = rank_bundles(config)
         pg, gang.own_pg = placement_group(bundles, strategy=config.placement_strategy), True
         ray.get(pg.ready(), timeout=timeout_s)
-    gang.pg = pg
-    engine = config.engine.engine_config(config.dtype, config.device)
-    metrics = (MetricsOptions(name, application, config.metrics.period_s, config.metrics.expert_layer_matrix)
-               if config.metrics.enabled else None)
-    for rank in range(A):
-        gang.attention.append(AttentionActor.options(
-            **_resources(config.attention), scheduling_strategy=_in(pg, bundle_offset + rank)).remote(
-            rank, A, E, config.model, engine, config.attention.torch_threads, config.idle_steps,
-            config.skip_tokenizer_init, metrics, placement))
-    for i in range(E):
-        gang.experts.append(ExpertActor.options(
-            **_resources(config.experts), scheduling_strategy=_in(pg, bundle_offset + A + i)).remote(
-            A + i, A, E, config.model, placement, config.dtype, config.device, config.experts.torch_threads,
-            config.idle_steps, metrics))
+    gang.pg, gang.bundle_offset = pg, bundle_offset
+    gang.metrics = (MetricsOptions(name, application, config.metrics.period_s, config.metrics.expert_layer_matrix)
+                    if config.metrics.enabled else None)
+    gang.attention = [gang.start_rank(rank) for rank in range(A)]
+    gang.experts = [gang.start_rank(rank) for rank in range(A, A + E)]
     try:
         _wait_ranks_up(gang.ranks, startup, timeout_s)
         startup.enter("process group")
@@ -103,15 +109,73 @@ def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: 
         gang.loads = _load_weights(gang.ranks, startup, timeout_s)
         for report in gang.loads:
             log.info("rank %(rank)d loaded %(bytes_read)d bytes in %(seconds).1fs", report)
-        # an attention rank that gets work while the gang is idle wakes every other rank itself
-        starts = [a.start.remote([r for r in gang.ranks if r is not a]) for a in gang.attention]
-        ray.get(starts + [e.start.remote() for e in gang.experts], timeout=timeout_s)
+        _start_waves(gang, timeout_s)
     except Exception:
         destroy_gang(gang)
         raise
     gang.build_seconds = time.monotonic() - start
     log.info("gang of %d attention + %d expert workers ready in %.1fs", A, E, gang.build_seconds)
     return gang
+
+
+def _start_waves(gang: Gang, timeout_s: float) -> None:
+    # an attention rank that gets work while the gang is idle wakes every other rank itself
+    starts = [a.start.remote([r for r in gang.ranks if r is not a]) for a in gang.attention]
+    ray.get(starts + [e.start.remote() for e in gang.experts], timeout=timeout_s)
+
+
+def recover_gang(gang: Gang, startup: GangStartup, timeout_s: float = 300, answer_s: float = 3.0) -> Gang:
+    """The failed gang again, keeping what survived: ranks that answer keep their loaded weights and
+    rejoin a new process group; dead or hung ones (no answer within `answer_s`) are killed and
+    replaced in their bundles, and only those read their share of the checkpoint. Raises when nothing
+    can be kept (no expert ranks, NCCL, no survivor): the caller then builds the gang anew."""
+    config = gang.config
+    if not config.expert_workers or config.device == "cuda":
+        raise RuntimeError("only a gloo gang with expert ranks is recovered in place")
+    ranks = gang.ranks
+    survived = _answering(ranks, answer_s)
+    if not any(survived):
+        raise RuntimeError("no rank survived")
+    replaced = [rank for rank, ok in enumerate(survived) if not ok]
+    for rank in replaced:
+        _kill(ranks[rank])
+        ranks[rank] = gang.start_rank(rank)
+    A = config.attention_workers
+    gang.attention, gang.experts = ranks[:A], ranks[A:]
+    log.warning("recovering gang: %d of %d ranks survived, replacing %s", len(ranks) - len(replaced), len(ranks),
+                replaced)
+    startup.enter("placement")
+    _wait_ranks_up(ranks, startup, timeout_s)
+    startup.enter("process group")
+    address, port = ray.get(ranks[0].rendezvous_address.remote(), timeout=timeout_s)
+    joins = [(r.rejoin if ok else r.init_group).remote(address, port, config.collective_timeout_s)
+             for r, ok in zip(ranks, survived)]
+    ray.get(joins, timeout=timeout_s)
+    startup.enter("weights")
+    gang.loads = _load_weights([ranks[rank] for rank in replaced], startup, timeout_s) if replaced else []
+    _start_waves(gang, timeout_s)
+    return gang
+
+
+def _answering(ranks: list, answer_s: float) -> list[bool]:
+    """Which rank actors are alive and responsive: a failed wave still counts (it is reset), a dead
+    actor or one that does not answer in time (a hang) does not."""
+    refs = [r.wave_state.remote() for r in ranks]
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=answer_s)
+    alive = []
+    for ref in refs:
+        try:
+            alive.append(ref in done and ray.get(ref) is not None)
+        except Exception:  # the actor died
+            alive.append(False)
+    return alive
+
+
+def _kill(actor) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already dead
+        pass
 
 
 def _wait_ranks_up(ranks: list, startup: GangStartup, timeout_s: float) -> None:
@@ -144,10 +208,7 @@ def _load_weights(ranks: list, startup: GangStartup, timeout_s: float) -> list[d
 
 def destroy_gang(gang: Gang) -> None:
     for actor in gang.ranks:
-        try:
-            ray.kill(actor, no_restart=True)
-        except Exception:  # already dead
-            pass
+        _kill(actor)
     gang.attention, gang.experts = [], []
     if gang.own_pg and gang.pg is not None:
         try:

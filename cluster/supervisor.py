@@ -12,8 +12,10 @@ The states, one transition table like `workers.request`'s:
     starting ──warm──> ready ──a rank fails──> failed ──torn down──> rebuilding ──warm──> ready
     any state ──stop()──> stopped (final: it wins over a rebuild under way)
 
-One owned task does a recovery (tear down, then rebuild until a build warms up); every `await` in it
-is followed by a check that the supervisor was not stopped meanwhile.
+One owned task does a recovery: the ranks that survived keep their weights and rejoin a new process
+group beside replacements for the dead or hung ones (`cluster.gang.recover_gang`); if that fails,
+the gang is torn down and built anew until a build warms up. Every `await` in it is followed by a
+check that the supervisor was not stopped meanwhile.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ray.exceptions import RayError, GetTimeoutError
 
 from cluster import routing
 from cluster.config import GangConfig
-from cluster.gang import Gang, build_gang, destroy_gang
+from cluster.gang import Gang, build_gang, destroy_gang, recover_gang
 from cluster.gang_client import GangClient
 from cluster.startup import BoardPublisher, GangStartup
 from workers.errors import EngineError, Unavailable
@@ -86,9 +88,10 @@ class GangSupervisor:
         if self.state == "stopped":
             return
         self._move("stopped")
-        for task in (self._monitor_task, self._recovery):
-            if task is not None and task is not asyncio.current_task():
-                task.cancel()
+        # NOTE: a recovery under way is not cancelled: its build runs on a thread that would go on and
+        # leak the gang; the recovery sees "stopped" after its next await and tears that gang down
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
         if self.client is not None:
             self.client.close()
         gang, self.gang = self.gang, None
@@ -101,13 +104,17 @@ class GangSupervisor:
         log.info("gang %s: %s -> %s", self.name, self.state, new)
         self.state = new
 
-    async def _build(self) -> None:
-        """A new gang under a new epoch, warmed up by one token; on any failure it is torn down again."""
+    async def _build(self, failed: Gang | None = None) -> None:
+        """A new gang under a new epoch (or `failed` again, its survivors kept: `recover_gang`), warmed
+        up by one token; on any failure it is torn down."""
         num_ranks = self.config.attention_workers + self.config.expert_workers
         self.startup = GangStartup(self.name, num_ranks, self.application, BoardPublisher())
-        gang = await asyncio.to_thread(build_gang, self.config, self.pg, bundle_offset=self.bundle_offset,
-                                       name=self.name, application=self.application, startup=self.startup,
-                                       placement=self.placement)
+        if failed is not None:
+            gang = await asyncio.to_thread(recover_gang, failed, self.startup)
+        else:
+            gang = await asyncio.to_thread(build_gang, self.config, self.pg, bundle_offset=self.bundle_offset,
+                                           name=self.name, application=self.application, startup=self.startup,
+                                           placement=self.placement)
         self.gang = gang
         self.epoch += 1
         epoch = self.epoch
@@ -203,20 +210,25 @@ class GangSupervisor:
         self._recovery = asyncio.create_task(self._recover())
 
     async def _recover(self) -> None:
-        gang, self.gang = self.gang, None
-        if gang is not None:
-            await asyncio.to_thread(destroy_gang, gang)
+        """Rebuild, keeping the ranks that survived when that works, else anew until a build warms up."""
+        failed, self.gang = self.gang, None
         if not self.rebuild or self.state == "stopped":
+            if failed is not None:
+                await asyncio.to_thread(destroy_gang, failed)
             return
         self._move("rebuilding")
         self.restarts += 1
         while self.state == "rebuilding":
             try:
-                await self._build()
+                await self._build(failed)
             except Stopped:
                 return
             except Exception as exc:  # e.g. resources not back yet, or the warm-up failed: try again
                 log.error("gang %s rebuild failed: %s", self.name, exc)
+                if failed is not None:  # the survivors could not be kept: the next try builds anew
+                    await asyncio.to_thread(destroy_gang, failed)
+                    failed = None
+                    continue
                 await asyncio.sleep(2.0)
                 continue
             self.last_recovery_s = time.monotonic() - self.failed_at

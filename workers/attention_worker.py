@@ -77,17 +77,33 @@ class AttentionWorker(Rank):
         self.weight_bytes = weight_bytes(model)
         model = optimize_for_inference(model.eval())
         tokenizer = None if self.skip_tokenizer_init else Tokenizer(self.model_dir)
-        self.engine = LLMEngine(model, self.engine_config, tokenizer, load_generation_defaults(self.model_dir))
-        self.engine.collective = bool(self.num_expert_ranks)
-        group = self.group if self.num_expert_ranks else None
-        self.wave = WaveLoop(group, self.idle_steps, self.engine.pending_tokens, self._step, f"attention-{self.rank}",
-                              self.torch_threads)
-        self.wave.on_failure = self._on_failure
+        self._new_epoch(LLMEngine(model, self.engine_config, tokenizer, load_generation_defaults(self.model_dir)))
         log.info("attention rank %d loaded %.1f MB in %.1fs", self.rank, report.bytes_read / 1e6,
                  time.monotonic() - start)
         return {"rank": self.rank, "bytes_read": report.bytes_read, "seconds": time.monotonic() - start,
                 "expert_keys_read": sum(".experts." in k for k in report.keys_read),
                 "weight_bytes": self.weight_bytes}
+
+    def reset(self) -> None:
+        """After a failure, on the new group: an empty engine over the same model (its KV cache and
+        requests are gone with the failed epoch), no consumers, a new wave."""
+        old = self.engine
+        for channel in self._channels.values():
+            channel.close()
+        self._channels, self._owners = {}, {}
+        self._new_epoch(LLMEngine(old.model, self.engine_config, old.tokenizer, old.defaults))
+
+    def _new_epoch(self, engine: LLMEngine) -> None:
+        """This engine, stepped by a new wave on the current group; the wave is bound to this engine,
+        so a wave thread of a failed epoch can never step the new one."""
+        engine.collective = bool(self.num_expert_ranks)
+        group = self.group if self.num_expert_ranks else None
+        wave = WaveLoop(group, self.idle_steps, engine.pending_tokens, lambda: self._step(engine),
+                        f"attention-{self.rank}", self.torch_threads)
+        wave.on_failure = lambda exc: self._on_failure(exc, wave, engine)
+        if self.comm is not None:
+            self.comm.bind(self.group, wave.thread)
+        self.engine, self.wave = engine, wave
 
     def start(self, peers: list | None = None) -> None:
         self._loop = asyncio.get_running_loop()  # sync methods of this async actor run on its loop
@@ -127,7 +143,7 @@ class AttentionWorker(Rank):
         channel = self._channel(consumer)
         channel.listeners += 1
         generation = channel.listeners
-        while channel.listeners == generation:
+        while channel.listeners == generation and not channel.closed:
             if not channel.items:
                 if self.wave.failed is not None:
                     raise Unavailable(f"attention rank {self.rank} failed: {self.wave.failed}")
@@ -182,17 +198,18 @@ class AttentionWorker(Rank):
 
     # -- on the wave thread -------------------------------------------------------------------------
 
-    def _step(self) -> None:
-        start, before = time.perf_counter(), self.engine.num_steps
-        outputs = self.engine.step()
-        if self.engine.num_steps > before:  # a step that computed tokens: keep a window of their times
+    def _step(self, engine: LLMEngine) -> None:
+        start, before = time.perf_counter(), engine.num_steps
+        outputs = engine.step()
+        if engine.num_steps > before:  # a step that computed tokens: keep a window of their times
             self.step_seconds = (self.step_seconds + [time.perf_counter() - start])[-4096:]
             self.steps_timed += 1
         if outputs:
             self._publish(outputs)
 
-    def _on_failure(self, exc: BaseException) -> None:
-        self._publish(self.engine.fail_all(Unavailable(f"the gang failed: {exc}")))
+    def _on_failure(self, exc: BaseException, wave: WaveLoop, engine: LLMEngine) -> None:
+        if wave is self.wave:  # a wave of a failed epoch that ends late leaves the new one alone
+            self._publish(engine.fail_all(Unavailable(f"the gang failed: {exc}")))
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         self._loop.call_soon_threadsafe(self._route, outputs)
@@ -203,3 +220,8 @@ class _Channel:
         self.items: list[RequestOutput] = []
         self.ready = asyncio.Event()
         self.listeners = 0  # calls of `outputs` so far: only the newest one sends
+        self.closed = False  # the epoch it belonged to failed: its stream ends
+
+    def close(self) -> None:
+        self.closed = True
+        self.ready.set()

@@ -19,6 +19,7 @@ Shape suffixes: N routed rows, D hidden, W world size, E experts, B = blocks x T
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -90,11 +91,24 @@ class ExpertGroup:
 
     def __init__(self, group: dist.ProcessGroup | None, rank: int, world_size: int, hidden: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
-        self.group, self.rank, self.world_size = group, rank, world_size
+        self.rank, self.world_size = rank, world_size
+        self._binding: tuple[dist.ProcessGroup | None, threading.Thread | None] = (group, None)
         self.hidden, self.dtype, self.device = hidden, dtype, torch.device(device)
         self.alltoall_seconds = 0.0  # time spent in collectives, since start
         self.alltoall_bytes = 0  # payload this rank sent: dispatch on attention ranks, combine on expert ranks
         self.capacity = 0  # rows per block this step (agreed at the step's first MoE layer)
+
+    def bind(self, group: dist.ProcessGroup, thread: threading.Thread) -> None:
+        """From now on only `thread` (the new epoch's wave) runs collectives, on `group`: a wave thread
+        of a failed epoch that reaches one raises instead of joining the new group's sequence."""
+        self._binding = (group, thread)
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        group, thread = self._binding  # one read: the pair is always consistent
+        if thread is not None and thread is not threading.current_thread():
+            raise RuntimeError("a wave of a failed epoch reached a collective of the new one")
+        return group
 
     def agree_capacity(self, local_rows: int) -> int:
         """The step's capacity T: the most routed rows any attention rank has (expert ranks give 0)."""

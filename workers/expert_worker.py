@@ -76,8 +76,7 @@ class ExpertWorker(Rank):
         self.owned_experts = owned[config.moe_layers[0]]
         self.comm = ExpertGroup(self.group, self.rank, self.world_size, config.hidden_size, dtype, self.device)
         self.snapshot = self._snapshot()
-        self.wave = WaveLoop(self.group, self.idle_steps, lambda: 0, self._step, f"experts-{self.rank}",
-                              self.torch_threads)
+        self._new_wave()
         log.info("expert rank %d holds experts %s: %.1f MB in %.1fs", self.rank, owned[config.moe_layers[0]],
                  report.bytes_read / 1e6, time.monotonic() - start)
         return {"rank": self.rank, "bytes_read": report.bytes_read, "seconds": time.monotonic() - start,
@@ -91,6 +90,16 @@ class ExpertWorker(Rank):
         super().publish_metrics(metrics)
         snapshot = self.snapshot
         metrics.experts(snapshot["moe_layers"], snapshot["expert_load"].tolist())
+
+    def reset(self) -> None:
+        """After a failure, on the new group: a new wave; the experts stay loaded."""
+        self._fault_in = None
+        self._new_wave()
+
+    def _new_wave(self) -> None:
+        wave = WaveLoop(self.group, self.idle_steps, lambda: 0, self._step, f"experts-{self.rank}", self.torch_threads)
+        self.comm.bind(self.group, wave.thread)  # a wave thread of a failed epoch raises at its next collective
+        self.wave = wave
 
     def inject_fault(self, steps: int) -> None:
         """Chaos testing: the wave step `steps` from now raises, as a broken expert kernel would."""

@@ -57,6 +57,20 @@ def interface_of(ip: str) -> str | None:
     return None
 
 
+def gloo_group(address: str, port: int, rank: int, world_size: int,
+               timeout: datetime.timedelta) -> tuple[dist.ProcessGroup, dist.TCPStore]:
+    """A gloo group of its own, outside torch's global registry (not the default group), so a rank can
+    leave a broken one and form the next while a thread may still be blocked in the old one. Rank 0
+    hosts the rendezvous store at `address:port`."""
+    store = dist.TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout)
+    backend = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    # NOTE: what torch's own group helper does; the functional collectives take such a group
+    group = dist.ProcessGroup(store, rank, world_size)
+    group._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, backend)
+    group._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+    return group, store
+
+
 class Rank:
     def __init__(self, rank: int, world_size: int, torch_threads: int, device: str = "cpu",
                  metrics: MetricsOptions | None = None):
@@ -71,6 +85,7 @@ class Rank:
         self.torch_threads = torch_threads
         torch.set_num_threads(1)
         self.group: dist.ProcessGroup | None = None
+        self._store: dist.TCPStore | None = None
         self.wave: WaveLoop | None = None
         self.progress = LoadProgress()
 
@@ -92,10 +107,31 @@ class Rank:
         if self.device.type == "cuda":
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
             torch.cuda.set_device(0)  # one GPU per actor: Ray shows it as device 0
-        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
-                                world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_s))
-        self.group = dist.group.WORLD
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if backend == "nccl":
+            dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
+                                    world_size=self.world_size, timeout=timeout)
+            self.group = dist.group.WORLD
+        else:
+            # the store is kept: on rank 0 it is the rendezvous server, which must outlive the rendezvous
+            self.group, self._store = gloo_group(address, port, self.rank, self.world_size, timeout)
         return time.monotonic() - start
+
+    def rejoin(self, address: str, port: int, timeout_s: float) -> float:
+        """After the gang failed, on a rank that survived: leave the broken group for a new one and get
+        ready to start again, keeping the loaded weights. A wave thread still blocked in the old group
+        ends at its collective timeout and touches nothing of the new epoch. NCCL ranks are replaced."""
+        if self.device.type == "cuda":
+            raise RuntimeError("a rank on NCCL is replaced after a failure, not rejoined")
+        if self.wave is not None:
+            self.wave.stop()
+        took = self.init_group(address, port, timeout_s)
+        self.reset()
+        return took
+
+    def reset(self) -> None:
+        """A fresh wave (and engine state) on the new group; the weights stay."""
+        raise NotImplementedError
 
     async def load(self) -> dict:
         """Load this rank's weights on a thread of their own. Ray runs every method of an actor with an
@@ -156,8 +192,9 @@ class Rank:
             self._exporter.stop()
         if self.wave is not None:
             self.wave.stop()
-        if dist.is_initialized():
+        if dist.is_initialized():  # NCCL: the default group
             try:
                 dist.destroy_process_group()
             except Exception:  # the group may already be broken by a dead peer
                 pass
+        self.group = None

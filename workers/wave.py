@@ -48,6 +48,10 @@ class WaveLoop:
         self._local_wake = False
         self._thread = threading.Thread(target=self._run, name=f"wave-{name}", daemon=True)
 
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
     def start(self) -> None:
         self._thread.start()
 

@@ -177,6 +177,44 @@ def test_killed_expert_fails_its_requests_then_the_gang_is_rebuilt(ray_cluster, 
     assert after[0] == single[1] and after[1] == "length"
 
 
+@pytest.mark.parametrize("fault", ["kill", "raise"])
+def test_a_failed_gang_keeps_its_survivors_and_reads_only_the_replaced_share(ray_cluster, gang_checkpoint,
+                                                                             reference, fault):
+    """A killed expert is replaced (only its share read again); an expert whose step raised stays, reset;
+    the others keep their processes and weights; the gang then gives the same tokens."""
+    ckpt, _ = gang_checkpoint
+    ps, single = reference
+
+    async def main():
+        supervisor = GangSupervisor(gang_config(ckpt, 2, 2), health_period_s=0.5)
+        await supervisor.start()
+        try:
+            full = supervisor.last_build_bytes
+            pids = [r["pid"] for r in (await supervisor.stats())["ranks"]]
+            victim = supervisor.gang.experts[1]
+            if fault == "kill":
+                ray.kill(victim, no_restart=True)
+            else:
+                await victim.inject_fault.remote(1)
+                asyncio.create_task(collect(supervisor, ps[0]))  # its first step raises on the expert
+            for _ in range(240):
+                if supervisor.restarts and supervisor.ready():
+                    break
+                await asyncio.sleep(0.5)
+            after = [r["pid"] for r in (await supervisor.stats())["ranks"]]
+            return full, supervisor.last_build_bytes, pids, after, await collect(supervisor, ps[1])
+        finally:
+            await supervisor.stop()
+
+    full, reread, pids, after, (ids, finish, error) = asyncio.run(main())
+    assert error is None and ids == single[1] and finish == "length"
+    assert after[:3] == pids[:3]
+    if fault == "kill":
+        assert after[3] != pids[3] and 0 < reread < full / 2, (reread, full)
+    else:
+        assert after == pids and reread == 0
+
+
 def test_idle_gang_does_not_keep_a_core_busy(ray_cluster, gang_checkpoint):
     ckpt, _ = gang_checkpoint
 
