@@ -124,16 +124,18 @@ def _start_waves(gang: Gang, timeout_s: float) -> None:
     ray.get(starts + [e.start.remote() for e in gang.experts], timeout=timeout_s)
 
 
-def recover_gang(gang: Gang, startup: GangStartup, timeout_s: float = 300, answer_s: float = 3.0) -> Gang:
+def recover_gang(gang: Gang, startup: GangStartup, timeout_s: float = 300, answer_s: float = 3.0,
+                 hung: set[int] = frozenset()) -> Gang:
     """The failed gang again, keeping what survived: ranks that answer keep their loaded weights and
     rejoin a new process group; dead or hung ones (no answer within `answer_s`) are killed and
     replaced in their bundles, and only those read their share of the checkpoint. Raises when nothing
-    can be kept (no expert ranks, NCCL, no survivor): the caller then builds the gang anew."""
+    can be kept (no expert ranks, NCCL, no survivor): the caller then builds the gang anew. `hung`:
+    ranks the health check already found silent, replaced without asking again."""
     config = gang.config
     if not config.expert_workers or config.device == "cuda":
         raise RuntimeError("only a gloo gang with expert ranks is recovered in place")
     ranks = gang.ranks
-    survived = _answering(ranks, answer_s)
+    survived = _answering(ranks, answer_s, skip=hung)
     if not any(survived):
         raise RuntimeError("no rank survived")
     replaced = [rank for rank, ok in enumerate(survived) if not ok]
@@ -157,15 +159,15 @@ def recover_gang(gang: Gang, startup: GangStartup, timeout_s: float = 300, answe
     return gang
 
 
-def _answering(ranks: list, answer_s: float) -> list[bool]:
-    """Which rank actors are alive and responsive: a failed wave still counts (it is reset), a dead
-    actor or one that does not answer in time (a hang) does not."""
-    refs = [r.wave_state.remote() for r in ranks]
-    done, _ = ray.wait(refs, num_returns=len(refs), timeout=answer_s)
+def _answering(ranks: list, answer_s: float, skip: set[int]) -> list[bool]:
+    """Which rank actors (but those in `skip`) are alive and responsive: a failed wave still counts (it
+    is reset), a dead actor or one that does not answer in time (a hang) does not."""
+    refs = {rank: r.wave_state.remote() for rank, r in enumerate(ranks) if rank not in skip}
+    done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=answer_s)
     alive = []
-    for ref in refs:
+    for rank in range(len(ranks)):
         try:
-            alive.append(ref in done and ray.get(ref) is not None)
+            alive.append(rank in refs and refs[rank] in done and ray.get(refs[rank]) is not None)
         except Exception:  # the actor died
             alive.append(False)
     return alive

@@ -30,7 +30,8 @@ def config_from_flags(args: argparse.Namespace) -> dict:
                                 "kv_cache_memory": args.kv_cache_memory}.items() if v is not None}
     app_args = {"model": args.model, "served_model_name": args.served_model_name or args.model,
                 "attention_workers": args.attention_workers, "expert_workers": args.expert_workers,
-                "num_gangs": args.num_gangs, "migration_limit": getattr(args, "migration_limit", 3), "dtype": args.dtype, "skip_tokenizer_init": args.skip_tokenizer_init,
+                "num_gangs": args.num_gangs, "migration_limit": getattr(args, "migration_limit", 3),
+                "dtype": args.dtype, "skip_tokenizer_init": args.skip_tokenizer_init,
                 "attention": {"torch_threads": args.torch_threads}, "engine": engine}
     return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": 8000},
             "grpc_options": {"port": 9000, "grpc_servicer_functions": [GRPC_SERVICER]},

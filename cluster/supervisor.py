@@ -25,14 +25,12 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from ray.exceptions import RayError, GetTimeoutError
-
 from cluster import routing
 from cluster.config import GangConfig
 from cluster.gang import Gang, build_gang, destroy_gang, recover_gang
 from cluster.gang_client import GangClient
 from cluster.startup import BoardPublisher, GangStartup
-from workers.errors import EngineError, Unavailable
+from workers.errors import Unavailable
 from workers.expert_parallel import Placement
 from workers.protocol import GenerateRequest, RequestOutput
 from workers.sampling_params import SamplingParams
@@ -104,13 +102,13 @@ class GangSupervisor:
         log.info("gang %s: %s -> %s", self.name, self.state, new)
         self.state = new
 
-    async def _build(self, failed: Gang | None = None) -> None:
+    async def _build(self, failed: Gang | None = None, hung: set[int] = frozenset()) -> None:
         """A new gang under a new epoch (or `failed` again, its survivors kept: `recover_gang`), warmed
         up by one token; on any failure it is torn down."""
         num_ranks = self.config.attention_workers + self.config.expert_workers
         self.startup = GangStartup(self.name, num_ranks, self.application, BoardPublisher())
         if failed is not None:
-            gang = await asyncio.to_thread(recover_gang, failed, self.startup)
+            gang = await asyncio.to_thread(recover_gang, failed, self.startup, hung=hung)
         else:
             gang = await asyncio.to_thread(build_gang, self.config, self.pg, bundle_offset=self.bundle_offset,
                                            name=self.name, application=self.application, startup=self.startup,
@@ -190,14 +188,19 @@ class GangSupervisor:
             await asyncio.sleep(self.health_period_s)
             if self.epoch != epoch or self.state != "ready":
                 return
-            refs = [r.health.remote() for r in self.gang.ranks]
-            try:
-                await asyncio.wait_for(asyncio.gather(*refs), timeout=max(5.0, 5 * self.health_period_s))
-            except (RayError, EngineError, asyncio.TimeoutError, GetTimeoutError) as exc:
-                self._on_broken(f"a rank failed its health check: {type(exc).__name__}: {exc}", epoch)
+            checks = [asyncio.ensure_future(r.health.remote()) for r in self.gang.ranks]
+            await asyncio.wait(checks, timeout=max(5.0, 5 * self.health_period_s))
+            silent = {rank for rank, check in enumerate(checks) if not check.done()}
+            for check in checks:
+                check.cancel()
+            failed = [c.exception() for c in checks if c.done() and not c.cancelled() and c.exception()]
+            if silent or failed:
+                what = (f"ranks {sorted(silent)} did not answer" if silent
+                        else f"{type(failed[0]).__name__}: {failed[0]}")
+                self._on_broken(f"a rank failed its health check: {what}", epoch, hung=silent)
                 return
 
-    def _on_broken(self, reason: str, epoch: int) -> None:
+    def _on_broken(self, reason: str, epoch: int, hung: set[int] = frozenset()) -> None:
         """The gang of `epoch` failed (a channel broke, a health check failed): mark it failed now, so
         health() says so at once, and start the one recovery task. Stale or repeated calls do nothing."""
         if self.epoch != epoch or self.state != "ready":
@@ -207,9 +210,9 @@ class GangSupervisor:
         self.failure = reason
         self.failed_at = time.monotonic()
         self.client.close(reason)
-        self._recovery = asyncio.create_task(self._recover())
+        self._recovery = asyncio.create_task(self._recover(hung))
 
-    async def _recover(self) -> None:
+    async def _recover(self, hung: set[int] = frozenset()) -> None:
         """Rebuild, keeping the ranks that survived when that works, else anew until a build warms up."""
         failed, self.gang = self.gang, None
         if not self.rebuild or self.state == "stopped":
@@ -220,7 +223,7 @@ class GangSupervisor:
         self.restarts += 1
         while self.state == "rebuilding":
             try:
-                await self._build(failed)
+                await self._build(failed, hung)
             except Stopped:
                 return
             except Exception as exc:  # e.g. resources not back yet, or the warm-up failed: try again

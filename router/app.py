@@ -52,6 +52,7 @@ def build(args: dict) -> Application:
             placement_group_bundles=[{"CPU": config.serve.supervisor_num_cpus}] + rank_bundles(config),
             placement_group_strategy=config.placement_strategy,
             logging_config={"enable_access_log": False},  # the ingress polls readiness twice a second
+            health_check_period_s=2,  # a dead gang replica is restarted (and its requests resumed) sooner
         ).bind(plain))
     return Ingress.options(
         name="ingress", num_replicas=config.serve.ingress_replicas,

@@ -140,8 +140,9 @@ class LLMEngine(Engine):
             rid = request.request_id if params.n == 1 else f"{request.request_id}#{i}"
             gen = torch.Generator(device=self.runner.device) if params.seed is not None else None
             done = list(resume[i]) if resume is not None else []
-            choices.append(Request(rid, list(ids), params, max_tokens, output_token_ids=done, parent_id=request.request_id,
-                                   index=i, first_sibling=choices[0] if choices else None, generator=gen))
+            choices.append(Request(rid, list(ids), params, max_tokens, output_token_ids=done,
+                                   parent_id=request.request_id, index=i,
+                                   first_sibling=choices[0] if choices else None, generator=gen))
         return choices
 
     @staticmethod

@@ -4,8 +4,9 @@ Order, as vLLM applies it: logit bias, repetition / frequency / presence penalti
 argmax, or temperature, top-k, top-p, min-p and a draw. A draw is `argmax(p / q)` with `q ~ Exp(1)`
 drawn per vocabulary entry. A seeded request reseeds its own generator before each draw from (seed,
 choice, position), so its tokens depend on nothing else: not on what shares its batch, and not on a
-generator's state that dies with a worker (a request resumed elsewhere draws what it would have). Logprobs are `log_softmax` of the model's raw
-logits (before any processing), as vLLM reports them by default.
+generator's state that dies with a worker (a request resumed elsewhere draws what it would have).
+Logprobs are `log_softmax` of the model's raw logits (before any processing), as vLLM reports them
+by default.
 
 Shape suffixes: N rows that sample this step, M rows that draw, V vocab.
 """

@@ -45,7 +45,8 @@ def summary(outs) -> dict:
     return {"ids": [t for o in outs for t in o.new_token_ids], "text": "".join(o.text_delta or "" for o in outs),
             "logprobs": [(lp.token_id, lp.rank, [t for t, _ in lp.top]) for o in outs for lp in o.logprobs or []],
             "logprob_values": [lp.logprob for o in outs for lp in o.logprobs or []],
-            "finish": (outs[-1].finish_reason, outs[-1].stop_reason), "completion_tokens": outs[-1].usage.completion_tokens}
+            "finish": (outs[-1].finish_reason, outs[-1].stop_reason),
+            "completion_tokens": outs[-1].usage.completion_tokens}
 
 
 def requests(tag: str) -> list[GenerateRequest]:
