@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from model.tiny import make_tiny
 
 MAVERICK = str(Path(sys.executable).with_name("maverick"))
@@ -52,6 +54,7 @@ def test_bench_ep_smoke(tmp_path):
     assert steps[-1] == "bench ep  gang  concurrency 2 (level 2/2)  round 3/3" and len(steps) == 12
 
 
+@pytest.mark.timeout(900)  # two layouts, each a gang and a `maverick serve`: 260 s on a slow 2-core machine
 def test_bench_serve_smoke(tmp_path):
     ckpt = make_tiny(tmp_path / "tiny", "tiny-maverick", layout="causal")
     out = tmp_path / "serve.json"

@@ -28,6 +28,10 @@ import yaml
 from cluster.probe import wait_until
 from tests.deploy.hosts import USER, Hosts
 
+# up, serve, down, then worker raylets that exit 60 s after the head's GCS: 300 s was not enough on a
+# slow 2-core machine
+pytestmark = pytest.mark.timeout(900)
+
 REPO = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).parent / "ray"
 CLUSTER = "maverick-rayup-test"
