@@ -164,13 +164,15 @@ def _answering(ranks: list, answer_s: float, skip: set[int]) -> list[bool]:
     is reset), a dead actor or one that does not answer in time (a hang) does not."""
     refs = {rank: r.wave_state.remote() for rank, r in enumerate(ranks) if rank not in skip}
     done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=answer_s)
-    alive = []
-    for rank in range(len(ranks)):
-        try:
-            alive.append(rank in refs and refs[rank] in done and ray.get(refs[rank]) is not None)
-        except Exception:  # the actor died
-            alive.append(False)
-    return alive
+    return [rank in refs and refs[rank] in done and _answered(refs[rank]) for rank in range(len(ranks))]
+
+
+def _answered(ref) -> bool:
+    try:
+        ray.get(ref)
+        return True
+    except Exception:  # the actor died
+        return False
 
 
 def _kill(actor) -> None:

@@ -25,13 +25,14 @@ GRPC_SERVICER = "router.maverick_v1_pb2_grpc.add_GenerationServicer_to_server"
 
 def config_from_flags(args: argparse.Namespace) -> dict:
     """The Serve config `maverick serve --model DIR ...` deploys: one application from the CLI's flags."""
+    optional = {"migration_limit": args.migration_limit} if args.migration_limit is not None else {}
     engine = {k: v for k, v in {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
                                 "max_num_batched_tokens": args.max_num_batched_tokens,
                                 "kv_cache_memory": args.kv_cache_memory}.items() if v is not None}
     app_args = {"model": args.model, "served_model_name": args.served_model_name or args.model,
                 "attention_workers": args.attention_workers, "expert_workers": args.expert_workers,
-                "num_gangs": args.num_gangs, "migration_limit": getattr(args, "migration_limit", 3),
-                "dtype": args.dtype, "skip_tokenizer_init": args.skip_tokenizer_init,
+                "num_gangs": args.num_gangs, **optional, "dtype": args.dtype,
+                "skip_tokenizer_init": args.skip_tokenizer_init,
                 "attention": {"torch_threads": args.torch_threads}, "engine": engine}
     return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": 8000},
             "grpc_options": {"port": 9000, "grpc_servicer_functions": [GRPC_SERVICER]},

@@ -228,8 +228,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--attention-workers", type=int, default=1)
     p.add_argument("--expert-workers", type=int, default=0)
     p.add_argument("--num-gangs", type=int, default=1)
-    p.add_argument("--migration-limit", type=int, default=3,
-                   help="times a request moves on when its gang fails (0: it fails with 503)")
+    p.add_argument("--migration-limit", type=int,
+                   help="times a request moves on when its gang fails (default 3; 0: it fails with 503)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-num-batched-tokens", type=int)

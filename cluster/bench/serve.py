@@ -161,7 +161,8 @@ def _serve_config(args, expert_workers: int, path: Path, tokenizer: bool = False
                                expert_workers=expert_workers, num_gangs=1, dtype=None,
                                skip_tokenizer_init=not tokenizer,
                                torch_threads=args.threads, max_model_len=None, max_num_seqs=max(args.concurrency),
-                               max_num_batched_tokens=4096, kv_cache_memory=None)
+                               max_num_batched_tokens=4096, kv_cache_memory=None,
+                               migration_limit=None)
     data = config_from_flags(flags)
     for name, prefix, changes, _ in _twins(args):
         twin = copy.deepcopy(data["applications"][0])
@@ -285,20 +286,16 @@ def _markdown(out: dict) -> str:
             f"{f(r, 'grpc_tpot_ms')} | {f(r, 'vllm_tpot_ms')} | {f(r, 'http_tpot_overhead', '{:+.0%}')} | "
             f"{f(r, 'grpc_tpot_overhead', '{:+.0%}')} | {f(r, 'http_ttft_ms', '{:.0f}')} | "
             f"{f(r, 'grpc_ttft_ms', '{:.0f}')} | {f(r, 'vllm_ttft_ms', '{:.0f}')} |")
-    if "metrics_on_vs_off_tok_s" in out["results"][0]:
-        lines += ["", "| E | concurrency | HTTP tok/s, metrics on | HTTP tok/s, metrics off | on / off | TPOT ms on | "
+    for ratio, twin, on, off in (("metrics_on_vs_off_tok_s", "http_nometrics", "metrics on", "metrics off"),
+                                 ("resume_on_vs_off_tok_s", "http_noresume", "resumable", "migration_limit 0")):
+        if ratio not in out["results"][0]:
+            continue
+        lines += ["", f"| E | concurrency | HTTP tok/s, {on} | HTTP tok/s, {off} | on / off | TPOT ms on | "
                   "TPOT ms off |", "|---|---|---|---|---|---|---|"]
         for r in out["results"]:
             lines.append(f"| {r['expert_workers']} | {r['concurrency']} | {f(r, 'http_tok_s')} | "
-                         f"{f(r, 'http_nometrics_tok_s')} | {f(r, 'metrics_on_vs_off_tok_s', '{:.3f}x')} | "
-                         f"{f(r, 'http_tpot_ms')} | {f(r, 'http_nometrics_tpot_ms')} |")
-    if "resume_on_vs_off_tok_s" in out["results"][0]:
-        lines += ["", "| E | concurrency | HTTP tok/s, resumable | HTTP tok/s, migration_limit 0 | on / off | "
-                  "TPOT ms on | TPOT ms off |", "|---|---|---|---|---|---|---|"]
-        for r in out["results"]:
-            lines.append(f"| {r['expert_workers']} | {r['concurrency']} | {f(r, 'http_tok_s')} | "
-                         f"{f(r, 'http_noresume_tok_s')} | {f(r, 'resume_on_vs_off_tok_s', '{:.3f}x')} | "
-                         f"{f(r, 'http_tpot_ms')} | {f(r, 'http_noresume_tpot_ms')} |")
+                         f"{f(r, twin + '_tok_s')} | {f(r, ratio, '{:.3f}x')} | "
+                         f"{f(r, 'http_tpot_ms')} | {f(r, twin + '_tpot_ms')} |")
     for r in out["results"]:
         for door in ("http", "grpc"):
             if f"{door}_cpu_cores" in r:

@@ -49,6 +49,15 @@ async def collect(supervisor, prompt, params=GREEDY):
     return ids, finish, error
 
 
+async def rebuilt(supervisor, timeout_s: float = 120) -> None:
+    """Until the supervisor has restarted its gang and serves again."""
+    for _ in range(int(timeout_s / 0.5)):
+        if supervisor.restarts and supervisor.ready():
+            return
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"the gang was not rebuilt within {timeout_s:g}s")
+
+
 @pytest.fixture(scope="module")
 def reference(gang_checkpoint):
     ckpt, hf = gang_checkpoint
@@ -161,10 +170,7 @@ def test_killed_expert_fails_its_requests_then_the_gang_is_rebuilt(ray_cluster, 
             ended_after = time.monotonic() - killed_at
             with pytest.raises(Unavailable):
                 supervisor.health()
-            for _ in range(240):  # the rebuild
-                if supervisor.ready():
-                    break
-                await asyncio.sleep(0.5)
+            await rebuilt(supervisor)
             after = await collect(supervisor, ps[1])
             return finish, error, ended_after, supervisor.restarts, after
         finally:
@@ -197,10 +203,7 @@ def test_a_failed_gang_keeps_its_survivors_and_reads_only_the_replaced_share(ray
             else:
                 await victim.inject_fault.remote(1)
                 asyncio.create_task(collect(supervisor, ps[0]))  # its first step raises on the expert
-            for _ in range(240):
-                if supervisor.restarts and supervisor.ready():
-                    break
-                await asyncio.sleep(0.5)
+            await rebuilt(supervisor)
             after = [r["pid"] for r in (await supervisor.stats())["ranks"]]
             return full, supervisor.last_build_bytes, pids, after, await collect(supervisor, ps[1])
         finally:
