@@ -8,6 +8,7 @@ PYTEST_ARGS ?=
 
 VLLM_VENV := .venv-vllm
 AIPERF_VENV := .venv-aiperf
+VISION_VENV := .venv-vision
 BENCH_CKPT := checkpoints/bench
 
 .PHONY: install system-packages test serve observe bench bench-serve clean
@@ -36,7 +37,7 @@ system-packages:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); \
 	fi
 
-test: install system-packages $(AIPERF_VENV)/.installed
+test: install system-packages $(AIPERF_VENV)/.installed $(VISION_VENV)/.installed
 	$(BIN)/python -m pytest tests --timeout=$(TEST_TIMEOUT) --durations=20 -q $(PYTEST_ARGS)
 
 # The embedded default: a tiny random-weight Maverick (written on first start), one gang of
@@ -61,6 +62,14 @@ $(VLLM_VENV)/.installed:
 $(AIPERF_VENV)/.installed:
 	$(PYTHON) -m venv $(AIPERF_VENV)
 	$(AIPERF_VENV)/bin/pip install aiperf==0.13.0
+	touch $@
+
+# transformers' own Llama 4 image processor, the oracle of model/images.py: it needs torchvision, whose
+# PyPI build does not import beside our torch 2.13, so it gets torch 2.14.1 in its own environment.
+$(VISION_VENV)/.installed:
+	$(PYTHON) -m venv $(VISION_VENV)
+	$(VISION_VENV)/bin/pip install torch==2.14.1 torchvision==0.29.1
+	$(VISION_VENV)/bin/pip install transformers==5.24.0 pillow
 	touch $@
 
 $(BENCH_CKPT)/config.json: | install

@@ -41,8 +41,10 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
-    def forward(self, input_ids_T, positions_T, meta, cache):
+    def forward(self, input_ids_T, positions_T, meta, cache, embeds=None):
         x_TD = self.embed_tokens(input_ids_T)
+        if embeds is not None:  # (rows [R], vectors [R, D]): image features at their `<|patch|>` tokens
+            x_TD = x_TD.index_copy(0, embeds[0], embeds[1].to(x_TD.dtype))
         freqs_cis = self.rotary_emb.freqs_cis(positions_T)
         for layer in self.layers:
             x_TD = layer(x_TD, positions_T, freqs_cis, meta, cache)
@@ -58,9 +60,10 @@ class Llama4ForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, meta: AttentionMetadata,
-                cache: KVCache) -> torch.Tensor:
-        """Final-normed hidden states [T, D]; call `logits` on the rows you sample from."""
-        return self.model(input_ids_T, positions_T, meta, cache)
+                cache: KVCache, embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Final-normed hidden states [T, D]; call `logits` on the rows you sample from. `embeds` replaces
+        the token embeddings of some rows (image features, `model.vision`)."""
+        return self.model(input_ids_T, positions_T, meta, cache, embeds)
 
     @torch.inference_mode()
     def logits(self, hidden_ND: torch.Tensor) -> torch.Tensor:

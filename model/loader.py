@@ -73,14 +73,15 @@ def text_prefix(reader: CheckpointReader) -> str:
 
 
 def load_model(model: nn.Module, reader: CheckpointReader, dtype: torch.dtype,
-               strict: bool = True, progress: LoadProgress | None = None) -> LoadReport:
+               strict: bool = True, progress: LoadProgress | None = None, prefix: str | None = None) -> LoadReport:
     """Fill every parameter of `model` (named like HF `Llama4ForCausalLM`) from the checkpoint.
 
     With `strict`, text weights the model does not hold are an error (a wrong config); pass
     `strict=False` for a module that deliberately owns a part (an attention or expert worker).
     `progress` learns the total bytes before the first read, then counts each parameter as it is copied.
+    `prefix` is the checkpoint's key prefix of `model`'s names: the text model's by default.
     """
-    prefix = text_prefix(reader)
+    prefix = text_prefix(reader) if prefix is None else prefix
     plan = plan_reads(model, reader, prefix)
     used = {key for p in plan for key in p.keys}
     if strict:  # a wrong config fails before a byte is read
@@ -222,6 +223,24 @@ def load_pretrained(model_dir: str | Path, dtype: torch.dtype = torch.float32,
     with CheckpointReader(model_dir) as reader:
         load_model(model, reader, dtype)
     return model.eval()
+
+
+def load_vision_tower(model_dir: str | Path, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu"):
+    """The vision tower and projector of a `Llama4ForConditionalGeneration` checkpoint; None without one."""
+    from model.vision import VisionTower, load_vision_config
+
+    config = load_vision_config(model_dir)
+    if config is None:
+        return None
+    with torch.device("meta"):
+        tower = VisionTower(config)
+    materialize(tower, device)
+    with CheckpointReader(model_dir) as reader:
+        if not any(k.startswith("vision_model.") for k in reader.keys()):
+            return None  # a config with a vision section but a text-only export
+        load_model(tower, reader, dtype, strict=False, prefix="")
+    return tower.eval()
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

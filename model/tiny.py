@@ -56,7 +56,8 @@ TINY_PRESETS: dict[str, dict] = {
     ),
 }
 
-TINY_VISION = dict(hidden_size=32, image_size=8, patch_size=2, num_attention_heads=4, num_hidden_layers=1,
+# 16-px tiles of 2-px patches: 64 patches, 16 `<|patch|>` tokens per tile after the pixel shuffle
+TINY_VISION = dict(hidden_size=32, image_size=16, patch_size=2, num_attention_heads=4, num_hidden_layers=1,
                    intermediate_size=128, vision_output_dim=32, projector_input_dim=32,
                    projector_output_dim=32, pixel_shuffle_ratio=0.5, hidden_act="gelu", norm_eps=1e-5,
                    num_channels=3, rope_theta=10000.0, model_type="llama4_vision_model")
@@ -188,6 +189,11 @@ def make_tiny(out_dir: str | Path, preset: str = "tiny-maverick", seed: int = 0,
     _write_json(out / "generation_config.json", {
         "bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": config.pad_token_id,
         "do_sample": True, "temperature": 0.6, "top_p": 0.9, "transformers_version": "5.24.0"})
+    if layout == "conditional":
+        _write_json(out / "preprocessor_config.json", preprocessor_config(TINY_VISION))
+        _write_json(out / "processor_config.json", {
+            "processor_class": "Llama4Processor", "patch_size": TINY_VISION["patch_size"],
+            "pixel_shuffle_ratio": TINY_VISION["pixel_shuffle_ratio"]})
     tokenizer.save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
@@ -195,6 +201,15 @@ def make_tiny(out_dir: str | Path, preset: str = "tiny-maverick", seed: int = 0,
         config.max_position_embeddings, "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
         "model_input_names": ["input_ids", "attention_mask"]})
     return out
+
+
+def preprocessor_config(vision: dict, max_patches: int = 16) -> dict:
+    """`Llama4ImageProcessor`'s settings as the Hub repos ship them, with this tower's tile size."""
+    side = vision["image_size"]
+    return {"image_processor_type": "Llama4ImageProcessor", "processor_class": "Llama4Processor",
+            "size": {"height": side, "width": side}, "max_patches": max_patches, "resize_to_max_canvas": False,
+            "do_resize": True, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "do_convert_rgb": True}
 
 
 def _hf_config(config: Llama4Config, layout: str, special_ids: dict[str, int]) -> dict:

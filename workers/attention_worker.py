@@ -20,7 +20,7 @@ import torch
 from model.checkpoint import CheckpointReader
 from model.config import load_config
 from model.decoder import Llama4ForCausalLM
-from model.loader import apply_quantization, load_model, materialize, resolve_dtype
+from model.loader import apply_quantization, load_model, load_vision_tower, materialize, resolve_dtype
 from model.optimize import optimize_for_inference
 from model.quant import weight_bytes
 from model.tokenizer import Tokenizer, load_generation_defaults
@@ -74,10 +74,12 @@ class AttentionWorker(Rank):
         materialize(model, self.device)
         with CheckpointReader(self.model_dir) as reader:
             report = load_model(model, reader, dtype, strict=False, progress=self.progress)
-        self.weight_bytes = weight_bytes(model)
+        vision = load_vision_tower(self.model_dir, dtype, self.device)  # images run where their request does
+        self.weight_bytes = weight_bytes(model) + (weight_bytes(vision) if vision is not None else 0)
         model = optimize_for_inference(model.eval())
         tokenizer = None if self.skip_tokenizer_init else Tokenizer(self.model_dir)
-        self._new_epoch(LLMEngine(model, self.engine_config, tokenizer, load_generation_defaults(self.model_dir)))
+        self._new_epoch(LLMEngine(model, self.engine_config, tokenizer, load_generation_defaults(self.model_dir),
+                                  vision))
         log.info("attention rank %d loaded %.1f MB in %.1fs", self.rank, report.bytes_read / 1e6,
                  time.monotonic() - start)
         return {"rank": self.rank, "bytes_read": report.bytes_read, "seconds": time.monotonic() - start,
@@ -91,7 +93,7 @@ class AttentionWorker(Rank):
         for channel in self._channels.values():
             channel.close()
         self._channels, self._owners = {}, {}
-        self._new_epoch(LLMEngine(old.model, self.engine_config, old.tokenizer, old.defaults))
+        self._new_epoch(LLMEngine(old.model, self.engine_config, old.tokenizer, old.defaults, old.vision))
 
     def _new_epoch(self, engine: LLMEngine) -> None:
         """This engine, stepped by a new wave on the current group; the wave is bound to this engine,

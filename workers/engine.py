@@ -14,9 +14,10 @@ import torch
 
 from model.config import Llama4Config
 from model.decoder import Llama4ForCausalLM
-from model.loader import load_pretrained, resolve_dtype
+from model.loader import load_pretrained, load_vision_tower, resolve_dtype
 from model.optimize import optimize_for_inference
 from model.tokenizer import GenerationDefaults, Tokenizer, load_generation_defaults
+from model.vision import VisionTower
 from workers.config import EngineConfig
 from workers.errors import ContextTooLong, InternalError, InvalidRequest, Unavailable
 from workers.kv_cache import KVCacheManager, plan_num_blocks
@@ -32,8 +33,9 @@ log = logging.getLogger(__name__)
 
 class LLMEngine(Engine):
     def __init__(self, model: Llama4ForCausalLM, config: EngineConfig, tokenizer: Tokenizer | None = None,
-                 defaults: GenerationDefaults | None = None):
+                 defaults: GenerationDefaults | None = None, vision: VisionTower | None = None):
         self.model = model
+        self.vision = vision
         self.config = config
         self.model_config: Llama4Config = model.config
         self.tokenizer = tokenizer
@@ -48,7 +50,7 @@ class LLMEngine(Engine):
                                  config.enable_prefix_caching, config.free_chunked_blocks)
         self.max_model_len = self._resolve_max_model_len()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.kv, num_blocks)
+        self.runner = ModelRunner(model, self.kv, num_blocks, vision)
         self.outputs = OutputProcessor(tokenizer, frozenset(self.defaults.eos_token_ids), self.max_model_len)
         self.generator = torch.Generator(device=self.runner.device)
         self.generator.seed()
@@ -78,7 +80,8 @@ class LLMEngine(Engine):
         torch_dtype = resolve_dtype(config.dtype, config.device)
         model = optimize_for_inference(load_pretrained(model_dir, torch_dtype, config.device))
         tokenizer = None if skip_tokenizer_init else Tokenizer(model_dir)
-        return cls(model, config, tokenizer, load_generation_defaults(model_dir))
+        vision = load_vision_tower(model_dir, torch_dtype, config.device)
+        return cls(model, config, tokenizer, load_generation_defaults(model_dir), vision)
 
     def _resolve_max_model_len(self) -> int:
         limit = self.model_config.max_position_embeddings
@@ -135,6 +138,8 @@ class LLMEngine(Engine):
                     f"However, you requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} in "
                     f"the completion).", param="max_tokens")
         resume = self._validate_resume(request.resume, params.n, vocab, max_tokens)
+        images = list(request.images or [])
+        positions, spans = self._validate_images(ids, images)
         choices = []
         for i in (range(params.n) if resume is None else sorted(resume)):
             rid = request.request_id if params.n == 1 else f"{request.request_id}#{i}"
@@ -142,8 +147,32 @@ class LLMEngine(Engine):
             done = list(resume[i]) if resume is not None else []
             choices.append(Request(rid, list(ids), params, max_tokens, output_token_ids=done,
                                    parent_id=request.request_id, index=i,
-                                   first_sibling=choices[0] if choices else None, generator=gen))
+                                   first_sibling=choices[0] if choices else None, generator=gen,
+                                   images=images, patch_positions=positions, image_spans=spans))
         return choices
+
+    def _validate_images(self, ids: list[int], images: list) -> tuple[list[int], list[tuple[int, int, bytes]]]:
+        """Each image's `<|patch|>` positions in the prompt: one per feature vector its tiles become."""
+        if self.vision is None:
+            if images:
+                raise InvalidRequest("this model has no vision tower: images are not supported", param="messages")
+            return [], []
+        c = self.vision.config
+        positions = [i for i, t in enumerate(ids) if t == c.image_token_index]
+        if not images and not positions:
+            return [], []
+        shape = (c.num_channels, c.image_size, c.image_size)
+        if any(tuple(im.pixel_values.shape[1:]) != shape for im in images):
+            raise InvalidRequest(f"image tiles must be {shape}", param="messages")
+        counts = [im.num_tiles * c.tokens_per_tile for im in images]
+        if len(positions) != sum(counts):
+            raise InvalidRequest(f"the prompt has {len(positions)} image patch tokens where its {len(images)} "
+                                 f"images need {sum(counts)}", param="prompt")
+        spans, start = [], 0
+        for im, count in zip(images, counts):
+            spans.append((positions[start], positions[start + count - 1] + 1, im.digest))
+            start += count
+        return positions, spans
 
     @staticmethod
     def _validate_resume(resume: dict[int, list[int]] | None, n: int, vocab: int,

@@ -7,7 +7,7 @@ grows only with the full-attention layers. Any chunk size works with any block s
 straddles a chunk boundary stays until the window has passed all of it.
 
 Prefix caching: every full block is named by a hash of its tokens chained to its parent's hash
-(content + position), registered per group once computed, and kept after release in an LRU of
+(content + position; plus the digest of any image whose tokens it holds), registered per group once computed, and kept after release in an LRU of
 free blocks until the space is needed. A hit needs, per group, the blocks the first uncached query
 will read: all of them for full layers, only those in its chunk for chunked layers.
 """
@@ -199,6 +199,8 @@ class KVCacheManager:
             i = len(seq.hashes)
             parent = seq.hashes[-1] if seq.hashes else b""
             data = array("q", req.tokens[i * B:(i + 1) * B]).tobytes()
+            if req.image_spans:
+                data += req.image_key(i * B, (i + 1) * B)
             seq.hashes.append(hashlib.blake2b(parent + data, digest_size=16).digest())
 
     # -- per step ---------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ class GenerateRequest:
     # a request resumed after its gang failed: choice index -> the tokens it already delivered, for
     # the choices still open only; the engine continues each as if it had generated them itself
     resume: dict[int, list[int]] | None = None
+    # model.images.ProcessedImage, one per image placeholder of the prompt, in order
+    images: list[Any] | None = None
 
 
 @dataclass

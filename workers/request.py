@@ -71,6 +71,10 @@ class Request:
     first_sibling: "Request | None" = None  # choices 1.. wait for choice 0's prompt, then share it
     generator: torch.Generator | None = None  # a seeded request: reseeded per draw (workers.sampler)
     prompt_logprobs: list = field(default_factory=list)  # filled while the prompt is computed
+    images: list = field(default_factory=list)  # model.images.ProcessedImage, in prompt order
+    patch_positions: list[int] = field(default_factory=list)  # prompt index of every `<|patch|>`, in order
+    image_spans: list[tuple[int, int, bytes]] = field(default_factory=list)  # each image's tokens, digest
+    image_embeds: torch.Tensor | None = None  # one row per patch position, while the prompt is computed
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_token_ids) + self.output_token_ids  # a resumed choice has outputs
@@ -81,6 +85,11 @@ class Request:
         """Choices after the first start once the first has computed the shared prompt."""
         s = self.first_sibling
         return s is None or s.state.done or s.num_computed >= s.num_prompt_tokens - 1
+
+    def image_key(self, start: int, end: int) -> bytes:
+        """The digests of the images with tokens in [start, end): part of a KV block's name, so blocks
+        with equal placeholder tokens but different images never match in the prefix cache."""
+        return b"".join(d for s, e, d in self.image_spans if s < end and e > start)
 
     @property
     def num_prompt_tokens(self) -> int:
