@@ -10,6 +10,7 @@ VLLM_VENV := .venv-vllm
 AIPERF_VENV := .venv-aiperf
 VISION_VENV := .venv-vision
 BENCH_CKPT := checkpoints/bench
+BENCH_VISION_CKPT := checkpoints/bench-vision
 
 .PHONY: install system-packages test serve observe bench bench-serve clean
 
@@ -75,12 +76,15 @@ $(VISION_VENV)/.installed:
 $(BENCH_CKPT)/config.json: | install
 	$(BIN)/maverick make-tiny $(BENCH_CKPT) --preset bench --layout causal --dtype float32
 
+$(BENCH_VISION_CKPT)/config.json: | install
+	$(BIN)/maverick make-tiny $(BENCH_VISION_CKPT) --preset bench --layout conditional --dtype float32
+
 bench: install $(VLLM_VENV)/.installed $(BENCH_CKPT)/config.json
 	$(BIN)/maverick bench engine --model $(BENCH_CKPT) --output bench-results/engine.json --compare-no-free --compare-kv-fraction 0.25
 
-# The serving benchmark (HTTP, gRPC, vllm serve; layouts E=0 and E=2), then aiperf's check of it.
-bench-serve: install $(VLLM_VENV)/.installed $(AIPERF_VENV)/.installed $(BENCH_CKPT)/config.json
-	$(BIN)/maverick bench serve --model $(BENCH_CKPT) --output bench-results/serve.json
+# The serving benchmark (HTTP, gRPC, vllm serve; layouts E=0 and E=2; the image workload), then aiperf's check.
+bench-serve: install $(VLLM_VENV)/.installed $(AIPERF_VENV)/.installed $(BENCH_CKPT)/config.json $(BENCH_VISION_CKPT)/config.json
+	$(BIN)/maverick bench serve --model $(BENCH_CKPT) --image-model $(BENCH_VISION_CKPT) --output bench-results/serve.json
 	$(BIN)/maverick bench aiperf --model $(BENCH_CKPT) --concurrency 32 --output bench-results/aiperf.json
 
 clean:

@@ -102,6 +102,19 @@ class ServeResources(Strict):
     supervisor_num_cpus: float = Field(0.1, gt=0)
 
 
+class ImageSettings(Strict):
+    """Image inputs of chat requests (checkpoints with a vision tower)."""
+
+    max_per_request: int = Field(8, ge=0, description="images in one request; beyond: 400")
+    max_bytes: int = Field(20 * 2**20, ge=1, description="one image, encoded (a data URL also counts against "
+                                                          "max_body_bytes)")
+    max_pixels: int = Field(40_000_000, ge=1, description="one image, decoded (width x height)")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="hosts whose http(s) image URLs the ingress may fetch; empty: remote "
+                                          "URLs are refused (a server fetching any URL is an SSRF hole)")
+    fetch_timeout_s: float = Field(10, gt=0)
+
+
 class AppConfig(GangConfig):
     """The `args` of a deployment YAML (`router.app:build`): one gang layout served `num_gangs` times."""
 
@@ -122,6 +135,7 @@ class AppConfig(GangConfig):
     retry_after_s: int = Field(2, ge=1)
     graceful_shutdown_timeout_s: float = Field(120, ge=0)
     serve: ServeResources = ServeResources()
+    images: ImageSettings = ImageSettings()
 
     def with_api_key_from_env(self) -> "AppConfig":
         """`api_key_env` resolved where the replica runs; unset there is an error, never an open door."""

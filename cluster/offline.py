@@ -33,8 +33,13 @@ def choose_proxy(proxy: str = "haproxy") -> None:
         return
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     for name, default in (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)):
-        if name not in os.environ:
-            os.environ[name] = str(default if _port_free(default) else _free_port())
+        # a port picked here before may still be held by the HAProxy of a Ray being shut down: pick again
+        # (a port the user set stays as set)
+        if name not in os.environ or (_CHOSEN.get(name) == os.environ[name] and not _port_free(int(os.environ[name]))):
+            os.environ[name] = _CHOSEN[name] = str(default if _port_free(default) else _free_port())
+
+
+_CHOSEN: dict[str, str] = {}  # the HAProxy ports choose_proxy set in this process
 
 
 def _port_free(port: int) -> bool:

@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bench serve: also a twin application with metrics off, measured in turn")
     p.add_argument("--compare-no-resume", action="store_true",
                    help="bench serve: also a twin application with migration_limit 0 (no resumption bookkeeping)")
+    p.add_argument("--image-model", default=None, metavar="DIR",
+                   help="bench serve: also the image workload on this checkpoint with a vision tower "
+                        "(make-tiny --preset bench --layout conditional)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--expert-workers", type=int, nargs="+", default=[0, 2],
                    help="bench serve: the gang layouts (A=1), measured one after the other")

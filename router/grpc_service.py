@@ -71,7 +71,7 @@ class GenerationService:
     """Mixed into the ingress deployment (needs `config`, `serving`, `tokenizer`, `_ticket`, `_admit`,
     `_runner`)."""
 
-    def _grpc_request(self, req: pb.GenerateRequest, context) -> GenerateRequest:
+    async def _grpc_request(self, req: pb.GenerateRequest, context) -> GenerateRequest:
         api_key = self.config.api_key
         if api_key is not None:
             metadata = dict(context.invocation_metadata())
@@ -81,7 +81,8 @@ class GenerationService:
         if req.HasField("prompt") == bool(req.prompt_token_ids):
             raise InvalidRequest("give exactly one of prompt and prompt_token_ids", param="prompt")
         ids = list(req.prompt_token_ids) if req.prompt_token_ids else self.serving.encode(req.prompt)
-        return GenerateRequest(ids, sampling_params(req), uuid.uuid4().hex)
+        ids, images = await self.serving.with_images(ids, list(req.images), param="images")
+        return GenerateRequest(ids, sampling_params(req), uuid.uuid4().hex, images=images or None)
 
     def _grpc_error(self, exc: BaseException, context, request_id: str) -> None:
         _, body = error_body(exc, request_id)
@@ -91,12 +92,12 @@ class GenerationService:
         context.set_trailing_metadata([("request_id", request_id)])
         log.info("grpc request %s: %s", request_id, code)
 
-    def _accept(self, req: pb.GenerateRequest, context, method: str) -> tuple[GenerateRequest | None, Ticket]:
+    async def _accept(self, req: pb.GenerateRequest, context, method: str) -> tuple[GenerateRequest | None, Ticket]:
         """The validated, admitted request and its ticket; None (status set on the context, ticket closed)
         when refused."""
         ticket = self._ticket(method, "grpc")
         try:
-            request = self._grpc_request(req, context)
+            request = await self._grpc_request(req, context)
             self._admit(ticket)
             return request, ticket
         except EngineError as exc:
@@ -105,7 +106,7 @@ class GenerationService:
             return None, ticket
 
     async def Generate(self, req: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
-        request, ticket = self._accept(req, grpc_context, "Generate")
+        request, ticket = await self._accept(req, grpc_context, "Generate")
         if request is None:
             return pb.GenerateResponse()
         request_id = request.request_id
@@ -132,7 +133,7 @@ class GenerationService:
             ticket.close(outcome)
 
     async def GenerateStream(self, req: pb.GenerateRequest, grpc_context):
-        request, ticket = self._accept(req, grpc_context, "GenerateStream")
+        request, ticket = await self._accept(req, grpc_context, "GenerateStream")
         if request is None:
             raise StreamRejected()  # a stream's status reaches the client only this way
         request_id = request.request_id

@@ -29,10 +29,12 @@ from starlette.responses import JSONResponse, StreamingResponse
 from cluster import routing
 from cluster.config import AppConfig
 from cluster.gang_client import GangClient
+from model.images import ImageProcessor
 from model.tokenizer import Tokenizer
 from router.errors import HTTPError, error_response
 from router.grpc_service import GenerationService
 from router.http_guard import BodyTooLarge, Guard, GuardSettings
+from router.images import ImageLoader
 from router.metrics import RequestMetrics, Ticket, outcome_of
 from router.openai_models import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from router.resume import NoReadyGang, ResumeStats, resumable
@@ -87,7 +89,8 @@ class Ingress(GenerationService):
         self.gang_ready = [False] * len(gangs)
         self.gang_requests = [0] * len(gangs)  # engine requests sent to each gang since start
         self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(config.model)
-        self.serving = Serving(config.model_name, self.tokenizer, config.request_timeout_s)
+        images = ImageLoader(ImageProcessor.from_model_dir(config.model), config.images) if self.tokenizer else None
+        self.serving = Serving(config.model_name, self.tokenizer, config.request_timeout_s, images)
         self.in_flight = 0
         self.draining = False
         self.created = int(time.time())
@@ -222,7 +225,7 @@ class Ingress(GenerationService):
         try:
             body = await _parse(request, body_cls)
             self._admit(ticket)
-            prepared: Prepared = prepare(body, rid)
+            prepared: Prepared = await prepare(body, rid)  # a chat fetches and decodes its images here
             run = self._runner()
             log.info("request %s: %d prompt(s), stream=%s", rid, len(prepared.requests), prepared.stream)
             if not prepared.stream:
@@ -284,9 +287,10 @@ class Ingress(GenerationService):
                 raise InvalidRequest("give exactly one of prompt and messages", param="prompt")
             if body.prompt is not None:
                 ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-            else:
-                ids = tokenizer.encode_chat([m.template_message() for m in body.messages],
-                                            add_generation_prompt=body.add_generation_prompt)
+            else:  # images count: each becomes its placeholder tokens
+                ids, _ = await self.serving.chat_prompt([m.template_message() for m in body.messages],
+                                                        [u for m in body.messages for u in m.image_urls()],
+                                                        add_generation_prompt=body.add_generation_prompt)
             return {"tokens": ids, "count": len(ids)}
         except EngineError as exc:
             return error_response(exc, _rid(request))

@@ -1,7 +1,7 @@
 """OpenAI request bodies (completions and chat), as vLLM accepts them, and their sampling parameters.
 
 Unknown keys are ignored, as vLLM does; features this server does not have (tools, response_format,
-best_of > 1, suffix, images) are refused with a clear 400 rather than silently dropped. Ranges are
+best_of > 1, suffix) are refused with a clear 400 rather than silently dropped. Ranges are
 checked once, by `workers.sampling_params.SamplingParams.validate`, in the engine.
 """
 
@@ -106,17 +106,39 @@ class ChatMessage(BaseModel):
     content: StrictStr | list[dict[str, Any]] | None = None
 
     def template_message(self) -> dict[str, Any]:
-        """The message as the chat template reads it; only text parts are supported."""
-        content = self.content
-        if isinstance(content, list):
-            for part in content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise InvalidRequest(f"message content of type {part.get('type')!r} is not supported "
-                                         "(text only)", param="messages")
+        """The message as the chat template reads it: text parts, and `{"type": "image"}` for each image
+        (the template writes `<|image|>`; `image_urls` gives the images in the same order)."""
         message = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            message["content"] = [_template_part(part) for part in self.content]
         if message.get("role") == "developer":
             message["role"] = "system"
         return message
+
+    def image_urls(self) -> list[str]:
+        if not isinstance(self.content, list):
+            return []
+        return [_image_url(p) for p in self.content if isinstance(p, dict) and p.get("type") == "image_url"]
+
+
+def _template_part(part: dict[str, Any]) -> dict[str, Any]:
+    kind = part.get("type")
+    if kind == "text" and isinstance(part.get("text"), str):
+        return {"type": "text", "text": part["text"]}
+    if kind == "image_url":
+        _image_url(part)
+        return {"type": "image"}
+    raise InvalidRequest(f"message content of type {kind!r} is not supported (text and image_url)",
+                         param="messages")
+
+
+def _image_url(part: dict[str, Any]) -> str:
+    """OpenAI's `{"image_url": {"url": ...}}` (or the bare string some clients send)."""
+    spec = part.get("image_url")
+    url = spec.get("url") if isinstance(spec, dict) else spec
+    if not isinstance(url, str) or not url:
+        raise InvalidRequest("an image_url content part needs image_url.url", param="messages")
+    return url
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -144,6 +166,9 @@ class ChatCompletionRequest(SamplingFields):
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.template_message() for m in self.messages]
+
+    def image_urls(self) -> list[str]:
+        return [url for m in self.messages for url in m.image_urls()]
 
 
 class TokenizeRequest(BaseModel):

@@ -13,8 +13,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from model.images import ImageError, image_token_ids
 from model.tokenizer import Tokenizer
 from router.errors import HTTPError, error_body
+from router.images import ImageLoader
 from router.openai_models import ChatCompletionRequest, CompletionRequest
 from router.openai_responses import Choice, Formatter
 from workers.errors import DeadlineExceeded, InvalidRequest
@@ -40,8 +42,10 @@ class Prepared:
 
 
 class Serving:
-    def __init__(self, model_name: str, tokenizer: Tokenizer | None, timeout_s: float):
+    def __init__(self, model_name: str, tokenizer: Tokenizer | None, timeout_s: float,
+                 images: ImageLoader | None = None):
         self.model_name, self.tokenizer, self.timeout_s = model_name, tokenizer, timeout_s
+        self.images = images
 
     def token_text(self, token: int) -> str:
         if self.tokenizer is None:
@@ -60,7 +64,7 @@ class Serving:
 
     # -- preparing ------------------------------------------------------------------------------------
 
-    def prepare_completion(self, body: CompletionRequest, request_id: str) -> Prepared:
+    async def prepare_completion(self, body: CompletionRequest, request_id: str) -> Prepared:
         self.check_model(body.model)
         params = body.params()
         prompts = [p if isinstance(p, list) else self.encode(p) for p in body.prompts()]
@@ -71,23 +75,40 @@ class Serving:
         return Prepared("completion", requests, formatter, body.stream, self._usage(body),
                         body.logprobs is not None)
 
-    def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> Prepared:
+    async def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> Prepared:
         self.check_model(body.model)
         params = body.params()
+        ids, images = await self.chat_prompt(body.template_messages(), body.image_urls(),
+                                             add_generation_prompt=body.add_generation_prompt)
+        formatter = Formatter("chat", request_id, self.model_name, self.token_text, body.return_token_ids)
+        request = GenerateRequest(ids, params, _engine_id(request_id, 0), images=images or None)
+        return Prepared("chat", [request], formatter, body.stream, self._usage(body), body.logprobs)
+
+    async def chat_prompt(self, messages: list[dict[str, Any]], image_urls: list[str],
+                          **kwargs: Any) -> tuple[list[int], list]:
+        """The rendered, tokenized chat with each image's placeholder tokens, and the images."""
         if self.tokenizer is None:
             raise InvalidRequest("chat needs a tokenizer; this server runs with --skip-tokenizer-init",
                                  param="messages")
         try:
-            ids = self.tokenizer.encode_chat(body.template_messages(),
-                                             add_generation_prompt=body.add_generation_prompt)
-        except InvalidRequest:
-            raise
+            ids = self.tokenizer.encode_chat(messages, **kwargs)
         except Exception as exc:  # the template refused these messages (e.g. roles out of order)
             raise InvalidRequest(f"the chat template cannot render these messages: {exc}",
                                  param="messages") from None
-        formatter = Formatter("chat", request_id, self.model_name, self.token_text, body.return_token_ids)
-        return Prepared("chat", [GenerateRequest(ids, params, _engine_id(request_id, 0))], formatter, body.stream,
-                        self._usage(body), body.logprobs)
+        return await self.with_images(ids, image_urls)
+
+    async def with_images(self, ids: list[int], sources: list, param: str = "messages") -> tuple[list[int], list]:
+        """The prompt with each `<|image|>` expanded into its image's placeholder tokens, and the images."""
+        if not sources:
+            return ids, []
+        if self.images is None or self.tokenizer is None:
+            raise InvalidRequest("images need the model's tokenizer; this server runs with --skip-tokenizer-init",
+                                 param=param)
+        images = await self.images.load(sources)
+        try:
+            return self.images.processor.expand(ids, images, image_token_ids(self.tokenizer)), images
+        except ImageError as exc:
+            raise InvalidRequest(str(exc), param=param) from None
 
     @staticmethod
     def _usage(body) -> bool:

@@ -316,7 +316,7 @@ def main(args) -> int:
     vllm = None
     loop = asyncio.new_event_loop()
     steps = StepLine()
-    results = []
+    results, image_results = [], None
     try:
         peers = {}
         if want_vllm:
@@ -327,6 +327,10 @@ def main(args) -> int:
         ports = free_port(), free_port()  # Serve keeps the ports it first started with on this cluster
         for expert_workers in args.expert_workers:
             results += _run_layout(args, expert_workers, address, ports, peers, loop, steps)
+        if getattr(args, "image_model", None):
+            from cluster.bench import images
+
+            image_results = images.measure(args, address, ports, loop, steps)
     finally:
         steps.close()
         stop_server(vllm)
@@ -336,7 +340,13 @@ def main(args) -> int:
     out = {"results": results, "layouts": [{"attention_workers": 1, "expert_workers": e} for e in args.expert_workers],
            "prompt_len": args.prompt_len, "output_len": args.output_len, "repeat": args.repeat,
            "machine": {"cpus": os.cpu_count(), "threads": args.threads}}
-    write_report(args.output, out, _markdown(out))
+    markdown = _markdown(out)
+    if image_results is not None:
+        from cluster.bench import images
+
+        out["images"] = image_results
+        markdown += images.markdown(image_results)
+    write_report(args.output, out, markdown)
     return 0
 
 
