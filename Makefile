@@ -83,7 +83,8 @@ bench: install $(VLLM_VENV)/.installed $(BENCH_CKPT)/config.json
 	$(BIN)/maverick bench engine --model $(BENCH_CKPT) --output bench-results/engine.json --compare-no-free --compare-kv-fraction 0.25
 
 # The serving benchmark (HTTP, gRPC, vllm serve; layouts E=0 and E=2; the image workload), then aiperf's check.
-bench-serve: install $(VLLM_VENV)/.installed $(AIPERF_VENV)/.installed $(BENCH_CKPT)/config.json $(BENCH_VISION_CKPT)/config.json
+bench-serve: install $(VLLM_VENV)/.installed $(AIPERF_VENV)/.installed $(BENCH_CKPT)/config.json \
+		$(BENCH_VISION_CKPT)/config.json
 	$(BIN)/maverick bench serve --model $(BENCH_CKPT) --image-model $(BENCH_VISION_CKPT) --output bench-results/serve.json
 	$(BIN)/maverick bench aiperf --model $(BENCH_CKPT) --concurrency 32 --output bench-results/aiperf.json
 

@@ -157,10 +157,10 @@ class LLMEngine(Engine):
             if images:
                 raise InvalidRequest("this model has no vision tower: images are not supported", param="messages")
             return [], []
+        if not images:  # `<|patch|>` without images is an ordinary token, as transformers takes it
+            return [], []
         c = self.vision.config
         positions = [i for i, t in enumerate(ids) if t == c.image_token_index]
-        if not images and not positions:
-            return [], []
         shape = (c.num_channels, c.image_size, c.image_size)
         if any(tuple(im.pixel_values.shape[1:]) != shape for im in images):
             raise InvalidRequest(f"image tiles must be {shape}", param="messages")

@@ -6,10 +6,11 @@ position moves into a new chunk, the blocks wholly before it are released: a lon
 grows only with the full-attention layers. Any chunk size works with any block size: a block that
 straddles a chunk boundary stays until the window has passed all of it.
 
-Prefix caching: every full block is named by a hash of its tokens chained to its parent's hash
-(content + position; plus the digest of any image whose tokens it holds), registered per group once computed, and kept after release in an LRU of
-free blocks until the space is needed. A hit needs, per group, the blocks the first uncached query
-will read: all of them for full layers, only those in its chunk for chunked layers.
+Prefix caching: every full block is named by a hash of its tokens (and the digest of any image whose
+tokens it holds) chained to its parent's hash (content + position), registered per group once
+computed, and kept after release in an LRU of free blocks until the space is needed. A hit needs,
+per group, the blocks the first uncached query will read: all of them for full layers, only those
+in its chunk for chunked layers.
 """
 
 from __future__ import annotations

