@@ -43,6 +43,8 @@ from workers.errors import EngineError, InvalidRequest, QueueFull, Unavailable
 from workers.protocol import GenerateRequest
 
 log = logging.getLogger(__name__)
+STATUS_TIMEOUT_S = 5.0
+STATUS_MISSES_ALLOWED = 3  # polls in a row a gang may miss before it counts as not ready
 
 api = FastAPI(title="maverick", docs_url=None, redoc_url=None, openapi_url=None)
 api.add_middleware(Guard)
@@ -96,6 +98,7 @@ class Ingress(GenerationService):
         self.created = int(time.time())
         self.metrics = RequestMetrics(config.model_name, config.metrics.enabled)
         self.gang_status: list[dict | None] = [None] * len(gangs)
+        self.status_misses = [0] * len(gangs)  # status polls in a row that timed out
         self.failed_epoch: list[int | None] = [None] * len(gangs)  # seen failing: not ready until rebuilt
         self.resume_stats = ResumeStats()
         api.state.guard = GuardSettings(config.api_key, config.max_body_bytes, self.metrics)
@@ -112,8 +115,13 @@ class Ingress(GenerationService):
     async def _refresh_ready(self) -> None:
         async def one(i: int) -> None:
             try:
-                self.gang_status[i] = await asyncio.wait_for(self.gangs[i].status.remote(), 5.0)
-            except Exception:  # unreachable or timed out: not ready
+                self.gang_status[i] = await asyncio.wait_for(self.gangs[i].status.remote(), STATUS_TIMEOUT_S)
+                self.status_misses[i] = 0
+            except asyncio.TimeoutError:  # a busy replica on loaded cores misses a poll; a hung one all of them
+                self.status_misses[i] += 1
+                if self.status_misses[i] >= STATUS_MISSES_ALLOWED:
+                    self.gang_status[i] = None
+            except Exception:  # the replica is gone: not ready at once
                 self.gang_status[i] = None
             client, status = self.gang_clients[i], self.gang_status[i]
             self.gang_ready[i] = bool(status and status["ready"] and status.get("epoch") != self.failed_epoch[i])

@@ -13,3 +13,15 @@ os.environ.setdefault("MAVERICK_CHECK_INVARIANTS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Free the last failure's traceback while gRPC is still loaded: pytest keeps it in `sys.last_*`
+    until exit, and a gRPC call object freed during interpreter teardown can crash the process."""
+    import gc
+    import sys
+
+    for name in ("last_exc", "last_type", "last_value", "last_traceback"):
+        if hasattr(sys, name):
+            setattr(sys, name, None)
+    gc.collect()
