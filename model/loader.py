@@ -7,7 +7,8 @@ Checkpoint quirks handled in one place:
 - Vision tower and projector keys are ignored.
 - FP8 checkpoints (`model.quant`): quantized modules keep their FP8 `weight` and its `weight_scale`;
   FP8 routed experts come only as per-expert keys.
-Only the rows of the experts a module holds are read.
+Only the rows of the experts a module holds are read. A module named otherwise than the checkpoint
+(an expert rank's `ExpertSlices`) passes `names`, its names -> the checkpoint's.
 """
 
 from __future__ import annotations
@@ -68,21 +69,29 @@ class _ParamRead:
     read: Callable[[], torch.Tensor]
 
 
+def expert_slice_names(name: str) -> str:
+    """`ExpertSlices` names (`layers.{L}`, `layers.{L}.down_proj`) as the checkpoint's
+    (`model.layers.{L}.feed_forward.experts`, `....experts.down_proj`)."""
+    return re.sub(r"^layers\.(\d+)", r"model.layers.\1.feed_forward.experts", name)
+
+
 def text_prefix(reader: CheckpointReader) -> str:
     return TEXT_PREFIX if any(k.startswith(TEXT_PREFIX) for k in reader.keys()) else ""
 
 
 def load_model(model: nn.Module, reader: CheckpointReader, dtype: torch.dtype,
-               strict: bool = True, progress: LoadProgress | None = None, prefix: str | None = None) -> LoadReport:
+               strict: bool = True, progress: LoadProgress | None = None, prefix: str | None = None,
+               names: Callable[[str], str] | None = None) -> LoadReport:
     """Fill every parameter of `model` (named like HF `Llama4ForCausalLM`) from the checkpoint.
 
     With `strict`, text weights the model does not hold are an error (a wrong config); pass
     `strict=False` for a module that deliberately owns a part (an attention or expert worker).
     `progress` learns the total bytes before the first read, then counts each parameter as it is copied.
-    `prefix` is the checkpoint's key prefix of `model`'s names: the text model's by default.
+    `prefix` is the checkpoint's key prefix of `model`'s names: the text model's by default; `names`
+    maps `model`'s parameter names to the checkpoint's, when they differ.
     """
     prefix = text_prefix(reader) if prefix is None else prefix
-    plan = plan_reads(model, reader, prefix)
+    plan = plan_reads(model, reader, prefix, names or (lambda name: name))
     used = {key for p in plan for key in p.keys}
     if strict:  # a wrong config fails before a byte is read
         _check_unexpected(reader, prefix, used)
@@ -98,23 +107,24 @@ def load_model(model: nn.Module, reader: CheckpointReader, dtype: torch.dtype,
     return report
 
 
-def plan_reads(model: nn.Module, reader: CheckpointReader, prefix: str) -> list[_ParamRead]:
+def plan_reads(model: nn.Module, reader: CheckpointReader, prefix: str,
+               names: Callable[[str], str]) -> list[_ParamRead]:
     """Every parameter's checkpoint tensors (or expert rows) and their bytes; parameters reading nothing
     (a worker without routed experts) are left out."""
     modules = dict(model.named_modules())
     plan = []
     for name, _ in model.named_parameters():
-        m = _EXPERT_PARAM.match(name)
-        fp8 = _FP8_EXPERT_PARAM.match(name)
+        checkpoint_name, owner = names(name), modules[name.rpartition(".")[0]]
+        m = _EXPERT_PARAM.match(checkpoint_name)
+        fp8 = _FP8_EXPERT_PARAM.match(checkpoint_name)
         if m:
-            experts = modules[m["layer"]]
-            assert isinstance(experts, RoutedExperts)
-            keys, nbytes, read = plan_experts(reader, prefix + m["layer"], m["name"], experts.expert_ids)
+            assert isinstance(owner, RoutedExperts)
+            keys, nbytes, read = plan_experts(reader, prefix + m["layer"], m["name"], owner.expert_ids)
         elif fp8:
             keys, nbytes, read = plan_fp8_experts(reader, prefix + fp8["layer"], fp8["name"], bool(fp8["scale"]),
-                                                  modules[fp8["layer"]].expert_ids)
+                                                  owner.expert_ids)
         else:
-            key = prefix + name
+            key = prefix + checkpoint_name
             info = reader.info(key)
             keys, nbytes, read = [key], info.end - info.begin, lambda key=key: reader.read(key)
         if keys:
@@ -194,10 +204,12 @@ def _check_unexpected(reader: CheckpointReader, prefix: str, used: set[str]) -> 
         raise CheckpointError(f"{file}: unexpected tensor {key!r}: the config.json does not describe it")
 
 
-def apply_quantization(model: nn.Module, model_dir: str | Path) -> nn.Module:
-    """Swap in the FP8 modules an FP8 checkpoint needs (a no-op for bf16/fp32); call on the meta model."""
+def apply_quantization(model: nn.Module, model_dir: str | Path,
+                       names: Callable[[str], str] | None = None) -> nn.Module:
+    """Swap in the FP8 modules an FP8 checkpoint needs (a no-op for bf16/fp32); call on the meta model.
+    `names`: as for `load_model`."""
     scheme = load_scheme(model_dir)
-    return model if scheme is None else quantize_modules(model, scheme)
+    return model if scheme is None else quantize_modules(model, scheme, names)
 
 
 def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:

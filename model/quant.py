@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,12 +197,14 @@ class Fp8RoutedExperts(nn.Module):
         return fp8_linear(F.silu(gate) * up, self.down_weight[e], self.down_weight_scale[e], self.dynamic)
 
 
-def quantize_modules(model: nn.Module, scheme: Fp8Scheme) -> nn.Module:
-    """Swap, on the meta device before loading, every module the checkpoint quantizes for its FP8 twin."""
+def quantize_modules(model: nn.Module, scheme: Fp8Scheme, names: Callable[[str], str] | None = None) -> nn.Module:
+    """Swap, on the meta device before loading, every module the checkpoint quantizes for its FP8 twin
+    (`names`: the model's module names -> the checkpoint's, when they differ)."""
+    names = names or (lambda name: name)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if not isinstance(child, (nn.Linear, RoutedExperts)) or not scheme.quantized(full):
+            if not isinstance(child, (nn.Linear, RoutedExperts)) or not scheme.quantized(names(full)):
                 continue
             with torch.device(next(child.parameters()).device):  # meta stays meta: nothing allocated
                 if isinstance(child, RoutedExperts):

@@ -11,10 +11,10 @@ from model.checkpoint import CheckpointError, CheckpointReader
 from model.config import load_config
 from model.decoder import Llama4ForCausalLM
 from model.generate import greedy_generate
-from model.loader import load_model, load_pretrained, materialize
-from model.moe import RoutedExperts
+from model.loader import expert_slice_names, load_model, load_pretrained, materialize
+from model.moe import ExpertSlices
 from model.tiny import make_tiny
-from workers.expert_worker import ExpertShard
+from workers.expert_parallel import AllToAllExperts, ExpertGroup, Placement, shard_experts
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +50,25 @@ def test_expert_rows_read_by_byte_range(tiny):
         assert torch.equal(part, full[[5, 2, 3]])
 
 
+def _placement(config, owned):
+    """Expert rank 1 of an A=1, E=2 gang holds `owned`, rank 2 the rest."""
+    return Placement({layer: [[1] if e in owned else [2] for e in range(config.num_experts)]
+                      for layer in config.moe_layers})
+
+
+def _shard(config, rank, owned=(2, 3)):
+    """What rank `rank` of that gang loads, as `shard_experts` makes it on the meta device."""
+    comm = ExpertGroup(None, rank, 3, config.hidden_size, torch.float32)
+    with torch.device("meta"):
+        shard = shard_experts(Llama4ForCausalLM(config), comm, _placement(config, owned), attention_ranks=1)
+    return materialize(shard, "cpu")
+
+
 def _attention_worker_model(config):
     """Everything but the routed experts, as an attention worker holds it."""
-    with torch.device("meta"):
-        model = Llama4ForCausalLM(config)
-    for _, moe in model.moe_blocks():
-        moe.experts = RoutedExperts(config.hidden_size, config.intermediate_size, [], config.num_experts)
-    return materialize(model, "cpu")
+    model = _shard(config, rank=0)
+    assert all(isinstance(moe.experts, AllToAllExperts) for _, moe in model.moe_blocks())
+    return model
 
 
 def test_attention_worker_never_reads_routed_experts(tiny):
@@ -71,12 +83,26 @@ def test_attention_worker_never_reads_routed_experts(tiny):
 def test_expert_worker_reads_only_its_experts(tiny):
     config = load_config(tiny)
     owned = [2, 3]
-    shard = ExpertShard(config, {layer: owned for layer in config.moe_layers})
+    shard = _shard(config, rank=1, owned=owned)
+    assert isinstance(shard, ExpertSlices) and list(shard.parameters())  # experts only, and only those
+    assert sum(p.numel() for p in shard.parameters()) == sum(
+        p.numel() for layer in config.moe_layers for p in shard.experts(layer).parameters())
     with CheckpointReader(tiny) as reader:
-        report = load_model(shard, reader, torch.float32, strict=False)
+        report = load_model(shard, reader, torch.float32, strict=False, names=expert_slice_names)
         assert report.bytes_read == _expert_bytes(reader) * len(owned) // config.num_experts
         full = reader.read("language_model.model.layers.3.feed_forward.experts.down_proj")
-    assert torch.equal(shard.model.layers["3"].feed_forward.experts.down_proj, full[owned].float())
+    assert shard.experts(3).expert_ids == owned
+    assert torch.equal(shard.experts(3).down_proj, full[owned].float())
+    assert _shard(config, rank=2, owned=owned).experts(3).expert_ids == [e for e in range(config.num_experts)
+                                                                         if e not in owned]
+
+
+def test_shard_experts_refuses_a_placement_that_does_not_fit(tiny):
+    config = load_config(tiny)
+    comm = ExpertGroup(None, 1, 3, config.hidden_size, torch.float32)
+    wrong_rank = Placement({layer: [[3]] * config.num_experts for layer in config.moe_layers})
+    with torch.device("meta"), pytest.raises(ValueError, match="not expert ranks"):
+        shard_experts(Llama4ForCausalLM(config), comm, wrong_rank, attention_ranks=1)
 
 
 def _greedy(model_dir):

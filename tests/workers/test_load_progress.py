@@ -9,11 +9,12 @@ import torch
 
 from model.checkpoint import CheckpointReader
 from model.config import load_config
-from model.loader import LoadProgress, load_model
+from model.loader import LoadProgress, expert_slice_names, load_model
+from model.moe import ExpertSlices
 from model.tiny import make_tiny
 from workers.attention_worker import AttentionWorker
 from workers.config import EngineConfig
-from workers.expert_worker import ExpertShard, ExpertWorker
+from workers.expert_worker import ExpertWorker
 from workers.rank import Rank
 
 
@@ -36,10 +37,10 @@ class RecordingProgress(LoadProgress):
 
 def test_total_is_known_before_the_first_read_and_every_byte_is_counted(tiny):
     config = load_config(tiny)
-    shard = ExpertShard(config, {layer: [1, 2, 5] for layer in config.moe_layers})
+    shard = ExpertSlices(config, {layer: [1, 2, 5] for layer in config.moe_layers})
     with CheckpointReader(tiny) as reader:
         progress = RecordingProgress(reader)
-        report = load_model(shard, reader, torch.float32, strict=False, progress=progress)
+        report = load_model(shard, reader, torch.float32, strict=False, progress=progress, names=expert_slice_names)
     assert progress.total_bytes == progress.loaded_bytes == report.bytes_read > 0
     totals = {total for total, _, _ in progress.seen}
     assert totals == {report.bytes_read}  # the total was set once, before any advance
