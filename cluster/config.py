@@ -36,6 +36,9 @@ class EngineLimits(Strict):
     kv_cache_memory: int = Field(256 * 2**20, ge=1, description="bytes of K/V per attention worker")
     enable_prefix_caching: bool = True
     free_chunked_blocks: bool = True
+    microbatches: int = Field(1, ge=1, le=2, description="2: steps of at least microbatch_min_tokens run as two "
+                              "micro-batches whose MoE all-to-alls overlap the other's attention (gangs)")
+    microbatch_min_tokens: int = Field(16, ge=1)
 
     def engine_config(self, dtype: str | None, device: str) -> EngineConfig:
         return EngineConfig(dtype=dtype, device=device, **self.model_dump())

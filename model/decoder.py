@@ -42,12 +42,47 @@ class TextModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
     def forward(self, input_ids_T, positions_T, meta, cache, embeds=None):
-        x_TD = self.embed_tokens(input_ids_T)
-        if embeds is not None:  # (rows [R], vectors [R, D]): image features at their `<|patch|>` tokens
-            x_TD = x_TD.index_copy(0, embeds[0], embeds[1].to(x_TD.dtype))
+        x_TD = self.embed(input_ids_T, embeds)
         freqs_cis = self.rotary_emb.freqs_cis(positions_T)
         for layer in self.layers:
             x_TD = layer(x_TD, positions_T, freqs_cis, meta, cache)
+        return self.norm(x_TD)
+
+    def embed(self, input_ids_T, embeds=None):
+        x_TD = self.embed_tokens(input_ids_T)
+        if embeds is not None:  # (rows [R], vectors [R, D]): image features at their `<|patch|>` tokens
+            x_TD = x_TD.index_copy(0, embeds[0], embeds[1].to(x_TD.dtype))
+        return x_TD
+
+    def forward_microbatches(self, microbatches: list[tuple], cache: KVCache) -> list[torch.Tensor]:
+        """`forward` over several (input_ids_T, positions_T, meta, embeds) at once, ping-pong: while one
+        micro-batch's tokens are with the routed experts, the next one computes. Each micro-batch runs
+        its layers in order and pauses after every MoE dispatch, so all of them reach the MoE layers'
+        collectives in the same order on every rank."""
+        runs = [self._paused_at_moe(ids_T, positions_T, meta, cache, embeds)
+                for ids_T, positions_T, meta, embeds in microbatches]
+        outs: list[torch.Tensor | None] = [None] * len(runs)
+        while any(out is None for out in outs):
+            for i, run in enumerate(runs):
+                if outs[i] is None:
+                    try:
+                        next(run)
+                    except StopIteration as done:
+                        outs[i] = done.value
+        return outs
+
+    def _paused_at_moe(self, input_ids_T, positions_T, meta, cache, embeds=None):
+        x_TD = self.embed(input_ids_T, embeds)
+        freqs_cis = self.rotary_emb.freqs_cis(positions_T)
+        for layer in self.layers:
+            x_TD = x_TD + layer.self_attn(layer.input_layernorm(x_TD), positions_T, freqs_cis, meta, cache)
+            h_TD = layer.post_attention_layernorm(x_TD)
+            if layer.is_moe:
+                begun = layer.feed_forward.begin(h_TD)
+                yield  # the tokens are with the experts
+                x_TD = x_TD + layer.feed_forward.end(begun)
+            else:
+                x_TD = x_TD + layer.feed_forward(h_TD)
         return self.norm(x_TD)
 
 
@@ -64,6 +99,12 @@ class Llama4ForCausalLM(nn.Module):
         """Final-normed hidden states [T, D]; call `logits` on the rows you sample from. `embeds` replaces
         the token embeddings of some rows (image features, `model.vision`)."""
         return self.model(input_ids_T, positions_T, meta, cache, embeds)
+
+    @torch.inference_mode()
+    def forward_microbatches(self, microbatches: list[tuple], cache: KVCache) -> list[torch.Tensor]:
+        """Final-normed hidden states of each (input_ids_T, positions_T, meta, embeds), their MoE layers
+        overlapped (`TextModel.forward_microbatches`)."""
+        return self.model.forward_microbatches(microbatches, cache)
 
     @torch.inference_mode()
     def logits(self, hidden_ND: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,28 @@ class RoutedExperts(nn.Module):
     def _ffn(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
         return expert_ffn(x_nD, self.gate_up_proj[e], self.down_proj[e])
 
+    def forward_padded(self, x_ND: torch.Tensor, experts_N: torch.Tensor) -> torch.Tensor:
+        """`forward` without a host synchronisation (GPU expert ranks): one grouped GEMM per projection
+        over offsets that stay on the device. Rows whose expert this module does not hold (padding,
+        id -1) sort last and come back undefined: their senders never read them."""
+        if x_ND.shape[0] == 0:
+            return torch.empty_like(x_ND)
+        e = len(self.expert_ids)
+        local_N = torch.where(experts_N >= 0, self.local_index_E[experts_N.clamp(min=0)], -1)
+        key_N = torch.where(local_N >= 0, local_N, e)
+        order_N = torch.argsort(key_N, stable=True)
+        counts_e = count_per_bin(key_N, e + 1)[:e]
+        offs_e = torch.cumsum(counts_e, 0).to(torch.int32)
+        gate, up = F.grouped_mm(x_ND.index_select(0, order_N), self.gate_up_proj, offs=offs_e).chunk(2, dim=-1)
+        y_sorted = F.grouped_mm(F.silu(gate) * up, self.down_proj, offs=offs_e)
+        return torch.empty_like(x_ND).index_copy_(0, order_N, y_sorted)
+
+
+def count_per_bin(index_N: torch.Tensor, bins: int) -> torch.Tensor:
+    """`torch.bincount(index_N, minlength=bins)` for indices below `bins`, without the host read of the
+    maximum that CUDA's bincount makes."""
+    return torch.zeros(bins, dtype=torch.long, device=index_N.device).index_add_(0, index_N, torch.ones_like(index_N))
+
 
 def expert_ffn(x_nD: torch.Tensor, gate_up_D2F: torch.Tensor, down_FD: torch.Tensor) -> torch.Tensor:
     gate, up = (x_nD @ gate_up_D2F).chunk(2, dim=-1)
@@ -86,6 +108,19 @@ def experts_for_loop(experts: RoutedExperts, x_ND: torch.Tensor, experts_N: torc
         e = experts.expert_ids.index(expert)
         rows.append(expert_ffn(x_D[None], experts.gate_up_proj[e], experts.down_proj[e])[0])
     return torch.stack(rows) if rows else x_ND.new_zeros(x_ND.shape)
+
+
+class ExpertSlices(nn.Module):
+    """What an expert rank holds: for each MoE layer the slice of routed experts it owns, nothing else.
+    `model.loader.expert_slice_names` maps its names to the checkpoint's."""
+
+    def __init__(self, config: Llama4Config, owned: dict[int, list[int]]):
+        super().__init__()
+        self.layers = nn.ModuleDict({str(layer): RoutedExperts(config.hidden_size, config.intermediate_size, ids,
+                                                               config.num_experts) for layer, ids in owned.items()})
+
+    def experts(self, layer: int) -> RoutedExperts:
+        return self.layers[str(layer)]
 
 
 class MoE(nn.Module):
@@ -106,8 +141,16 @@ class MoE(nn.Module):
         return x_ND, experts_TK.reshape(-1)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.end(self.begin(x_TD))
+
+    def begin(self, x_TD: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """Route and dispatch; the shared expert runs while the routed experts work (when remote)."""
         x_ND, experts_N = self.route(x_TD)
         pending = self.experts.dispatch(x_ND, experts_N)
-        out_TD = self.shared_expert(x_TD)  # overlaps the routed experts when they are remote
+        return pending, self.shared_expert(x_TD)
+
+    def end(self, begun: tuple[Any, torch.Tensor]) -> torch.Tensor:
+        """Combine the routed experts' rows (waiting for them when remote) with the shared expert's."""
+        pending, out_TD = begun
         y_ND = self.experts.combine(pending)
-        return out_TD + y_ND.view(x_TD.shape[0], self.top_k, x_TD.shape[1]).sum(1)
+        return out_TD + y_ND.view(out_TD.shape[0], self.top_k, out_TD.shape[1]).sum(1)

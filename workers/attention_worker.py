@@ -27,7 +27,7 @@ from model.tokenizer import Tokenizer, load_generation_defaults
 from workers.config import EngineConfig
 from workers.engine import LLMEngine
 from workers.errors import Unavailable
-from workers.expert_parallel import AllToAllExperts, ExpertGroup, Placement
+from workers.expert_parallel import ExpertGroup, Placement, shard_experts
 from workers.protocol import GenerateRequest, RequestOutput
 from workers.rank import MetricsOptions, Rank
 from workers.wave import WaveLoop
@@ -66,10 +66,8 @@ class AttentionWorker(Rank):
         with torch.device("meta"):
             model = Llama4ForCausalLM(config)
         if self.num_expert_ranks:
-            comm = self.comm = ExpertGroup(self.group, self.rank, self.world_size, config.hidden_size, dtype,
-                                           self.device)
-            for layer, moe in model.moe_blocks():
-                moe.experts = AllToAllExperts(comm, self.placement, layer, self.num_attention)
+            self.comm = ExpertGroup(self.group, self.rank, self.world_size, config.hidden_size, dtype, self.device)
+            model = shard_experts(model, self.comm, self.placement, self.num_attention)
         apply_quantization(model, self.model_dir)  # an FP8 checkpoint: shared experts, dense MLPs in FP8
         materialize(model, self.device)
         with CheckpointReader(self.model_dir) as reader:
@@ -99,6 +97,8 @@ class AttentionWorker(Rank):
         """This engine, stepped by a new wave on the current group; the wave is bound to this engine,
         so a wave thread of a failed epoch can never step the new one."""
         engine.collective = bool(self.num_expert_ranks)
+        if self.comm is not None:
+            engine.runner.plan = self.comm.agree_step  # every rank runs the step's agreed micro-batches
         group = self.group if self.num_expert_ranks else None
         wave = WaveLoop(group, self.idle_steps, engine.pending_tokens, lambda: self._step(engine),
                         f"attention-{self.rank}", self.torch_threads)
@@ -195,7 +195,7 @@ class AttentionWorker(Rank):
                 "prompt_tokens": s.prompt_tokens_total, "generation_tokens": s.generation_tokens_total,
                 "alltoall_seconds": self.comm.alltoall_seconds if self.comm else 0.0,
                 "alltoall_bytes": self.comm.alltoall_bytes if self.comm else 0,
-                "weight_bytes": self.weight_bytes,
+                "weight_bytes": self.weight_bytes, "microbatched_steps": self.engine.runner.microbatched_steps,
                 "step_seconds": list(self.step_seconds)}
 
     # -- on the wave thread -------------------------------------------------------------------------

@@ -16,6 +16,10 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the checkpoint's limit, capped by the KV capacity
     enable_prefix_caching: bool = True
     free_chunked_blocks: bool = True  # release chunked-attention blocks behind the window
+    # 2: a step of at least microbatch_min_tokens tokens runs as two micro-batches whose MoE layers
+    # overlap (in a gang: one's attention while the other's tokens are with the experts)
+    microbatches: int = 1
+    microbatch_min_tokens: int = 16
     dtype: str | None = None  # default float32 on CPU, bfloat16 on GPU
     device: str = "cpu"
     # check the KV cache's bookkeeping after every step (slow; on in the test suite)
@@ -25,5 +29,7 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.microbatches not in (1, 2):
+            raise ValueError(f"microbatches must be 1 or 2, got {self.microbatches}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")

@@ -50,7 +50,7 @@ class LLMEngine(Engine):
                                  config.enable_prefix_caching, config.free_chunked_blocks)
         self.max_model_len = self._resolve_max_model_len()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.kv, num_blocks, vision)
+        self.runner = ModelRunner(model, self.kv, num_blocks, vision, config.microbatches, config.microbatch_min_tokens)
         self.outputs = OutputProcessor(tokenizer, frozenset(self.defaults.eos_token_ids), self.max_model_len)
         self.generator = torch.Generator(device=self.runner.device)
         self.generator.seed()

@@ -1,9 +1,10 @@
 """Expert parallelism over one process group: placement, and the one dispatch/combine pair.
 
-Ranks 0..A-1 are attention workers, A..A+E-1 expert workers. Each step, at its first MoE layer, all
-ranks agree on the step's capacity T (one tiny all-reduce MAX of the attention ranks' routed rows).
-Then for every MoE layer, in order, every rank takes part in two collectives of fixed shape, so no
-rank needs to learn anything about the others' rows first (no count exchange, no host sync):
+Ranks 0..A-1 are attention workers, A..A+E-1 expert workers. Before each step's forward, all ranks
+agree on the step's micro-batch count M and capacity T (`agree_step`: one tiny all-reduce MAX of the
+attention ranks' routed rows per micro-batch). Then for every MoE layer, in order, and for each of
+its M micro-batches, every rank takes part in two collectives of fixed shape, so no rank needs to
+learn anything about the others' rows first (no count exchange, no host sync):
   1. dispatch `all_to_all_single`: each attention rank sends a block of T rows to every expert rank:
      its score-scaled activations routed there, the expert id as one extra column, and padding rows
      with id -1 after them;
@@ -11,7 +12,8 @@ rank needs to learn anything about the others' rows first (no count exchange, no
 Expert ranks send nothing in (1), attention ranks receive nothing from each other. A block holds at
 most T real rows because top-1 routing sends each row to exactly one rank. Padding costs bytes (E
 blocks of T rows per attention rank, about E x the real rows), nothing in latency at these sizes.
-Dispatch is asynchronous, so the attention rank computes the shared expert while its tokens are away.
+Dispatch is asynchronous and posts the combine's receive at once, so the attention rank computes the
+shared expert, and with M = 2 the other micro-batch's attention, while its tokens are away.
 The local path (`model.moe.RoutedExperts`) stays the reference these are tested against.
 
 Shape suffixes: N routed rows, D hidden, W world size, E experts, B = blocks x T buffer rows.
@@ -27,7 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.moe import RoutedExperts
+from model.decoder import Llama4ForCausalLM
+from model.moe import ExpertSlices, RoutedExperts, count_per_bin
 
 
 class Placement:
@@ -75,15 +78,13 @@ class Placement:
         replica_N = torch.arange(experts_N.shape[0], device=experts_N.device) % dest_EW.shape[1]
         return dest_EW[experts_N, replica_N]
 
-    @property
-    def first_layer(self) -> int:
-        return min(self.table)
-
 
 @dataclass
 class Pending:
     slot_N: torch.Tensor  # each row's place in the fixed-shape dispatch buffer
-    work: dist.Work | None
+    sent: dist.Work | None  # the dispatch
+    back_BD: torch.Tensor  # the combine's receive buffer, filled when `back` completes
+    back: dist.Work | None
 
 
 class ExpertGroup:
@@ -110,14 +111,16 @@ class ExpertGroup:
             raise RuntimeError("a wave of a failed epoch reached a collective of the new one")
         return group
 
-    def agree_capacity(self, local_rows: int) -> int:
-        """The step's capacity T: the most routed rows any attention rank has (expert ranks give 0)."""
+    def agree_step(self, rows: list[int]) -> int:
+        """Before a step's forward, on every rank: this rank's routed rows per micro-batch (expert ranks
+        give none) -> the gang's micro-batch count (the most any attention rank asks for). Sets the
+        step's capacity T: the most routed rows in any micro-batch of any attention rank."""
         start = time.perf_counter()
-        rows = torch.tensor([local_rows], dtype=torch.long, device=self.device)
-        dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=self.group)
-        self.capacity = int(rows.item())  # NOTE: one host read per step, not per MoE layer
+        plan = torch.tensor([len(rows), max(rows, default=0)], dtype=torch.long, device=self.device)
+        dist.all_reduce(plan, op=dist.ReduceOp.MAX, group=self.group)
+        count, self.capacity = plan.tolist()  # NOTE: one host read per step, not per MoE layer
         self.alltoall_seconds += time.perf_counter() - start
-        return self.capacity
+        return max(count, 1)
 
     def splits(self, attention_ranks: int, to_experts: bool) -> list[int]:
         """Rows per rank of a fixed-shape block: T for every expert rank (attention side) or every
@@ -151,16 +154,16 @@ class AllToAllExperts(nn.Module):
         super().__init__()
         self.comm, self.placement, self.layer = comm, placement, layer
         self.attention_ranks = attention_ranks
-        self.first = layer == placement.first_layer
 
     def dispatch(self, x_ND: torch.Tensor, experts_N: torch.Tensor) -> Pending:
+        """Send the rows (asynchronously) and post the combine's receive at once: the collectives of
+        every rank then come in one order, dispatch and combine per micro-batch, even while another
+        micro-batch computes between this dispatch and its combine."""
         comm, n = self.comm, x_ND.shape[0]
-        if self.first:
-            comm.agree_capacity(n)
-        capacity = comm.capacity
+        capacity = comm.capacity  # agreed for the step (`agree_step`)
         dest_N = self.placement.destinations(self.layer, experts_N) - self.attention_ranks  # expert block
         order_N = torch.argsort(dest_N, stable=True)
-        counts_B = torch.bincount(dest_N, minlength=comm.world_size - self.attention_ranks)
+        counts_B = count_per_bin(dest_N, comm.world_size - self.attention_ranks)
         starts_B = torch.cumsum(counts_B, 0) - counts_B
         sorted_dest_N = dest_N.index_select(0, order_N)
         slot_N = torch.empty_like(order_N)
@@ -170,37 +173,58 @@ class AllToAllExperts(nn.Module):
         # NOTE: the expert id rides as an extra column, exact in fp32 and in bf16 up to 256 experts; -1 pads
         send_BD1 = torch.full((blocks * capacity, comm.hidden + 1), -1, dtype=x_ND.dtype, device=x_ND.device)
         send_BD1.index_copy_(0, slot_N, torch.cat([x_ND, experts_N.to(x_ND.dtype)[:, None]], dim=1))
-        _, work = comm.all_to_all(send_BD1, comm.splits(self.attention_ranks, to_experts=True),
-                                  [0] * comm.world_size, async_op=True)
-        return Pending(slot_N, work)
+        blocks, zeros = comm.splits(self.attention_ranks, to_experts=True), [0] * comm.world_size
+        _, sent = comm.all_to_all(send_BD1, blocks, zeros, async_op=True)
+        empty = torch.empty(0, comm.hidden, dtype=comm.dtype, device=comm.device)
+        back_BD, back = comm.all_to_all(empty, zeros, blocks, async_op=True)
+        return Pending(slot_N, sent, back_BD, back)
 
     def combine(self, pending: Pending) -> torch.Tensor:
-        comm = self.comm
-        comm.wait(pending.work)
-        empty = torch.empty(0, comm.hidden, dtype=comm.dtype, device=comm.device)
-        back_BD, _ = comm.all_to_all(empty, [0] * comm.world_size, comm.splits(self.attention_ranks, to_experts=True))
-        return back_BD.index_select(0, pending.slot_N)
+        self.comm.wait(pending.sent)
+        self.comm.wait(pending.back)
+        return pending.back_BD.index_select(0, pending.slot_N)
 
 
-def serve_layer(comm: ExpertGroup, experts: RoutedExperts, attention_ranks: int, first: bool,
-                load_E: torch.Tensor | None = None) -> int:
-    """An expert rank's share of one MoE layer: receive blocks, run the grouped FFN on their real rows,
-    send the blocks back. `first`: the step's first MoE layer (agree the capacity). `load_E` (per
-    expert of the model) counts the rows each expert received."""
-    if first:
-        comm.agree_capacity(0)
+def shard_experts(model: Llama4ForCausalLM, comm: ExpertGroup, placement: Placement,
+                  attention_ranks: int) -> nn.Module:
+    """Expert parallelism applied from outside the model, on the meta device before anything is loaded.
+
+    An attention rank (rank < attention_ranks) keeps the model with every MoE block's routed experts
+    swapped for the all-to-all pair (their weights stay on the expert ranks); an expert rank gets only
+    the experts `placement` gives it, per MoE layer (`ExpertSlices`).
+    """
+    layers = [layer for layer, _ in model.moe_blocks()]
+    placement.check(layers, model.config.num_experts, list(range(attention_ranks, comm.world_size)))
+    if comm.rank < attention_ranks:
+        for layer, moe in model.moe_blocks():
+            moe.experts = AllToAllExperts(comm, placement, layer, attention_ranks)
+        return model
+    return ExpertSlices(model.config, {layer: placement.experts_on(comm.rank, layer) for layer in layers})
+
+
+def serve_layer(comm: ExpertGroup, experts: RoutedExperts, attention_ranks: int,
+                load_E: torch.Tensor | None = None, sync_free: bool = False) -> int | torch.Tensor:
+    """An expert rank's share of one MoE layer for one micro-batch (after the step's `agree_step`):
+    receive blocks, run the grouped FFN on their real rows, send the blocks back; returns the real rows
+    served. `load_E` (per expert of the model) counts the rows each expert received. `sync_free`
+    (GPU): the whole padded buffer goes through `forward_padded`, and nothing is read on the host."""
     zeros = [0] * comm.world_size
     blocks = comm.splits(attention_ranks, to_experts=False)
     empty = torch.empty(0, comm.hidden + 1, dtype=comm.dtype, device=comm.device)
     rows_BD1, _ = comm.all_to_all(empty, zeros, blocks)
     experts_B = rows_BD1[:, -1].long()
-    real_N = torch.nonzero(experts_B >= 0).squeeze(1)
-    x_ND, experts_N = rows_BD1[:, :-1].index_select(0, real_N), experts_B.index_select(0, real_N)
-    if load_E is not None and experts_N.numel():  # on the rows' device: no host sync per layer
-        load_E += torch.bincount(experts_N, minlength=load_E.numel())
-    # padding rows go back unwritten: their senders never read them
-    out_BD = torch.empty(rows_BD1.shape[0], comm.hidden, dtype=comm.dtype, device=comm.device)
-    if real_N.numel():
-        out_BD.index_copy_(0, real_N, experts(x_ND, experts_N))
+    if load_E is not None:  # padding (-1) lands in bin 0, dropped
+        load_E += count_per_bin(experts_B + 1, load_E.numel() + 1)[1:]
+    if sync_free:
+        out_BD = experts.forward_padded(rows_BD1[:, :-1], experts_B)
+        served = (experts_B >= 0).sum()
+    else:
+        real_N = torch.nonzero(experts_B >= 0).squeeze(1)
+        x_ND, experts_N = rows_BD1[:, :-1].index_select(0, real_N), experts_B.index_select(0, real_N)
+        # padding rows go back unwritten: their senders never read them
+        out_BD = torch.empty(rows_BD1.shape[0], comm.hidden, dtype=comm.dtype, device=comm.device)
+        if real_N.numel():
+            out_BD.index_copy_(0, real_N, experts(x_ND, experts_N))
+        served = int(real_N.numel())
     comm.all_to_all(out_BD, blocks, zeros)
-    return int(real_N.numel())
+    return served

@@ -11,38 +11,20 @@ import logging
 import time
 
 import torch
-from torch import nn
 
 from model.checkpoint import CheckpointReader
-from model.config import Llama4Config, load_config
-from model.loader import apply_quantization, load_model, materialize, resolve_dtype
+from model.config import load_config
+from model.decoder import Llama4ForCausalLM
+from model.loader import apply_quantization, expert_slice_names, load_model, materialize, resolve_dtype
 from model.moe import RoutedExperts
 from model.optimize import optimize_for_inference
 from model.quant import weight_bytes
 from workers.errors import Unavailable
-from workers.expert_parallel import ExpertGroup, Placement, serve_layer
+from workers.expert_parallel import ExpertGroup, Placement, serve_layer, shard_experts
 from workers.rank import MetricsOptions, Rank
 from workers.wave import WaveLoop
 
 log = logging.getLogger(__name__)
-
-
-class ExpertShard(nn.Module):
-    """Only routed experts, named as in the checkpoint (`model.layers.N.feed_forward.experts`)."""
-
-    def __init__(self, config: Llama4Config, experts_by_layer: dict[int, list[int]]):
-        super().__init__()
-        self.model = nn.Module()
-        self.model.layers = nn.ModuleDict()
-        for layer, expert_ids in experts_by_layer.items():
-            holder = nn.Module()
-            holder.feed_forward = nn.Module()
-            holder.feed_forward.experts = RoutedExperts(config.hidden_size, config.intermediate_size, expert_ids,
-                                                        config.num_experts)
-            self.model.layers[str(layer)] = holder
-
-    def experts(self, layer: int) -> RoutedExperts:
-        return self.model.layers[str(layer)].feed_forward.experts
 
 
 class ExpertWorker(Rank):
@@ -60,27 +42,29 @@ class ExpertWorker(Rank):
         start = time.monotonic()
         config = load_config(self.model_dir)
         dtype = resolve_dtype(self.dtype_name, self.device.type)
-        owned = {layer: self.placement.experts_on(self.rank, layer) for layer in config.moe_layers}
+        self.comm = ExpertGroup(self.group, self.rank, self.world_size, config.hidden_size, dtype, self.device)
         with torch.device("meta"):
-            self.shard = ExpertShard(config, owned)
-        apply_quantization(self.shard, self.model_dir)  # an FP8 checkpoint: the experts stay FP8 in memory
-        materialize(self.shard, self.device)
+            shard = shard_experts(Llama4ForCausalLM(config), self.comm, self.placement, self.num_attention)
+        # an FP8 checkpoint: the experts stay FP8 in memory
+        apply_quantization(shard, self.model_dir, names=expert_slice_names)
+        materialize(shard, self.device)
         with CheckpointReader(self.model_dir) as reader:
-            report = load_model(self.shard, reader, dtype, strict=False, progress=self.progress)
-        self.weight_bytes = weight_bytes(self.shard)
-        optimize_for_inference(self.shard)
-        self.layers = [self.shard.experts(layer) for layer in config.moe_layers]
+            report = load_model(shard, reader, dtype, strict=False, progress=self.progress, names=expert_slice_names)
+        self.weight_bytes = weight_bytes(shard)
+        self.shard = optimize_for_inference(shard)
+        self.layers = [shard.experts(layer) for layer in config.moe_layers]
         self.moe_layers = list(config.moe_layers)
         # rows routed to each expert per MoE layer, since start (whole-model expert ids)
         self.expert_load_LE = torch.zeros(len(self.layers), config.num_experts, dtype=torch.long, device=self.device)
-        self.owned_experts = owned[config.moe_layers[0]]
-        self.comm = ExpertGroup(self.group, self.rank, self.world_size, config.hidden_size, dtype, self.device)
+        self.owned_experts = self.layers[0].expert_ids
+        # on a GPU, no host read per MoE layer (bf16/fp32 experts; FP8 ones keep their per-expert loop)
+        self.sync_free = self.device.type == "cuda" and all(isinstance(x, RoutedExperts) for x in self.layers)
         self.snapshot = self._snapshot()
         self._new_wave()
-        log.info("expert rank %d holds experts %s: %.1f MB in %.1fs", self.rank, owned[config.moe_layers[0]],
+        log.info("expert rank %d holds experts %s: %.1f MB in %.1fs", self.rank, self.owned_experts,
                  report.bytes_read / 1e6, time.monotonic() - start)
         return {"rank": self.rank, "bytes_read": report.bytes_read, "seconds": time.monotonic() - start,
-                "experts": owned[config.moe_layers[0]], "weight_bytes": self.weight_bytes}
+                "experts": self.owned_experts, "weight_bytes": self.weight_bytes}
 
     def start(self) -> None:
         self.wave.start()
@@ -112,8 +96,11 @@ class ExpertWorker(Rank):
             if self._fault_in <= 0:
                 self._fault_in = None
                 raise RuntimeError(f"expert rank {self.rank}: injected fault")
-        for i, (experts, load_E) in enumerate(zip(self.layers, self.expert_load_LE)):
-            self.rows_served += serve_layer(self.comm, experts, self.num_attention, first=i == 0, load_E=load_E)
+        microbatches = self.comm.agree_step([])
+        for experts, load_E in zip(self.layers, self.expert_load_LE):
+            for _ in range(microbatches):
+                self.rows_served += serve_layer(self.comm, experts, self.num_attention, load_E=load_E,
+                                                sync_free=self.sync_free)
         self.snapshot = self._snapshot()
 
     def health(self) -> dict:
@@ -124,7 +111,7 @@ class ExpertWorker(Rank):
 
     def _snapshot(self) -> dict:
         """Counters of this rank, frozen at the end of a step (read by other threads)."""
-        return {"rows_served": self.rows_served, "alltoall_bytes": self.comm.alltoall_bytes,
+        return {"rows_served": int(self.rows_served), "alltoall_bytes": self.comm.alltoall_bytes,
                 "alltoall_seconds": self.comm.alltoall_seconds, "moe_layers": self.moe_layers,
                 "weight_bytes": self.weight_bytes,
                 "experts": self.owned_experts, "expert_load": self.expert_load_LE.clone()}

@@ -6,6 +6,7 @@ The only place where tensors are built from requests.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Callable
 
 import torch
 
@@ -19,10 +20,17 @@ from workers.scheduler import ScheduledBatch
 
 class ModelRunner:
     def __init__(self, model: Llama4ForCausalLM, kv: KVCacheManager, num_blocks: dict[str, int],
-                 vision: VisionTower | None = None):
+                 vision: VisionTower | None = None, microbatches: int = 1, microbatch_min_tokens: int = 16):
         self.model = model
         self.vision = vision
         self.kv = kv
+        # ping-pong: a step of at least `microbatch_min_tokens` tokens (and two requests) runs as two
+        # micro-batches whose MoE layers overlap; smaller steps lose more to the split than they gain
+        self.microbatches, self.microbatch_min_tokens = microbatches, microbatch_min_tokens
+        # in a gang, every rank runs the same number of micro-batches: `plan` (the expert group's
+        # `agree_step`) takes this rank's routed rows per micro-batch and returns the gang's count
+        self.plan: Callable[[list[int]], int] | None = None
+        self.microbatched_steps = 0  # steps run as two micro-batches, since start
         weight = model.model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         slots = {g: n * kv.block_size for g, n in num_blocks.items()}
@@ -31,19 +39,53 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Forward the batch; final hidden states [T, D] and each request's rows [start, end)."""
-        seqs, ids, rows = [], [], []
-        offset = 0
-        for req, n in zip(batch.requests, batch.num_tokens):
-            seqs.append(self.kv.slots(req, n))
-            ids.extend(req.tokens[req.num_computed:req.num_computed + n])
+        rows, offset = [], 0
+        for n in batch.num_tokens:
             rows.append((offset, offset + n))
             offset += n
-        positions_T, meta = build_metadata(self.model.config, seqs)
-        ids_T = torch.tensor(ids, dtype=torch.long, device=self.device)
         with_images = self.vision is not None and any(req.patch_positions for req in batch.requests)
         embeds = self._image_embeds(batch, rows) if with_images else None
-        hidden_TD = self.model(ids_T, positions_T.to(self.device), meta.to(self.device), self.cache, embeds)
-        return hidden_TD, rows
+        # image rows index the whole batch: such a step stays one micro-batch (or that and an empty one)
+        cut = len(batch.requests) if with_images else self._cut(batch.num_tokens)
+        parts = [(0, cut), (cut, len(batch.requests))] if cut < len(batch.requests) else [(0, cut)]
+        count = self._count([sum(batch.num_tokens[a:b]) for a, b in parts])
+        if count == 1 and len(parts) == 2:
+            parts = [(0, len(batch.requests))]
+        parts += [(len(batch.requests), len(batch.requests))] * (count - len(parts))  # empty ones
+        inputs = [self._inputs(batch.requests[a:b], batch.num_tokens[a:b], embeds if a == 0 else None)
+                  for a, b in parts]
+        if count == 1:
+            return self.model(*inputs[0][:3], self.cache, inputs[0][3]), rows
+        self.microbatched_steps += 1
+        return torch.cat(self.model.forward_microbatches(inputs, self.cache)), rows
+
+    def _cut(self, num_tokens: list[int]) -> int:
+        """Where this step would split into two micro-batches of about equal tokens (at a request
+        boundary); len(num_tokens) when it stays whole."""
+        total = sum(num_tokens)
+        if self.microbatches < 2 or len(num_tokens) < 2 or total < self.microbatch_min_tokens:
+            return len(num_tokens)
+        running = 0
+        for i, n in enumerate(num_tokens):
+            if running + n / 2 >= total / 2:
+                return max(1, i)
+            running += n
+        return len(num_tokens) - 1
+
+    def _count(self, tokens: list[int]) -> int:
+        """Micro-batches this step runs: this rank's own choice, or the gang's agreed one."""
+        if self.plan is None:
+            return len(tokens)
+        return self.plan([n * self.model.config.num_experts_per_tok for n in tokens])
+
+    def _inputs(self, requests, num_tokens, embeds) -> tuple:
+        seqs, ids = [], []
+        for req, n in zip(requests, num_tokens):
+            seqs.append(self.kv.slots(req, n))
+            ids.extend(req.tokens[req.num_computed:req.num_computed + n])
+        positions_T, meta = build_metadata(self.model.config, seqs)
+        ids_T = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return ids_T, positions_T.to(self.device), meta.to(self.device), embeds
 
     def _image_embeds(self, batch: ScheduledBatch, rows: list[tuple[int, int]]):
         """(batch rows, feature vectors) of the `<|patch|>` tokens in this step's chunks. The tower runs
@@ -73,10 +115,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_empty(self) -> None:
-        """A forward with no tokens: what a gang rank without work runs to join the collectives."""
-        positions_T, meta = build_metadata(self.model.config, [])
-        ids_T = torch.zeros(0, dtype=torch.long, device=self.device)
-        self.model(ids_T, positions_T.to(self.device), meta.to(self.device), self.cache)
+        """A forward with no tokens: what a gang rank without work runs to join the collectives (as
+        many empty micro-batches as the gang agrees)."""
+        count = self._count([0])
+        inputs = [self._inputs([], [], None) for _ in range(count)]
+        if count == 1:
+            self.model(*inputs[0][:3], self.cache)
+        else:
+            self.model.forward_microbatches(inputs, self.cache)
 
     @torch.inference_mode()
     def logits(self, hidden_TD: torch.Tensor, rows: list[int]) -> torch.Tensor:

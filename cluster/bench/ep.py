@@ -1,5 +1,6 @@
 """`maverick bench ep`: a gang (1 attention + 2 expert workers, gloo) against the single-process
-engine, on the same checkpoint and load.
+engine, on the same checkpoint and load; and the same gang with ping-pong micro-batches (`overlap`:
+`microbatches: 2`, every step of two requests or more split).
 
 Per concurrency level: output tok/s and the median step time of each, the all-to-all share of a gang
 step (time the attention rank waits in collectives), then the CPU an idle gang uses and the latency
@@ -57,13 +58,13 @@ class _Single:
 class _Gang:
     """The gang on Ray, driven by its supervisor in this process; idle (waiting on events) between runs."""
 
-    def __init__(self, args, params: SamplingParams):
+    def __init__(self, args, params: SamplingParams, microbatches: int = 1):
         self.params = params
         self.config = GangConfig(model=str(args.model), attention_workers=1, expert_workers=2,
                                  attention=RankResources(num_cpus=0.5, torch_threads=args.threads),
                                  experts=RankResources(num_cpus=0.5, torch_threads=1), skip_tokenizer_init=True,
-                                 engine=EngineLimits(max_num_seqs=max(args.concurrency),
-                                                     max_num_batched_tokens=4096))
+                                 engine=EngineLimits(max_num_seqs=max(args.concurrency), max_num_batched_tokens=4096,
+                                                     microbatches=microbatches, microbatch_min_tokens=2))
         self.supervisor = GangSupervisor(self.config, rebuild=False)
 
     async def run(self, prompt: list[int]) -> int:
@@ -82,42 +83,52 @@ class _Gang:
         steps = after["step_seconds"][len(before["step_seconds"]):] or after["step_seconds"][-1:]
         n_steps = max(1, after["steps"] - before["steps"])
         return {"tok_s": tokens / seconds, "step_ms": statistics.median(steps[1:] or steps) * 1e3,
-                "alltoall_ms": (after["alltoall_seconds"] - before["alltoall_seconds"]) / n_steps * 1e3}
+                "alltoall_ms": (after["alltoall_seconds"] - before["alltoall_seconds"]) / n_steps * 1e3,
+                "microbatched_steps": after["microbatched_steps"] - before["microbatched_steps"]}
 
 
-async def _interleaved(args, vocab: int, single: _Single, gang: _Gang) -> tuple[list[dict], dict]:
-    """Per level, `repeat` rounds of single then gang on the same prompts; medians of each figure."""
+async def _interleaved(args, vocab: int, single: _Single, gangs: dict[str, _Gang]) -> tuple[list[dict], dict]:
+    """Per level, `repeat` rounds of single, gang, overlap on the same prompts; medians of each figure."""
     steps = StepLine()
-    steps.show("bench ep  gang  starting")
-    await gang.supervisor.start()
+    for name, gang in gangs.items():
+        steps.show(f"bench ep  {name}  starting")
+        await gang.supervisor.start()
     try:
         steps.show("bench ep  warm-up")
-        warm = random_prompts(1, args.prompt_len, vocab, seed=1)
+        warm = random_prompts(2, args.prompt_len, vocab, seed=1)
         single.measure(warm)
-        await gang.measure(warm)
+        for gang in gangs.values():
+            await gang.measure(warm)
         results = []
         for level, c in enumerate(args.concurrency, 1):
             prompts = random_prompts(c, args.prompt_len, vocab, seed=c)
-            runs = {"single": [], "gang": []}
+            runs = {"single": [], **{name: [] for name in gangs}}
             for rep in range(1, args.repeat + 1):
                 steps.show(format_step("ep", "single", c, level, len(args.concurrency), rep, args.repeat))
                 runs["single"].append(single.measure(prompts))
-                steps.show(format_step("ep", "gang", c, level, len(args.concurrency), rep, args.repeat))
-                runs["gang"].append(await gang.measure(prompts))
+                for name, gang in gangs.items():
+                    steps.show(format_step("ep", name, c, level, len(args.concurrency), rep, args.repeat))
+                    runs[name].append(await gang.measure(prompts))
             med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
-            results.append({"concurrency": c, "single_tok_s": med["single"]["tok_s"],
-                            "single_step_ms": med["single"]["step_ms"], "gang_tok_s": med["gang"]["tok_s"],
-                            "gang_step_ms": med["gang"]["step_ms"], "alltoall_ms": med["gang"]["alltoall_ms"],
-                            "alltoall_share": med["gang"]["alltoall_ms"] / med["gang"]["step_ms"],
-                            "gang_over_single_step": med["gang"]["step_ms"] / med["single"]["step_ms"],
-                            "gang_over_single_step_runs": [g["step_ms"] / s["step_ms"]
-                                                           for s, g in zip(runs["single"], runs["gang"])]})
-            steps.print(f"bench ep  concurrency {c}: gang/single step {results[-1]['gang_over_single_step']:.2f}x")
+            row = {"concurrency": c, "single_tok_s": med["single"]["tok_s"], "single_step_ms": med["single"]["step_ms"]}
+            for name in gangs:
+                row.update({f"{name}_tok_s": med[name]["tok_s"], f"{name}_step_ms": med[name]["step_ms"],
+                            f"{name}_alltoall_ms": med[name]["alltoall_ms"],
+                            f"{name}_alltoall_share": med[name]["alltoall_ms"] / med[name]["step_ms"],
+                            f"{name}_over_single_step": med[name]["step_ms"] / med["single"]["step_ms"],
+                            f"{name}_over_single_step_runs": [g["step_ms"] / s["step_ms"]
+                                                              for s, g in zip(runs["single"], runs[name])],
+                            f"{name}_microbatched_steps": sum(r["microbatched_steps"] for r in runs[name])})
+            row["alltoall_ms"], row["alltoall_share"] = row["gang_alltoall_ms"], row["gang_alltoall_share"]
+            results.append(row)
+            steps.print(f"bench ep  concurrency {c}: gang/single step {row['gang_over_single_step']:.2f}x, "
+                        f"overlap/single {row['overlap_over_single_step']:.2f}x")
         steps.show("bench ep  gang  idle CPU and wake-up")
-        idle = await _idle_and_wake(gang.supervisor, gang.run)
+        idle = await _idle_and_wake(gangs["gang"].supervisor, gangs["gang"].run)
     finally:
         steps.close()
-        await gang.supervisor.stop()
+        for gang in gangs.values():
+            await gang.supervisor.stop()
     return results, idle
 
 
@@ -140,7 +151,8 @@ def main(args) -> int:
     single = _Single(args, params)
     started = ensure_local_ray()
     try:
-        results, idle = asyncio.run(_interleaved(args, vocab, single, _Gang(args, params)))
+        gangs = {"gang": _Gang(args, params), "overlap": _Gang(args, params, microbatches=2)}
+        results, idle = asyncio.run(_interleaved(args, vocab, single, gangs))
     finally:
         if started:
             ray.shutdown()
@@ -152,13 +164,17 @@ def main(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# Expert-parallel benchmark: gang (1 attention + 2 expert workers, gloo) vs one process", "",
-             f"Medians of {args.repeat} interleaved rounds per level (single, then gang, on the same prompts).", "",
-             "| concurrency | single tok/s | gang tok/s | single step ms | gang step ms | gang / single step "
-             "| all-to-all ms per step | all-to-all share |", "|---|---|---|---|---|---|---|---|"]
+             f"Medians of {args.repeat} interleaved rounds per level (single, gang, then the gang with two "
+             "micro-batches per step, on the same prompts).", "",
+             "| concurrency | single tok/s | gang tok/s | overlap tok/s | single step ms | gang step ms "
+             "| overlap step ms | gang / single step | overlap / single step | all-to-all share (gang, overlap) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['concurrency']} | {r['single_tok_s']:.1f} | {r['gang_tok_s']:.1f} | "
-                     f"{r['single_step_ms']:.1f} | {r['gang_step_ms']:.1f} | {r['gang_over_single_step']:.2f}x | "
-                     f"{r['alltoall_ms']:.1f} | {r['alltoall_share']:.0%} |")
+                     f"{r['overlap_tok_s']:.1f} | {r['single_step_ms']:.1f} | {r['gang_step_ms']:.1f} | "
+                     f"{r['overlap_step_ms']:.1f} | {r['gang_over_single_step']:.2f}x | "
+                     f"{r['overlap_over_single_step']:.2f}x | {r['gang_alltoall_share']:.0%}, "
+                     f"{r['overlap_alltoall_share']:.0%} |")
     lines += ["", f"Idle gang: {idle['idle_cpu_share']:.1%} of one core over 5 s (all ranks together); "
               f"waking it to the first token of a 3-token prompt: {idle['wake_to_first_token_ms']:.0f} ms.", ""]
     out.with_suffix(".md").write_text("\n".join(lines))

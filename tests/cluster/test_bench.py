@@ -48,11 +48,16 @@ def test_bench_ep_smoke(tmp_path):
     report = json.loads(out.read_text())
     assert [r["concurrency"] for r in report["results"]] == [1, 2]
     for row in report["results"]:
-        assert row["gang_step_ms"] > 0 and row["single_step_ms"] > 0 and 0 < row["alltoall_ms"] < row["gang_step_ms"]
+        for gang in ("gang", "overlap"):
+            assert row[f"{gang}_step_ms"] > 0 and 0 < row[f"{gang}_alltoall_ms"] < row[f"{gang}_step_ms"]
+        assert row["single_step_ms"] > 0 and row["gang_microbatched_steps"] == 0
+    # one request never splits; two do, in steps where both run
+    assert report["results"][0]["overlap_microbatched_steps"] == 0
+    assert report["results"][1]["overlap_microbatched_steps"] >= 3
     assert 0 <= report["idle"]["idle_cpu_share"] < 0.5 and report["idle"]["wake_to_first_token_ms"] > 0
     steps = [line for line in proc.stderr.splitlines() if line.startswith("bench ep  ") and "round" in line]
     assert steps[0] == "bench ep  single  concurrency 1 (level 1/2)  round 1/3"
-    assert steps[-1] == "bench ep  gang  concurrency 2 (level 2/2)  round 3/3" and len(steps) == 12
+    assert steps[-1] == "bench ep  overlap  concurrency 2 (level 2/2)  round 3/3" and len(steps) == 18
 
 
 @pytest.mark.timeout(900)  # a gang, then two `maverick serve` in turn: minutes on a slow 2-core machine

@@ -99,6 +99,32 @@ def test_gang_equals_single_process(ray_cluster, gang_checkpoint, reference, att
     assert all(steps > 0 for steps in per_worker)
 
 
+@pytest.mark.parametrize("attention,experts", [(1, 2), (2, 4), (2, 1)])
+def test_overlapped_microbatches_equal_single_process(ray_cluster, gang_checkpoint, reference, attention, experts):
+    """Ping-pong: steps of two requests or more run as two micro-batches; with two attention ranks
+    their batches differ, one asks for one micro-batch (or has no tokens at all) while the other
+    splits, and every rank still runs the agreed count."""
+    ckpt, _ = gang_checkpoint
+    ps, single = reference
+    config = gang_config(ckpt, attention, experts)
+    config = config.model_copy(update={"engine": config.engine.model_copy(update={"microbatches": 2,
+                                                                                  "microbatch_min_tokens": 2})})
+
+    async def main():
+        supervisor = GangSupervisor(config)
+        await supervisor.start()
+        try:
+            results = await asyncio.gather(*(collect(supervisor, p) for p in ps))
+            stats = await asyncio.gather(*[a.stats.remote() for a in supervisor.gang.attention])
+            return results, [s["microbatched_steps"] for s in stats]
+        finally:
+            await supervisor.stop()
+
+    results, split_steps = asyncio.run(main())
+    assert [ids for ids, _, _ in results] == single
+    assert all(n > 0 for n in split_steps), split_steps
+
+
 def test_placement_from_outside_is_what_every_rank_follows(ray_cluster, gang_checkpoint, reference):
     """A placement made by the caller (experts interleaved over the ranks, another order in each layer)
     reaches every rank: expert ranks load those experts, attention ranks dispatch to them, tokens stay

@@ -48,6 +48,22 @@ def test_local_slice_of_experts_matches_full_set():
     torch.testing.assert_close(part(x, ids), full(x, ids))
 
 
+@pytest.mark.parametrize("held", [[4, 2], list(range(E))])
+def test_padded_path_equals_grouped_on_real_rows(held):
+    """`forward_padded` (the GPU expert ranks' sync-free path): padding rows (id -1) and rows of experts
+    held elsewhere mixed in; every row of a held expert equals the grouped path's."""
+    full = _experts()
+    part = RoutedExperts(D, F, held, E)
+    part.gate_up_proj.data = full.gate_up_proj.data[held]
+    part.down_proj.data = full.down_proj.data[held]
+    ids = torch.tensor([2, -1, 4, 4, -1, 2, 2, 0, 4, -1, -1])
+    x = torch.randn(len(ids), D)
+    mine = torch.tensor([i in held for i in ids.tolist()])
+    got = part.forward_padded(x, ids)
+    torch.testing.assert_close(got[mine], full(x[mine], ids[mine]), atol=1e-6, rtol=1e-5)
+    assert part.forward_padded(x[:0], ids[:0]).shape == (0, D)
+
+
 def test_router_scales_the_input_not_the_output():
     config = preset("debug")
     moe = MoE(config)

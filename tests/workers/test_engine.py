@@ -74,6 +74,21 @@ def test_batch_of_32_mixed_equals_each_alone(hf_checkpoint):
     assert_all_blocks_free(eng)
 
 
+def test_two_microbatches_equal_one_and_transformers(hf_checkpoint):
+    """Ping-pong micro-batches (every MoE layer's begin/end interleaved between the two halves of a
+    step, prefills and decodes mixed): the tokens of one batch, and the reference's."""
+    ckpt, hf = hf_checkpoint
+    ps = prompts(10, seed=6)
+    split = engine(ckpt, microbatches=2, microbatch_min_tokens=2, max_num_batched_tokens=64)
+    outs = LLM(engine=split).generate(ps, GREEDY)
+    assert split.runner.microbatched_steps > 20  # prefill chunks and decode steps alike were split
+    whole = LLM(engine=engine(ckpt, max_num_batched_tokens=64)).generate(ps, GREEDY)
+    assert [o.token_ids for o in outs] == [w.token_ids for w in whole]
+    for p, out in list(zip(ps, outs))[::3]:
+        assert out.token_ids == hf_greedy(hf, p, 24)
+    assert_all_blocks_free(split)
+
+
 def test_prefix_cache_hit_skips_prefill_and_changes_nothing(hf_checkpoint):
     ckpt, _ = hf_checkpoint
     shared = prompts(1, 70, 71, seed=2)[0]

@@ -39,27 +39,39 @@ def _inputs(attention_rank, case, step):
 STEPS, LAYERS = 2, (0, 1)
 
 
-def _worker(rank, world, num_attention, case, store_path, results):
+def _worker(rank, world, num_attention, case, store_path, results, sync_free=False, split=False):
     try:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
         comm = ExpertGroup(dist.group.WORLD, rank, world, D, torch.float32)
         expert_ranks = list(range(num_attention, world))
         placement = Placement.contiguous(list(LAYERS), E, expert_ranks)
-        # steps of two MoE layers: the capacity is agreed at each step's first layer only
+        # steps of two MoE layers: count and capacity agreed once per step. With micro-batches, attention
+        # rank 0 splits its rows in two (rank 1 does not ask to: it runs its rows and an empty one), and
+        # both micro-batches are dispatched before either is combined, as the overlapped forward does
         for step in range(STEPS):
-            for layer in LAYERS:
-                if rank < num_attention:
-                    x, ids = _inputs(rank, case, step)
+            if rank < num_attention:
+                x, ids = _inputs(rank, case, step)
+                parts = [(0, len(x) // 2), (len(x) // 2, len(x))] if split and rank == 0 else [(0, len(x))]
+                count = comm.agree_step([b - a for a, b in parts])
+                parts += [(len(x), len(x))] * (count - len(parts))
+                for layer in LAYERS:
                     a2a = AllToAllExperts(comm, placement, layer, num_attention)
-                    y = a2a.combine(a2a.dispatch(x, ids))
+                    pending = [a2a.dispatch(x[a:b], ids[a:b]) for a, b in parts]
+                    y = torch.cat([a2a.combine(p) for p in pending])
                     expected = _reference_experts()(x, ids)
                     results[(rank, step, layer)] = float((y - expected).abs().max()) if len(x) else 0.0
                     assert len(y) == len(x)
-                else:
+            else:
+                count = comm.agree_step([])
+                for layer in LAYERS:
                     experts = _reference_experts(placement.experts_on(rank, layer))
-                    results[(rank, step, layer, "served")] = serve_layer(comm, experts, num_attention,
-                                                                         first=layer == LAYERS[0])
+                    load_E = torch.zeros(E, dtype=torch.long)
+                    served = sum(int(serve_layer(comm, experts, num_attention, load_E=load_E, sync_free=sync_free))
+                                 for _ in range(count))
+                    assert served == int(load_E.sum())  # padding counts for no expert
+                    assert not load_E[[e for e in range(E) if e not in experts.expert_ids]].any()
+                    results[(rank, step, layer, "served")] = served
         dist.destroy_process_group()
     except Exception:
         results[(rank, "error")] = traceback.format_exc()
@@ -70,11 +82,30 @@ def _worker(rank, world, num_attention, case, store_path, results):
     (1, 4, "empty"), (1, 3, "random"), (2, 3, "zero_on_rank1"),  # 8 experts over 3 ranks: 3, 3, 2
 ])
 def test_dispatch_combine_equals_local_experts(tmp_path, num_attention, num_experts, case):
+    _check_dispatch_combine(tmp_path, num_attention, num_experts, case)
+
+
+@pytest.mark.parametrize("num_attention,num_experts,case", [(1, 2, "random"), (2, 3, "zero_on_rank1"),
+                                                            (1, 4, "empty")])
+def test_sync_free_expert_side_equals_local_experts(tmp_path, num_attention, num_experts, case):
+    """The GPU expert path (`forward_padded`: grouped GEMMs over device-side offsets, padding rows
+    carried through), run here on CPU tensors: the same outputs and the same counts."""
+    _check_dispatch_combine(tmp_path, num_attention, num_experts, case, sync_free=True)
+
+
+@pytest.mark.parametrize("num_attention,num_experts,case", [(1, 2, "random"), (2, 2, "random"),
+                                                            (2, 3, "zero_on_rank1"), (1, 1, "empty")])
+def test_two_microbatches_in_flight_equal_local_experts(tmp_path, num_attention, num_experts, case):
+    """Ping-pong's order of collectives: micro-batch 1 dispatched before micro-batch 0 is combined."""
+    _check_dispatch_combine(tmp_path, num_attention, num_experts, case, split=True)
+
+
+def _check_dispatch_combine(tmp_path, num_attention, num_experts, case, sync_free=False, split=False):
     world = num_attention + num_experts
     manager = mp.get_context("spawn").Manager()
     results = manager.dict()
     store = str(tmp_path / "store")
-    mp.start_processes(_worker, args=(world, num_attention, case, store, results), nprocs=world,
+    mp.start_processes(_worker, args=(world, num_attention, case, store, results, sync_free, split), nprocs=world,
                        start_method="spawn", join=True)
     results = dict(results)
     errors = {k: v for k, v in results.items() if "error" in k}
