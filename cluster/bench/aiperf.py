@@ -54,8 +54,12 @@ def _aiperf(args, base_url: str, concurrency: int) -> dict:
         if done.returncode != 0 or not found:
             raise RuntimeError(f"aiperf failed ({done.returncode}): {(done.stdout + done.stderr)[-2000:]}")
         metrics = json.loads(found[0].read_text())
+    # tokens, duration and inter-token latency too: they tell a slower server from a different count
+    extra = {"tokens": ("total_osl", "avg"), "wall_s": ("benchmark_duration", "avg"),
+             "tpot_ms": ("inter_token_latency", "p50")}
     return {"tok_s": metrics["output_token_throughput"]["avg"], "ttft_ms": metrics["time_to_first_token"]["p50"],
-            "requests": metrics["request_count"]["avg"]}
+            "requests": metrics["request_count"]["avg"],
+            **{key: metrics[tag][stat] for key, (tag, stat) in extra.items() if tag in metrics}}
 
 
 def _rounds(args, servers: dict[str, str], loop, steps: StepLine) -> dict:
@@ -82,6 +86,9 @@ def _rounds(args, servers: dict[str, str], loop, steps: StepLine) -> dict:
         row[f"{key}_tok_s"] = statistics.median(r["tok_s"] for r in rounds)
         row[f"{key}_ttft_ms"] = statistics.median(r["ttft_ms"] for r in rounds)
         row[f"{key}_all_tok_s"] = [r["tok_s"] for r in rounds]
+        for metric in ("tokens", "wall_s", "tpot_ms"):
+            if metric in rounds[0]:
+                row[f"{key}_{metric}"] = statistics.median(r[metric] for r in rounds)
         if "requests" in rounds[0]:  # what aiperf counted as done, per round
             row[f"{key}_requests"] = [r["requests"] for r in rounds]
     for server in servers:
@@ -102,6 +109,13 @@ def _markdown(out: dict) -> str:
         lines.append(f"| {server} | {r[f'{server}_bench_tok_s']:.1f} | {r[f'{server}_aiperf_tok_s']:.1f} | "
                      f"{r[f'{server}_aiperf_vs_bench_tok_s']:.3f} | {r[f'{server}_bench_ttft_ms']:.0f} | "
                      f"{r[f'{server}_aiperf_ttft_ms']:.0f} | {r[f'{server}_aiperf_vs_bench_ttft_ms']:.3f} |")
+    lines += ["", "| server | client | output tokens | duration s | median TPOT ms |", "|---|---|---|---|---|"]
+    for server in out["servers"]:
+        for client in ("bench", "aiperf"):
+            key = f"{server}_{client}"
+            if f"{key}_tokens" in r:
+                lines.append(f"| {server} | {client} | {r[f'{key}_tokens']:.0f} | {r[f'{key}_wall_s']:.2f} | "
+                             f"{r[f'{key}_tpot_ms']:.1f} |")
     lines.append(f"\nMedians of {out['repeat']} interleaved rounds per server and client.")
     return "\n".join(lines) + "\n"
 
