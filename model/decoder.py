@@ -32,6 +32,15 @@ class DecoderLayer(nn.Module):
         x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), positions_T, freqs_cis, meta, cache)
         return x_TD + self.feed_forward(self.post_attention_layernorm(x_TD))
 
+    def paused(self, x_TD, positions_T, freqs_cis, meta, cache):
+        """`forward` as a generator that pauses once after an MoE layer's dispatch (`yield from` it)."""
+        x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), positions_T, freqs_cis, meta, cache)
+        if not self.is_moe:
+            return x_TD + self.feed_forward(self.post_attention_layernorm(x_TD))
+        begun = self.feed_forward.begin(self.post_attention_layernorm(x_TD))
+        yield  # the tokens are with the experts
+        return x_TD + self.feed_forward.end(begun)
+
 
 class TextModel(nn.Module):
     def __init__(self, config: Llama4Config):
@@ -75,14 +84,7 @@ class TextModel(nn.Module):
         x_TD = self.embed(input_ids_T, embeds)
         freqs_cis = self.rotary_emb.freqs_cis(positions_T)
         for layer in self.layers:
-            x_TD = x_TD + layer.self_attn(layer.input_layernorm(x_TD), positions_T, freqs_cis, meta, cache)
-            h_TD = layer.post_attention_layernorm(x_TD)
-            if layer.is_moe:
-                begun = layer.feed_forward.begin(h_TD)
-                yield  # the tokens are with the experts
-                x_TD = x_TD + layer.feed_forward.end(begun)
-            else:
-                x_TD = x_TD + layer.feed_forward(h_TD)
+            x_TD = yield from layer.paused(x_TD, positions_T, freqs_cis, meta, cache)
         return self.norm(x_TD)
 
 

@@ -48,9 +48,9 @@ def test_bench_ep_smoke(tmp_path):
     report = json.loads(out.read_text())
     assert [r["concurrency"] for r in report["results"]] == [1, 2]
     for row in report["results"]:
-        for gang in ("gang", "overlap"):
-            assert row[f"{gang}_step_ms"] > 0 and 0 < row[f"{gang}_alltoall_ms"] < row[f"{gang}_step_ms"]
-        assert row["single_step_ms"] > 0 and row["gang_microbatched_steps"] == 0
+        for gang in ("gang", "overlap"):  # a share of the gang's own step: every gang step waits on collectives
+            assert 0 < row[f"{gang}_alltoall_share"] < 1
+        assert row["gang_microbatched_steps"] == 0
     # one request never splits; two do, in steps where both run
     assert report["results"][0]["overlap_microbatched_steps"] == 0
     assert report["results"][1]["overlap_microbatched_steps"] >= 3

@@ -68,6 +68,17 @@ def build(shape: dict) -> Llama4ForCausalLM:
     return optimize_for_inference(model.to(DTYPE).eval())
 
 
+def time_call(fn, repeat: int = 20) -> float:
+    """Seconds per call of `fn`, after one warm-up call, the device synchronised around the loop."""
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeat
+
+
 def copy_bandwidth() -> float:
     x = torch.empty(2**28 if not SMOKE else 2**24, dtype=torch.uint8, device=DEVICE)
     y = torch.empty_like(x)

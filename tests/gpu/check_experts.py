@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,21 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from model.moe import RoutedExperts  # noqa: E402
-from tests.gpu.bench_engine_cuda import DEVICE, DTYPE, SMOKE, copy_bandwidth, sync  # noqa: E402
+from tests.gpu.bench_engine_cuda import DEVICE, DTYPE, SMOKE, copy_bandwidth, time_call  # noqa: E402
 
 OUT = Path(sys.argv[2]) if len(sys.argv) > 2 else None
 D, F, E, HELD = (5120, 8192, 128, 22) if not SMOKE else (64, 96, 16, 5)
 EXPERT_RANKS = 6
-
-
-def time_call(fn, repeat: int = 20) -> float:
-    fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / repeat
 
 
 def padded_buffer(real: int, held: list[int], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,20 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from model.moe import RoutedExperts  # noqa: E402
 from model.quant import DEFAULT_IGNORE, Fp8Linear, Fp8RoutedExperts, Fp8Scheme, quantize_modules, quantize_rows  # noqa: E402
-from tests.gpu.bench_engine_cuda import DEVICE, DTYPE, MAVERICK4, SMOKE, build, copy_bandwidth, run, sync  # noqa: E402
+from tests.gpu.bench_engine_cuda import (DEVICE, DTYPE, MAVERICK4, SMOKE, build, copy_bandwidth, run,  # noqa: E402
+                                         time_call)
 
 OUT = Path(sys.argv[2]) if len(sys.argv) > 2 else None
 D, F, E = (5120, 8192, 16) if not SMOKE else (256, 256, 8)
-
-
-def time_call(fn, repeat: int = 20) -> float:
-    fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / repeat
 
 
 @torch.no_grad()
