@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from tests import ray_start
 from tests.oracle import MAVERICK_LIKE, hf_model, hf_text_config, save_conditional
 
 CHUNK = 20
@@ -16,11 +17,15 @@ def multi_node_cluster(nodes: int, cpus_per_node: int):
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "include_dashboard": False})
-    for _ in range(nodes - 1):
-        cluster.add_node(num_cpus=cpus_per_node)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
+    def create():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "include_dashboard": False})
+        for _ in range(nodes - 1):
+            cluster.add_node(num_cpus=cpus_per_node)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        return cluster
+
+    cluster = ray_start.start(create)
     yield cluster
     ray.shutdown()
     cluster.shutdown()

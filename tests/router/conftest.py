@@ -9,6 +9,7 @@ import pytest
 
 from cluster.probe import wait_http_ok
 from cluster.serve_config import GRPC_SERVICER
+from tests import ray_start
 
 
 def free_port() -> int:
@@ -45,7 +46,8 @@ def local_ray():
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     choose_proxy("haproxy")  # what `maverick serve` runs by default
     # logical CPUs above the 2 cores: replicas and ranks ask for fractions and share them
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+    ray_start.start(lambda: ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                                     object_store_memory=200 * 2**20))
     _ports.clear()  # a new Ray: its Serve is started by the first deploy
     yield
     # Serve goes down with this Ray; serve.shutdown() first would wait 30 s in HAProxy mode (the

@@ -24,6 +24,7 @@ from cluster.observe import Prometheus, scrape_config
 from cluster.probe import wait_until
 from router import maverick_v1_pb2 as pb
 from router import maverick_v1_pb2_grpc as pb_grpc
+from tests import ray_start
 from tests.router import conftest
 
 pytestmark = pytest.mark.timeout(900)
@@ -46,9 +47,10 @@ def ray_with_metrics():
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
-             _metrics_export_port=free_port(), _system_config={"metrics_report_interval_ms": 1000},
-             log_to_driver=False, object_store_memory=200 * 2**20)
+    ray_start.start(lambda: ray.init(
+        num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+        _metrics_export_port=free_port(), _system_config={"metrics_report_interval_ms": 1000},
+        log_to_driver=False, object_store_memory=200 * 2**20))
     conftest._ports.clear()
     yield ray
     ray.shutdown()
