@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 
 PROXIES = ("haproxy", "python")
+HAPROXY_DEREGISTER_S = 3.0  # covers the controller telling HAProxy and HAProxy reloading
 
 
 def choose_proxy(proxy: str = "haproxy") -> None:
@@ -32,6 +33,11 @@ def choose_proxy(proxy: str = "haproxy") -> None:
         os.environ.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
         return
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    # An ingress replica that stops stays open this long before it refuses connections, for load
+    # balancers to deregister it; Ray's 30 s is meant for an external one routing to replicas. Here
+    # the only router is Ray's own HAProxy, which retries a refused connection on another replica, so
+    # a stop (Ctrl-C, `serve delete`, a redeploy) need not wait half a minute.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", str(HAPROXY_DEREGISTER_S))
     for name, default in (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)):
         # a port picked here before may still be held by the HAProxy of a Ray being shut down: pick again
         # (a port the user set stays as set)
