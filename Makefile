@@ -39,7 +39,7 @@ system-packages:
 	fi
 
 test: install system-packages $(AIPERF_VENV)/.installed $(VISION_VENV)/.installed
-	$(BIN)/python -m pytest tests --timeout=$(TEST_TIMEOUT) --durations=20 -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests --timeout=$(TEST_TIMEOUT) --durations=30 -q $(PYTEST_ARGS)
 
 # The embedded default: a tiny random-weight Maverick (written on first start), one gang of
 # 1 attention + 2 expert workers on a local Ray, HTTP on 127.0.0.1:8000, in the foreground.
