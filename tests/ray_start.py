@@ -1,23 +1,19 @@
 """Starting Ray in a test module on a loaded 2-core CI machine.
 
 Ray gives its raylet a fixed 30 s to register with the GCS; once in a clean-clone CI run a module's
-`ray.init` ran past it ("The current node timed out during startup") while the previous module had
-just shut its Ray down. A failed start leaves its GCS and raylet running as children of the test
-process, so they are killed before the next try."""
-
-import time
+`ray.init` ran past it ("The current node timed out during startup"). A failed start leaves its
+daemons (GCS, raylet, ...) running as children of the test process: they are killed before the next
+try."""
 
 import psutil
 
 STARTUP_TIMEOUT = "timed out during startup"
-RAY_DAEMONS = ("gcs_server", "raylet", "haproxy")
 ATTEMPTS = 3
 
 
 def start(create):
     """`create()` (a `ray.init(...)` or a `Cluster(...)`), tried again after a startup timeout."""
     for attempt in range(1, ATTEMPTS + 1):
-        wait_for_stale_daemons()
         try:
             return create()
         except Exception as error:  # Ray raises a bare Exception for this
@@ -27,28 +23,19 @@ def start(create):
             import ray
 
             ray.shutdown()
-            kill_children()
+            _kill_ray_children()
 
 
-def wait_for_stale_daemons(timeout_s: float = 60) -> None:
-    """Let a Ray that a previous module shut down finish exiting before a new one competes with it."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _daemons_running():
-        time.sleep(0.5)
-
-
-def kill_children() -> None:
-    children = psutil.Process().children(recursive=True)
-    for process in children:
+def _kill_ray_children() -> None:
+    """Only Ray's own processes (binaries and scripts in the `ray` package, workers renamed `ray::...`):
+    a server another fixture started stays up."""
+    daemons = []
+    for process in psutil.Process().children(recursive=True):
         try:
-            process.kill()
+            command = process.cmdline()
+            if command[:1] and command[0].startswith("ray::") or any("/ray/" in part for part in command):
+                process.kill()
+                daemons.append(process)
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(children, timeout=30)
-
-
-def _daemons_running() -> bool:
-    for process in psutil.process_iter(["name"]):
-        if any(daemon in (process.info["name"] or "") for daemon in RAY_DAEMONS):
-            return True
-    return False
+    psutil.wait_procs(daemons, timeout=30)

@@ -50,8 +50,7 @@ def local_ray():
                                      object_store_memory=200 * 2**20))
     _ports.clear()  # a new Ray: its Serve is started by the first deploy
     yield
-    # Serve goes down with this Ray; serve.shutdown() first would wait 30 s in HAProxy mode (the
-    # controller's graceful shutdown times out) and leave nothing less behind
+    # Serve goes down with this Ray; serve.shutdown() first would only wait for the replicas' drain
     ray.shutdown()
 
 
