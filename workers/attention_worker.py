@@ -25,7 +25,7 @@ from model.optimize import optimize_for_inference
 from model.quant import weight_bytes
 from model.tokenizer import Tokenizer, load_generation_defaults
 from workers.config import EngineConfig
-from workers.engine import LLMEngine
+from workers.engine import LLMEngine, PlannedStep
 from workers.errors import Unavailable
 from workers.expert_parallel import ExpertGroup, Placement, shard_experts
 from workers.protocol import GenerateRequest, RequestOutput
@@ -97,11 +97,12 @@ class AttentionWorker(Rank):
         """This engine, stepped by a new wave on the current group; the wave is bound to this engine,
         so a wave thread of a failed epoch can never step the new one."""
         engine.collective = bool(self.num_expert_ranks)
-        if self.comm is not None:
-            engine.runner.plan = self.comm.agree_step  # every rank runs the step's agreed micro-batches
         group = self.group if self.num_expert_ranks else None
-        wave = WaveLoop(group, self.idle_steps, engine.pending_tokens, lambda: self._step(engine),
-                        f"attention-{self.rank}", self.torch_threads)
+        planned: list = []  # (when, PlannedStep) between this epoch's plan and its run: per epoch, so a late
+        # wave thread of a failed epoch never runs the new one's plan
+        wave = WaveLoop(group, self.idle_steps, lambda: self._plan(engine, planned),
+                        lambda agreed: self._step(engine, planned, agreed), f"attention-{self.rank}",
+                        self.torch_threads, self.device)
         wave.on_failure = lambda exc: self._on_failure(exc, wave, engine)
         if self.comm is not None:
             self.comm.bind(self.group, wave.thread)
@@ -200,9 +201,20 @@ class AttentionWorker(Rank):
 
     # -- on the wave thread -------------------------------------------------------------------------
 
-    def _step(self, engine: LLMEngine) -> None:
-        start, before = time.perf_counter(), engine.num_steps
-        outputs = engine.step()
+    def _plan(self, engine: LLMEngine, planned: list) -> list[int]:  # on the wave thread
+        # a blocked engine reports no pending tokens: planning it again would only count a blocked step
+        start = time.perf_counter()  # a step's time runs from its plan through the agreement to its end
+        step = engine.plan() if engine.pending_tokens() else PlannedStep([], None, [], [])
+        planned[:] = [start, step]
+        return step.proposal()
+
+    def _step(self, engine: LLMEngine, planned: list, agreed: list[int]) -> None:  # on the wave thread
+        start, step = planned
+        microbatches = 0  # no rank has tokens: only this plan's outputs (aborts) go out
+        if agreed[0] > 0:
+            microbatches = self.comm.agree(agreed) if self.comm is not None else agreed[1]
+        before = engine.num_steps
+        outputs = engine.run(step, microbatches)
         if engine.num_steps > before:  # a step that computed tokens: keep a window of their times
             self.step_seconds = (self.step_seconds + [time.perf_counter() - start])[-4096:]
             self.steps_timed += 1

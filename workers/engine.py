@@ -1,13 +1,15 @@
 """The engine an attention worker runs: requests in, one continuous-batching step at a time, outputs out.
 
-`submit` and `abort` may be called from any thread; `step` from one driver thread (a local loop,
-or the gang's wave thread). A step with nothing to do returns at once.
+`submit` and `abort` may be called from any thread; `step` (or, in a gang, `plan` then `run` with the
+micro-batch count the ranks agreed in between) from one driver thread: a local loop, or the gang's
+wave thread. A step with nothing to do returns at once.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +31,19 @@ from workers.sampler import sample, token_logprob
 from workers.scheduler import ScheduledBatch, Scheduler
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PlannedStep:
+    """A step scheduled and not yet computed."""
+    outputs: list[RequestOutput]  # taken from the inbox (aborts)
+    batch: ScheduledBatch | None  # None: no tokens on this rank
+    parts: list[tuple[int, int]]  # its micro-batches, as ranges of batch.requests
+    routed_rows: list[int]  # rows each micro-batch sends to the routed experts
+
+    def proposal(self) -> list[int]:
+        """What this rank asks of the gang's step: [capacity T, micro-batches M] (`workers.wave`)."""
+        return [max(self.routed_rows, default=0), len(self.parts)]
 
 
 class LLMEngine(Engine):
@@ -221,12 +236,13 @@ class LLMEngine(Engine):
                            self.scheduled_tokens_total, self.scheduler.pending_tokens())
 
     def step(self) -> list[RequestOutput]:
-        try:
-            return self._step()
-        finally:
-            self.snapshot = self.stats()
+        """One step on its own: plan it and run all of its micro-batches (no gang to agree with)."""
+        planned = self.plan()
+        return self.run(planned, len(planned.parts))
 
-    def _step(self) -> list[RequestOutput]:
+    def plan(self) -> PlannedStep:
+        """Take the inbox and schedule the next batch; nothing is computed yet. In a gang the ranks
+        agree on the returned plan's `proposal` before every one of them calls `run`."""
         outputs = self._take_inbox()
         batch = self.scheduler.schedule() if self.scheduler.num_unfinished else None
         self._note_blocked(batch is not None and not batch.requests and not outputs)
@@ -235,19 +251,32 @@ class LLMEngine(Engine):
             if self.config.check_invariants:
                 self.kv.check_invariants(self.scheduler.running)
         if batch is None or not batch.requests:
-            if self.collective:
-                self.runner.execute_empty()
-            return self._deliver(outputs)
+            return PlannedStep(outputs, None, [], [])
+        parts = self.runner.split(batch)
+        top_k = self.model.config.num_experts_per_tok
+        return PlannedStep(outputs, batch, parts, [sum(batch.num_tokens[a:b]) * top_k for a, b in parts])
+
+    def run(self, planned: PlannedStep, microbatches: int) -> list[RequestOutput]:
+        """Compute a planned step as `microbatches` micro-batches (at least its own parts; 0 when no rank
+        of the gang has tokens: only the outputs go out), then deliver its outputs."""
         try:
-            outputs += self._run(batch)
-        except Exception:
-            if self.collective:  # a failed collective breaks the gang, not just these requests
-                raise
-            log.exception("engine step failed")  # a bug or a broken device: fail this step's requests
-            for req in batch.requests:
-                if not req.state.done:
-                    outputs.append(self._finish(req, "error", error=InternalError("the engine failed")))
-        return self._deliver(outputs)
+            outputs, batch = planned.outputs, planned.batch
+            if batch is None:
+                if microbatches:  # the gang computes: join its collectives with no tokens
+                    self.runner.execute_empty(microbatches)
+                return self._deliver(outputs)
+            try:
+                outputs += self._run(batch, planned.parts, microbatches)
+            except Exception:
+                if self.collective:  # a failed collective breaks the gang, not just these requests
+                    raise
+                log.exception("engine step failed")  # a bug or a broken device: fail this step's requests
+                for req in batch.requests:
+                    if not req.state.done:
+                        outputs.append(self._finish(req, "error", error=InternalError("the engine failed")))
+            return self._deliver(outputs)
+        finally:
+            self.snapshot = self.stats()
 
     def fail_all(self, error: Exception) -> list[RequestOutput]:
         """The gang failed: end every live request with `error` and refuse new ones."""
@@ -269,9 +298,9 @@ class LLMEngine(Engine):
                           self.scheduler.num_unfinished, self.kv.describe())
         self._blocked = blocked
 
-    def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
+    def _run(self, batch: ScheduledBatch, parts: list[tuple[int, int]], microbatches: int) -> list[RequestOutput]:
         sampling = [req.num_computed + n == len(req.tokens) for req, n in zip(batch.requests, batch.num_tokens)]
-        hidden_TD, rows = self.runner.execute(batch)
+        hidden_TD, rows = self.runner.execute(batch, parts, microbatches)
         self.num_steps += 1
         self.scheduled_tokens_total += batch.total_tokens
         self._prompt_logprobs(batch, hidden_TD, rows)

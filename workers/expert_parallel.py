@@ -1,8 +1,8 @@
 """Expert parallelism over one process group: placement, and the one dispatch/combine pair.
 
 Ranks 0..A-1 are attention workers, A..A+E-1 expert workers. Before each step's forward, all ranks
-agree on the step's micro-batch count M and capacity T (`agree_step`: one tiny all-reduce MAX of the
-attention ranks' routed rows per micro-batch). Then for every MoE layer, in order, and for each of
+agree on the step's micro-batch count M and capacity T (the most routed rows of any attention rank's
+micro-batch) in the wave's one all-reduce (`workers.wave`, `agree`). Then for every MoE layer, in order, and for each of
 its M micro-batches, every rank takes part in two collectives of fixed shape, so no rank needs to
 learn anything about the others' rows first (no count exchange, no host sync):
   1. dispatch `all_to_all_single`: each attention rank sends a block of T rows to every expert rank:
@@ -111,16 +111,11 @@ class ExpertGroup:
             raise RuntimeError("a wave of a failed epoch reached a collective of the new one")
         return group
 
-    def agree_step(self, rows: list[int]) -> int:
-        """Before a step's forward, on every rank: this rank's routed rows per micro-batch (expert ranks
-        give none) -> the gang's micro-batch count (the most any attention rank asks for). Sets the
-        step's capacity T: the most routed rows in any micro-batch of any attention rank."""
-        start = time.perf_counter()
-        plan = torch.tensor([len(rows), max(rows, default=0)], dtype=torch.long, device=self.device)
-        dist.all_reduce(plan, op=dist.ReduceOp.MAX, group=self.group)
-        count, self.capacity = plan.tolist()  # NOTE: one host read per step, not per MoE layer
-        self.alltoall_seconds += time.perf_counter() - start
-        return max(count, 1)
+    def agree(self, agreed: list[int]) -> int:
+        """The gang's agreed [capacity T, micro-batches M] for this step (the wave's all-reduce MAX of
+        every rank's `PlannedStep.proposal`; expert ranks propose [0, 0]): sets T, returns M."""
+        self.capacity = agreed[0]
+        return max(agreed[1], 1)
 
     def splits(self, attention_ranks: int, to_experts: bool) -> list[int]:
         """Rows per rank of a fixed-shape block: T for every expert rank (attention side) or every
@@ -160,7 +155,7 @@ class AllToAllExperts(nn.Module):
         every rank then come in one order, dispatch and combine per micro-batch, even while another
         micro-batch computes between this dispatch and its combine."""
         comm, n = self.comm, x_ND.shape[0]
-        capacity = comm.capacity  # agreed for the step (`agree_step`)
+        capacity = comm.capacity  # agreed for the step (`agree`)
         dest_N = self.placement.destinations(self.layer, experts_N) - self.attention_ranks  # expert block
         order_N = torch.argsort(dest_N, stable=True)
         counts_B = count_per_bin(dest_N, comm.world_size - self.attention_ranks)
@@ -204,7 +199,7 @@ def shard_experts(model: Llama4ForCausalLM, comm: ExpertGroup, placement: Placem
 
 def serve_layer(comm: ExpertGroup, experts: RoutedExperts, attention_ranks: int,
                 load_E: torch.Tensor | None = None, sync_free: bool = False) -> int | torch.Tensor:
-    """An expert rank's share of one MoE layer for one micro-batch (after the step's `agree_step`):
+    """An expert rank's share of one MoE layer for one micro-batch (after the step's `agree`):
     receive blocks, run the grouped FFN on their real rows, send the blocks back; returns the real rows
     served. `load_E` (per expert of the model) counts the rows each expert received. `sync_free`
     (GPU): the whole padded buffer goes through `forward_padded`, and nothing is read on the host."""

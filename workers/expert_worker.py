@@ -81,7 +81,8 @@ class ExpertWorker(Rank):
         self._new_wave()
 
     def _new_wave(self) -> None:
-        wave = WaveLoop(self.group, self.idle_steps, lambda: 0, self._step, f"experts-{self.rank}", self.torch_threads)
+        wave = WaveLoop(self.group, self.idle_steps, lambda: [0, 0], self._step, f"experts-{self.rank}",
+                        self.torch_threads, self.device)  # an expert rank proposes nothing: it serves
         self.comm.bind(self.group, wave.thread)  # a wave thread of a failed epoch raises at its next collective
         self.wave = wave
 
@@ -90,13 +91,15 @@ class ExpertWorker(Rank):
         self._fault_in = steps
 
     @torch.inference_mode()
-    def _step(self) -> None:
+    def _step(self, agreed: list[int]) -> None:
+        if agreed[0] == 0:  # no attention rank has tokens this round
+            return
         if self._fault_in is not None:
             self._fault_in -= 1
             if self._fault_in <= 0:
                 self._fault_in = None
                 raise RuntimeError(f"expert rank {self.rank}: injected fault")
-        microbatches = self.comm.agree_step([])
+        microbatches = self.comm.agree(agreed)
         for experts, load_E in zip(self.layers, self.expert_load_LE):
             for _ in range(microbatches):
                 self.rows_served += serve_layer(self.comm, experts, self.num_attention, load_E=load_E,

@@ -6,7 +6,6 @@ The only place where tensors are built from requests.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable
 
 import torch
 
@@ -27,37 +26,38 @@ class ModelRunner:
         # ping-pong: a step of at least `microbatch_min_tokens` tokens (and two requests) runs as two
         # micro-batches whose MoE layers overlap; smaller steps lose more to the split than they gain
         self.microbatches, self.microbatch_min_tokens = microbatches, microbatch_min_tokens
-        # in a gang, every rank runs the same number of micro-batches: `plan` (the expert group's
-        # `agree_step`) takes this rank's routed rows per micro-batch and returns the gang's count
-        self.plan: Callable[[list[int]], int] | None = None
         self.microbatched_steps = 0  # steps run as two micro-batches, since start
         weight = model.model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         slots = {g: n * kv.block_size for g, n in num_blocks.items()}
         self.cache = KVCache(model.config, slots, self.dtype, self.device)
 
+    def split(self, batch: ScheduledBatch) -> list[tuple[int, int]]:
+        """This step's micro-batches as ranges of its requests: one, or two of about equal tokens."""
+        # image rows index the whole batch: such a step stays one micro-batch
+        cut = len(batch.requests) if self._with_images(batch) else self._cut(batch.num_tokens)
+        return [(0, cut), (cut, len(batch.requests))] if cut < len(batch.requests) else [(0, cut)]
+
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Forward the batch; final hidden states [T, D] and each request's rows [start, end)."""
+    def execute(self, batch: ScheduledBatch, parts: list[tuple[int, int]],
+                microbatches: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Forward the batch as `parts`, padded with empty micro-batches to the `microbatches` a gang
+        agreed; final hidden states [T, D] and each request's rows [start, end)."""
         rows, offset = [], 0
         for n in batch.num_tokens:
             rows.append((offset, offset + n))
             offset += n
-        with_images = self.vision is not None and any(req.patch_positions for req in batch.requests)
-        embeds = self._image_embeds(batch, rows) if with_images else None
-        # image rows index the whole batch: such a step stays one micro-batch (or that and an empty one)
-        cut = len(batch.requests) if with_images else self._cut(batch.num_tokens)
-        parts = [(0, cut), (cut, len(batch.requests))] if cut < len(batch.requests) else [(0, cut)]
-        count = self._count([sum(batch.num_tokens[a:b]) for a, b in parts])
-        if count == 1 and len(parts) == 2:
-            parts = [(0, len(batch.requests))]
-        parts += [(len(batch.requests), len(batch.requests))] * (count - len(parts))  # empty ones
+        embeds = self._image_embeds(batch, rows) if self._with_images(batch) else None
+        parts = parts + [(len(batch.requests), len(batch.requests))] * (microbatches - len(parts))
         inputs = [self._inputs(batch.requests[a:b], batch.num_tokens[a:b], embeds if a == 0 else None)
                   for a, b in parts]
-        if count == 1:
+        if microbatches == 1:
             return self.model(*inputs[0][:3], self.cache, inputs[0][3]), rows
         self.microbatched_steps += 1
         return torch.cat(self.model.forward_microbatches(inputs, self.cache)), rows
+
+    def _with_images(self, batch: ScheduledBatch) -> bool:
+        return self.vision is not None and any(req.patch_positions for req in batch.requests)
 
     def _cut(self, num_tokens: list[int]) -> int:
         """Where this step would split into two micro-batches of about equal tokens (at a request
@@ -71,12 +71,6 @@ class ModelRunner:
                 return max(1, i)
             running += n
         return len(num_tokens) - 1
-
-    def _count(self, tokens: list[int]) -> int:
-        """Micro-batches this step runs: this rank's own choice, or the gang's agreed one."""
-        if self.plan is None:
-            return len(tokens)
-        return self.plan([n * self.model.config.num_experts_per_tok for n in tokens])
 
     def _inputs(self, requests, num_tokens, embeds) -> tuple:
         seqs, ids = [], []
@@ -114,12 +108,11 @@ class ModelRunner:
         return torch.tensor(index, dtype=torch.long, device=self.device), torch.cat(vectors)
 
     @torch.inference_mode()
-    def execute_empty(self) -> None:
+    def execute_empty(self, microbatches: int) -> None:
         """A forward with no tokens: what a gang rank without work runs to join the collectives (as
-        many empty micro-batches as the gang agrees)."""
-        count = self._count([0])
-        inputs = [self._inputs([], [], None) for _ in range(count)]
-        if count == 1:
+        many empty micro-batches as the gang agreed)."""
+        inputs = [self._inputs([], [], None) for _ in range(microbatches)]
+        if microbatches == 1:
             self.model(*inputs[0][:3], self.cache)
         else:
             self.model.forward_microbatches(inputs, self.cache)

@@ -1,17 +1,20 @@
 """The wave loop every rank of a gang runs on its own thread.
 
-All ranks step together. Each step starts with one tiny all-reduce (MAX) of [pending tokens,
--wake generation]: if any rank has work, every rank runs the step (attention ranks with zero tokens
-if they have none, so the MoE collectives line up); after `idle_steps` empty steps all ranks go idle
-together and wait on an event, never inside a collective.
+All ranks step together. Each rank first plans its next step (`plan`: an attention rank takes its
+inbox and schedules a batch) and proposes numbers the gang agrees by MAX: the capacity T (the most
+routed rows of any micro-batch) and the micro-batch count M. One tiny all-reduce (MAX) of
+[-wake generation, T, M] is the step's only collective outside the MoE layers. If T > 0 some rank
+has tokens and every rank runs the step with the agreed T and M (attention ranks with zero tokens
+if they have none, so the MoE collectives line up); after `idle_steps` steps without tokens all
+ranks go idle together and wait on an event, never inside a collective.
 
 Waking: a request (or an abort) arrives at one attention worker, which calls `wake_local()`. At the
-idle decision each rank contributed its generation (read, and the local flag cleared, before its
-pending count) and sleeps until its own generation exceeds the smallest contributed one, L. A rank
-woken by local work sets its generation to L + 1 and sends `wake(L + 1)` to every peer
-(`wake_peers`): all ranks then agree again. So a request that arrived just after a rank counted its
-pending tokens is never left asleep, and only an idle gang costs messages: a busy one sees the new
-work at its next step's all-reduce.
+idle decision each rank contributed its generation (read, and the local flag cleared, before it
+planned) and sleeps until its own generation exceeds the smallest contributed one, L. A rank woken
+by local work sets its generation to L + 1 and sends `wake(L + 1)` to every peer (`wake_peers`): all
+ranks then agree again. So a request that arrived just after a rank planned is never left asleep,
+work a plan took always runs (its rank proposes T > 0, so the gang steps), and only an idle gang
+costs messages: a busy one sees the new work at its next step's all-reduce.
 """
 
 from __future__ import annotations
@@ -28,13 +31,15 @@ log = logging.getLogger(__name__)
 
 
 class WaveLoop:
-    def __init__(self, group: dist.ProcessGroup | None, idle_steps: int, pending: Callable[[], int],
-                 step: Callable[[], None], name: str, torch_threads: int = 1):
+    def __init__(self, group: dist.ProcessGroup | None, idle_steps: int, plan: Callable[[], list[int]],
+                 step: Callable[[list[int]], None], name: str, torch_threads: int = 1,
+                 device: torch.device | str = "cpu"):
         self.group = group
         self.torch_threads = torch_threads
         self.idle_steps = idle_steps
-        self.pending = pending
-        self.step = step
+        self.plan = plan  # -> this rank's proposal [T, M] for its next step (T = 0: no tokens here)
+        self.step = step  # (the gang's agreed [T, M]) -> None; runs every round, computes when T > 0
+        self.device = torch.device(device)  # where the agreement's tensor lives (NCCL: the GPU)
         self.name = name
         self._cond = threading.Condition()
         self._wake_gen = 0
@@ -79,21 +84,21 @@ class WaveLoop:
                 with self._cond:
                     if self._stop:
                         return
-                    gen = self._wake_gen  # NOTE: read before the pending count (see module doc)
-                    self._local_wake = False  # work queued before now is in that count
-                flags = torch.tensor([float(self.pending() > 0), float(-gen)])
+                    gen = self._wake_gen  # NOTE: read before this rank plans (see module doc)
+                    self._local_wake = False  # work queued before now is in this plan
+                flags = torch.tensor([-gen, *self.plan()], dtype=torch.long, device=self.device)
                 if self.group is not None:  # None: a lone rank (no expert workers) steps on its own
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-                if flags[0] > 0:
+                lowest, *agreed = flags.tolist()  # NOTE: the one host read of a step
+                self.step(agreed)
+                if agreed[0] > 0:
                     empty = 0
-                    self.step()
                     self.num_steps += 1
                     continue
                 empty += 1
                 if empty < self.idle_steps:
                     continue
-                empty = 0
-                lowest = -int(flags[1])
+                empty, lowest = 0, -lowest
                 with self._cond:
                     self.idle, asleep = True, time.monotonic()
                     self._cond.wait_for(lambda: self._wake_gen > lowest or self._local_wake or self._stop)

@@ -39,6 +39,13 @@ def _inputs(attention_rank, case, step):
 STEPS, LAYERS = 2, (0, 1)
 
 
+def _agree(comm: ExpertGroup, rows: list[int]) -> int:
+    """The wave's agreement (`workers/wave.py`) without the wave: MAX of every rank's [T, M]."""
+    plan = torch.tensor([max(rows, default=0), len(rows)])
+    dist.all_reduce(plan, op=dist.ReduceOp.MAX)
+    return comm.agree(plan.tolist())
+
+
 def _worker(rank, world, num_attention, case, store_path, results, sync_free=False, split=False):
     try:
         torch.set_num_threads(1)
@@ -53,7 +60,7 @@ def _worker(rank, world, num_attention, case, store_path, results, sync_free=Fal
             if rank < num_attention:
                 x, ids = _inputs(rank, case, step)
                 parts = [(0, len(x) // 2), (len(x) // 2, len(x))] if split and rank == 0 else [(0, len(x))]
-                count = comm.agree_step([b - a for a, b in parts])
+                count = _agree(comm, [b - a for a, b in parts])
                 parts += [(len(x), len(x))] * (count - len(parts))
                 for layer in LAYERS:
                     a2a = AllToAllExperts(comm, placement, layer, num_attention)
@@ -63,7 +70,7 @@ def _worker(rank, world, num_attention, case, store_path, results, sync_free=Fal
                     results[(rank, step, layer)] = float((y - expected).abs().max()) if len(x) else 0.0
                     assert len(y) == len(x)
             else:
-                count = comm.agree_step([])
+                count = _agree(comm, [])
                 for layer in LAYERS:
                     experts = _reference_experts(placement.experts_on(rank, layer))
                     load_E = torch.zeros(E, dtype=torch.long)
