@@ -86,10 +86,12 @@ class WaveLoop:
                         return
                     gen = self._wake_gen  # NOTE: read before this rank plans (see module doc)
                     self._local_wake = False  # work queued before now is in this plan
-                flags = torch.tensor([-gen, *self.plan()], dtype=torch.long, device=self.device)
-                if self.group is not None:  # None: a lone rank (no expert workers) steps on its own
+                agreed, lowest = self.plan(), gen  # a lone rank (no expert workers) agrees with itself
+                if self.group is not None:
+                    flags = torch.tensor([-gen, *agreed], dtype=torch.long, device=self.device)
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-                lowest, *agreed = flags.tolist()  # NOTE: the one host read of a step
+                    minus_lowest, *agreed = flags.tolist()  # NOTE: the one host read of a step
+                    lowest = -minus_lowest
                 self.step(agreed)
                 if agreed[0] > 0:
                     empty = 0
@@ -98,7 +100,7 @@ class WaveLoop:
                 empty += 1
                 if empty < self.idle_steps:
                     continue
-                empty, lowest = 0, -lowest
+                empty = 0
                 with self._cond:
                     self.idle, asleep = True, time.monotonic()
                     self._cond.wait_for(lambda: self._wake_gen > lowest or self._local_wake or self._stop)
