@@ -4,7 +4,6 @@ count by MAX, steps together while any rank has tokens, and goes idle together; 
 import datetime
 import socket
 import threading
-import time
 
 from workers.rank import gloo_group
 from workers.wave import WaveLoop
@@ -24,32 +23,30 @@ class _Rank:
     def __init__(self, index: int, group):
         self.script: list[list[int]] = []
         self.agreed: list[list[int]] = []
-        self.lock = threading.Lock()
+        self.changed = threading.Condition()
         self.wave = WaveLoop(group, idle_steps=2, plan=self._plan, step=self._step, name=f"test-{index}")
 
     def _plan(self) -> list[int]:
-        with self.lock:
+        with self.changed:
             return self.script.pop(0) if self.script else [0, 0]
 
     def _step(self, agreed: list[int]) -> None:
-        with self.lock:
+        with self.changed:
             self.agreed.append(agreed)
+            self.changed.notify_all()
 
     def give(self, proposals: list[list[int]], wake: bool = True) -> None:
-        with self.lock:
+        with self.changed:
             self.script += proposals
         if wake:
             self.wave.wake_local()
 
-    def wait_idle(self, steps: int) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while not (self.wave.idle and self.wave.num_steps == steps):
-            assert time.monotonic() < deadline and self.wave.failed is None, (self.wave.num_steps, self.wave.failed)
-            time.sleep(0.01)
-
-    def steps(self) -> list[list[int]]:
-        with self.lock:
-            return [a for a in self.agreed if a[0] > 0]
+    def wait_rounds(self, n: int) -> list[list[int]]:
+        """The agreements of the first `n` rounds, once this rank has run them."""
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.agreed) >= n or self.wave.failed, TIMEOUT), self.agreed
+            assert self.wave.failed is None, self.wave.failed
+            return self.agreed[:n]
 
 
 def _gang(size: int) -> list[_Rank]:
@@ -74,23 +71,22 @@ def _gang(size: int) -> list[_Rank]:
 
 def test_ranks_agree_by_max_step_together_and_idle_together():
     ranks = _gang(3)  # two ranks with plans (attention-like), one that only proposes [0, 0] (expert-like)
+    idle = [[0, 0]] * 2  # rounds without tokens are no steps; after `idle_steps` (2) of them a rank sleeps
     try:
         for rank in ranks:
-            rank.wait_idle(0)
-        ranks[1].give([[3, 2], [4, 1]], wake=False)  # queued while idle; rank 0's work wakes the gang
+            assert rank.wait_rounds(2) == idle
+        ranks[1].give([[3, 2], [4, 1]], wake=False)  # queued while asleep; rank 0's work wakes the gang
         ranks[0].give([[5, 1], [0, 0], [7, 2]])
-        for rank in ranks:
-            rank.wait_idle(3)
         # one plan per rank per round, agreed by MAX: [5,1]|[3,2], [0,0]|[4,1], [7,2]|[0,0]
-        assert [rank.steps() for rank in ranks] == [[[5, 2], [4, 1], [7, 2]]] * 3
-        # rounds without tokens are not steps; after `idle_steps` (2) of them every rank sleeps
-        idle = [[0, 0]] * 2
-        assert all(rank.agreed == idle + [[5, 2], [4, 1], [7, 2]] + idle for rank in ranks)
-        # local work on the rank without plans of its own wakes the whole idle gang
+        first = idle + [[5, 2], [4, 1], [7, 2]] + idle
+        for rank in ranks:
+            assert rank.wait_rounds(len(first)) == first
+        # local work on the rank without plans of its own wakes the whole gang; a rank that had not
+        # gone to sleep would show more empty rounds between the two waves
         ranks[2].give([[1, 1]])
         for rank in ranks:
-            rank.wait_idle(4)
-        assert all(rank.steps()[-1] == [1, 1] for rank in ranks)
+            assert rank.wait_rounds(len(first) + 3) == first + [[1, 1]] + idle
+        assert all(rank.wave.num_steps == 4 for rank in ranks)
     finally:
         for rank in ranks:
             rank.wave.stop()
