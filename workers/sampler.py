@@ -1,8 +1,8 @@
 """Batched logits processing and sampling for every request of a step at once.
 
 Order, as vLLM applies it: logit bias, repetition / frequency / presence penalties, then greedy
-argmax, or temperature, top-k, top-p, min-p and a draw. A draw is `argmax(p / q)` with `q ~ Exp(1)`
-drawn per vocabulary entry. A seeded request reseeds its own generator before each draw from (seed,
+argmax, or temperature, top-k, top-p, min-p and a draw. A draw inverts the row's cumulative
+distribution at one uniform number (`draw`). A seeded request reseeds its own generator before each draw from (seed,
 choice, position), so its tokens depend on nothing else: not on what shares its batch, and not on a
 generator's state that dies with a worker (a request resumed elsewhere draws what it would have).
 Logprobs are `log_softmax` of the model's raw logits (before any processing), as vLLM reports them
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from workers.request import Request
@@ -69,21 +70,50 @@ def _filtered_probs(logits_MV: torch.Tensor, reqs: list[Request]) -> torch.Tenso
     top_p = [r.params.top_p for r in reqs]
     min_p = [r.params.min_p for r in reqs]
     if any(top_k) or any(p < 1.0 for p in top_p):
-        sorted_MV, order_MV = logits_MV.sort(dim=-1, descending=True)
-        vocab = logits_MV.shape[1]
-        ranks = torch.arange(vocab, device=dev)[None, :]
-        k = torch.tensor([k or vocab for k in top_k], device=dev)[:, None]
-        drop = ranks >= k
-        probs = sorted_MV.masked_fill(drop, float("-inf")).softmax(-1)
-        before = probs.cumsum(-1) - probs  # mass strictly above each entry
-        drop |= before >= torch.tensor(top_p, device=dev)[:, None]
-        drop[:, 0] = False  # the most likely token always survives
-        logits_MV = logits_MV.scatter(1, order_MV, sorted_MV.masked_fill(drop, float("-inf")))
+        logits_MV = top_k_top_p(logits_MV, top_k, top_p)
     probs_MV = logits_MV.softmax(-1)
     if any(min_p):
         floor = torch.tensor(min_p, device=dev)[:, None] * probs_MV.max(-1, keepdim=True).values
         probs_MV = probs_MV.masked_fill(probs_MV < floor, 0.0)
     return probs_MV
+
+
+def top_k_top_p(logits_MV: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """-inf outside each row's top k (0: all), then outside the smallest set of best tokens whose
+    probability (renormalised over the top k) reaches top p; the best token always stays, and so
+    does any token tied with the last one kept (the cut is a threshold on the logits).
+
+    Ranking a whole vocabulary costs: torch's sort took 317 ms per step at 32 rows x 202k here. So
+    the 64 best of each row come first (a trained model's nucleus is mostly among them), and only
+    if some row's cut lies past them, whole rows are sorted by value (numpy's sort on CPU: 50 ms)."""
+    vocab = logits_MV.shape[1]
+    k_M1 = torch.tensor([k or vocab for k in top_k], device=logits_MV.device)[:, None]
+    p_M1 = torch.tensor(top_p, device=logits_MV.device)[:, None]
+    # rows without top-k normalise over the whole vocabulary, whatever the candidates
+    log_total_M1 = logits_MV.logsumexp(-1, keepdim=True)
+    for c in dict.fromkeys((min(vocab, 64), vocab)):
+        best_MC = _best_first(logits_MV, c)
+        drop = torch.arange(c, device=logits_MV.device)[None, :] >= k_M1
+        probs = torch.where(k_M1 <= c, best_MC.masked_fill(drop, float("-inf")).softmax(-1),
+                            (best_MC - log_total_M1).exp())
+        drop |= probs.cumsum(-1) - probs >= p_M1  # the mass strictly above an entry reaches p
+        # settled: the row's top k is among the candidates, or (no top-k) their mass reaches p; an
+        # explicit top-k wider than the candidates normalises over tokens not ranked yet
+        settled = (k_M1 <= c) | ((k_M1 >= vocab) & (probs.sum(-1, keepdim=True) >= p_M1))
+        if bool(settled.all()):
+            break
+    # both cuts are prefixes of the ranking: keep the best `kept` (at least one)
+    kept_M1 = (~drop).sum(-1, keepdim=True).clamp(min=1)
+    return logits_MV.masked_fill(logits_MV < best_MC.gather(1, kept_M1 - 1), float("-inf"))
+
+
+def _best_first(logits_MV: torch.Tensor, c: int) -> torch.Tensor:
+    """The c largest logits of each row, in descending order (values only)."""
+    if c < logits_MV.shape[1]:
+        return logits_MV.topk(c, dim=-1).values
+    if logits_MV.device.type == "cpu":  # numpy sorts values alone, ~6x faster than torch's sort here
+        return torch.from_numpy(np.ascontiguousarray(np.sort(logits_MV.numpy(), axis=-1)[:, ::-1]))
+    return logits_MV.sort(dim=-1, descending=True).values
 
 
 def sample(logits_NV: torch.Tensor, reqs: list[Request], generator: torch.Generator | None = None,
@@ -96,14 +126,34 @@ def sample(logits_NV: torch.Tensor, reqs: list[Request], generator: torch.Genera
         idx = torch.tensor(drawing, device=logits_NV.device)
         sub = [reqs[i] for i in drawing]
         probs_MV = _filtered_probs(processed[idx], sub)
-        q_MV = torch.empty_like(probs_MV)
-        for m, req in enumerate(sub):  # per-request noise: a seeded draw ignores its neighbours
-            if req.generator is not None:
-                req.generator.manual_seed(draw_seed(req.params.seed, req.index, len(req.output_token_ids)))
-            q_MV[m].exponential_(generator=req.generator if req.generator is not None else generator)
-        tokens[idx] = (probs_MV / q_MV).argmax(-1)
+        tokens[idx] = draw(probs_MV, _uniforms(sub, generator, probs_MV.device))
     token_list = tokens.tolist()
     return token_list, logprobs_for(logits_NV, reqs, token_list)
+
+
+def _uniforms(reqs: list[Request], generator: torch.Generator | None, device) -> torch.Tensor:
+    """One uniform in [0, 1) per drawing row (float64): a seeded request's from its own generator,
+    reseeded for this position; the others' from the step's generator in one call."""
+    u_M = torch.empty(len(reqs), dtype=torch.float64)
+    shared = [m for m, req in enumerate(reqs) if req.generator is None]
+    if shared:
+        u_M[shared] = torch.rand(len(shared), dtype=torch.float64, generator=generator)
+    for m, req in enumerate(reqs):
+        if req.generator is not None:
+            req.generator.manual_seed(draw_seed(req.params.seed, req.index, len(req.output_token_ids)))
+            u_M[m] = torch.rand(1, dtype=torch.float64, generator=req.generator)
+    return u_M.to(device)
+
+
+def draw(probs_MV: torch.Tensor, u_M: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: row m takes the first token whose cumulative probability reaches
+    (1 - u_m) x the row's total, a target in (0, total], so token i comes with probability p_i, a
+    zero-probability token never (its running sum reaches nothing its predecessor did not), and
+    one uniform per row suffices: noise per vocabulary entry cost 5.6 ms per step at 32 rows x
+    8192 here, and grows with the vocabulary. Float64 keeps the sum exact over Maverick's 202k."""
+    cdf_MV = probs_MV.to(torch.float64).cumsum(-1)
+    target_M1 = (1.0 - u_M[:, None]) * cdf_MV[:, -1:]
+    return torch.searchsorted(cdf_MV, target_M1).squeeze(1)
 
 
 def draw_seed(seed: int, choice: int, position: int) -> int:

@@ -62,13 +62,15 @@ def test_resumed_choices_continue_as_if_never_interrupted(engines, cut):
     for i, r in enumerate(requests("again")):
         done = {c: [t for o in outs[:cut] for t in o.new_token_ids]
                 for c, outs in enumerate(whole[f"whole-{i}"]) if len(outs) > cut}
-        r.resume = done
-        resumed.append(r)
+        if done:  # a request whose every choice ended before the cut is complete: nothing to resume
+            r.resume = done
+            resumed.append(r)
+    assert len(resumed) >= len(PARAMS) - 1
     rest = run(second, resumed)
     for i in range(len(PARAMS)):
         for c, outs in enumerate(whole[f"whole-{i}"]):
             expected = summary(outs)
-            got = summary(outs[:cut] + rest[f"again-{i}"][c])
+            got = summary(outs[:cut] + rest.get(f"again-{i}", [[]] * PARAMS[i].n)[c])
             # values differ in the last float bits: the resumed prefill batches the rows differently
             assert got.pop("logprob_values") == pytest.approx(expected.pop("logprob_values"), abs=1e-4)
             assert got == expected, (i, c)

@@ -14,7 +14,7 @@ from workers.errors import InvalidRequest
 from workers.llm import LLM
 from workers.protocol import GenerateRequest
 from workers.request import Request
-from workers.sampler import process_logits, sample
+from workers.sampler import draw, process_logits, sample, top_k_top_p
 from workers.sampling_params import SamplingParams
 
 V = 12
@@ -65,6 +65,43 @@ def test_min_p_drops_unlikely_tokens():
     min_p = 0.3  # keep tokens with p >= 0.3 * p_max
     freq = empirical(LOGITS, lambda n: rows(n, temperature=1.0, min_p=min_p))
     assert set(torch.nonzero(freq).flatten().tolist()) == set(torch.nonzero(probs >= min_p * probs.max()).flatten().tolist())
+
+
+def reference_top_k_top_p(logits_V: torch.Tensor, k: int, p: float) -> set[int]:
+    """The definition, one row, ranking the whole vocabulary: the tokens kept."""
+    order = logits_V.argsort(descending=True)[: k or logits_V.numel()]
+    probs = logits_V[order].softmax(-1)
+    before = probs.cumsum(-1) - probs
+    return {int(t) for t, b in zip(order, before) if b < p} | {int(order[0])}
+
+
+@pytest.mark.parametrize("vocab", [50, 4000])
+def test_top_k_top_p_keeps_what_ranking_the_whole_vocabulary_keeps(vocab):
+    """Peaked rows settle among the first candidates, flat rows and wide top-k rank every token."""
+    gen = torch.Generator().manual_seed(vocab)
+    peaked = torch.randn(6, vocab, generator=gen) * 8
+    flat = torch.randn(6, vocab, generator=gen) * 0.1
+    logits = torch.cat([peaked, flat])
+    settings = [(0, 0.9), (5, 1.0), (0, 0.5), (100, 0.95), (vocab, 0.99), (3, 0.2)] * 2
+    out = top_k_top_p(logits, [k for k, _ in settings], [p for _, p in settings])
+    for row, (k, p) in enumerate(settings):
+        kept = set(torch.nonzero(out[row] > float("-inf")).flatten().tolist())
+        assert kept == reference_top_k_top_p(logits[row], k, p), (row, k, p)
+        assert torch.equal(out[row][list(kept)], logits[row][list(kept)])
+
+
+def test_top_p_cut_keeps_ties_with_the_last_kept_token():
+    logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, -2.0]])  # probabilities .708, .096 x 3, .005
+    # p = .75: the best token and one of the three 1.0s reach it; the cut is a threshold, so all three stay
+    out = top_k_top_p(logits, [0], [0.75])
+    assert torch.nonzero(out[0] > float("-inf")).flatten().tolist() == [0, 1, 2, 3]
+
+
+def test_draw_inverts_the_cumulative_distribution():
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]] * 5)
+    u = torch.tensor([0.0, 0.5, 0.74, 0.76, 1 - 2**-52], dtype=torch.float64)
+    # target (1 - u) x total: 1 -> token 3, .5 -> 3, .26 -> 3, .24 -> 1, ~0 -> 1; zeros are never taken
+    assert draw(probs, u).tolist() == [3, 3, 3, 1, 1]
 
 
 def test_penalties_follow_their_formulas():
