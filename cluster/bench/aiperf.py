@@ -11,6 +11,8 @@ start with the checkpoint's tokenizer, because aiperf sends text. At one concurr
   free slot without sleeping (a whole core of this 2-core machine, taken from the server): a request
   rate of 200/s under the same concurrency cap lets it sleep between tries, at ~0.1 core in all, like
   our client; one worker and one record processor carry 32 streams.
+Both clients ask for `--temperature` (0, greedy, by default). aiperf's requests otherwise name none, so
+servers sample at 1.0: another workload, which also measures each server's sampler.
 Reported: output tok/s and median TTFT of both clients (medians over rounds) and aiperf / bench.
 """
 
@@ -44,7 +46,8 @@ def _aiperf(args, base_url: str, concurrency: int) -> dict:
                "--request-rate", "200", "--arrival-pattern", "constant", "--workers-max", "1",
                "--record-processors", "1",
                "--isl", str(args.prompt_len), "--isl-stddev", "0", "--osl", str(args.output_len), "--osl-stddev", "0",
-               "--extra-inputs", "ignore_eos:true", "--use-server-token-count", "--random-seed", str(concurrency),
+               "--extra-inputs", json.dumps({"ignore_eos": True, "temperature": args.temperature}),
+               "--use-server-token-count", "--random-seed", str(concurrency),
                "--no-server-metrics", "--no-gpu-telemetry", "--ui-type", "none", "--artifact-dir", out]
         # aiperf 0.13 in HF offline mode takes a local tokenizer directory for a repo id and fails; the
         # tokenizer is a local directory, so nothing is fetched either way
@@ -76,7 +79,8 @@ def _rounds(args, servers: dict[str, str], loop, steps: StepLine) -> dict:
                 step = format_step("aiperf", f"{server} {client}", c, 1, 1, rep, args.repeat)
                 steps.show(step)
                 if client == "bench":
-                    got = loop.run_until_complete(http_round(base_url, "bench", prompts, c, args.output_len))
+                    got = loop.run_until_complete(http_round(base_url, "bench", prompts, c, args.output_len,
+                                                                       temperature=args.temperature))
                 else:
                     got = _aiperf(args, base_url.removesuffix("/v1"), c)
                 samples.setdefault(f"{server}_{client}", []).append(got)
@@ -101,7 +105,7 @@ def _rounds(args, servers: dict[str, str], loop, steps: StepLine) -> dict:
 def _markdown(out: dict) -> str:
     r = out["result"]
     lines = [f"# aiperf against `bench serve`'s client: streaming completions over HTTP, {out['prompt_len']} prompt + "
-             f"{out['output_len']} output tokens, concurrency {r['concurrency']}", "",
+             f"{out['output_len']} output tokens, temperature {out['temperature']:g}, concurrency {r['concurrency']}", "",
              "| server | bench tok/s | aiperf tok/s | aiperf / bench | bench TTFT ms | aiperf TTFT ms "
              "| aiperf / bench |",
              "|---|---|---|---|---|---|---|"]
@@ -150,6 +154,7 @@ def main(args) -> int:
         loop.close()
         ray.shutdown()
     out = {"result": row, "servers": list(servers), "prompt_len": args.prompt_len, "output_len": args.output_len,
+           "temperature": args.temperature,
            "repeat": args.repeat, "machine": {"cpus": os.cpu_count(), "threads": args.threads}}
     write_report(args.output, out, _markdown(out))
     return 0
