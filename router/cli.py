@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(make-tiny --preset bench --layout conditional)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--temperature", type=float, default=0.0,
-                   help="bench aiperf: every request's temperature, both clients (0: greedy; aiperf's own default "
-                        "leaves it to the server, 1.0)")
+                   help="bench aiperf: every request's temperature, both clients (0: greedy); the other sampling "
+                        "parameters are the checkpoint's defaults")
     p.add_argument("--expert-workers", type=int, nargs="+", default=[0, 2],
                    help="bench serve: the gang layouts (A=1), measured one after the other")
     p.add_argument("--repeat", type=int, default=3, help="runs per engine and level; medians are compared")

@@ -12,7 +12,8 @@ start with the checkpoint's tokenizer, because aiperf sends text. At one concurr
   rate of 200/s under the same concurrency cap lets it sleep between tries, at ~0.1 core in all, like
   our client; one worker and one record processor carry 32 streams.
 Both clients ask for `--temperature` (0, greedy, by default). aiperf's requests otherwise name none, so
-servers sample at 1.0: another workload, which also measures each server's sampler.
+servers sample with the checkpoint's defaults (Llama 4's: temperature 0.6, top-p 0.9): another
+workload, which also measures each server's sampler.
 Reported: output tok/s and median TTFT of both clients (medians over rounds) and aiperf / bench.
 """
 
