@@ -14,7 +14,8 @@ start with the checkpoint's tokenizer, because aiperf sends text. At one concurr
 Both clients ask for `--temperature` (0, greedy, by default). aiperf's requests otherwise name none, so
 servers sample with the checkpoint's defaults (Llama 4's: temperature 0.6, top-p 0.9): another
 workload, which also measures each server's sampler.
-Reported: output tok/s and median TTFT of both clients (medians over rounds) and aiperf / bench.
+Reported: output tok/s and median TTFT of both clients (medians over rounds) and aiperf / bench, and
+the CPU each client burnt in a round: on 2 cores, a client's CPU is the server's loss.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from cluster.bench.runner import random_prompts
@@ -53,7 +56,9 @@ def _aiperf(args, base_url: str, concurrency: int) -> dict:
         # aiperf 0.13 in HF offline mode takes a local tokenizer directory for a repo id and fails; the
         # tokenizer is a local directory, so nothing is fetched either way
         env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # aiperf's processes, all reaped by now
         found = list(Path(out).rglob("profile_export_aiperf.json"))
         if done.returncode != 0 or not found:
             raise RuntimeError(f"aiperf failed ({done.returncode}): {(done.stdout + done.stderr)[-2000:]}")
@@ -63,6 +68,7 @@ def _aiperf(args, base_url: str, concurrency: int) -> dict:
              "tpot_ms": ("inter_token_latency", "p50")}
     return {"tok_s": metrics["output_token_throughput"]["avg"], "ttft_ms": metrics["time_to_first_token"]["p50"],
             "requests": metrics["request_count"]["avg"],
+            "client_cpu_s": after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime,
             **{key: metrics[tag][stat] for key, (tag, stat) in extra.items() if tag in metrics}}
 
 
@@ -80,8 +86,10 @@ def _rounds(args, servers: dict[str, str], loop, steps: StepLine) -> dict:
                 step = format_step("aiperf", f"{server} {client}", c, 1, 1, rep, args.repeat)
                 steps.show(step)
                 if client == "bench":
+                    cpu = time.process_time()  # this process: our client (and an idle Ray driver)
                     got = loop.run_until_complete(http_round(base_url, "bench", prompts, c, args.output_len,
                                                                        temperature=args.temperature))
+                    got["client_cpu_s"] = time.process_time() - cpu
                 else:
                     got = _aiperf(args, base_url.removesuffix("/v1"), c)
                 samples.setdefault(f"{server}_{client}", []).append(got)
@@ -91,7 +99,7 @@ def _rounds(args, servers: dict[str, str], loop, steps: StepLine) -> dict:
         row[f"{key}_tok_s"] = statistics.median(r["tok_s"] for r in rounds)
         row[f"{key}_ttft_ms"] = statistics.median(r["ttft_ms"] for r in rounds)
         row[f"{key}_all_tok_s"] = [r["tok_s"] for r in rounds]
-        for metric in ("tokens", "wall_s", "tpot_ms"):
+        for metric in ("tokens", "wall_s", "tpot_ms", "client_cpu_s"):
             if metric in rounds[0]:
                 row[f"{key}_{metric}"] = statistics.median(r[metric] for r in rounds)
         if "requests" in rounds[0]:  # what aiperf counted as done, per round
@@ -100,6 +108,9 @@ def _rounds(args, servers: dict[str, str], loop, steps: StepLine) -> dict:
         for metric in ("tok_s", "ttft_ms"):
             ratio = row[f"{server}_aiperf_{metric}"] / row[f"{server}_bench_{metric}"]
             row[f"{server}_aiperf_vs_bench_{metric}"] = ratio
+            # each round's two clients ran back to back: their ratio cancels the machine's drift
+            pairs = [a[metric] / b[metric] for a, b in zip(samples[f"{server}_aiperf"], samples[f"{server}_bench"])]
+            row[f"{server}_aiperf_vs_bench_{metric}_rounds"] = pairs
     return row
 
 
@@ -114,13 +125,21 @@ def _markdown(out: dict) -> str:
         lines.append(f"| {server} | {r[f'{server}_bench_tok_s']:.1f} | {r[f'{server}_aiperf_tok_s']:.1f} | "
                      f"{r[f'{server}_aiperf_vs_bench_tok_s']:.3f} | {r[f'{server}_bench_ttft_ms']:.0f} | "
                      f"{r[f'{server}_aiperf_ttft_ms']:.0f} | {r[f'{server}_aiperf_vs_bench_ttft_ms']:.3f} |")
-    lines += ["", "| server | client | output tokens | duration s | median TPOT ms |", "|---|---|---|---|---|"]
+    lines += ["", "| server | client | output tokens | duration s | median TPOT ms | client CPU s |",
+              "|---|---|---|---|---|---|"]
     for server in out["servers"]:
         for client in ("bench", "aiperf"):
             key = f"{server}_{client}"
             if f"{key}_tokens" in r:
                 lines.append(f"| {server} | {client} | {r[f'{key}_tokens']:.0f} | {r[f'{key}_wall_s']:.2f} | "
-                             f"{r[f'{key}_tpot_ms']:.1f} |")
+                             f"{r[f'{key}_tpot_ms']:.1f} | {r[f'{key}_client_cpu_s']:.1f} |")
+    lines.append("")
+    for server in out["servers"]:
+        pairs = {m: r[f"{server}_aiperf_vs_bench_{m}_rounds"] for m in ("tok_s", "ttft_ms")}
+        lines.append(f"- {server}, aiperf / bench round by round: tok/s "
+                     f"{', '.join(f'{x:.3f}' for x in pairs['tok_s'])} (median {statistics.median(pairs['tok_s']):.3f}); "
+                     f"TTFT {', '.join(f'{x:.3f}' for x in pairs['ttft_ms'])} "
+                     f"(median {statistics.median(pairs['ttft_ms']):.3f})")
     lines.append(f"\nMedians of {out['repeat']} interleaved rounds per server and client.")
     return "\n".join(lines) + "\n"
 

@@ -112,5 +112,6 @@ def test_bench_aiperf_smoke(tmp_path):
     assert row["maverick_aiperf_requests"] == [4]  # 2 x concurrency, counted by aiperf
     for client in ("bench", "aiperf"):
         assert row[f"maverick_{client}_tok_s"] > 0 and row[f"maverick_{client}_ttft_ms"] > 0
+        assert row[f"maverick_{client}_client_cpu_s"] > 0  # aiperf's: its reaped child processes
     assert row["maverick_aiperf_vs_bench_tok_s"] == row["maverick_aiperf_tok_s"] / row["maverick_bench_tok_s"]
     assert out.with_suffix(".md").read_text().startswith("# aiperf against")
