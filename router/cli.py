@@ -162,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(make-tiny --preset bench --layout conditional)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--temperature", type=float, default=0.0,
-                   help="bench aiperf: every request's temperature, both clients (0: greedy); the other sampling "
-                        "parameters are the checkpoint's defaults")
+                   help="bench engine and aiperf: every request's temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="bench engine and aiperf: every sampled request's top-p (1: off)")
     p.add_argument("--expert-workers", type=int, nargs="+", default=[0, 2],
                    help="bench serve: the gang layouts (A=1), measured one after the other")
     p.add_argument("--repeat", type=int, default=3, help="runs per engine and level; medians are compared")

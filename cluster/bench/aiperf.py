@@ -11,9 +11,9 @@ start with the checkpoint's tokenizer, because aiperf sends text. At one concurr
   free slot without sleeping (a whole core of this 2-core machine, taken from the server): a request
   rate of 200/s under the same concurrency cap lets it sleep between tries, at ~0.1 core in all, like
   our client; one worker and one record processor carry 32 streams.
-Both clients ask for `--temperature` (0, greedy, by default). aiperf's requests otherwise name none, so
-servers sample with the checkpoint's defaults (Llama 4's: temperature 0.6, top-p 0.9): another
-workload, which also measures each server's sampler.
+Both clients ask for `--temperature` (0, greedy, by default) and `--top-p`. aiperf's requests
+otherwise name none, so servers sample with the checkpoint's defaults (Llama 4's: temperature 0.6,
+top-p 0.9): another workload, which also measures each server's sampler.
 Reported: output tok/s and median TTFT of both clients (medians over rounds) and aiperf / bench, and
 the CPU each client burnt in a round: on 2 cores, a client's CPU is the server's loss.
 """
@@ -41,6 +41,11 @@ from model.config import load_config
 AIPERF = Path(".venv-aiperf/bin/aiperf")
 
 
+def _sampling(args) -> dict:
+    """What both clients ask: greedy, or a temperature with a top-p."""
+    return {"temperature": args.temperature, **({"top_p": args.top_p} if args.temperature > 0 else {})}
+
+
 def _aiperf(args, base_url: str, concurrency: int) -> dict:
     """One `aiperf profile` run: its output tok/s and median TTFT (ms)."""
     with tempfile.TemporaryDirectory(prefix="aiperf-") as out:
@@ -50,7 +55,7 @@ def _aiperf(args, base_url: str, concurrency: int) -> dict:
                "--request-rate", "200", "--arrival-pattern", "constant", "--workers-max", "1",
                "--record-processors", "1",
                "--isl", str(args.prompt_len), "--isl-stddev", "0", "--osl", str(args.output_len), "--osl-stddev", "0",
-               "--extra-inputs", json.dumps({"ignore_eos": True, "temperature": args.temperature}),
+               "--extra-inputs", json.dumps({"ignore_eos": True, **_sampling(args)}),
                "--use-server-token-count", "--random-seed", str(concurrency),
                "--no-server-metrics", "--no-gpu-telemetry", "--ui-type", "none", "--artifact-dir", out]
         # aiperf 0.13 in HF offline mode takes a local tokenizer directory for a repo id and fails; the
@@ -88,7 +93,7 @@ def _rounds(args, servers: dict[str, str], loop, steps: StepLine) -> dict:
                 if client == "bench":
                     cpu = time.process_time()  # this process: our client (and an idle Ray driver)
                     got = loop.run_until_complete(http_round(base_url, "bench", prompts, c, args.output_len,
-                                                                       temperature=args.temperature))
+                                                                       sampling=_sampling(args)))
                     got["client_cpu_s"] = time.process_time() - cpu
                 else:
                     got = _aiperf(args, base_url.removesuffix("/v1"), c)
@@ -117,7 +122,7 @@ def _rounds(args, servers: dict[str, str], loop, steps: StepLine) -> dict:
 def _markdown(out: dict) -> str:
     r = out["result"]
     lines = [f"# aiperf against `bench serve`'s client: streaming completions over HTTP, {out['prompt_len']} prompt + "
-             f"{out['output_len']} output tokens, temperature {out['temperature']:g}, concurrency {r['concurrency']}", "",
+             f"{out['output_len']} output tokens, {out['sampling']}, concurrency {r['concurrency']}", "",
              "| server | bench tok/s | aiperf tok/s | aiperf / bench | bench TTFT ms | aiperf TTFT ms "
              "| aiperf / bench |",
              "|---|---|---|---|---|---|---|"]
@@ -174,7 +179,7 @@ def main(args) -> int:
         loop.close()
         ray.shutdown()
     out = {"result": row, "servers": list(servers), "prompt_len": args.prompt_len, "output_len": args.output_len,
-           "temperature": args.temperature,
+           "sampling": _sampling(args),
            "repeat": args.repeat, "machine": {"cpus": os.cpu_count(), "threads": args.threads}}
     write_report(args.output, out, _markdown(out))
     return 0

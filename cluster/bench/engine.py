@@ -65,7 +65,8 @@ class EngineProcess:
 
 def run_engines(args) -> dict:
     common = ["--model", str(args.model), "--prompt-len", str(args.prompt_len), "--output-len",
-              str(args.output_len), "--max-concurrency", str(max(args.concurrency))]
+              str(args.output_len), "--max-concurrency", str(max(args.concurrency)),
+              "--temperature", str(args.temperature), "--top-p", str(args.top_p)]
     runner = [sys.executable, "-m", "cluster.bench.runner"]
     commands = {"ours": runner + ["ours", *common]}
     if args.compare_no_free:
@@ -132,15 +133,17 @@ def assemble(args, machine: dict, runs: dict) -> dict:
         row["ours_preemptions"] = ours.get("preemptions", 0)
         results.append(row)
     return {"results": results, "machine": machine, "checkpoint": str(args.model),
-            "load": {"prompt_len": args.prompt_len, "output_len": args.output_len, "greedy": True,
-                     "ignore_eos": True, "dtype": "float32"},
+            "load": {"prompt_len": args.prompt_len, "output_len": args.output_len, "greedy": args.temperature == 0,
+                     "temperature": args.temperature, "top_p": args.top_p, "ignore_eos": True, "dtype": "float32"},
             "profile": runs["ours"].get("profile", "")}
 
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"# Engine benchmark ({report['load']['prompt_len']} prompt + {report['load']['output_len']} "
-             f"output tokens, greedy, fp32)", "",
+    load = report["load"]
+    sampling = "greedy" if load["greedy"] else f"temperature {load['temperature']:g}, top-p {load['top_p']:g}"
+    lines = [f"# Engine benchmark ({load['prompt_len']} prompt + {load['output_len']} "
+             f"output tokens, {sampling}, fp32)", "",
              f"Machine: {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads; measured read "
              f"bandwidth {m['read_GBps']:.1f} GB/s, fp32 matmul {m['matmul_GFLOPs']:.0f} GFLOP/s.", ""]
     rows = report["results"]

@@ -19,6 +19,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--max-concurrency", type=int, default=32)
     parser.add_argument("--vocab", type=int, required=True)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -26,7 +28,8 @@ def main() -> None:
     # NOTE: on the CPU backend this fraction reserves host memory; 0.5 fits a 2-core CI box
     llm = LLM(model=args.model, skip_tokenizer_init=True, dtype="float32", max_model_len=1024,
               max_num_seqs=args.max_concurrency, gpu_memory_utilization=0.5)
-    params = SamplingParams(max_tokens=args.output_len, temperature=0, detokenize=False, ignore_eos=True)
+    params = SamplingParams(max_tokens=args.output_len, temperature=args.temperature, top_p=args.top_p,
+                            detokenize=False, ignore_eos=True)
 
     def prompts(n, seed):
         rng = random.Random(seed)

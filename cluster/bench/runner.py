@@ -40,7 +40,8 @@ class Ours:
         if args.kv_fraction:
             config.kv_blocks = pressured_blocks(args, config)
         self.engine = LLMEngine.from_model_dir(args.model, config, skip_tokenizer_init=True)
-        self.params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+        self.params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.output_len,
+                                     ignore_eos=True)
         self.args = args
 
     def _generate(self, prompts: list[list[int]]) -> tuple[float, list[float], int, int]:
@@ -111,9 +112,12 @@ class Transformers:
     def measure(self, c: int, seed: int) -> dict:
         ids = torch.tensor(random_prompts(c, self.args.prompt_len, self.args.vocab, seed))
         start = time.perf_counter()
+        # sampled: temperature and top-p as asked, and no top-k (transformers' own default is 50)
+        sampling = {"do_sample": True, "temperature": self.args.temperature, "top_p": self.args.top_p, "top_k": 0} \
+            if self.args.temperature > 0 else {"do_sample": False}
         with torch.no_grad():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.args.output_len,
-                                      min_new_tokens=self.args.output_len, do_sample=False, pad_token_id=0)
+                                      min_new_tokens=self.args.output_len, pad_token_id=0, **sampling)
         seconds = time.perf_counter() - start
         tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
         return {"concurrency": c, "tok_s": tokens / seconds, "seconds": seconds,
@@ -128,6 +132,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--max-concurrency", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--no-free-chunked", action="store_true")
     parser.add_argument("--kv-fraction", type=float, default=None,
                         help="a KV cache for this fraction of --max-concurrency full-length sequences")

@@ -108,12 +108,12 @@ async def _inproc(supervisor: GangSupervisor, prompts, concurrency: int, params:
 
 
 async def http_round(base_url: str, model: str, prompts, concurrency: int, output_len: int,
-                     chat: bool = False, temperature: float = 0.0) -> dict:
+                     chat: bool = False, sampling: dict | None = None) -> dict:
     """Streamed completions of `prompts`; with `chat`, each prompt is a chat's messages."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=1800)
-    common = {"model": model, "temperature": temperature, "stream": True,
+    common = {"model": model, "temperature": 0, **(sampling or {}), "stream": True,
               "extra_body": {"ignore_eos": True, "return_token_ids": True}}
 
     async def one(prompt):

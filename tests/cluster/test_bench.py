@@ -38,6 +38,20 @@ def test_bench_engine_smoke(tmp_path):
     assert "bench engine  ours_pressure  concurrency 8 (level 2/2)  round 1/1\n" in proc.stderr
 
 
+def test_bench_engine_sampled_smoke(tmp_path):
+    """`--temperature`/`--top-p` reach our engine and transformers' (which samples without its top-k 50)."""
+    ckpt = make_tiny(tmp_path / "tiny", "tiny-maverick", layout="causal")
+    out = tmp_path / "engine.json"
+    proc = subprocess.run([MAVERICK, "bench", "engine", "--model", str(ckpt), "--output", str(out), "--peers", "hf",
+                           "--concurrency", "2", "--prompt-len", "8", "--output-len", "6", "--repeat", "1",
+                           "--temperature", "0.7", "--top-p", "0.9"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["load"]["greedy"] is False and report["load"]["temperature"] == 0.7
+    assert report["results"][0]["ours_tok_s"] > 0 and report["results"][0]["hf_tok_s"] > 0
+    assert "temperature 0.7, top-p 0.9" in out.with_suffix(".md").read_text().splitlines()[0]
+
+
 def test_bench_ep_smoke(tmp_path):
     ckpt = make_tiny(tmp_path / "tiny", "tiny-maverick", layout="causal")
     out = tmp_path / "ep.json"
