@@ -46,6 +46,12 @@ def _sampling(args) -> dict:
     return {"temperature": args.temperature, **({"top_p": args.top_p} if args.temperature > 0 else {})}
 
 
+def _describe(sampling: dict) -> str:
+    if not sampling["temperature"]:
+        return "greedy"
+    return f"temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}"
+
+
 def _aiperf(args, base_url: str, concurrency: int) -> dict:
     """One `aiperf profile` run: its output tok/s and median TTFT (ms)."""
     with tempfile.TemporaryDirectory(prefix="aiperf-") as out:
@@ -122,7 +128,7 @@ def _rounds(args, servers: dict[str, str], loop, steps: StepLine) -> dict:
 def _markdown(out: dict) -> str:
     r = out["result"]
     lines = [f"# aiperf against `bench serve`'s client: streaming completions over HTTP, {out['prompt_len']} prompt + "
-             f"{out['output_len']} output tokens, {out['sampling']}, concurrency {r['concurrency']}", "",
+             f"{out['output_len']} output tokens, {_describe(out['sampling'])}, concurrency {r['concurrency']}", "",
              "| server | bench tok/s | aiperf tok/s | aiperf / bench | bench TTFT ms | aiperf TTFT ms "
              "| aiperf / bench |",
              "|---|---|---|---|---|---|---|"]
@@ -141,10 +147,9 @@ def _markdown(out: dict) -> str:
     lines.append("")
     for server in out["servers"]:
         pairs = {m: r[f"{server}_aiperf_vs_bench_{m}_rounds"] for m in ("tok_s", "ttft_ms")}
-        lines.append(f"- {server}, aiperf / bench round by round: tok/s "
-                     f"{', '.join(f'{x:.3f}' for x in pairs['tok_s'])} (median {statistics.median(pairs['tok_s']):.3f}); "
-                     f"TTFT {', '.join(f'{x:.3f}' for x in pairs['ttft_ms'])} "
-                     f"(median {statistics.median(pairs['ttft_ms']):.3f})")
+        shown = {m: f"{', '.join(f'{x:.3f}' for x in p)} (median {statistics.median(p):.3f})"
+                 for m, p in pairs.items()}
+        lines.append(f"- {server}, aiperf / bench round by round: tok/s {shown['tok_s']}; TTFT {shown['ttft_ms']}")
     lines.append(f"\nMedians of {out['repeat']} interleaved rounds per server and client.")
     return "\n".join(lines) + "\n"
 
