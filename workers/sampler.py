@@ -2,9 +2,10 @@
 
 Order, as vLLM applies it: logit bias, repetition / frequency / presence penalties, then greedy
 argmax, or temperature, top-k, top-p, min-p and a draw. A draw inverts the row's cumulative
-distribution at one uniform number (`draw`). A seeded request reseeds its own generator before each draw from (seed,
-choice, position), so its tokens depend on nothing else: not on what shares its batch, and not on a
-generator's state that dies with a worker (a request resumed elsewhere draws what it would have).
+distribution at one uniform number (`draw`). A seeded request reseeds its own generator before each
+draw from (seed, choice, position), so its tokens depend on nothing else: not on what shares its
+batch, and not on a generator's state that dies with a worker (a request resumed elsewhere draws
+what it would have).
 Logprobs are `log_softmax` of the model's raw logits (before any processing), as vLLM reports them
 by default.
 
@@ -91,7 +92,7 @@ def top_k_top_p(logits_MV: torch.Tensor, top_k: list[int], top_p: list[float]) -
     p_M1 = torch.tensor(top_p, device=logits_MV.device)[:, None]
     # rows without top-k normalise over the whole vocabulary, whatever the candidates
     log_total_M1 = logits_MV.logsumexp(-1, keepdim=True)
-    for c in dict.fromkeys((min(vocab, 64), vocab)):
+    for c in (64, vocab) if vocab > 64 else (vocab,):
         best_MC = _best_first(logits_MV, c)
         drop = torch.arange(c, device=logits_MV.device)[None, :] >= k_M1
         probs = torch.where(k_M1 <= c, best_MC.masked_fill(drop, float("-inf")).softmax(-1),
