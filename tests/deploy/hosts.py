@@ -141,7 +141,7 @@ class Hosts:
 
         built = Path(get_default_build_root())
         if built.is_dir():
-            shutil.copytree(built, self.home / ".cache" / "torch_extensions" / built.name)
+            shutil.copytree(built, self.home / ".cache" / "torch_extensions")  # the default build root there
 
     def processes_on(self, host: Host) -> list[psutil.Process]:
         inode = host.net_namespace()
