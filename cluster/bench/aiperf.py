@@ -94,7 +94,7 @@ def _rounds(args, servers: dict[str, str], loop, steps: StepLine) -> dict:
         loop.run_until_complete(http_round(base_url, "bench", warm, c, args.output_len))
     for rep in range(1, args.repeat + 1):
         for server, base_url in servers.items():
-            # the clients take turns going first on a server: a first round pays what the last left behind
+            # the clients take turns going first on a server: an order effect, either way, falls on both
             for client in ("bench", "aiperf") if rep % 2 else ("aiperf", "bench"):
                 step = format_step("aiperf", f"{server} {client}", c, 1, 1, rep, args.repeat)
                 steps.show(step)

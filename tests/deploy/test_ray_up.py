@@ -147,8 +147,8 @@ def test_ray_up_on_two_hosts_serve_and_down(hosts):
         for leftover in Path("/tmp/ray").glob(f"cluster-{CLUSTER}.*"):  # the local provider's node list
             leftover.unlink()
     # `ray down` stops the head; a worker host's raylet, and with it every task and actor process there,
-    # exits once the head's GCS has been gone for 60 s. Ray's node agents exit another ~60 s later on
-    # their own (seen every run): not waited for, the host's namespace ends them.
+    # exits once the head's GCS has been gone for 60 s. Ray's node agents exit ~60 s after it on their
+    # own (110 s after `ray down` in a watched run): not waited for, the host's namespace ends them.
     for host in hosts.hosts:
         wait_until(lambda: not [n for n in _ray_processes(hosts.processes_on(host)) if n not in RAY_NODE_AGENTS],
                    180, f"Ray's processes gone from {host.name} after `ray down`")
