@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from cluster.probe import wait_until
@@ -60,6 +61,10 @@ def test_make_serve_answers_chat_and_exits_0_on_sigterm(tmp_path):
         assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] >= 1
         serve_pids = _children(make.pid)
         assert len(serve_pids) == 1, serve_pids
+        # the ingress replica runs its handlers on Serve's own loop (router/app.py INGRESS_ENV)
+        titles = {p: (p.info["cmdline"] or [""])[0] for p in psutil.process_iter(["cmdline"])}
+        ingress = [p for p, title in titles.items() if title.startswith("ray::ServeReplica:") and "ingress" in title]
+        assert len(ingress) == 1 and ingress[0].environ().get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD") == "0"
         # a request in flight when SIGTERM arrives still finishes; readiness turns false meanwhile
         long = {"model": "tiny-maverick", "prompt": [2016, 5, 6], "max_tokens": 400, "ignore_eos": True,
                 "stream": True}
