@@ -6,8 +6,8 @@ Per concurrency level: output tok/s and the median step time of each, the all-to
 step (time the attention rank waits in collectives), then the CPU an idle gang uses and the latency
 of waking it. Both stay loaded and are measured in turn, `repeat` rounds per level on the same
 prompts, medians reported (this machine drifts by +-20% minutes apart). The single engine runs in
-this process; the gang on a local Ray, its ranks pinned to threads so that the three processes
-share the cores without fighting, idle between its runs.
+this process at `--threads`; the gang on a local Ray, every rank at one intra-op thread (as deployed on
+CPUs) so that the three processes share the cores without fighting, idle between its runs.
 """
 
 from __future__ import annotations
@@ -60,8 +60,12 @@ class _Gang:
 
     def __init__(self, args, params: SamplingParams, microbatches: int = 1):
         self.params = params
+        # every rank at one thread, as deployed on CPUs (deploy/tiny-cpu.yaml): 3 ranks share the 2 cores. The
+        # attention rank at 2 threads (the single engine's count) was slower at 8 and 32 (gang/single 1.93-1.99x
+        # and 1.63-1.71x against 1.69-1.70x and 1.43-1.46x, two runs) and no faster at 1: its second thread
+        # takes a core from the expert ranks while they compute
         self.config = GangConfig(model=str(args.model), attention_workers=1, expert_workers=2,
-                                 attention=RankResources(num_cpus=0.5, torch_threads=args.threads),
+                                 attention=RankResources(num_cpus=0.5, torch_threads=1),
                                  experts=RankResources(num_cpus=0.5, torch_threads=1), skip_tokenizer_init=True,
                                  engine=EngineLimits(max_num_seqs=max(args.concurrency), max_num_batched_tokens=4096,
                                                      microbatches=microbatches, microbatch_min_tokens=2))
@@ -157,7 +161,8 @@ def main(args) -> int:
         if started:
             ray.shutdown()
     report = {"results": results, "idle": idle, "layout": {"attention_workers": 1, "expert_workers": 2,
-                                                           "backend": "gloo"},
+                                                           "backend": "gloo", "threads_per_rank": 1,
+                                                           "single_threads": args.threads},
               "machine": {"cores": __import__("os").cpu_count(), "torch": torch.__version__},
               "load": {"prompt_len": args.prompt_len, "output_len": args.output_len, "repeat": args.repeat}}
     out = Path(args.output)
