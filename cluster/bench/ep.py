@@ -4,10 +4,12 @@ engine, on the same checkpoint and load; and the same gang with ping-pong micro-
 
 Per concurrency level: output tok/s and the median step time of each, the all-to-all share of a gang
 step (time the attention rank waits in collectives), then the CPU an idle gang uses and the latency
-of waking it. Both stay loaded and are measured in turn, `repeat` rounds per level on the same
-prompts, medians reported (this machine drifts by +-20% minutes apart). The single engine runs in
-this process at `--threads`; the gang on a local Ray, every rank at one intra-op thread (as deployed on
-CPUs) so that the three processes share the cores without fighting, idle between its runs.
+of waking it; last, a decode step's collectives alone, nothing computed, for 1A+2E and 1A+1E
+(`cluster.bench.collectives`). Single and gangs stay loaded and are measured in turn, `repeat` rounds
+per level on the same prompts, medians reported (this machine drifts by +-20% minutes apart). The
+single engine runs in this process at `--threads`; the gang on a local Ray, every rank at one
+intra-op thread (as deployed on CPUs) so that the three processes share the cores without fighting,
+idle between its runs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import ray
 import torch
 
+from cluster.bench.collectives import collectives_alone
 from cluster.bench.runner import random_prompts
 from cluster.config import EngineLimits, GangConfig, RankResources
 from cluster.offline import ensure_local_ray
@@ -150,7 +153,8 @@ async def _idle_and_wake(supervisor: GangSupervisor, run) -> dict:
 
 
 def main(args) -> int:
-    vocab = load_config(args.model).vocab_size
+    config = load_config(args.model)
+    vocab = config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     single = _Single(args, params)
     started = ensure_local_ray()
@@ -160,6 +164,15 @@ def main(args) -> int:
     finally:
         if started:
             ray.shutdown()
+    # after the gangs: decode steps of c requests route c rows per MoE layer (top-1)
+    steps = StepLine()
+    for experts in (2, 1):
+        steps.show(f"bench ep  collectives alone  1 attention + {experts} expert processes")
+        step_ms = collectives_alone(experts, config.hidden_size, config.moe_layers, config.num_experts,
+                                    args.concurrency)
+        for row, ms in zip(results, step_ms):
+            row[f"collectives_alone_e{experts}_ms"] = ms
+    steps.close()
     report = {"results": results, "idle": idle, "layout": {"attention_workers": 1, "expert_workers": 2,
                                                            "backend": "gloo", "threads_per_rank": 1,
                                                            "single_threads": args.threads},
@@ -181,7 +194,14 @@ def main(args) -> int:
                      f"{r['overlap_over_single_step']:.2f}x | {r['gang_alltoall_share']:.0%}, "
                      f"{r['overlap_alltoall_share']:.0%} |")
     lines += ["", f"Idle gang: {idle['idle_cpu_share']:.1%} of one core over 5 s (all ranks together); "
-              f"waking it to the first token of a 3-token prompt: {idle['wake_to_first_token_ms']:.0f} ms.", ""]
+              f"waking it to the first token of a 3-token prompt: {idle['wake_to_first_token_ms']:.0f} ms.", "",
+              "A decode step's collectives alone (medians, nothing computed between them; separate processes "
+              "at one thread, gloo), beside the gang's step and its wait in collectives:", "",
+              "| concurrency | gang step ms | gang all-to-all ms | alone, 1A+2E ms | alone, 1A+1E ms |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['concurrency']} | {r['gang_step_ms']:.1f} | {r['gang_alltoall_ms']:.1f} | "
+              f"{r['collectives_alone_e2_ms']:.1f} | {r['collectives_alone_e1_ms']:.1f} |" for r in results]
+    lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

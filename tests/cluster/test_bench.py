@@ -65,6 +65,7 @@ def test_bench_ep_smoke(tmp_path):
         for gang in ("gang", "overlap"):  # a share of the gang's own step: every gang step waits on collectives
             assert 0 < row[f"{gang}_alltoall_share"] < 1
         assert row["gang_microbatched_steps"] == 0
+        assert row["collectives_alone_e2_ms"] > 0 and row["collectives_alone_e1_ms"] > 0
     # one request never splits; two do, in steps where both run
     assert report["results"][0]["overlap_microbatched_steps"] == 0
     assert report["results"][1]["overlap_microbatched_steps"] >= 3
