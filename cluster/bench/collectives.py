@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
+import queue
 import statistics
 import time
 
@@ -66,8 +67,16 @@ def collectives_alone(expert_ranks: int, hidden: int, moe_layers: list[int], num
                          daemon=True) for r in range(world)]
     for p in procs:
         p.start()
+    deadline = time.monotonic() + timeout_s
     try:
-        return results.get(timeout=timeout_s)
+        while True:
+            try:
+                return results.get(timeout=1.0)
+            except queue.Empty:
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    raise RuntimeError(f"collectives alone ({world} processes): exit codes {failed}, "
+                                       f"or no result within {timeout_s:.0f} s") from None
     finally:
         for p in procs:
             p.join(timeout=30)

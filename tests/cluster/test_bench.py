@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cluster.bench.collectives import collectives_alone
 from model.tiny import make_tiny
 
 MAVERICK = str(Path(sys.executable).with_name("maverick"))
@@ -73,6 +74,12 @@ def test_bench_ep_smoke(tmp_path):
     steps = [line for line in proc.stderr.splitlines() if line.startswith("bench ep  ") and "round" in line]
     assert steps[0] == "bench ep  single  concurrency 1 (level 1/2)  round 1/3"
     assert steps[-1] == "bench ep  overlap  concurrency 2 (level 2/2)  round 3/3" and len(steps) == 18
+
+
+def test_collectives_alone_ends_when_a_rank_fails():
+    # 3 expert ranks cannot split 2 experts: every spawned rank raises after the rendezvous
+    with pytest.raises(RuntimeError, match=r"4 processes\): exit codes \[1"):
+        collectives_alone(3, hidden=16, moe_layers=[0], num_experts=2, rows=[1], steps=10, timeout_s=120)
 
 
 @pytest.mark.timeout(900)  # a gang, then two `maverick serve` in turn: minutes on a slow 2-core machine
