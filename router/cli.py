@@ -166,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0,
                    help="bench engine and aiperf: every sampled request's top-p (1: off)")
     p.add_argument("--expert-workers", type=int, nargs="+", default=[0, 2],
-                   help="bench serve: the gang layouts (A=1), measured one after the other")
+                   help="bench serve: the gang layouts (A=1), measured one after the other; bench ep: the gang's "
+                        "expert workers (the largest given)")
+    p.add_argument("--attention-threads", type=int, default=1,
+                   help="bench ep: intra-op threads of the gang's attention worker (expert workers run at 1)")
     p.add_argument("--repeat", type=int, default=3, help="runs per engine and level; medians are compared")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per engine run")
     p.set_defaults(func=cmd_bench)

@@ -1,6 +1,6 @@
-"""`maverick bench ep`: a gang (1 attention + 2 expert workers, gloo) against the single-process
-engine, on the same checkpoint and load; and the same gang with ping-pong micro-batches (`overlap`:
-`microbatches: 2`, every step of two requests or more split).
+"""`maverick bench ep`: a gang (1 attention + 2 expert workers, gloo; `--expert-workers`) against the
+single-process engine, on the same checkpoint and load; and the same gang with ping-pong
+micro-batches (`overlap`: `microbatches: 2`, every step of two requests or more split).
 
 Per concurrency level: output tok/s and the median step time of each, the all-to-all share of a gang
 step (time the attention rank waits in collectives), then the CPU an idle gang uses and the latency
@@ -8,8 +8,8 @@ of waking it; last, a decode step's collectives alone, nothing computed, for 1A+
 (`cluster.bench.collectives`). Single and gangs stay loaded and are measured in turn, `repeat` rounds
 per level on the same prompts, medians reported (this machine drifts by +-20% minutes apart). The
 single engine runs in this process at `--threads`; the gang on a local Ray, every rank at one
-intra-op thread (as deployed on CPUs) so that the three processes share the cores without fighting,
-idle between its runs.
+intra-op thread (as deployed on CPUs; the attention worker at `--attention-threads`) so that the
+three processes share the cores without fighting, idle between its runs.
 """
 
 from __future__ import annotations
@@ -58,6 +58,14 @@ class _Single:
         return {"tok_s": tokens / (time.perf_counter() - start), "step_ms": statistics.median(steps[1:]) * 1e3}
 
 
+def gang_experts(args) -> int:
+    """The gang's expert workers: the largest `--expert-workers` (bench serve's list also holds 0)."""
+    experts = max(args.expert_workers)
+    if experts < 1:
+        raise ValueError("bench ep needs a gang with expert workers: --expert-workers 1 or more")
+    return experts
+
+
 class _Gang:
     """The gang on Ray, driven by its supervisor in this process; idle (waiting on events) between runs."""
 
@@ -67,9 +75,11 @@ class _Gang:
         # attention rank at 2 threads (the single engine's count) was slower at 8 and 32 (gang/single 1.93-1.99x
         # and 1.63-1.71x against 1.69-1.70x and 1.43-1.46x, two runs; its second thread takes a core from the
         # expert ranks while they compute) and at 1 as fast or a little faster (2.20x / 2.13x against 2.38x / 2.14x)
-        rank = RankResources(num_cpus=0.5, torch_threads=1)
-        self.config = GangConfig(model=str(args.model), attention_workers=1, expert_workers=2,
-                                 attention=rank, experts=rank, skip_tokenizer_init=True,
+        # `--attention-threads` and `--expert-workers` try other layouts (README: 1A+1E measured best here)
+        experts = RankResources(num_cpus=0.5, torch_threads=1)
+        attention = RankResources(num_cpus=0.5, torch_threads=args.attention_threads)
+        self.config = GangConfig(model=str(args.model), attention_workers=1, expert_workers=gang_experts(args),
+                                 attention=attention, experts=experts, skip_tokenizer_init=True,
                                  engine=EngineLimits(max_num_seqs=max(args.concurrency), max_num_batched_tokens=4096,
                                                      microbatches=microbatches, microbatch_min_tokens=2))
         self.supervisor = GangSupervisor(self.config, rebuild=False)
@@ -153,6 +163,7 @@ async def _idle_and_wake(supervisor: GangSupervisor, run) -> dict:
 
 
 def main(args) -> int:
+    gang_experts(args)  # a bad layout fails before anything loads
     config = load_config(args.model)
     vocab = config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
@@ -173,15 +184,16 @@ def main(args) -> int:
         for row, ms in zip(results, step_ms):
             row[f"collectives_alone_e{experts}_ms"] = ms
     steps.close()
-    report = {"results": results, "idle": idle, "layout": {"attention_workers": 1, "expert_workers": 2,
-                                                           "backend": "gloo", "threads_per_rank": 1,
-                                                           "single_threads": args.threads},
+    layout = {"attention_workers": 1, "expert_workers": gang_experts(args), "backend": "gloo",
+              "attention_threads": args.attention_threads, "expert_threads": 1, "single_threads": args.threads}
+    report = {"results": results, "idle": idle, "layout": layout,
               "machine": {"cores": __import__("os").cpu_count(), "torch": torch.__version__},
               "load": {"prompt_len": args.prompt_len, "output_len": args.output_len, "repeat": args.repeat}}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["# Expert-parallel benchmark: gang (1 attention + 2 expert workers, gloo) vs one process", "",
+    lines = [f"# Expert-parallel benchmark: gang (1 attention worker at {args.attention_threads} thread(s) + "
+             f"{layout['expert_workers']} expert workers, gloo) vs one process", "",
              f"Medians of {args.repeat} interleaved rounds per level (single, gang, then the gang with two "
              "micro-batches per step, on the same prompts).", "",
              "| concurrency | single tok/s | gang tok/s | overlap tok/s | single step ms | gang step ms "

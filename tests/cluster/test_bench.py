@@ -57,10 +57,11 @@ def test_bench_ep_smoke(tmp_path):
     ckpt = make_tiny(tmp_path / "tiny", "tiny-maverick", layout="causal")
     out = tmp_path / "ep.json"
     proc = subprocess.run([MAVERICK, "bench", "ep", "--model", str(ckpt), "--output", str(out), "--concurrency",
-                           "1", "2", "--prompt-len", "8", "--output-len", "6"], capture_output=True, text=True,
-                          timeout=600)
+                           "1", "2", "--prompt-len", "8", "--output-len", "6", "--expert-workers", "0", "1",
+                           "--attention-threads", "2"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
+    assert report["layout"]["expert_workers"] == 1 and report["layout"]["attention_threads"] == 2
     assert [r["concurrency"] for r in report["results"]] == [1, 2]
     for row in report["results"]:
         for gang in ("gang", "overlap"):  # a share of the gang's own step: every gang step waits on collectives
@@ -74,6 +75,12 @@ def test_bench_ep_smoke(tmp_path):
     steps = [line for line in proc.stderr.splitlines() if line.startswith("bench ep  ") and "round" in line]
     assert steps[0] == "bench ep  single  concurrency 1 (level 1/2)  round 1/3"
     assert steps[-1] == "bench ep  overlap  concurrency 2 (level 2/2)  round 3/3" and len(steps) == 18
+
+
+def test_bench_ep_refuses_a_gang_without_experts(tmp_path):
+    proc = subprocess.run([MAVERICK, "bench", "ep", "--model", str(tmp_path), "--expert-workers", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--expert-workers 1 or more" in proc.stderr
 
 
 def test_collectives_alone_ends_when_a_rank_fails():
