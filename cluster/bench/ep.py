@@ -69,7 +69,7 @@ def gang_experts(args) -> int:
 class _Gang:
     """The gang on Ray, driven by its supervisor in this process; idle (waiting on events) between runs."""
 
-    def __init__(self, args, params: SamplingParams, microbatches: int = 1):
+    def __init__(self, args, params: SamplingParams, expert_workers: int, microbatches: int = 1):
         self.params = params
         # every rank at one thread, as deployed on CPUs (deploy/tiny-cpu.yaml): 3 ranks share the 2 cores. The
         # attention rank at 2 threads (the single engine's count) was slower at 8 and 32 (gang/single 1.93-1.99x
@@ -78,7 +78,7 @@ class _Gang:
         # `--attention-threads` and `--expert-workers` try other layouts (README: 1A+1E measured best here)
         experts = RankResources(num_cpus=0.5, torch_threads=1)
         attention = RankResources(num_cpus=0.5, torch_threads=args.attention_threads)
-        self.config = GangConfig(model=str(args.model), attention_workers=1, expert_workers=gang_experts(args),
+        self.config = GangConfig(model=str(args.model), attention_workers=1, expert_workers=expert_workers,
                                  attention=attention, experts=experts, skip_tokenizer_init=True,
                                  engine=EngineLimits(max_num_seqs=max(args.concurrency), max_num_batched_tokens=4096,
                                                      microbatches=microbatches, microbatch_min_tokens=2))
@@ -163,28 +163,29 @@ async def _idle_and_wake(supervisor: GangSupervisor, run) -> dict:
 
 
 def main(args) -> int:
-    gang_experts(args)  # a bad layout fails before anything loads
+    expert_workers = gang_experts(args)  # a bad layout fails before anything loads
     config = load_config(args.model)
     vocab = config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     single = _Single(args, params)
     started = ensure_local_ray()
     try:
-        gangs = {"gang": _Gang(args, params), "overlap": _Gang(args, params, microbatches=2)}
+        gangs = {"gang": _Gang(args, params, expert_workers),
+                 "overlap": _Gang(args, params, expert_workers, microbatches=2)}
         results, idle = asyncio.run(_interleaved(args, vocab, single, gangs))
     finally:
         if started:
             ray.shutdown()
-    # after the gangs: decode steps of c requests route c rows per MoE layer (top-1)
+    # after the gangs: a decode step of c requests routes c x top-k rows per MoE layer
     steps = StepLine()
     for experts in (2, 1):
         steps.show(f"bench ep  collectives alone  1 attention + {experts} expert processes")
         step_ms = collectives_alone(experts, config.hidden_size, config.moe_layers, config.num_experts,
-                                    args.concurrency)
+                                    [c * config.num_experts_per_tok for c in args.concurrency])
         for row, ms in zip(results, step_ms):
             row[f"collectives_alone_e{experts}_ms"] = ms
     steps.close()
-    layout = {"attention_workers": 1, "expert_workers": gang_experts(args), "backend": "gloo",
+    layout = {"attention_workers": 1, "expert_workers": expert_workers, "backend": "gloo",
               "attention_threads": args.attention_threads, "expert_threads": 1, "single_threads": args.threads}
     report = {"results": results, "idle": idle, "layout": layout,
               "machine": {"cores": __import__("os").cpu_count(), "torch": torch.__version__},
@@ -193,7 +194,7 @@ def main(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Expert-parallel benchmark: gang (1 attention worker at {args.attention_threads} thread(s) + "
-             f"{layout['expert_workers']} expert workers, gloo) vs one process", "",
+             f"{expert_workers} expert workers, gloo) vs one process", "",
              f"Medians of {args.repeat} interleaved rounds per level (single, gang, then the gang with two "
              "micro-batches per step, on the same prompts).", "",
              "| concurrency | single tok/s | gang tok/s | overlap tok/s | single step ms | gang step ms "
