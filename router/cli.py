@@ -168,8 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-workers", type=int, nargs="+", default=[0, 2],
                    help="bench serve: the gang layouts (A=1), measured one after the other; bench ep: the gang's "
                         "expert workers (the largest given)")
+    p.add_argument("--attention-workers", type=int, default=1,
+                   help="bench ep: the gang's attention workers (requests spread over them, steps in lock-step)")
     p.add_argument("--attention-threads", type=int, default=1,
-                   help="bench ep: intra-op threads of the gang's attention worker (expert workers run at 1)")
+                   help="bench ep: intra-op threads of each attention worker of the gang (expert workers run at 1)")
     p.add_argument("--repeat", type=int, default=3, help="runs per engine and level; medians are compared")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per engine run")
     p.set_defaults(func=cmd_bench)

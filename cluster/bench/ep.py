@@ -1,5 +1,5 @@
-"""`maverick bench ep`: a gang (1 attention + 2 expert workers, gloo; `--expert-workers`) against the
-single-process engine, on the same checkpoint and load; and the same gang with ping-pong
+"""`maverick bench ep`: a gang (1 attention + 2 expert workers, gloo; `--attention-workers`, `--expert-workers`)
+against the single-process engine, on the same checkpoint and load; and the same gang with ping-pong
 micro-batches (`overlap`: `microbatches: 2`, every step of two requests or more split).
 
 Per concurrency level: output tok/s and the median step time of each, the all-to-all share of a gang
@@ -63,6 +63,8 @@ def gang_experts(args) -> int:
     experts = max(args.expert_workers)
     if experts < 1:
         raise ValueError("bench ep needs a gang with expert workers: --expert-workers 1 or more")
+    if args.attention_workers < 1:
+        raise ValueError("bench ep needs a gang with attention workers: --attention-workers 1 or more")
     return experts
 
 
@@ -75,10 +77,11 @@ class _Gang:
         # attention rank at 2 threads (the single engine's count) was slower at 8 and 32 (gang/single 1.93-1.99x
         # and 1.63-1.71x against 1.69-1.70x and 1.43-1.46x, two runs; its second thread takes a core from the
         # expert ranks while they compute) and at 1 as fast or a little faster (2.20x / 2.13x against 2.38x / 2.14x)
-        # `--attention-threads` and `--expert-workers` try other layouts (README: 1A+1E measured best here)
+        # `--attention-threads`, `--attention-workers` and `--expert-workers` try other layouts (README)
         experts = RankResources(num_cpus=0.5, torch_threads=1)
         attention = RankResources(num_cpus=0.5, torch_threads=args.attention_threads)
-        self.config = GangConfig(model=str(args.model), attention_workers=1, expert_workers=expert_workers,
+        self.config = GangConfig(model=str(args.model), attention_workers=args.attention_workers,
+                                 expert_workers=expert_workers,
                                  attention=attention, experts=experts, skip_tokenizer_init=True,
                                  engine=EngineLimits(max_num_seqs=max(args.concurrency), max_num_batched_tokens=4096,
                                                      microbatches=microbatches, microbatch_min_tokens=2))
@@ -91,17 +94,20 @@ class _Gang:
         return n
 
     async def measure(self, prompts: list[list[int]]) -> dict:
-        attention = self.supervisor.gang.attention[0]
-        before = await attention.stats.remote()
+        ranks = self.supervisor.gang.attention
+        befores = await asyncio.gather(*(r.stats.remote() for r in ranks))
         start = time.perf_counter()
         tokens = sum(await asyncio.gather(*(self.run(p) for p in prompts)))
         seconds = time.perf_counter() - start
-        after = await attention.stats.remote()
+        afters = await asyncio.gather(*(r.stats.remote() for r in ranks))
+        # attention ranks step in lock-step: the one that computed most steps times the gang's step
+        before, after = max(zip(befores, afters), key=lambda ba: ba[1]["engine_steps"] - ba[0]["engine_steps"])
         steps = after["step_seconds"][len(before["step_seconds"]):] or after["step_seconds"][-1:]
         n_steps = max(1, after["steps"] - before["steps"])
         return {"tok_s": tokens / seconds, "step_ms": statistics.median(steps[1:] or steps) * 1e3,
                 "alltoall_ms": (after["alltoall_seconds"] - before["alltoall_seconds"]) / n_steps * 1e3,
-                "microbatched_steps": after["microbatched_steps"] - before["microbatched_steps"]}
+                "microbatched_steps": sum(a["microbatched_steps"] - b["microbatched_steps"]
+                                          for b, a in zip(befores, afters))}
 
 
 async def _interleaved(args, vocab: int, single: _Single, gangs: dict[str, _Gang]) -> tuple[list[dict], dict]:
@@ -168,7 +174,8 @@ def main(args) -> int:
     vocab = config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     single = _Single(args, params)
-    started = ensure_local_ray()
+    # two gangs whose ranks ask for half a logical CPU each
+    started = ensure_local_ray(num_cpus=max(4, args.attention_workers + expert_workers))
     try:
         gangs = {"gang": _Gang(args, params, expert_workers),
                  "overlap": _Gang(args, params, expert_workers, microbatches=2)}
@@ -185,7 +192,7 @@ def main(args) -> int:
         for row, ms in zip(results, step_ms):
             row[f"collectives_alone_e{experts}_ms"] = ms
     steps.close()
-    layout = {"attention_workers": 1, "expert_workers": expert_workers, "backend": "gloo",
+    layout = {"attention_workers": args.attention_workers, "expert_workers": expert_workers, "backend": "gloo",
               "attention_threads": args.attention_threads, "expert_threads": 1, "single_threads": args.threads}
     report = {"results": results, "idle": idle, "layout": layout,
               "machine": {"cores": __import__("os").cpu_count(), "torch": torch.__version__},
@@ -193,7 +200,8 @@ def main(args) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Expert-parallel benchmark: gang (1 attention worker at {args.attention_threads} thread(s) + "
+    lines = [f"# Expert-parallel benchmark: gang ({args.attention_workers} attention worker(s) at "
+             f"{args.attention_threads} thread(s) + "
              f"{expert_workers} expert workers, gloo) vs one process", "",
              f"Medians of {args.repeat} interleaved rounds per level (single, gang, then the gang with two "
              "micro-batches per step, on the same prompts).", "",

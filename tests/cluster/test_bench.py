@@ -56,31 +56,36 @@ def test_bench_engine_sampled_smoke(tmp_path):
 def test_bench_ep_smoke(tmp_path):
     ckpt = make_tiny(tmp_path / "tiny", "tiny-maverick", layout="causal")
     out = tmp_path / "ep.json"
+    # 2A+1E: the requests spread over two attention ranks, two each at concurrency 4
     proc = subprocess.run([MAVERICK, "bench", "ep", "--model", str(ckpt), "--output", str(out), "--concurrency",
-                           "1", "2", "--prompt-len", "8", "--output-len", "6", "--expert-workers", "0", "1",
-                           "--attention-threads", "2"], capture_output=True, text=True, timeout=600)
+                           "1", "4", "--prompt-len", "8", "--output-len", "6", "--attention-workers", "2",
+                           "--expert-workers", "0", "1", "--attention-threads", "2"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
-    assert report["layout"]["expert_workers"] == 1 and report["layout"]["attention_threads"] == 2
-    assert [r["concurrency"] for r in report["results"]] == [1, 2]
+    layout = report["layout"]
+    assert (layout["attention_workers"], layout["expert_workers"], layout["attention_threads"]) == (2, 1, 2)
+    assert [r["concurrency"] for r in report["results"]] == [1, 4]
     for row in report["results"]:
         for gang in ("gang", "overlap"):  # a share of the gang's own step: every gang step waits on collectives
             assert 0 < row[f"{gang}_alltoall_share"] < 1
         assert row["gang_microbatched_steps"] == 0
         assert row["collectives_alone_e2_ms"] > 0 and row["collectives_alone_e1_ms"] > 0
-    # one request never splits; two do, in steps where both run
+    # one request never splits; two on an attention rank do, in steps where both run
     assert report["results"][0]["overlap_microbatched_steps"] == 0
     assert report["results"][1]["overlap_microbatched_steps"] >= 3
     assert 0 <= report["idle"]["idle_cpu_share"] < 0.5 and report["idle"]["wake_to_first_token_ms"] > 0
     steps = [line for line in proc.stderr.splitlines() if line.startswith("bench ep  ") and "round" in line]
     assert steps[0] == "bench ep  single  concurrency 1 (level 1/2)  round 1/3"
-    assert steps[-1] == "bench ep  overlap  concurrency 2 (level 2/2)  round 3/3" and len(steps) == 18
+    assert steps[-1] == "bench ep  overlap  concurrency 4 (level 2/2)  round 3/3" and len(steps) == 18
 
 
-def test_bench_ep_refuses_a_gang_without_experts(tmp_path):
-    proc = subprocess.run([MAVERICK, "bench", "ep", "--model", str(tmp_path), "--expert-workers", "0"],
+@pytest.mark.parametrize("layout, message", [(["--expert-workers", "0"], "--expert-workers 1 or more"),
+                                             (["--attention-workers", "0"], "--attention-workers 1 or more")])
+def test_bench_ep_refuses_a_gang_without_experts_or_attention(tmp_path, layout, message):
+    proc = subprocess.run([MAVERICK, "bench", "ep", "--model", str(tmp_path), *layout],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--expert-workers 1 or more" in proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr
 
 
 def test_collectives_alone_ends_when_a_rank_fails():
