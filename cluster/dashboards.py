@@ -85,6 +85,11 @@ GANGS = [
     Panel("Tokens per step", "Tokens computed per engine step (prefill chunks + decodes).", "short",
           [(f"sum by (gang) (rate(ray_maverick_engine_step_tokens_total{RANK}{RATE})) / "
             f"sum by (gang) (rate(ray_maverick_engine_steps_total{RANK}{RATE}))", "{{gang}}")]),
+    Panel("Micro-batched steps", "Share of engine steps run as two ping-pong micro-batches (engine.microbatches: "
+          "2; 0 when off or when every step is too small to split).", "percentunit",
+          [(f"(sum by (gang) (rate(ray_maverick_microbatched_steps_total{RANK}{RATE})) or "
+            f"0 * sum by (gang) (rate(ray_maverick_engine_steps_total{RANK}{RATE}))) / "
+            f"sum by (gang) (rate(ray_maverick_engine_steps_total{RANK}{RATE}))", "{{gang}}")]),
     Panel("Expert load per layer and rank", "Tokens per second each expert rank serves, per MoE layer.", "short",
           [(_LAYER_RANK, "layer {{layer}} rank {{rank}}")], kind="heatmap"),
     Panel("Rank imbalance per layer", "max / mean over expert ranks of the tokens served per MoE layer "

@@ -196,7 +196,7 @@ class AttentionWorker(Rank):
                 "prompt_tokens": s.prompt_tokens_total, "generation_tokens": s.generation_tokens_total,
                 "alltoall_seconds": self.comm.alltoall_seconds if self.comm else 0.0,
                 "alltoall_bytes": self.comm.alltoall_bytes if self.comm else 0,
-                "weight_bytes": self.weight_bytes, "microbatched_steps": self.engine.runner.microbatched_steps,
+                "weight_bytes": self.weight_bytes, "microbatched_steps": s.microbatched_steps_total,
                 "step_seconds": list(self.step_seconds)}
 
     # -- on the wave thread -------------------------------------------------------------------------

@@ -233,7 +233,8 @@ class LLMEngine(Engine):
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.num_steps,
                            self.prompt_tokens_total, self.generation_tokens_total,
                            self.num_preemptions_total, self.kv.stats(), self.num_blocked_steps_total,
-                           self.scheduled_tokens_total, self.scheduler.pending_tokens())
+                           self.scheduled_tokens_total, self.scheduler.pending_tokens(),
+                           self.runner.microbatched_steps)
 
     def step(self) -> list[RequestOutput]:
         """One step on its own: plan it and run all of its micro-batches (no gang to agree with)."""

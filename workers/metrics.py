@@ -43,6 +43,8 @@ class RankMetrics:
                                   "Chunked-attention KV blocks released early, behind the chunk window"),
             "engine_steps": c("maverick_engine_steps", "Engine steps that computed tokens"),
             "step_tokens": c("maverick_engine_step_tokens", "Tokens computed by engine steps (prefill + decode)"),
+            "microbatched_steps": c("maverick_microbatched_steps", "Engine steps run as two ping-pong micro-batches "
+                                    "(engine.microbatches: 2)"),
             "alltoall_seconds": c("maverick_alltoall_seconds", "Seconds this rank spent in all-to-all collectives"),
             "alltoall_bytes": c("maverick_alltoall_bytes", "Bytes this rank sent by all-to-all (dispatch on "
                                 "attention ranks, combine on expert ranks)"),
@@ -73,7 +75,7 @@ class RankMetrics:
         values = {"preemptions": s.num_preemptions_total, "blocked_steps": s.num_blocked_steps_total,
                   "prefix_queries": s.kv.prefix_queries_tokens, "prefix_hits": s.kv.prefix_hits_tokens,
                   "chunked_released": s.kv.chunked_blocks_released_total, "engine_steps": s.num_steps,
-                  "step_tokens": s.scheduled_tokens_total}
+                  "step_tokens": s.scheduled_tokens_total, "microbatched_steps": s.microbatched_steps_total}
         for name, total in values.items():
             self._inc(self.counters[name], (name,), total)
         for seconds in step_seconds:

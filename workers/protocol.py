@@ -70,6 +70,7 @@ class EngineStats:
     num_blocked_steps_total: int = 0  # steps that could schedule none of the waiting requests
     scheduled_tokens_total: int = 0  # tokens computed by all steps (prefill chunks and decodes)
     pending_tokens: int = 0
+    microbatched_steps_total: int = 0  # steps run as two ping-pong micro-batches
 
 
 class Engine(abc.ABC):

@@ -81,8 +81,10 @@ def test_two_microbatches_equal_one_and_transformers(hf_checkpoint):
     ps = prompts(10, seed=6)
     split = engine(ckpt, microbatches=2, microbatch_min_tokens=2, max_num_batched_tokens=64)
     outs = LLM(engine=split).generate(ps, GREEDY)
-    assert split.runner.microbatched_steps > 20  # prefill chunks and decode steps alike were split
-    whole = LLM(engine=engine(ckpt, max_num_batched_tokens=64)).generate(ps, GREEDY)
+    assert split.snapshot.microbatched_steps_total > 20  # prefill chunks and decode steps alike were split
+    one = engine(ckpt, max_num_batched_tokens=64)
+    whole = LLM(engine=one).generate(ps, GREEDY)
+    assert one.snapshot.microbatched_steps_total == 0 and one.snapshot.num_steps > 20
     assert [o.token_ids for o in outs] == [w.token_ids for w in whole]
     for p, out in list(zip(ps, outs))[::3]:
         assert out.token_ids == hf_greedy(hf, p, 24)
