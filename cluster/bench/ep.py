@@ -8,8 +8,8 @@ of waking it; last, a decode step's collectives alone, nothing computed, for 1A+
 (`cluster.bench.collectives`). Single and gangs stay loaded and are measured in turn, `repeat` rounds
 per level on the same prompts, medians reported (this machine drifts by +-20% minutes apart). The
 single engine runs in this process at `--threads`; the gang on a local Ray, every rank at one
-intra-op thread (as deployed on CPUs; the attention worker at `--attention-threads`) so that the
-three processes share the cores without fighting, idle between its runs.
+intra-op thread (as deployed on CPUs; attention workers at `--attention-threads`) so that its
+processes share the cores without fighting, idle between its runs.
 """
 
 from __future__ import annotations
@@ -58,20 +58,21 @@ class _Single:
         return {"tok_s": tokens / (time.perf_counter() - start), "step_ms": statistics.median(steps[1:]) * 1e3}
 
 
-def gang_experts(args) -> int:
-    """The gang's expert workers: the largest `--expert-workers` (bench serve's list also holds 0)."""
+def gang_layout(args) -> tuple[int, int]:
+    """The gang's (attention, expert) workers: `--attention-workers` and the largest `--expert-workers`
+    (bench serve's list also holds 0)."""
     experts = max(args.expert_workers)
     if experts < 1:
         raise ValueError("bench ep needs a gang with expert workers: --expert-workers 1 or more")
     if args.attention_workers < 1:
         raise ValueError("bench ep needs a gang with attention workers: --attention-workers 1 or more")
-    return experts
+    return args.attention_workers, experts
 
 
 class _Gang:
     """The gang on Ray, driven by its supervisor in this process; idle (waiting on events) between runs."""
 
-    def __init__(self, args, params: SamplingParams, expert_workers: int, microbatches: int = 1):
+    def __init__(self, args, params: SamplingParams, layout: tuple[int, int], microbatches: int = 1):
         self.params = params
         # every rank at one thread, as deployed on CPUs (deploy/tiny-cpu.yaml): 3 ranks share the 2 cores. The
         # attention rank at 2 threads (the single engine's count) was slower at 8 and 32 (gang/single 1.93-1.99x
@@ -80,8 +81,7 @@ class _Gang:
         # `--attention-threads`, `--attention-workers` and `--expert-workers` try other layouts (README)
         experts = RankResources(num_cpus=0.5, torch_threads=1)
         attention = RankResources(num_cpus=0.5, torch_threads=args.attention_threads)
-        self.config = GangConfig(model=str(args.model), attention_workers=args.attention_workers,
-                                 expert_workers=expert_workers,
+        self.config = GangConfig(model=str(args.model), attention_workers=layout[0], expert_workers=layout[1],
                                  attention=attention, experts=experts, skip_tokenizer_init=True,
                                  engine=EngineLimits(max_num_seqs=max(args.concurrency), max_num_batched_tokens=4096,
                                                      microbatches=microbatches, microbatch_min_tokens=2))
@@ -169,16 +169,15 @@ async def _idle_and_wake(supervisor: GangSupervisor, run) -> dict:
 
 
 def main(args) -> int:
-    expert_workers = gang_experts(args)  # a bad layout fails before anything loads
+    attention_workers, expert_workers = layout = gang_layout(args)  # a bad layout fails before anything loads
     config = load_config(args.model)
     vocab = config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     single = _Single(args, params)
     # two gangs whose ranks ask for half a logical CPU each
-    started = ensure_local_ray(num_cpus=max(4, args.attention_workers + expert_workers))
+    started = ensure_local_ray(num_cpus=max(4, attention_workers + expert_workers))
     try:
-        gangs = {"gang": _Gang(args, params, expert_workers),
-                 "overlap": _Gang(args, params, expert_workers, microbatches=2)}
+        gangs = {"gang": _Gang(args, params, layout), "overlap": _Gang(args, params, layout, microbatches=2)}
         results, idle = asyncio.run(_interleaved(args, vocab, single, gangs))
     finally:
         if started:
@@ -192,15 +191,16 @@ def main(args) -> int:
         for row, ms in zip(results, step_ms):
             row[f"collectives_alone_e{experts}_ms"] = ms
     steps.close()
-    layout = {"attention_workers": args.attention_workers, "expert_workers": expert_workers, "backend": "gloo",
-              "attention_threads": args.attention_threads, "expert_threads": 1, "single_threads": args.threads}
-    report = {"results": results, "idle": idle, "layout": layout,
+    report = {"results": results, "idle": idle,
+              "layout": {"attention_workers": attention_workers, "expert_workers": expert_workers, "backend": "gloo",
+                         "attention_threads": args.attention_threads, "expert_threads": 1,
+                         "single_threads": args.threads},
               "machine": {"cores": __import__("os").cpu_count(), "torch": torch.__version__},
               "load": {"prompt_len": args.prompt_len, "output_len": args.output_len, "repeat": args.repeat}}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Expert-parallel benchmark: gang ({args.attention_workers} attention worker(s) at "
+    lines = [f"# Expert-parallel benchmark: gang ({attention_workers} attention worker(s) at "
              f"{args.attention_threads} thread(s) + "
              f"{expert_workers} expert workers, gloo) vs one process", "",
              f"Medians of {args.repeat} interleaved rounds per level (single, gang, then the gang with two "
