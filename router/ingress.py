@@ -30,7 +30,7 @@ from cluster import routing
 from cluster.config import AppConfig
 from cluster.gang_client import GangClient
 from model.images import ImageProcessor
-from model.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer, load_generation_defaults
 from router.errors import HTTPError, error_response
 from router.grpc_service import GenerationService
 from router.http_guard import BodyTooLarge, Guard, GuardSettings
@@ -92,7 +92,8 @@ class Ingress(GenerationService):
         self.gang_requests = [0] * len(gangs)  # engine requests sent to each gang since start
         self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(config.model)
         images = ImageLoader(ImageProcessor.from_model_dir(config.model), config.images) if self.tokenizer else None
-        self.serving = Serving(config.model_name, self.tokenizer, config.request_timeout_s, images)
+        eos = load_generation_defaults(config.model).eos_token_ids if self.tokenizer else []
+        self.serving = Serving(config.model_name, self.tokenizer, config.request_timeout_s, images, eos)
         self.in_flight = 0
         self.draining = False
         self.created = int(time.time())

@@ -1,8 +1,9 @@
 """OpenAI request bodies (completions and chat), as vLLM accepts them, and their sampling parameters.
 
-Unknown keys are ignored, as vLLM does; features this server does not have (tools, response_format,
-best_of > 1, suffix) are refused with a clear 400 rather than silently dropped. Ranges are
-checked once, by `workers.sampling_params.SamplingParams.validate`, in the engine.
+Unknown keys are ignored, as vLLM does; features this server does not have (best_of > 1, suffix) and
+vLLM's removed `guided_*` fields are refused with a clear 400 rather than silently dropped. Ranges
+are checked once, by `workers.sampling_params.SamplingParams.validate`, in the engine. Structured
+outputs come as OpenAI's `response_format` or vLLM's `structured_outputs`; tools in `router.tools`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from router.tools import Tool, choice_mode, parse_tools, template_messages, tool_grammar
 from workers.errors import InvalidRequest
 from workers.sampling_params import SamplingParams
+from workers.structured import GrammarSpec
 
 Number = StrictInt | StrictFloat
 
@@ -47,12 +50,36 @@ class SamplingFields(BaseModel):
     prompt_logprobs: StrictInt | None = None
     user: StrictStr | None = None
     best_of: StrictInt | None = None
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    # vLLM removed these (0.12) and now ignores them silently; here they are a 400 that says what to use
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
 
     def _unsupported(self) -> None:
         if self.best_of is not None and self.best_of > 1:
             raise InvalidRequest("best_of is not supported; use n", param="best_of")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed with stream: true", param="stream_options")
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+                     "guided_whitespace_pattern"):
+            if getattr(self, name) is not None:
+                raise InvalidRequest(f"{name} was removed from vLLM's API and is not supported: use "
+                                     f"structured_outputs (json, regex, choice, grammar) or response_format",
+                                     param=name)
+
+    def structured(self) -> GrammarSpec | None:
+        """The grammar asked for by `response_format` or `structured_outputs` (at most one of them)."""
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise InvalidRequest("give either response_format or structured_outputs, not both",
+                                 param="structured_outputs")
+        if self.structured_outputs is not None:
+            return _structured_outputs(self.structured_outputs)
+        return _response_format(self.response_format) if self.response_format is not None else None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, echo: bool) -> SamplingParams:
         self._unsupported()
@@ -63,7 +90,8 @@ class SamplingFields(BaseModel):
             except ValueError:
                 raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(
+        structured = self.structured()
+        return SamplingParams(structured=structured,
             n=self.n, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, seed=self.seed, presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0, repetition_penalty=self.repetition_penalty,
@@ -149,23 +177,36 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: StrictBool = True
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool = True
 
-    def params(self) -> SamplingParams:
-        if self.tools:
-            raise InvalidRequest("tools are not supported yet", param="tools")
-        if self.tool_choice not in (None, "none"):
-            raise InvalidRequest("tool_choice is not supported yet", param="tool_choice")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise InvalidRequest("response_format is not supported yet", param="response_format")
+    def tool_mode(self) -> tuple[list[Tool], str, Tool | None]:
+        """The tools, the tool_choice mode (none / auto / required / named) and the named tool."""
+        tools = parse_tools(self.tools)
+        mode, named = choice_mode(self.tool_choice, tools)
+        return tools, mode, named
+
+    def params(self, python_start: bool = True) -> SamplingParams:
+        """`python_start`: the tokenizer has `<|python_start|>` (strict tools under auto need it)."""
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(max_tokens, logprobs, echo=False)
+        params = self.sampling_params(max_tokens, logprobs, echo=False)
+        tools, mode, named = self.tool_mode()
+        enforced = tool_grammar(mode, named, tools, self.parallel_tool_calls, python_start)
+        if enforced is not None and mode in ("required", "named") and params.structured is not None:
+            raise InvalidRequest(f"tool_choice {self.tool_choice!r} already fixes the output; drop "
+                                 "response_format / structured_outputs", param="tool_choice")
+        if enforced is not None and params.structured is None:
+            params.structured = enforced
+        return params
 
     def template_messages(self) -> list[dict[str, Any]]:
-        return [m.template_message() for m in self.messages]
+        return template_messages([m.template_message() for m in self.messages])
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools as chat templates take them (OpenAI's shape), or None."""
+        return list(self.tools) if self.tools else None
 
     def image_urls(self) -> list[str]:
         return [url for m in self.messages for url in m.image_urls()]
@@ -184,3 +225,49 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: StrictStr | None = None
     tokens: list[StrictInt]
+
+
+def _response_format(fmt: dict[str, Any]) -> GrammarSpec | None:
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return GrammarSpec("json_object", "", param="response_format")
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise InvalidRequest("response_format json_schema needs json_schema.name", param="response_format")
+        schema = spec.get("schema", spec.get("json_schema"))
+        if schema is None:
+            raise InvalidRequest("response_format json_schema needs json_schema.schema", param="response_format")
+        if not isinstance(spec.get("strict", False), bool):
+            raise InvalidRequest("response_format json_schema.strict must be a boolean", param="response_format")
+        return GrammarSpec.json_schema(schema, param="response_format")
+    raise InvalidRequest(f"response_format.type must be text, json_object or json_schema, got {kind!r}",
+                         param="response_format")
+
+
+STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def _structured_outputs(fields: dict[str, Any]) -> GrammarSpec:
+    """vLLM's `structured_outputs`: exactly one of json, regex, choice, grammar, json_object."""
+    unknown = [k for k, v in fields.items() if v is not None and k not in STRUCTURED_KEYS]
+    if unknown:
+        raise InvalidRequest(f"structured_outputs.{unknown[0]} is not supported (use one of "
+                             f"{', '.join(STRUCTURED_KEYS)})", param="structured_outputs")
+    given = [k for k in STRUCTURED_KEYS if fields.get(k) not in (None, False)]
+    if len(given) != 1:
+        raise InvalidRequest(f"structured_outputs needs exactly one of {', '.join(STRUCTURED_KEYS)}",
+                             param="structured_outputs")
+    kind, value = given[0], fields[given[0]]
+    param = f"structured_outputs.{kind}"
+    if kind == "json":
+        return GrammarSpec.json_schema(value, param=param)
+    if kind == "json_object":
+        return GrammarSpec("json_object", "", param=param)
+    if kind == "choice":
+        return GrammarSpec.choice(value if isinstance(value, list) else [], param=param)
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"{param} must be a non-empty string", param=param)
+    return GrammarSpec(kind, value, param=param)

@@ -5,10 +5,12 @@ official `openai` client parses them. vLLM's extensions: `stop_reason`, `token_i
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from router.tool_parser import StreamingToolParser, ToolCall, parse
 from workers.protocol import RequestOutput
 
 
@@ -51,11 +53,15 @@ class Formatter:
     """Builds bodies for one request; `token_text` maps a token id to its text (for logprobs)."""
 
     def __init__(self, kind: str, request_id: str, model: str, token_text: Callable[[int], str],
-                 return_token_ids: bool = False, echo: bool = False):
+                 return_token_ids: bool = False, echo: bool = False, tools: dict[str, list[str]] | None = None):
+        """`tools`: parse tool calls out of chat outputs (each tool's parameter names, for positional
+        arguments); None leaves the text as content."""
         self.kind, self.model, self.token_text = kind, model, token_text
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
         self.created = int(time.time())
         self.return_token_ids, self.echo = return_token_ids, echo
+        self.tools = tools
+        self._parsers: dict[int, StreamingToolParser] = {}  # per streamed choice
 
     # -- logprobs -------------------------------------------------------------------------------------
 
@@ -113,9 +119,17 @@ class Formatter:
         return body
 
     def _chat_choice(self, c: Choice, logprobs: bool) -> dict:
-        choice = {"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
+        message: dict = {"role": "assistant", "content": "".join(c.text)}
+        finish_reason = c.finish_reason
+        if self.tools is not None:
+            content, calls = parse(message["content"], self.tools)
+            if calls:
+                message = {"role": "assistant", "content": content or None,
+                           "tool_calls": [call.openai() for call in calls]}
+                finish_reason = "tool_calls"
+        choice = {"index": c.index, "message": message,
                   "logprobs": self.chat_logprobs(c.logprobs) if logprobs else None,
-                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                  "finish_reason": finish_reason, "stop_reason": c.stop_reason}
         if self.return_token_ids:
             choice["token_ids"] = c.token_ids
         return choice
@@ -133,6 +147,38 @@ class Formatter:
         return choice
 
     # -- stream chunks --------------------------------------------------------------------------------
+
+    def chunks(self, index: int, out: RequestOutput, logprobs: bool, first: bool, prompt_ids: list[int],
+               prompt_lps: list | None) -> list[dict]:
+        """The stream chunks of one output: one, or with tools, content held back while a call may be
+        starting, and at the choice's end the rest of the content, then each call (a first delta with
+        id, type and name, then its arguments), then the finish."""
+        if self.tools is None or self.kind != "chat":
+            return [self.chunk(index, out, logprobs, first, prompt_ids, prompt_lps)]
+        parser = self._parsers.setdefault(index, StreamingToolParser(self.tools))
+        text = parser.feed(out.text_delta or "")
+        calls: list[ToolCall] = []
+        if out.finished:
+            rest, calls = parser.finish()
+            text += rest
+            del self._parsers[index]
+        body = self.chunk(index, _with_text(out, text, None if out.finished else out.finish_reason),
+                          logprobs, first, prompt_ids, prompt_lps)
+        if not out.finished:
+            return [body]
+        out_chunks = [body] if (text or first or body["choices"][0]["logprobs"]) else []
+        for i, call in enumerate(calls):
+            named = call.openai(i)
+            named["function"] = {"name": call.name, "arguments": ""}
+            out_chunks.append(self._delta(index, {"tool_calls": [named]}))
+            out_chunks.append(self._delta(index, {"tool_calls": [{"index": i, "function": {"arguments": call.arguments}}]}))
+        end = self._delta(index, {}, "tool_calls" if calls else out.finish_reason)
+        end["choices"][0]["stop_reason"] = out.stop_reason
+        return out_chunks + [end]
+
+    def _delta(self, index: int, delta: dict, finish_reason: str | None = None) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
 
     def chunk(self, index: int, out: RequestOutput, logprobs: bool, first: bool, prompt_ids: list[int],
               prompt_lps: list | None) -> dict:
@@ -165,3 +211,7 @@ class Formatter:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [],
                 "usage": self.usage(choices, prompt_lens)}
+
+
+def _with_text(out: RequestOutput, text: str, finish_reason: str | None) -> RequestOutput:
+    return dataclasses.replace(out, text_delta=text, finish_reason=finish_reason)

@@ -19,8 +19,10 @@ from router.errors import HTTPError, error_body
 from router.images import ImageLoader
 from router.openai_models import ChatCompletionRequest, CompletionRequest
 from router.openai_responses import Choice, Formatter
+from router.tool_parser import PY_START
 from workers.errors import DeadlineExceeded, InvalidRequest
 from workers.protocol import GenerateRequest, RequestOutput
+from workers.structured import GrammarSpec, Grammars
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,11 @@ class Prepared:
 
 class Serving:
     def __init__(self, model_name: str, tokenizer: Tokenizer | None, timeout_s: float,
-                 images: ImageLoader | None = None):
+                 images: ImageLoader | None = None, eos_ids: list[int] | None = None):
         self.model_name, self.tokenizer, self.timeout_s = model_name, tokenizer, timeout_s
         self.images = images
+        self.eos_ids = eos_ids or []
+        self.grammars: Grammars | None = None  # made at the first structured request
 
     def token_text(self, token: int) -> str:
         if self.tokenizer is None:
@@ -54,7 +58,9 @@ class Serving:
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
-            raise HTTPError(404, f"The model `{model}` does not exist.", param="model")
+            # name what is served: a client's default model name (or a path) is the usual mistake
+            raise HTTPError(404, f"The model `{model}` does not exist. Served models: `{self.model_name}`.",
+                            param="model")
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -64,9 +70,22 @@ class Serving:
 
     # -- preparing ------------------------------------------------------------------------------------
 
+    async def check_grammar(self, spec: GrammarSpec | None) -> None:
+        """A structured-output spec compiles, or the request is refused here, before any worker sees it.
+        Compiled on the grammar thread (cached by canonical form), never on this event loop."""
+        if spec is None:
+            return
+        if self.tokenizer is None:
+            raise InvalidRequest("structured outputs and tools need a tokenizer; this server runs with "
+                                 "--skip-tokenizer-init", param=spec.param)
+        if self.grammars is None:
+            self.grammars = Grammars.for_tokenizer(self.tokenizer, self.tokenizer.vocab_size, self.eos_ids)
+        await asyncio.wrap_future(self.grammars.check(spec))
+
     async def prepare_completion(self, body: CompletionRequest, request_id: str) -> Prepared:
         self.check_model(body.model)
         params = body.params()
+        await self.check_grammar(params.structured)
         prompts = [p if isinstance(p, list) else self.encode(p) for p in body.prompts()]
         requests = [GenerateRequest(ids, dataclasses.replace(params), _engine_id(request_id, i))
                     for i, ids in enumerate(prompts)]
@@ -77,10 +96,19 @@ class Serving:
 
     async def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> Prepared:
         self.check_model(body.model)
-        params = body.params()
+        if self.tokenizer is None and (body.tools or body.structured_outputs or body.response_format):
+            raise InvalidRequest("tools and structured outputs need a tokenizer; this server runs with "
+                                 "--skip-tokenizer-init", param="tools" if body.tools else "response_format")
+        python_start = self.tokenizer is not None and self.tokenizer.token_to_id(PY_START) is not None
+        params = body.params(python_start)
+        await self.check_grammar(params.structured)
+        tools, mode, _ = body.tool_mode()
         ids, images = await self.chat_prompt(body.template_messages(), body.image_urls(),
-                                             add_generation_prompt=body.add_generation_prompt)
-        formatter = Formatter("chat", request_id, self.model_name, self.token_text, body.return_token_ids)
+                                             add_generation_prompt=body.add_generation_prompt,
+                                             tools=body.template_tools())
+        parsing = {t.name: t.param_names() for t in tools} if mode != "none" else None
+        formatter = Formatter("chat", request_id, self.model_name, self.token_text, body.return_token_ids,
+                              tools=parsing)
         request = GenerateRequest(ids, params, _engine_id(request_id, 0), images=images or None)
         return Prepared("chat", [request], formatter, body.stream, self._usage(body), body.logprobs)
 
@@ -211,8 +239,9 @@ class Serving:
                 is_first = choice.index not in started
                 started.add(choice.index)
                 prompt_lps = out.prompt_logprobs or choices[i * n].prompt_logprobs
-                yield _sse(fmt.chunk(choice.index, out, prepared.logprobs, is_first,
-                                     choice.prompt_token_ids, prompt_lps))
+                for body in fmt.chunks(choice.index, out, prepared.logprobs, is_first,
+                                       choice.prompt_token_ids, prompt_lps):
+                    yield _sse(body)
                 item = await next_before(merged, deadline)
             if prepared.include_usage:
                 yield _sse(fmt.usage_chunk(choices, [len(r.prompt_token_ids) for r in prepared.requests]))

@@ -104,6 +104,7 @@ class AttentionWorker(Rank):
                         lambda agreed: self._step(engine, planned, agreed), f"attention-{self.rank}",
                         self.torch_threads, self.device)
         wave.on_failure = lambda exc: self._on_failure(exc, wave, engine)
+        engine.on_work = wave.wake_local  # a request's grammar compiled: it can be scheduled now
         if self.comm is not None:
             self.comm.bind(self.group, wave.thread)
         self.engine, self.wave = engine, wave

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from workers.protocol import Engine, EngineStats, GenerateRequest, RequestOutput
 from workers.request import Request
 from workers.sampler import sample, token_logprob
 from workers.scheduler import ScheduledBatch, Scheduler
+from workers.structured import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +72,14 @@ class LLMEngine(Engine):
         self.outputs = OutputProcessor(tokenizer, frozenset(self.defaults.eos_token_ids), self.max_model_len)
         self.generator = torch.Generator(device=self.runner.device)
         self.generator.seed()
+        self.grammars = (Grammars.for_tokenizer(tokenizer, self.model_config.vocab_size,
+                                                list(self.defaults.eos_token_ids or self.model_config.eos_token_id))
+                         if tokenizer is not None else None)
+        # called (from the grammar thread) when a request's grammar has compiled: its driver's wake-up
+        self.on_work: Callable[[], None] | None = None
         self._lock = threading.Lock()
-        self._inbox: list[tuple[str, list[Request]]] = []  # (request id, its choices), not yet scheduled
+        # (request id, its choices, their grammar matchers being compiled or None), not yet scheduled
+        self._inbox: list[tuple[str, list[Request], Future | None]] = []
         self._aborts: set[str] = set()
         self._live: dict[str, list[Request]] = {}  # parent id -> its choices
         self._failed: str | None = None
@@ -122,9 +131,15 @@ class LLMEngine(Engine):
         choices = self._validate(request)
         rid = request.request_id
         with self._lock:
-            if rid in self._live or any(queued == rid for queued, _ in self._inbox):
+            if rid in self._live or any(queued == rid for queued, _, _ in self._inbox):
                 raise InvalidRequest(f"request id {rid!r} is already in use", param="request_id")
-            self._inbox.append((rid, choices))
+            grammar = None
+            if choices[0].params.structured is not None:  # compiled off this thread; queued meanwhile
+                grammar = self.grammars.matchers(choices[0].params.structured,
+                                                 [r.output_token_ids for r in choices])
+            self._inbox.append((rid, choices, grammar))
+        if grammar is not None:
+            grammar.add_done_callback(lambda _: self.on_work and self.on_work())
 
     def _validate(self, request: GenerateRequest) -> list[Request]:
         ids, vocab = request.prompt_token_ids, self.model_config.vocab_size
@@ -138,6 +153,9 @@ class LLMEngine(Engine):
         params.validate(vocab)
         if params.stop and self.tokenizer is None:
             raise InvalidRequest("stop strings need a tokenizer; this server works on token ids only", param="stop")
+        if params.structured is not None and self.grammars is None:
+            raise InvalidRequest("structured outputs need a tokenizer; this server works on token ids only",
+                                 param=params.structured.param)
         limit, n = self.max_model_len, len(ids)
         if params.max_tokens is None:
             if n >= limit:
@@ -213,8 +231,9 @@ class LLMEngine(Engine):
 
     def pending_tokens(self) -> int:
         """Tokens a step would compute (plus one per queued abort); 0 while blocked and unchanged."""
-        with self._lock:
-            inbox = sum(len(r.tokens) for _, choices in self._inbox for r in choices) + len(self._aborts)
+        with self._lock:  # requests whose grammar still compiles wait for `on_work`
+            inbox = sum(len(r.tokens) for _, choices, grammar in self._inbox for r in choices
+                        if grammar is None or grammar.done()) + len(self._aborts)
         if self._blocked and not inbox:
             return 0
         return inbox + self.scheduler.pending_tokens()
@@ -310,7 +329,7 @@ class LLMEngine(Engine):
         tokens, logprobs = [], []
         if samplers:
             logits = self.runner.logits(hidden_TD, last_rows)
-            tokens, logprobs = sample(logits, samplers, self.generator)
+            tokens, logprobs = sample(logits, samplers, self.generator, self.grammars)
         for req, n in zip(batch.requests, batch.num_tokens):
             req.computed(n)
             self.kv.after_step(req)
@@ -319,6 +338,14 @@ class LLMEngine(Engine):
         outputs = []
         for req, token, logprob in zip(samplers, tokens, logprobs):
             self.generation_tokens_total += 1
+            if req.matcher is not None:
+                try:
+                    req.matcher.advance(token)
+                except RuntimeError:
+                    log.exception("request %s: grammar state lost", req.request_id)
+                    req.append_token(token)
+                    outputs.append(self._finish(req, "error", error=InternalError("the output grammar failed")))
+                    continue
             out = self.outputs.token(req, token, logprob)
             if out.finished:
                 self.scheduler.remove(req)
@@ -338,17 +365,30 @@ class LLMEngine(Engine):
                 req.prompt_logprobs.append(token_logprob(logp[r], req.tokens[first + r + 1], k))
 
     def _take_inbox(self) -> list[RequestOutput]:
+        """Queue what arrived (requests whose grammar still compiles stay, unless aborted) and end the
+        aborted and those whose grammar failed."""
         with self._lock:
-            inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
-        for rid, choices in inbox:
+            inbox = [e for e in self._inbox if e[2] is None or e[2].done() or e[0] in aborts]
+            self._inbox = [e for e in self._inbox if e not in inbox]
+        failed = []
+        for rid, choices, grammar in inbox:
             self._live[rid] = choices
             self.prompt_tokens_total += choices[0].num_prompt_tokens
+            error = None
+            if grammar is not None and grammar.done():
+                error = grammar.exception()
+                if error is None:
+                    for req, matcher in zip(choices, grammar.result()):
+                        req.matcher = matcher
             for req in choices:
                 self.outputs.track(req)
-                self.scheduler.add(req)
-        return [self._finish(req, "abort") for rid in aborts for req in self._live.get(rid, ())
-                if not req.state.done]
+                if error is not None:
+                    failed.append(self._finish(req, "error", error=_grammar_error(error)))
+                elif rid not in aborts:
+                    self.scheduler.add(req)
+        return failed + [self._finish(req, "abort") for rid in aborts for req in self._live.get(rid, ())
+                         if not req.state.done]
 
     def _finish(self, req: Request, reason: str, **kw) -> RequestOutput:
         out = self.outputs.finish(req, reason, **kw)
@@ -363,3 +403,11 @@ class LLMEngine(Engine):
             if out.finished and choices is not None and all(r.state.done for r in choices):
                 del self._live[out.request_id]
         return outputs
+
+
+def _grammar_error(exc: BaseException) -> Exception:
+    """A compile failure as the client's error: the spec's own InvalidRequest, else an internal error."""
+    if isinstance(exc, InvalidRequest):
+        return exc
+    log.error("grammar compile failed: %r", exc)
+    return InternalError("the output grammar could not be built")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -75,6 +76,7 @@ class Request:
     patch_positions: list[int] = field(default_factory=list)  # prompt index of every `<|patch|>`, in order
     image_spans: list[tuple[int, int, bytes]] = field(default_factory=list)  # each image's tokens, digest
     image_embeds: torch.Tensor | None = None  # one row per patch position, while the prompt is computed
+    matcher: Any = None  # workers.structured.Matcher of a structured-output choice: advanced per token
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_token_ids) + self.output_token_ids  # a resumed choice has outputs

@@ -118,9 +118,15 @@ def _best_first(logits_MV: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def sample(logits_NV: torch.Tensor, reqs: list[Request], generator: torch.Generator | None = None,
-           ) -> tuple[list[int], list[TokenLogprob | None]]:
-    """One token per row, plus logprobs for the rows that asked."""
-    processed = process_logits(logits_NV, reqs)
+           grammars=None) -> tuple[list[int], list[TokenLogprob | None]]:
+    """One token per row, plus logprobs for the rows that asked. Rows with a grammar (`req.matcher`)
+    first have every token it forbids masked, greedy and drawing rows alike (`grammars`:
+    workers.structured.Grammars)."""
+    processed = logits_NV
+    constrained = [i for i, r in enumerate(reqs) if r.matcher is not None]
+    if constrained:
+        processed = grammars.apply_masks(logits_NV, constrained, [reqs[i].matcher for i in constrained])
+    processed = process_logits(processed, reqs)
     tokens = processed.argmax(-1)
     drawing = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if drawing:

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from workers.errors import InvalidRequest
+from workers.structured import GrammarSpec
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -40,6 +41,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     echo: bool = False  # the first output of each choice starts with the prompt's text (and logprobs)
     skip_special_tokens: bool = True
+    structured: GrammarSpec | None = None  # the grammar every token must follow (workers.structured)
 
     @property
     def greedy(self) -> bool:
