@@ -227,7 +227,11 @@ class LLMEngine(Engine):
             self._aborts.add(request_id)
 
     def has_work(self) -> bool:
-        return self.pending_tokens() > 0
+        """Pending tokens, or requests whose grammar still compiles (an offline driver keeps stepping)."""
+        if self.pending_tokens() > 0:
+            return True
+        with self._lock:
+            return any(grammar is not None for _, _, grammar in self._inbox)
 
     def pending_tokens(self) -> int:
         """Tokens a step would compute (plus one per queued abort); 0 while blocked and unchanged."""
