@@ -21,6 +21,7 @@ from router.serving import next_before
 from workers.errors import DeadlineExceeded, EngineError, InvalidRequest
 from workers.protocol import GenerateRequest
 from workers.sampling_params import SamplingParams
+from workers.structured import GrammarSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,29 @@ def sampling_params(req: pb.GenerateRequest) -> SamplingParams:
         frequency_penalty=req.frequency_penalty if req.HasField("frequency_penalty") else 0.0,
         logit_bias=dict(req.logit_bias), stop=list(req.stop), stop_token_ids=list(req.stop_token_ids),
         ignore_eos=req.ignore_eos, echo=req.echo,
-        skip_special_tokens=req.skip_special_tokens if req.HasField("skip_special_tokens") else True)
+        skip_special_tokens=req.skip_special_tokens if req.HasField("skip_special_tokens") else True,
+        structured=structured_spec(req))
+
+
+def structured_spec(req: pb.GenerateRequest) -> GrammarSpec | None:
+    """The `structured` field as the grammar HTTP's response_format / structured_outputs would give."""
+    if not req.HasField("structured"):
+        return None
+    kind = req.structured.WhichOneof("kind")
+    param = f"structured.{kind}"
+    if kind is None:
+        raise InvalidRequest("structured needs one of json_schema, json_object, regex, choice, grammar",
+                             param="structured")
+    if kind == "json_schema":
+        return GrammarSpec.json_schema(req.structured.json_schema, param=param)
+    if kind == "json_object":
+        return GrammarSpec("json_object", "", param=param) if req.structured.json_object else None
+    if kind == "choice":
+        return GrammarSpec.choice(list(req.structured.choice.options), param=param)
+    value = getattr(req.structured, kind)
+    if not value:
+        raise InvalidRequest(f"{param} must not be empty", param=param)
+    return GrammarSpec(kind, value, param=param)
 
 
 def _logprobs(lps) -> list[pb.TokenLogprob]:
@@ -82,7 +105,9 @@ class GenerationService:
             raise InvalidRequest("give exactly one of prompt and prompt_token_ids", param="prompt")
         ids = list(req.prompt_token_ids) if req.prompt_token_ids else self.serving.encode(req.prompt)
         ids, images = await self.serving.with_images(ids, list(req.images), param="images")
-        return GenerateRequest(ids, sampling_params(req), uuid.uuid4().hex, images=images or None)
+        params = sampling_params(req)
+        await self.serving.check_grammar(params.structured)
+        return GenerateRequest(ids, params, uuid.uuid4().hex, images=images or None)
 
     def _grpc_error(self, exc: BaseException, context, request_id: str) -> None:
         _, body = error_body(exc, request_id)

@@ -99,7 +99,11 @@ def test_unary_and_stream_equal_http(live, stub):
     (pb.GenerateRequest(prompt_token_ids=[2016, 5], model="nope"), KEY, grpc.StatusCode.NOT_FOUND),
     (pb.GenerateRequest(prompt_token_ids=[2016, 5]), None, grpc.StatusCode.UNAUTHENTICATED),
     (pb.GenerateRequest(prompt_token_ids=[2016, 5]), "wrong", grpc.StatusCode.UNAUTHENTICATED),
-], ids=["temperature", "oov", "empty", "context", "model", "no key", "wrong key"])
+    (pb.GenerateRequest(prompt="x", structured=pb.StructuredOutput(json_schema='{"type": "strng"}')), KEY,
+     grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(prompt="x", structured=pb.StructuredOutput(regex="a(b")), KEY,
+     grpc.StatusCode.INVALID_ARGUMENT),
+], ids=["temperature", "oov", "empty", "context", "model", "no key", "wrong key", "bad schema", "bad regex"])
 @pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
 def test_bad_requests_get_the_table_codes(stub, req, key, code, method):
     with pytest.raises(grpc.RpcError) as err:
@@ -156,3 +160,27 @@ def test_cached_tokens_agree_with_http(live, stub):
     assert warm.cached_tokens == 80
     body = http(live, {"prompt": prompt, "max_tokens": 2, "temperature": 0, "n": 2})
     assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == warm.cached_tokens
+
+
+def test_structured_outputs_over_grpc(stub):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                               "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+              "required": ["city", "days"], "additionalProperties": False}
+    req = pb.GenerateRequest(prompt="Weather?", max_tokens=60, temperature=1.0, seed=3, n=4,
+                             structured=pb.StructuredOutput(json_schema=json.dumps(schema)))
+    whole = stub.Generate(req, metadata=md(), timeout=120)
+    for c in whole.choices:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.text), schema)
+    streamed: dict[int, str] = {}
+    for message in stub.GenerateStream(req, metadata=md(), timeout=120):
+        for c in message.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert [streamed[i] for i in range(4)] == [c.text for c in whole.choices]  # seeded: the same draws
+    options = ["north", "south"]
+    out = stub.Generate(pb.GenerateRequest(prompt="Which?", max_tokens=8, temperature=1.0, seed=1, n=3,
+                                           structured=pb.StructuredOutput(choice=pb.ChoiceList(options=options))),
+                        metadata=md(), timeout=60)
+    assert all(c.text in options for c in out.choices)
