@@ -101,6 +101,38 @@ def test_chat_template_renders_like_transformers(tiny, messages, add_generation_
     assert ids.count(hf.convert_tokens_to_ids("<|begin_of_text|>")) == 1
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+TOOL_CONVERSATIONS = [
+    [{"role": "user", "content": "Weather in Paris?"}],
+    [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Weather in Paris?"},
+     {"role": "assistant", "content": None, "tool_calls": [
+         {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+         {"id": "c2", "type": "function", "function": {"name": "get_weather",
+                                                       "arguments": {"city": "Nice \"sud\"", "days": [1, 2]}}}]},
+     {"role": "tool", "tool_call_id": "c1", "content": "21C"}, {"role": "tool", "tool_call_id": "c2", "content": "25C"}],
+]
+
+
+@pytest.mark.parametrize("messages", TOOL_CONVERSATIONS)
+def test_chat_template_with_tools_renders_like_transformers(tiny, messages):
+    """Meta's tool layout: tools' JSON and the pythonic call instruction in the system turn, past calls as a
+    pythonic list ending in <|eom|>, results as `ipython` turns."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tiny)
+    ours = Tokenizer(tiny)
+    expected = hf.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    rendered = ours.render_chat(messages, tools=TOOLS)
+    assert rendered == expected
+    assert '"name": "get_weather"' in rendered and "Python list of calls" in rendered
+    if len(messages) > 1:
+        assert 'Be brief.\n\n' in rendered
+        assert '[get_weather(city="Paris"), get_weather(city="Nice \\"sud\\"", days=[1, 2])]<|eom|>' in rendered
+        assert rendered.count("<|header_start|>ipython<|header_end|>") == 2
+
+
 @pytest.mark.parametrize("text", ["hello world", "  leading spaces\n\nand newlines", "naïve café ☕ 12345",
                                   "<|header_start|>user<|header_end|>", ""])
 def test_tokenizer_encodes_and_decodes_like_transformers(tiny, text):
