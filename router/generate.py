@@ -38,7 +38,8 @@ def run_generate(args: argparse.Namespace, prompts: list[tuple[str, object]]) ->
     if args.expert_workers or args.attention_workers > 1:
         return _through_gang(args, model_dir, token_prompts, params, has_tokenizer)
     llm = LLM(model_dir, EngineConfig(dtype=args.dtype), skip_tokenizer_init=not has_tokenizer)
-    return [{"token_ids": out.token_ids, "text": out.text} for out in llm.generate(token_prompts, params)]
+    return [{"token_ids": r.outputs[0].token_ids, "text": r.outputs[0].text}
+            for r in llm.generate(token_prompts, params)]
 
 
 def _through_gang(args, model_dir: Path, prompts: list[list[int]], params: SamplingParams,

@@ -63,7 +63,7 @@ def reference(gang_checkpoint):
     ckpt, hf = gang_checkpoint
     ps = prompts(6)
     engine = LLMEngine.from_model_dir(ckpt, EngineConfig(block_size=8), skip_tokenizer_init=True)
-    single = [c.token_ids for c in LLM(engine=engine).generate(ps, GREEDY)]
+    single = [r.outputs[0].token_ids for r in LLM(engine=engine).generate(ps, GREEDY)]
     assert single[:2] == [hf_greedy(hf, p, GREEDY.max_tokens) for p in ps[:2]]
     return ps, single
 

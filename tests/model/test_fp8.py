@@ -70,7 +70,7 @@ def test_fp8_engine_greedy_equals_transformers_on_the_dequantized_weights(checkp
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outs = LLM(fp8, skip_tokenizer_init=True).generate(PROMPTS, params)
     for out, prompt in zip(outs, PROMPTS):
-        assert out.token_ids == hf_greedy(hf, prompt, 12)
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 12)
 
 
 def test_transformers_reads_our_fp8_layout_with_compressed_tensors(tmp_path):
@@ -92,7 +92,7 @@ def test_transformers_reads_our_fp8_layout_with_compressed_tensors(tmp_path):
         assert (prefill_logits(ours, prompt) - hf_logits(hf, prompt)).abs().max() < 1e-4
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     for out, prompt in zip(LLM(ckpt, skip_tokenizer_init=True).generate(PROMPTS, params), PROMPTS):
-        assert out.token_ids == hf_greedy(hf, prompt, 12)
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 12)
 
 
 def _edit_config(ckpt, edit):

@@ -176,7 +176,7 @@ def test_sampling_fields_reach_the_engine(client, offline, fields):
     params = {**fields, "max_tokens": 24}
     if "logit_bias" in params:
         params["logit_bias"] = {int(k): v for k, v in params["logit_bias"].items()}
-    expected = offline.generate([prompt], SamplingParams(**params))[0]
+    expected = offline.generate([prompt], SamplingParams(**params))[0].outputs[0]
     assert out.choices[0].model_extra["token_ids"] == expected.token_ids
     assert out.choices[0].finish_reason == expected.finish_reason
     if "logit_bias" in fields:

@@ -42,7 +42,7 @@ def test_alone_equals_transformers(hf_checkpoint):
     ckpt, hf = hf_checkpoint
     eng = engine(ckpt)
     for p in prompts(3):
-        out = LLM(engine=eng).generate([p], GREEDY)[0]
+        out = LLM(engine=eng).generate([p], GREEDY)[0].outputs[0]
         assert out.token_ids == hf_greedy(hf, p, 24)
         assert out.finish_reason == "length"
     assert_all_blocks_free(eng)
@@ -67,7 +67,7 @@ def test_batch_of_32_mixed_equals_each_alone(hf_checkpoint):
     assert mixed_steps > 5  # the batches really mixed prefills with decodes
     alone = engine(ckpt)
     for p, out in zip(ps, outs):
-        expected = LLM(engine=alone).generate([p], GREEDY)[0].token_ids
+        expected = LLM(engine=alone).generate([p], GREEDY)[0].outputs[0].token_ids
         assert out == expected
     for p, out in list(zip(ps, outs))[::4]:  # and the reference itself, on a sample
         assert out == hf_greedy(hf, p, 24)
@@ -85,9 +85,9 @@ def test_two_microbatches_equal_one_and_transformers(hf_checkpoint):
     one = engine(ckpt, max_num_batched_tokens=64)
     whole = LLM(engine=one).generate(ps, GREEDY)
     assert one.snapshot.microbatched_steps_total == 0 and one.snapshot.num_steps > 20
-    assert [o.token_ids for o in outs] == [w.token_ids for w in whole]
+    assert [o.outputs[0].token_ids for o in outs] == [w.outputs[0].token_ids for w in whole]
     for p, out in list(zip(ps, outs))[::3]:
-        assert out.token_ids == hf_greedy(hf, p, 24)
+        assert out.outputs[0].token_ids == hf_greedy(hf, p, 24)
     assert_all_blocks_free(split)
 
 
@@ -103,7 +103,7 @@ def test_prefix_cache_hit_skips_prefill_and_changes_nothing(hf_checkpoint):
     assert hits >= 3 * (len(shared) // 8 * 8 - 8)  # most of the shared prefix, for each request
     plain = engine(ckpt, enable_prefix_caching=False)
     expected = LLM(engine=plain).generate([shared + t for t in tails], GREEDY)
-    assert [c.token_ids for c in cached] == [e.token_ids for e in expected]
+    assert [c.outputs[0].token_ids for c in cached] == [e.outputs[0].token_ids for e in expected]
     assert plain.kv.stats().prefix_hits_tokens == 0
     assert_all_blocks_free(eng)
 
@@ -118,13 +118,13 @@ def test_prefix_hit_needs_only_the_current_chunk_in_chunked_layers(hf_checkpoint
     seq_hashes = [h for h in eng.kv.pools["full_attention"].cached]
     chunked_cached = eng.kv.pools["chunked_attention"].cached
     assert any(h not in chunked_cached for h in seq_hashes[:8])  # early chunked blocks are gone
-    out = LLM(engine=eng).generate([long + [3]], GREEDY)[0]
+    out = LLM(engine=eng).generate([long + [3]], GREEDY)[0].outputs[0]
     # The full group holds all 11 blocks, but the chunked block of positions 80..87 was reused.
     # A query at the chunk boundary 80 reads no earlier chunked keys, so 80 tokens still hit
     # (a rule demanding every block of both groups would give 0 here).
     assert eng.kv.stats().prefix_hits_tokens == 80
     plain = engine(ckpt, enable_prefix_caching=False)
-    assert out.token_ids == LLM(engine=plain).generate([long + [3]], GREEDY)[0].token_ids
+    assert out.token_ids == LLM(engine=plain).generate([long + [3]], GREEDY)[0].outputs[0].token_ids
 
 
 def test_preemption_and_resume_give_the_same_tokens(hf_checkpoint):
@@ -137,7 +137,7 @@ def test_preemption_and_resume_give_the_same_tokens(hf_checkpoint):
     outs = LLM(engine=eng).generate(ps, long_gen)
     assert eng.stats().num_preemptions_total > 0
     expected = LLM(engine=engine(ckpt)).generate(ps, long_gen)
-    assert [o.token_ids for o in outs] == [e.token_ids for e in expected]
+    assert [o.outputs[0].token_ids for o in outs] == [e.outputs[0].token_ids for e in expected]
     assert_all_blocks_free(eng)
 
 
@@ -148,7 +148,7 @@ def test_chunk_boundary_crossings_with_unaligned_chunk(hf_checkpoint):
     params = SamplingParams(temperature=0.0, max_tokens=3 * CHUNK + 10, ignore_eos=True)
     for block_size in (8, 16, 6):
         eng = engine(ckpt, block_size=block_size, max_num_batched_tokens=7)
-        out = LLM(engine=eng).generate([p], params)[0].token_ids
+        out = LLM(engine=eng).generate([p], params)[0].outputs[0].token_ids
         assert out == hf_greedy(hf, p, params.max_tokens)
         assert_all_blocks_free(eng)
 
@@ -206,7 +206,7 @@ def test_zero_token_step_is_harmless(hf_checkpoint):
     for _ in range(1000):
         eng.step()
     assert eng.stats().num_steps == 0  # no forward ran (its cost is a benchmark's business)
-    out = LLM(engine=eng).generate([[4, 5, 6]], GREEDY)[0]
+    out = LLM(engine=eng).generate([[4, 5, 6]], GREEDY)[0].outputs[0]
     assert len(out.token_ids) == 24
 
 
@@ -216,13 +216,14 @@ def test_eos_and_stop_token_ids(hf_checkpoint):
     ref = hf_greedy(hf, p, 24)
     eng = engine(ckpt)
     stop_at = ref[6]
-    out = LLM(engine=eng).generate([p], SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[stop_at]))[0]
+    params = SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[stop_at])
+    out = LLM(engine=eng).generate([p], params)[0].outputs[0]
     assert out.token_ids == ref[:ref.index(stop_at) + 1]
     assert (out.finish_reason, out.stop_reason) == ("stop", stop_at)
     eng.outputs.eos_ids = frozenset({stop_at})  # the checkpoint's EOS, unless ignore_eos
-    out = LLM(engine=eng).generate([p], SamplingParams(temperature=0.0, max_tokens=24))[0]
+    out = LLM(engine=eng).generate([p], SamplingParams(temperature=0.0, max_tokens=24))[0].outputs[0]
     assert out.token_ids == ref[:ref.index(stop_at) + 1] and out.stop_reason is None
-    out = LLM(engine=eng).generate([p], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))[0]
+    out = LLM(engine=eng).generate([p], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))[0].outputs[0]
     assert out.token_ids == ref
 
 

@@ -71,7 +71,8 @@ def test_a_request_longer_than_the_cache_is_refused_naming_the_limit(hf_checkpoi
     with pytest.raises(ContextTooLong, match=r"maximum context length is 384 tokens \(set by the KV cache: 48 "
                                              r"full_attention blocks"):
         eng.submit(GenerateRequest([5] * 300, SamplingParams(max_tokens=100)))
-    out = LLM(engine=eng).generate([[5] * 300], SamplingParams(temperature=0.0, max_tokens=84, ignore_eos=True))[0]
+    params = SamplingParams(temperature=0.0, max_tokens=84, ignore_eos=True)
+    out = LLM(engine=eng).generate([[5] * 300], params)[0].outputs[0]
     assert len(out.token_ids) == 84  # exactly the limit still runs
 
 

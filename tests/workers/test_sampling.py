@@ -149,7 +149,7 @@ PROMPT = [5, 17, 33, 2, 90, 44, 61, 7, 8, 100, 3]
 
 
 def gen(eng, params, prompt=PROMPT):
-    return LLM(engine=eng).generate([prompt], params)[0].token_ids
+    return LLM(engine=eng).generate([prompt], params)[0].outputs[0].token_ids
 
 
 def test_seed_reproducible_whatever_the_batch(eng):
@@ -158,7 +158,7 @@ def test_seed_reproducible_whatever_the_batch(eng):
     noise = [SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)] * 5
     outs = LLM(engine=eng).generate([[9, 9, 9], PROMPT, [4] * 30, [7, 1], PROMPT, PROMPT],
                                     noise[:1] + [params] + noise[1:3] + [params] + noise[3:4])
-    assert outs[1].token_ids == alone and outs[4].token_ids == alone
+    assert outs[1].outputs[0].token_ids == alone and outs[4].outputs[0].token_ids == alone
     other = gen(eng, SamplingParams(temperature=1.0, max_tokens=20, seed=99, ignore_eos=True))
     assert other != alone
 
@@ -193,6 +193,28 @@ def test_n_choices_share_the_prompt_and_match_separate_requests(eng):
     for i in range(3):
         alone = gen(eng, SamplingParams(temperature=1.0, seed=7 + i, max_tokens=10, ignore_eos=True), prompt)
         assert alone == by_index[i]
+
+
+def test_llm_generate_returns_one_result_per_prompt_and_one_output_per_choice(eng):
+    """As vLLM's `LLM.generate`: `outputs[i]` is choice i, each with its own tokens and finish (the
+    offline LLM once joined the choices into one and stopped at the first that finished)."""
+    base = dict(temperature=1.0, max_tokens=10, ignore_eos=True)
+    alone = [gen(eng, SamplingParams(seed=7 + i, **base)) for i in range(3)]  # choice i draws as seed 7 + i
+    # a stop token that ends choice 1 early and never appears in choice 0: the choices finish apart
+    stop = next(t for t in alone[1][:8] if t not in alone[0])
+    params = SamplingParams(n=3, seed=7, stop_token_ids=[stop], logprobs=0, **base)
+    results = LLM(engine=eng).generate([PROMPT, PROMPT[:5]], params)
+    assert [r.prompt_token_ids for r in results] == [PROMPT, PROMPT[:5]]
+    first = results[0]
+    assert [o.index for o in first.outputs] == [0, 1, 2] and first.finished
+    for choice, tokens in zip(first.outputs, alone):
+        cut = tokens.index(stop) + 1 if stop in tokens else len(tokens)
+        assert choice.token_ids == tokens[:cut]
+        assert (choice.finish_reason, choice.stop_reason) == (("stop", stop) if stop in tokens else ("length", None))
+        assert [lp.token_id for lp in choice.logprobs] == choice.token_ids
+        assert choice.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in choice.logprobs))
+    assert first.outputs[0].finish_reason == "length" and first.outputs[1].finish_reason == "stop"
+    assert [len(r.outputs) for r in results] == [3, 3] and all(r.finished for r in results)
 
 
 def test_logprobs_are_log_softmax_of_the_model_logits(hf_checkpoint, eng):
