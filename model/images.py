@@ -15,6 +15,7 @@ import io
 import json
 import math
 import platform
+import re
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -145,6 +146,9 @@ def image_token_ids(tokenizer) -> dict[str, int]:
     return ids
 
 
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> torch.Tensor:
     """Encoded bytes -> uint8 RGB [3, H, W]; anything Pillow cannot fully decode is an `ImageError`."""
     from PIL import Image
@@ -165,7 +169,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> torch.Tens
     except ImageError:
         raise
     except Exception as exc:  # Pillow raises many types for bad data
-        raise ImageError(f"cannot decode the image: {type(exc).__name__}: {exc}") from None
+        # its messages may name the buffer (`<_io.BytesIO object at 0x...>`): no object reprs in an API error
+        detail = _OBJECT_REPR.sub("", str(exc)).strip() or "not an image Pillow reads"
+        raise ImageError(f"cannot decode the image: {type(exc).__name__}: {detail}") from None
     pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
     return pixels.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
 

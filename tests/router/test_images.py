@@ -157,6 +157,7 @@ def test_bad_images_get_400_and_the_next_request_is_served(live, client, name, u
     with pytest.raises(openai.BadRequestError, match=reason) as info:
         client.chat.completions.create(model="tiny", messages=messages(*urls), max_completion_tokens=2)
     assert info.value.body["type"] == "invalid_request_error" and info.value.body["param"] == "messages"
+    assert " at 0x" not in info.value.body["message"]  # no Python object repr in an API error
     ok = client.chat.completions.create(model="tiny", messages=messages(data_url(SMALL)), max_completion_tokens=2)
     assert ok.choices[0].finish_reason in ("length", "stop")
 
@@ -184,6 +185,7 @@ def test_grpc_carries_image_bytes(live, client, hf):
     with pytest.raises(grpc.RpcError) as info:
         stub.Generate(pb.GenerateRequest(prompt=prompt_text, images=[b"not an image"], max_tokens=2), timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cannot decode" in info.value.details() and " at 0x" not in info.value.details()
     with pytest.raises(grpc.RpcError) as info:  # two images for one placeholder
         stub.Generate(pb.GenerateRequest(prompt=prompt_text, images=[WIDE, SMALL], max_tokens=2), timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "placeholders" in info.value.details()
