@@ -63,6 +63,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _TokenAuthNotice(logging.Filter):
+    """Ray 2.60 announces at every start that token auth is on by default; it is, and it stays on:
+    drop only that notice (a warning that auth is *off* still shows)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
+_TOKEN_AUTH_NOTICE = _TokenAuthNotice()  # one instance: adding it again is a no-op
+
+
 def ensure_local_ray(num_cpus: float | None = None, dashboard: bool = False,
                      metrics_export_port: int | None = None, proxy: str = "haproxy") -> bool:
     """Start a small local Ray unless one is connected; returns whether this call started it.
@@ -72,6 +83,7 @@ def ensure_local_ray(num_cpus: float | None = None, dashboard: bool = False,
         return False
     choose_proxy(proxy)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_AUTH_NOTICE)
     extra = {"_metrics_export_port": metrics_export_port} if metrics_export_port else {}
     if dashboard:  # and metrics reported every 5 s (Ray's default is 10 s)
         extra.update(dashboard_host="127.0.0.1", _system_config={"metrics_report_interval_ms": 5000})

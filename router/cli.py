@@ -20,6 +20,19 @@ class _PromptAction(argparse.Action):
         namespace.prompts = prompts
 
 
+class _TinyPresets:
+    """`model.tiny.TINY_PRESETS`' names as argparse choices, imported only when make-tiny looks at them
+    (model.tiny imports torch, which every other subcommand would pay for)."""
+
+    def __iter__(self):
+        from model.tiny import TINY_PRESETS
+
+        return iter(TINY_PRESETS)
+
+    def __contains__(self, name) -> bool:
+        return name in list(self)
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         return [int(x) for x in text.replace(",", " ").split()]
@@ -33,7 +46,8 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     from model.tiny import make_tiny
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    out = make_tiny(args.dir, preset=args.preset, seed=args.seed, layout=args.layout, dtype=dtype, fp8=args.fp8)
+    out = make_tiny(args.dir, preset=args.preset, seed=args.seed, layout=args.layout, dtype=dtype, fp8=args.fp8,
+                    vocab_size=args.vocab_size)
     print(out)
     return 0
 
@@ -51,9 +65,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.target == "engine":
+        args.peers = [] if args.peers == "none" else args.peers.split(",")
+        if args.structured:
+            from cluster.bench.structured import main as bench_structured
+
+            if args.output == ENGINE_OUTPUT:
+                args.output = "bench-results/structured.json"
+            return bench_structured(args)
         from cluster.bench.engine import main as bench_engine
 
-        args.peers = [] if args.peers == "none" else args.peers.split(",")
         return bench_engine(args)
     if args.output == ENGINE_OUTPUT:
         args.output = f"bench-results/{args.target}.json"
@@ -100,17 +120,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maverick", description="Serve Llama 4 MoE models on Ray.")
     parser.add_argument("--log-level", default="WARNING", help="logging level for stderr")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-tiny", help="write a random-weight checkpoint in the Hugging Face layout")
     p.add_argument("dir")
-    p.add_argument("--preset", default="tiny-maverick", choices=["tiny-maverick", "tiny-scout", "bench"])
+    p.add_argument("--preset", default="tiny-maverick", choices=_TinyPresets(), metavar="PRESET",
+                   help="one of %(choices)s (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", default="conditional", choices=["conditional", "causal"],
                    help="Llama4ForConditionalGeneration (Hub layout) or text-only Llama4ForCausalLM")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--fp8", action="store_true",
                    help="Meta's FP8 layout: per-channel E4M3 weights + weight_scale, compressed-tensors config")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="the preset's vocabulary grown or shrunk to this size (202048: Maverick's), the "
+                        "tokenizer filled with synthetic merges past what its corpus trains")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("generate", help="greedy generation for a batch of prompts, one JSON line each")
@@ -160,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-model", default=None, metavar="DIR",
                    help="bench serve: also the image workload on this checkpoint with a vision tower "
                         "(make-tiny --preset bench --layout conditional)")
+    p.add_argument("--structured", choices=["json-schema"], default=None,
+                   help="bench engine: a JSON schema's cost per token, unconstrained against constrained, ours "
+                        "and vLLM each alone (use a checkpoint with --vocab-size 202048)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--temperature", type=float, default=0.0,
                    help="bench engine and aiperf: every request's temperature (0: greedy)")
@@ -175,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3, help="runs per engine and level; medians are compared")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per engine run")
     p.set_defaults(func=cmd_bench)
+    for p in sub.choices.values():  # also after the subcommand: `maverick serve ... --debug`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks of errors")
     return parser
 
 
@@ -187,8 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, EngineError) as exc:
+        if args.debug:
+            raise
         print(f"maverick: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # an operator reads one line; --debug shows where it came from
+        if args.debug:
+            raise
+        print(f"maverick: error: {type(exc).__name__}: {exc} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

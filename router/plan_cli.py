@@ -61,6 +61,10 @@ def run_plan(args: argparse.Namespace) -> int:
                           "weights": layout.weights, "report": text}))
     else:
         print(text)
+        if not ok and not args.suggest:
+            gpus = args.gpus or layout.attention_ranks + layout.expert_ranks
+            print(f"hint: add --suggest to find the attention/expert split of these {gpus} GPUs with the best roofline "
+                  "(--gpus N for another count)")
     return 0 if ok else 1
 
 

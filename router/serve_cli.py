@@ -32,6 +32,8 @@ def _resolve(data: dict, args: argparse.Namespace) -> tuple[dict, str, int]:
         grpc_options = data.setdefault("grpc_options", {})
         grpc_options["port"] = args.grpc_port
         grpc_options.setdefault("grpc_servicer_functions", [GRPC_SERVICER])
+    if not args.address:  # a local Ray: its front binds here, so a taken port fails now, not in HAProxy
+        _check_ports_free(http["host"], int(http.get("port", 8000)), _grpc_port(data))
     api_key = args.api_key or os.environ.get("MAVERICK_API_KEY")
     _, apps = validate_serve_config(data, args.config or "flags")
     for app, parsed in zip(data["applications"], apps):
@@ -43,6 +45,23 @@ def _resolve(data: dict, args: argparse.Namespace) -> tuple[dict, str, int]:
         app["args"] = resolved.model_dump(exclude_defaults=True) | {"model": resolved.model,
                                                                     "served_model_name": resolved.model_name}
     return data, http["host"], int(http.get("port", 8000))
+
+
+def _check_ports_free(host: str, http_port: int, grpc_port: int | None) -> None:
+    import socket
+
+    # Serve binds gRPC on every interface
+    for name, flag, addr, port in (("HTTP", "--http-port", host, http_port), ("gRPC", "--grpc-port", "", grpc_port)):
+        if port is None:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
+            try:
+                s.bind((addr, port))
+            except OSError as exc:
+                where = f" on {addr}" if addr else ""
+                raise SystemExit(f"maverick: error: {name} port {port}{where} is not free ({exc.strerror}): another "
+                                 f"server holds it; choose another with {flag} PORT") from None
 
 
 def _grpc_port(data: dict) -> int | None:
@@ -127,12 +146,7 @@ def run_serve(args: argparse.Namespace) -> int:
         display.update(_startup_snapshots(board))  # the "ready" lines
     display.close()
     if code == 0 and not stop.is_set():
-        print(f"maverick: ready in {time.monotonic() - started:.0f}s\n"
-              f"  OpenAI API: {url}/v1  (health: {url}/health, readiness: {url}/health/ready)", flush=True)
-        if _grpc_port(data) is not None:
-            print(f"  gRPC maverick.v1.Generation: port {_grpc_port(data)} (metadata application={APP_NAME})",
-                  flush=True)
-        print(f"  Prometheus metrics: {url}/metrics", flush=True)
+        print(_banner(data, url, host, time.monotonic() - started), flush=True)
         if args.detach:  # Serve's applications outlive this driver: leave them running
             print("maverick: detached; stop with `serve shutdown -y`", flush=True)
             ray.shutdown()
@@ -156,7 +170,26 @@ def run_serve(args: argparse.Namespace) -> int:
     # NOTE: a local Ray started here goes down whole with ray.shutdown(); serve.shutdown() first
     # would only add Ray's "graceful_shutdown failed ... killed by ray.kill" retry warnings
     ray.shutdown()
+    print("maverick: stopped", file=sys.stderr, flush=True)
     return code
+
+
+def _banner(data: dict, url: str, host: str, took_s: float) -> str:
+    """What a client needs: the model name(s) to send, where, and whether a key is required."""
+    from cluster.serve_config import APP_NAME
+
+    apps = [app["args"] for app in data["applications"] if app.get("args")]
+    names = ", ".join(f"`{a['served_model_name']}`" for a in apps if a.get("served_model_name")) or "-"
+    keyed = any(a.get("api_key") or a.get("api_key_env") for a in apps)
+    lines = [f"maverick: ready in {took_s:.0f}s",
+             f"  model: {names}  (the `model` field of each request)",
+             f"  OpenAI API: {url}/v1  (health: {url}/health, readiness: {url}/health/ready)"]
+    if _grpc_port(data) is not None:
+        lines.append(f"  gRPC maverick.v1.Generation: {host}:{_grpc_port(data)}  (metadata application={APP_NAME})")
+    lines += [f"  Prometheus metrics: {url}/metrics",
+              "  API key: required (Authorization: Bearer KEY, the --api-key or MAVERICK_API_KEY value)" if keyed
+              else "  API key: none required"]
+    return "\n".join(lines)
 
 
 def _local_proxy(proxy: str, host: str | None) -> str:
@@ -201,6 +234,8 @@ def _drain(grace_s: float) -> None:
     from cluster.serve_config import APP_NAME
 
     print("maverick: draining", file=sys.stderr, flush=True)
+    # the handle below makes Serve log an INFO "Started <...LongPollClient>": not news during a shutdown
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         handle = serve.get_app_handle(APP_NAME)
         pending = handle.drain.remote().result(timeout_s=10)
@@ -215,38 +250,65 @@ def _drain(grace_s: float) -> None:
         log.info("drain skipped: %s", exc)
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Append a flag's default unless its help already says it (flags with no value are off by default)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default == argparse.SUPPRESS:
+            return text
+        if action.default is False:
+            return text + " (default: off)"
+        return super()._get_help_string(action)
+
+
 def add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve a Serve config file or one model directory over HTTP")
+    from cluster.config import AppConfig, EngineLimits
+
+    limits = EngineLimits()  # the help shows the defaults a deployment really gets
+    p = sub.add_parser("serve", help="serve a Serve config file or one model directory over HTTP",
+                       formatter_class=_HelpWithDefaults,
+                       description="Serve a deployment YAML (e.g. deploy/tiny-cpu.yaml) or one model directory "
+                                   "(--model) on a local Ray, or on a running cluster with --address.")
     p.add_argument("config", nargs="?", help="a Serve config YAML (e.g. deploy/tiny-cpu.yaml)")
-    p.add_argument("--model", help="local Hugging Face model directory (instead of a YAML)")
-    p.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
-    p.add_argument("--served-model-name")
-    p.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
-    p.add_argument("--http-port", type=int)
-    p.add_argument("--grpc-port", type=int, help="gRPC port (default 9000)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set MAVERICK_API_KEY)")
-    p.add_argument("--attention-workers", type=int, default=1)
-    p.add_argument("--expert-workers", type=int, default=0)
-    p.add_argument("--num-gangs", type=int, default=1)
-    p.add_argument("--migration-limit", type=int,
-                   help="times a request moves on when its gang fails (default 3; 0: it fails with 503)")
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--max-num-seqs", type=int)
-    p.add_argument("--max-num-batched-tokens", type=int)
-    p.add_argument("--kv-cache-memory", type=int, help="bytes of K/V per attention worker")
-    p.add_argument("--dtype", help="float32 on CPU by default, bfloat16 on GPU")
-    p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per attention worker")
-    p.add_argument("--skip-tokenizer-init", action="store_true", help="token ids in and out, no tokenizer")
+    p.add_argument("--model", help="local Hugging Face model directory, instead of a YAML (default: none)")
+    p.add_argument("--address", help="an existing Ray cluster, e.g. auto (default: start a local one)")
+    p.add_argument("--host", help="HTTP bind address (default: the YAML's http_options.host, else 127.0.0.1)")
+    p.add_argument("--http-port", type=int, help="HTTP port (default: the YAML's http_options.port, else 8000)")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (default: the YAML's grpc_options.port, else 9000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but the health probes "
+                                     "(default: MAVERICK_API_KEY if set, else no key)")
     p.add_argument("--proxy", choices=["haproxy", "python"], default="haproxy",
-                   help="Serve's front on a local Ray: HAProxy straight to the ingress replicas (default; "
-                        "HTTP host 127.0.0.1 or 0.0.0.0) or Serve's Python proxy actor; with --address the "
+                   help="Serve's front on a local Ray: HAProxy straight to the ingress replicas (HTTP host "
+                        "127.0.0.1 or 0.0.0.0) or Serve's Python proxy actor; with --address the "
                         "cluster's own setting (RAY_SERVE_ENABLE_HA_PROXY=1 on `ray start`) decides")
     p.add_argument("--grace-period", type=float, default=30, help="seconds in-flight requests get on shutdown")
     p.add_argument("--detach", action="store_true",
                    help="exit once ready and leave the application running (with --address: a cluster from `ray up`)")
     p.add_argument("--observe", action="store_true",
                    help="also start Debian's prometheus on 127.0.0.1 against this local cluster and print its URL")
-    p.add_argument("--prometheus-port", type=int, default=9090, help="with --observe")
+    p.add_argument("--prometheus-port", type=int, default=9090, help="with --observe: Prometheus's port")
     p.add_argument("--metrics-export-port", type=int,
-                   help="a fixed port for Ray's metrics agent (for static Prometheus targets)")
+                   help="a fixed port for Ray's metrics agent, for static Prometheus targets (default: Ray picks one)")
+    m = p.add_argument_group("with --model", "the application's args (a YAML sets these in its own args)")
+    m.add_argument("--served-model-name", help="the name clients send as `model` (default: --model as given)")
+    m.add_argument("--attention-workers", type=int, default=1, help="attention workers per gang")
+    m.add_argument("--expert-workers", type=int, default=0,
+                   help="expert workers per gang (0: the attention workers hold every expert)")
+    m.add_argument("--num-gangs", type=int, default=1, help="gangs behind one ingress")
+    m.add_argument("--migration-limit", type=int,
+                   help=f"times a request moves on when its gang fails (default "
+                        f"{AppConfig.model_fields['migration_limit'].default}; 0: it fails with 503)")
+    m.add_argument("--max-model-len", type=int,
+                   help="longest prompt + output in tokens (default: the checkpoint's limit, capped by the KV cache)")
+    m.add_argument("--max-num-seqs", type=int,
+                   help=f"sequences one attention worker runs at once (default {limits.max_num_seqs})")
+    m.add_argument("--max-num-batched-tokens", type=int,
+                   help=f"tokens one engine step computes, prefill chunks included "
+                        f"(default {limits.max_num_batched_tokens})")
+    m.add_argument("--kv-cache-memory", type=int,
+                   help=f"bytes of K/V per attention worker (default {limits.kv_cache_memory})")
+    m.add_argument("--dtype", help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    m.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per attention worker")
+    m.add_argument("--skip-tokenizer-init", action="store_true", help="token ids in and out, no tokenizer")
     p.set_defaults(func=run_serve)

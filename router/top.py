@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections import defaultdict
 
@@ -139,15 +140,41 @@ class EndpointSource:
         return out
 
 
+def _why(exc: Exception, url: str, flag: str) -> str:
+    """One line on what an operator got wrong (a key, a server that is not there), not a traceback."""
+    if isinstance(exc, urllib.error.HTTPError) and exc.code == 401:
+        return (f"{url} answered 401: the server requires an API key; pass --api-key KEY "
+                "(or set MAVERICK_API_KEY)")
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"{url} answered HTTP {exc.code} {exc.reason}: is {flag} the right server?"
+    reason = getattr(exc, "reason", exc)
+    if isinstance(reason, ConnectionRefusedError):
+        return f"nothing answers at {url} (connection refused): is the server running there? (set {flag})"
+    return f"cannot read {url}: {reason}"
+
+
+def _checked_url(url: str, flag: str) -> str:
+    if not url.startswith(("http://", "https://")):
+        raise SystemExit(f"maverick top: {flag} needs a URL with its scheme, e.g. http://{url.split('://')[-1]} "
+                         f"(got {url!r})")
+    return url
+
+
 def run_top(args) -> int:
     if args.prometheus:
-        source = PrometheusSource(args.prometheus, args.application, args.window)
-        where = f"Prometheus {args.prometheus}"
+        source = PrometheusSource(_checked_url(args.prometheus, "--prometheus"), args.application, args.window)
+        where, flag = f"Prometheus {args.prometheus}", "--prometheus"
     else:
-        source = EndpointSource(args.url, args.api_key or os.environ.get("MAVERICK_API_KEY"))
-        source.lines()  # a first scrape, so the first view already has rates
+        source = EndpointSource(_checked_url(args.url, "--url"), args.api_key or os.environ.get("MAVERICK_API_KEY"))
+        where, flag = f"{args.url}/metrics", "--url"
+    try:  # a first read, so a wrong URL, key or a server that is not running ends here in one line
+        source.lines()
+    except (OSError, ValueError) as exc:
+        if getattr(args, "debug", False):
+            raise
+        raise SystemExit(f"maverick top: {_why(exc, args.prometheus or source.url, flag)}") from None
+    if not args.prometheus:  # rates need a second scrape
         time.sleep(min(args.interval, 2.0))
-        where = f"{args.url}/metrics"
     live = sys.stdout.isatty() and not args.once
     while True:
         try:

@@ -1,6 +1,7 @@
 """The `maverick` console script, run as a user runs it."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,75 @@ def test_serve_takes_haproxy_unless_the_host_is_one_it_cannot_serve(host, proxy,
     assert _local_proxy("haproxy", host) == proxy
     assert ("Python proxy" in capsys.readouterr().err) == (proxy == "python")
     assert _local_proxy("python", "127.0.0.1") == "python"
+
+
+def test_make_tiny_takes_every_preset_of_model_tiny():
+    """The presets come from `model.tiny.TINY_PRESETS` (the README's `--preset maverick-full-depth`
+    once failed with `invalid choice`)."""
+    from model.tiny import TINY_PRESETS
+    from router.cli import build_parser
+
+    for preset in TINY_PRESETS:
+        assert build_parser().parse_args(["make-tiny", "d", "--preset", preset]).preset == preset
+    assert "maverick-full-depth" in build_parser()._subparsers._group_actions[0].choices["make-tiny"].format_help()
+
+
+def test_serve_help_explains_every_flag_with_its_default():
+    from router.cli import build_parser
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    text = serve.format_help()
+    # one entry per flag: from its first option string to the next flag's
+    entries = re.split(r"\n  (?=-)", text[text.index("\n  -h, --help"):])
+    for action in serve._actions:
+        if not action.option_strings or action.dest in ("help", "debug"):
+            continue
+        entry = next(e for e in entries if e.startswith(action.option_strings[0]))
+        assert action.help and "default" in entry, entry
+    assert "--expert-workers EXPERT_WORKERS" in text and "(default: 0)" in text
+
+
+def test_plan_that_does_not_fit_points_at_suggest(capsys):
+    from router.cli import main
+
+    assert main(["plan", "--preset", "maverick", "--weights", "bf16", "--gpu", "h100", "--gpus", "8"]) == 1
+    out = capsys.readouterr().out
+    assert "fits: NO" in out and "--suggest" in out.split("fits: NO")[1]
+
+
+@pytest.mark.parametrize("flag", ["--http-port", "--grpc-port"])
+def test_serve_on_a_taken_port_says_so_in_one_line(flag):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run("serve", "deploy/tiny-cpu.yaml", flag, str(port), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert f"port {port}" in lines[0] and flag in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_top_without_a_server_or_a_scheme_says_so_in_one_line():
+    from tests.router.conftest import free_port
+
+    refused = run("top", "--url", f"http://127.0.0.1:{free_port()}", "--once", check=False)
+    assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "connection refused" in refused.stderr and "--url" in refused.stderr
+    bare = run("top", "--url", "127.0.0.1:8000", "--once", check=False)
+    assert bare.returncode != 0 and bare.stderr.strip().splitlines() == [
+        "maverick top: --url needs a URL with its scheme, e.g. http://127.0.0.1:8000 (got '127.0.0.1:8000')"]
+    debug = run("top", "--url", f"http://127.0.0.1:{free_port()}", "--once", "--debug", check=False)
+    assert "Traceback" in debug.stderr  # --debug shows where it came from
+
+
+def test_the_ready_banner_says_when_a_key_is_needed():
+    from router.serve_cli import _banner
+
+    app = {"name": "maverick", "args": {"served_model_name": "/tmp/tiny", "api_key": "sk-local"}}
+    data = {"applications": [app], "grpc_options": {"port": 9000, "grpc_servicer_functions": ["x"]}}
+    banner = _banner(data, "http://127.0.0.1:8100", "127.0.0.1", 12.0)
+    assert "model: `/tmp/tiny`" in banner and "OpenAI API: http://127.0.0.1:8100/v1" in banner
+    assert "gRPC maverick.v1.Generation: 127.0.0.1:9000" in banner
+    assert "API key: required" in banner and "sk-local" not in banner  # never print the key itself

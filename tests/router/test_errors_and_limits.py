@@ -113,6 +113,8 @@ def test_bad_request_gets_its_status_and_the_next_is_served(live, name, path, bo
     error = payload["error"]
     assert error["code"] == status and error["message"] and error["request_id"]
     assert "Traceback" not in json.dumps(payload)
+    if status == 404:  # a wrong model name: the answer names the one served
+        assert "Served models: `tiny`" in error["message"], error
     assert call(live, *cmpl())[0] == 200
 
 
@@ -145,6 +147,20 @@ def test_every_route_needs_the_key_except_health(live):
         assert call(live, path, body, method=method)[0] != 401
     assert call(live, "/no/such/route", {}, key=None)[0] == 401  # unknown routes reveal nothing without a key
     assert call(live, "/no/such/route", {})[0] == 404
+
+
+def test_top_against_a_keyed_server_asks_for_the_key_in_one_line(live):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    top = [str(Path(sys.executable).with_name("maverick")), "top", "--url", live.url, "--once", "--interval", "0.1"]
+    env = {k: v for k, v in os.environ.items() if k != "MAVERICK_API_KEY"}
+    refused = subprocess.run(top, capture_output=True, text=True, timeout=60, env=env)
+    assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "401" in refused.stderr and "--api-key" in refused.stderr
+    allowed = subprocess.run(top + ["--api-key", KEY], capture_output=True, text=True, timeout=60, env=env)
+    assert allowed.returncode == 0 and "gang-0" in allowed.stdout, allowed.stderr
 
 
 def test_overload_gives_429_with_retry_after_and_loses_nothing(live):
