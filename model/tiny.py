@@ -158,19 +158,22 @@ def fp8_tensors(tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtyp
 
 
 def make_tiny(out_dir: str | Path, preset: str = "tiny-maverick", seed: int = 0, layout: str = "conditional",
-              dtype: torch.dtype = torch.bfloat16, num_shards: int = 2, fp8: bool = False) -> Path:
+              dtype: torch.dtype = torch.bfloat16, num_shards: int = 2, fp8: bool = False,
+              vocab_size: int | None = None) -> Path:
+    """`vocab_size` overrides the preset's (benchmarks of per-token vocabulary work use Maverick's 202048)."""
     if preset not in TINY_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(TINY_PRESETS)}")
     if layout not in ("conditional", "causal"):
         raise ValueError("layout must be 'conditional' or 'causal'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vocab = TINY_PRESETS[preset]["vocab_size"]
+    shape = {**TINY_PRESETS[preset], **({"vocab_size": vocab_size} if vocab_size else {})}
+    vocab = shape["vocab_size"]
     tokenizer, special_ids = train_tokenizer(vocab)
     ids = {name: special_ids[name] for name in ("<|begin_of_text|>", "<|end_of_text|>", "<|eom|>",
                                                    "<|eot|>", "<|finetune_right_pad|>")}
     eos = [ids["<|end_of_text|>"], ids["<|eom|>"], ids["<|eot|>"]]
-    config = Llama4Config(**TINY_PRESETS[preset], bos_token_id=ids["<|begin_of_text|>"], eos_token_id=eos,
+    config = Llama4Config(**shape, bos_token_id=ids["<|begin_of_text|>"], eos_token_id=eos,
                           pad_token_id=ids["<|finetune_right_pad|>"], torch_dtype=str(dtype).split(".")[-1])
     gen = torch.Generator().manual_seed(seed)
     prefix = "language_model." if layout == "conditional" else ""

@@ -125,7 +125,10 @@ def sample(logits_NV: torch.Tensor, reqs: list[Request], generator: torch.Genera
     processed = logits_NV
     constrained = [i for i, r in enumerate(reqs) if r.matcher is not None]
     if constrained:
-        processed = grammars.apply_masks(logits_NV, constrained, [reqs[i].matcher for i in constrained])
+        # logprobs are of the raw logits: mask a copy only when some row reports them
+        raw_needed = any(r.params.logprobs is not None for r in reqs)
+        processed = grammars.apply_masks(logits_NV, constrained, [reqs[i].matcher for i in constrained],
+                                         inplace=not raw_needed)
     processed = process_logits(processed, reqs)
     tokens = processed.argmax(-1)
     drawing = [i for i, r in enumerate(reqs) if not r.params.greedy]

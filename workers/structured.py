@@ -183,8 +183,9 @@ class Grammars:
 
     def apply_masks(self, logits_NV: torch.Tensor, rows: list[int], matchers: list[Matcher],
                     inplace: bool = False) -> torch.Tensor:
-        """`logits_NV` with every token its row's grammar forbids at -inf (a copy unless `inplace`)."""
-        vocab = logits_NV.shape[1]
+        """`logits_NV` with every token its row's grammar forbids at -inf (a copy unless `inplace`).
+        At 32 rows x 202k tokens here: fill ~2 ms (2 threads, outside the GIL), unpack and mask ~4 ms;
+        torch's masked_fill with a bool mask took ~9 ms."""
         mask = llg_torch.allocate_token_bitmask(len(rows), self.vocab_size)
         if len(matchers) == 1:
             llg_torch.fill_next_token_bitmask(matchers[0].inner, mask, 0)
@@ -193,18 +194,27 @@ class Grammars:
                 self._executor = llguidance.LLExecutor(num_threads=2)
             llg_torch.fill_next_token_bitmask_par(self._executor, [(m.inner, i) for i, m in enumerate(matchers)],
                                                   mask)
-        allowed = np.unpackbits(mask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool)
+        packed = mask.numpy().view(np.uint8)  # bit t of row r: token t allowed (little-endian bytes)
         primary = self.eos_ids[0]
-        allowed[:, list(self.eos_ids)] = allowed[:, primary:primary + 1]
-        dead = ~allowed.any(axis=1)
+        dead = ~packed.any(axis=1)
         if dead.any():  # a grammar with no way on (an error state): let the row end
-            allowed[dead, primary] = True
-        forbidden = torch.from_numpy(~allowed).to(logits_NV.device)
+            packed[dead, primary // 8] |= np.uint8(1 << primary % 8)
+        primary_allowed = (packed[:, primary // 8] >> (primary % 8)) & 1
+        for eos in self.eos_ids[1:]:  # every end id where llguidance's own is allowed
+            byte, bit = eos // 8, np.uint8(1 << eos % 8)
+            packed[:, byte] = np.where(primary_allowed == 1, packed[:, byte] | bit, packed[:, byte] & ~bit)
+        vocab = logits_NV.shape[1]
+        forbidden = np.unpackbits(~packed, axis=1, count=vocab, bitorder="little").view(bool)
         out = logits_NV if inplace else logits_NV.clone()
-        if rows == list(range(out.shape[0])):
-            return out.masked_fill_(forbidden, float("-inf"))
-        index = torch.tensor(rows, dtype=torch.long, device=out.device)
-        return out.index_copy_(0, index, out.index_select(0, index).masked_fill_(forbidden, float("-inf")))
+        if out.device.type != "cpu":
+            index = torch.tensor(rows, dtype=torch.long, device=out.device)
+            masked = out.index_select(0, index).masked_fill_(torch.from_numpy(forbidden).to(out.device),
+                                                             float("-inf"))
+            return out.index_copy_(0, index, masked)
+        values = out.numpy()
+        for i, r in enumerate(rows):
+            np.copyto(values[r], -np.inf, where=forbidden[i])
+        return out
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)

@@ -21,15 +21,25 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, required=True)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--schema", default=None, help="a JSON schema file: measurements may ask for it")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
 
-    # NOTE: on the CPU backend this fraction reserves host memory; 0.5 fits a 2-core CI box
-    llm = LLM(model=args.model, skip_tokenizer_init=True, dtype="float32", max_model_len=1024,
+    # NOTE: on the CPU backend this fraction reserves host memory; 0.5 fits a 2-core CI box.
+    # Structured outputs need the tokenizer (the grammar's vocabulary).
+    llm = LLM(model=args.model, skip_tokenizer_init=not args.schema, dtype="float32", max_model_len=1024,
               max_num_seqs=args.max_concurrency, gpu_memory_utilization=0.5)
     params = SamplingParams(max_tokens=args.output_len, temperature=args.temperature, top_p=args.top_p,
                             detokenize=False, ignore_eos=True)
+    structured = None
+    if args.schema:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        with open(args.schema) as f:
+            structured = SamplingParams(max_tokens=args.output_len, temperature=args.temperature, top_p=args.top_p,
+                                        ignore_eos=True,
+                                        structured_outputs=StructuredOutputsParams(json=json.load(f)))
 
     def prompts(n, seed):
         rng = random.Random(seed)
@@ -43,7 +53,7 @@ def main() -> None:
         c = command["concurrency"]
         batch = prompts(c, command["seed"])
         start = time.perf_counter()
-        outs = llm.generate(batch, params, use_tqdm=False)
+        outs = llm.generate(batch, structured if command.get("structured") else params, use_tqdm=False)
         seconds = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         print(json.dumps({"result": {"concurrency": c, "tok_s": tokens / seconds, "seconds": seconds,

@@ -4,7 +4,9 @@
 
 It loads the model, prints `{"ready": ...}`, then serves one measurement per line of stdin:
 `{"concurrency": c, "seed": s}` submits c requests of `--prompt-len` random prompt tokens and
-generates `--output-len` tokens each (greedy, EOS ignored), and prints one JSON result line;
+generates `--output-len` tokens each (greedy, EOS ignored), and prints one JSON result line; with
+`"structured": true` every request follows the JSON schema in `--schema` (ours only), and the result
+holds the time the step's grammar masks took;
 `{"profile": c}` prints where one decode step at concurrency c spends its time. The driver
 (`cluster.bench.engine`) interleaves engines level by level, so the machine's slow drifts touch all
 of them alike.
@@ -13,12 +15,14 @@ of them alike.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,16 +43,34 @@ class Ours:
                               free_chunked_blocks=not args.no_free_chunked)
         if args.kv_fraction:
             config.kv_blocks = pressured_blocks(args, config)
-        self.engine = LLMEngine.from_model_dir(args.model, config, skip_tokenizer_init=True)
+        # grammars need the tokenizer
+        self.engine = LLMEngine.from_model_dir(args.model, config, skip_tokenizer_init=not args.schema)
         self.params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.output_len,
                                      ignore_eos=True)
         self.args = args
+        self.mask_seconds: list[float] = []
+        if args.schema:
+            from workers.structured import GrammarSpec
 
-    def _generate(self, prompts: list[list[int]]) -> tuple[float, list[float], int, int]:
+            self.structured_params = dataclasses.replace(
+                self.params, structured=GrammarSpec.json_schema(Path(args.schema).read_text()))
+            apply_masks = self.engine.grammars.apply_masks
+
+            def timed(*a, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return apply_masks(*a, **kw)
+                finally:
+                    self.mask_seconds.append(time.perf_counter() - t0)
+
+            self.engine.grammars.apply_masks = timed
+
+    def _generate(self, prompts: list[list[int]], structured: bool = False) -> tuple[float, list[float], int, int]:
         from workers.protocol import GenerateRequest
 
+        params = self.structured_params if structured else self.params
         for p in prompts:
-            self.engine.submit(GenerateRequest(p, self.params))
+            self.engine.submit(GenerateRequest(p, params))
         steps, tokens, saved = [], 0, 0
         start = time.perf_counter()
         while self.engine.has_work():
@@ -59,14 +81,20 @@ class Ours:
                 saved = self.engine.stats().kv.chunked_bytes_saved
         return time.perf_counter() - start, steps, tokens, saved
 
-    def measure(self, c: int, seed: int) -> dict:
+    def measure(self, c: int, seed: int, structured: bool = False) -> dict:
         preempted = self.engine.stats().num_preemptions_total
-        seconds, steps, tokens, saved = self._generate(random_prompts(c, self.args.prompt_len, self.args.vocab, seed))
+        self.mask_seconds.clear()
+        prompts = random_prompts(c, self.args.prompt_len, self.args.vocab, seed)
+        seconds, steps, tokens, saved = self._generate(prompts, structured)
         decode = steps[1:] or steps  # the first step prefills every prompt (the budget holds them all)
-        return {"concurrency": c, "tok_s": tokens / seconds, "seconds": seconds,
-                "step_ms": seconds / self.args.output_len * 1e3,
-                "decode_step_ms": statistics.median(decode) * 1e3, "chunked_kv_bytes_saved_midrun": saved,
-                "preemptions": self.engine.stats().num_preemptions_total - preempted}
+        result = {"concurrency": c, "tok_s": tokens / seconds, "seconds": seconds,
+                  "step_ms": seconds / self.args.output_len * 1e3,
+                  "decode_step_ms": statistics.median(decode) * 1e3, "chunked_kv_bytes_saved_midrun": saved,
+                  "preemptions": self.engine.stats().num_preemptions_total - preempted}
+        if structured:  # per step: fill every row's bitmask and mask its logits
+            result["mask_step_ms"] = statistics.median(self.mask_seconds) * 1e3
+            result["mask_ms_per_token"] = sum(self.mask_seconds) / max(1, tokens) * 1e3
+        return result
 
     def profile(self, c: int) -> str:
         """Where one decode step at concurrency c spends its time (torch profiler, CPU)."""
@@ -137,6 +165,7 @@ def main() -> None:
     parser.add_argument("--no-free-chunked", action="store_true")
     parser.add_argument("--kv-fraction", type=float, default=None,
                         help="a KV cache for this fraction of --max-concurrency full-length sequences")
+    parser.add_argument("--schema", default=None, help="a JSON schema file: measurements may ask for it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from model.config import load_config
@@ -150,7 +179,8 @@ def main() -> None:
         if "profile" in command:
             print(json.dumps({"profile": engine.profile(command["profile"])}), flush=True)
         else:
-            print(json.dumps({"result": engine.measure(command["concurrency"], command["seed"])}), flush=True)
+            kw = {"structured": True} if command.get("structured") else {}
+            print(json.dumps({"result": engine.measure(command["concurrency"], command["seed"], **kw)}), flush=True)
 
 
 if __name__ == "__main__":
