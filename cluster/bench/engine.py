@@ -170,12 +170,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def write_report(report: dict, output: str, text: str) -> None:
+    """The report as JSON at `output`, its Markdown `text` beside it and on stdout."""
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
 def main(args) -> int:
     machine = measure(args.threads)
     report = assemble(args, machine, run_engines(args))
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(report, args.output, markdown(report))
     return 0

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cluster.bench.engine import VLLM_PYTHON, EngineProcess, HERE
+from cluster.bench.engine import HERE, VLLM_PYTHON, EngineProcess, write_report
 from cluster.terminal import StepLine
 from model.config import load_config
 
@@ -136,9 +136,5 @@ def markdown(report: dict) -> str:
 
 def main(args) -> int:
     report = assemble(args, measure(args))
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(report, args.output, markdown(report))
     return 0
