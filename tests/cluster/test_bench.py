@@ -53,6 +53,22 @@ def test_bench_engine_sampled_smoke(tmp_path):
     assert "temperature 0.7, top-p 0.9" in out.with_suffix(".md").read_text().splitlines()[0]
 
 
+def test_bench_engine_structured_smoke(tmp_path):
+    """Unconstrained against the JSON schema, each engine alone, with the mask time per token."""
+    ckpt = make_tiny(tmp_path / "tiny", "tiny-maverick", layout="causal", vocab_size=4096)
+    out = tmp_path / "structured.json"
+    proc = subprocess.run([MAVERICK, "bench", "engine", "--structured", "json-schema", "--model", str(ckpt),
+                           "--output", str(out), "--peers", "none", "--concurrency", "1", "4", "--prompt-len", "8",
+                           "--output-len", "12", "--repeat", "2"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["vocab_size"] == 4096 and [r["concurrency"] for r in report["results"]] == [1, 4]
+    for row in report["results"]:
+        assert row["ours_free_tpot_ms"] > 0 and row["ours_schema_tpot_ms"] > 0
+        assert len(row["ours_schema_rounds_tok_s"]) == 2 and row["ours_mask_ms_per_token"] > 0
+    assert "schema / free" in out.with_suffix(".md").read_text()
+
+
 def test_bench_ep_smoke(tmp_path):
     ckpt = make_tiny(tmp_path / "tiny", "tiny-maverick", layout="causal")
     out = tmp_path / "ep.json"
