@@ -1,7 +1,10 @@
 """Streams of mixed requests over both doors, read chunk by chunk, and the same requests through one
 in-process engine: the outputs a test compares (per choice: tokens, text, finish reason, logprobs).
 
-A spec: prompt, max_tokens, n, temperature, seed, stop, logprobs, door ("http" or "grpc")."""
+A spec: prompt, max_tokens, n, temperature, seed, stop, logprobs, door ("http" or "grpc"), and optionally
+schema (a JSON schema every choice must follow)."""
+
+import json
 
 import threading
 import time
@@ -16,6 +19,7 @@ from router import maverick_v1_pb2_grpc as pb_grpc
 from workers.engine import LLMEngine
 from workers.protocol import GenerateRequest
 from workers.sampling_params import SamplingParams
+from workers.structured import GrammarSpec
 
 
 def reference(model_dir, specs) -> list[list[dict]]:
@@ -24,7 +28,8 @@ def reference(model_dir, specs) -> list[list[dict]]:
     requests = []
     for s in specs:
         params = SamplingParams(max_tokens=s["max_tokens"], n=s["n"], temperature=s["temperature"], seed=s["seed"],
-                                stop=s["stop"], logprobs=s["logprobs"])
+                                stop=s["stop"], logprobs=s["logprobs"],
+                                structured=GrammarSpec.json_schema(s["schema"]) if s.get("schema") else None)
         requests.append(GenerateRequest(s["prompt"], params))
         engine.submit(requests[-1])
     results = {r.request_id: [{"ids": [], "text": "", "finish": None, "logprobs": []} for _ in range(r.params.n)]
@@ -48,7 +53,8 @@ def over_http(live, spec, on_chunk=None) -> list[dict]:
     stream = client.completions.create(
         model=live.model_name, prompt=spec["prompt"], max_tokens=spec["max_tokens"], n=spec["n"],
         temperature=spec["temperature"], seed=spec["seed"], stop=spec["stop"] or None, logprobs=spec["logprobs"],
-        stream=True, extra_body={"return_token_ids": True})
+        stream=True, extra_body={"return_token_ids": True,
+                                 **({"structured_outputs": {"json": spec["schema"]}} if spec.get("schema") else {})})
     for chunk in stream:
         if on_chunk is not None:
             on_chunk()
@@ -75,6 +81,8 @@ def over_grpc(live, spec, on_chunk=None) -> list[dict]:
             request.seed = spec["seed"]
         if spec["logprobs"] is not None:
             request.logprobs = spec["logprobs"]
+        if spec.get("schema"):
+            request.structured.json_schema = json.dumps(spec["schema"])
         choices = [{"ids": [], "text": "", "finish": None, "logprobs": [], "chunks": 0} for _ in range(spec["n"])]
         usage = None
         for message in stub.GenerateStream(request, metadata=[("application", live.app_name)], timeout=300):

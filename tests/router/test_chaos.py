@@ -1,5 +1,5 @@
-"""Requests survive a dying worker. 16 streams (greedy and seeded, `n=2`, stop strings, logprobs, HTTP
-and gRPC) run against a gang of 1 attention + 2 expert workers; once every stream has its first
+"""Requests survive a dying worker. 16 streams (greedy and seeded, `n=2`, stop strings, logprobs, JSON
+schemas, HTTP and gRPC) run against a gang of 1 attention + 2 expert workers; once every stream has its first
 chunk, a real process of the gang is killed or stopped. Every stream must go on after a pause and
 end exactly as the same requests do in one in-process engine: no error, no token lost or repeated.
 A second app with `migration_limit: 0` shows the error table's 503 and, for a hung gang, 504."""
@@ -17,6 +17,14 @@ from tests.router.conftest import deploy
 from tests.router.streams import assert_same, reference, run_with_fault
 
 STREAMS = 16
+# structured streams are mid-object when the fault comes: each resumes through a fresh grammar matcher
+SCHEMA = {"type": "object", "properties": {
+    "title": {"type": "string", "maxLength": 40},
+    "items": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9999}, "minItems": 2,
+              "maxItems": 6},
+    "note": {"type": "string", "maxLength": 40}},
+    "required": ["title", "items", "note"], "additionalProperties": False}
+STRUCTURED = {0, 5, 8, 13}  # greedy and seeded n=2, over both doors
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -36,8 +44,11 @@ def specs_and_expected(live):
                       "max_tokens": rng.randrange(60, 90), "n": 2 if i % 4 == 1 else 1,
                       "temperature": 0.8 if seeded else 0.0, "seed": 500 + i if seeded else None,
                       "stop": ["e ", "an"] if i % 4 == 2 else [], "logprobs": 2 if i % 4 == 3 else None,
-                      "door": "grpc" if i % 3 == 0 else "http"})
-    return specs, reference(live.model_dir, specs)
+                      "door": "grpc" if i % 3 == 0 else "http", "schema": SCHEMA if i in STRUCTURED else None})
+    expected = reference(live.model_dir, specs)
+    for i in STRUCTURED:  # whole objects in the fault-free run, so a fault lands mid-object
+        assert all(c["finish"] == "stop" and json.loads(c["text"]) for c in expected[i]), expected[i]
+    return specs, expected
 
 
 def handle(name: str, app: str = "maverick"):
