@@ -54,7 +54,7 @@ def _check_ports_free(host: str, http_port: int, grpc_port: int | None) -> None:
     for name, flag, addr, port in (("HTTP", "--http-port", host, http_port), ("gRPC", "--grpc-port", "", grpc_port)):
         if port is None:
             continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
             try:
                 s.bind((addr, port))
@@ -95,7 +95,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise SystemExit("give a Serve config file or --model DIR (not both)")
     if args.detach and not args.address:  # a local Ray started here would stop with this process
         raise SystemExit("--detach needs --address (a running cluster, e.g. one from `ray up`)")
-    from cluster.serve_config import APP_NAME, config_from_flags, load_serve_config
+    from cluster.serve_config import config_from_flags, load_serve_config
 
     data = load_serve_config(args.config) if args.config else config_from_flags(args)
     data, host, port = _resolve(data, args)
