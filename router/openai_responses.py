@@ -53,14 +53,16 @@ class Formatter:
     """Builds bodies for one request; `token_text` maps a token id to its text (for logprobs)."""
 
     def __init__(self, kind: str, request_id: str, model: str, token_text: Callable[[int], str],
-                 return_token_ids: bool = False, echo: bool = False, tools: dict[str, list[str]] | None = None):
+                 return_token_ids: bool = False, echo: bool = False, tools: dict[str, list[str]] | None = None,
+                 prompt_logprobs: bool = False):
         """`tools`: parse tool calls out of chat outputs (each tool's parameter names, for positional
-        arguments); None leaves the text as content."""
+        arguments); None leaves the text as content. `prompt_logprobs`: the client asked for them."""
         self.kind, self.model, self.token_text = kind, model, token_text
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
         self.created = int(time.time())
         self.return_token_ids, self.echo = return_token_ids, echo
         self.tools = tools
+        self.prompt_logprobs = prompt_logprobs
         self._parsers: dict[int, StreamingToolParser] = {}  # per streamed choice
 
     # -- logprobs -------------------------------------------------------------------------------------
@@ -88,6 +90,21 @@ class Formatter:
             offset += len(t)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
+    def prompt_logprobs_body(self, lps: list | None) -> list | None:
+        """vLLM's shape: per prompt token (None for the first) {token id: {logprob, rank, decoded_token}},
+        the prompt's own token first, then the top alternatives."""
+        out = []
+        for lp in lps or []:
+            if lp is None:
+                out.append(None)
+                continue
+            entry = {str(lp.token_id): {"logprob": lp.logprob, "rank": lp.rank,
+                                        "decoded_token": self.token_text(lp.token_id)}}
+            for rank, (token, value) in enumerate(lp.top, 1):
+                entry.setdefault(str(token), {"logprob": value, "rank": rank, "decoded_token": self.token_text(token)})
+            out.append(entry)
+        return out
+
     def chat_logprobs(self, logprobs: list) -> dict:
         def entry(token: int, value: float) -> dict:
             text = self.token_text(token)
@@ -112,6 +129,8 @@ class Formatter:
             body["choices"] = [self._chat_choice(c, logprobs) for c in choices]
             if self.return_token_ids and choices:
                 body["prompt_token_ids"] = choices[0].prompt_token_ids
+            if self.prompt_logprobs and choices:  # one prompt: vLLM puts them beside the choices
+                body["prompt_logprobs"] = self.prompt_logprobs_body(choices[0].prompt_logprobs)
         else:
             body["object"] = "text_completion"
             body["choices"] = [self._completion_choice(c, logprobs) for c in choices]
@@ -141,6 +160,8 @@ class Formatter:
             lps = self.completion_logprobs(c.logprobs, echo_ids, c.prompt_logprobs)
         choice = {"index": c.index, "text": "".join(c.text), "logprobs": lps,
                   "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        if self.prompt_logprobs:
+            choice["prompt_logprobs"] = self.prompt_logprobs_body(c.prompt_logprobs)
         if self.return_token_ids:
             choice["token_ids"] = c.token_ids
             choice["prompt_token_ids"] = c.prompt_token_ids
@@ -171,7 +192,8 @@ class Formatter:
             named = call.openai(i)
             named["function"] = {"name": call.name, "arguments": ""}
             out_chunks.append(self._delta(index, {"tool_calls": [named]}))
-            out_chunks.append(self._delta(index, {"tool_calls": [{"index": i, "function": {"arguments": call.arguments}}]}))
+            arguments = {"index": i, "function": {"arguments": call.arguments}}
+            out_chunks.append(self._delta(index, {"tool_calls": [arguments]}))
         end = self._delta(index, {}, "tool_calls" if calls else out.finish_reason)
         end["choices"][0]["stop_reason"] = out.stop_reason
         return out_chunks + [end]
@@ -202,9 +224,13 @@ class Formatter:
             choice["token_ids"] = out.new_token_ids
             if first and self.kind != "chat":
                 choice["prompt_token_ids"] = prompt_ids
+        if self.prompt_logprobs and first and self.kind != "chat":
+            choice["prompt_logprobs"] = self.prompt_logprobs_body(prompt_lps)
         body = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
         if self.return_token_ids and first and self.kind == "chat":
             body["prompt_token_ids"] = prompt_ids
+        if self.prompt_logprobs and first and self.kind == "chat":
+            body["prompt_logprobs"] = self.prompt_logprobs_body(prompt_lps)
         return body
 
     def usage_chunk(self, choices: list[Choice], prompt_lens: list[int]) -> dict:

@@ -90,7 +90,7 @@ class Serving:
         requests = [GenerateRequest(ids, dataclasses.replace(params), _engine_id(request_id, i))
                     for i, ids in enumerate(prompts)]
         formatter = Formatter("completion", request_id, self.model_name, self.token_text,
-                              body.return_token_ids, body.echo)
+                              body.return_token_ids, body.echo, prompt_logprobs=body.prompt_logprobs is not None)
         return Prepared("completion", requests, formatter, body.stream, self._usage(body),
                         body.logprobs is not None)
 
@@ -108,7 +108,7 @@ class Serving:
                                              tools=body.template_tools())
         parsing = {t.name: t.param_names() for t in tools} if mode != "none" else None
         formatter = Formatter("chat", request_id, self.model_name, self.token_text, body.return_token_ids,
-                              tools=parsing)
+                              tools=parsing, prompt_logprobs=body.prompt_logprobs is not None)
         request = GenerateRequest(ids, params, _engine_id(request_id, 0), images=images or None)
         return Prepared("chat", [request], formatter, body.stream, self._usage(body), body.logprobs)
 

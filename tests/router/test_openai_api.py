@@ -230,6 +230,36 @@ def test_logprobs_equal_log_softmax_of_transformers(client, hf):
     assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob) for c in content)  # greedy took the best
 
 
+def test_prompt_logprobs_per_choice_as_vllm_returns_them(client, hf):
+    """`prompt_logprobs` (vLLM's field): per completion choice, beside chat's choices, in the first stream chunk;
+    each prompt position after the first maps token ids to {logprob, rank, decoded_token}."""
+    prompt = PROMPT_IDS[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
+
+    def check(lps):
+        assert len(lps) == len(prompt) and lps[0] is None
+        for pos in range(1, len(prompt)):
+            entry = lps[pos][str(prompt[pos])]
+            assert entry["logprob"] == pytest.approx(logp[pos - 1, prompt[pos]].item(), abs=1e-4)
+            assert entry["rank"] >= 1 and isinstance(entry["decoded_token"], str)
+            assert 1 <= len(lps[pos]) <= 3  # the token itself and the 2 best
+
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, n=2, extra_body={"prompt_logprobs": 2},
+                                    **greedy())
+    for choice in out.choices:
+        check(choice.model_extra["prompt_logprobs"])
+    first = next(iter(client.completions.create(model="tiny", prompt=prompt, max_tokens=2, stream=True,
+                                                extra_body={"prompt_logprobs": 2}, **greedy())))
+    check(first.choices[0].model_extra["prompt_logprobs"])
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                          extra_body={"prompt_logprobs": 0}, **greedy())
+    lps = chat.model_extra["prompt_logprobs"]
+    assert lps[0] is None and len(lps) == chat.usage.prompt_tokens and all(len(e) == 1 for e in lps[1:])
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, **greedy())
+    assert "prompt_logprobs" not in plain.choices[0].model_extra
+
+
 def test_client_disconnect_aborts_the_request_in_its_engine(live):
     from ray import serve
 
@@ -261,10 +291,18 @@ def test_skip_tokenizer_init_serves_token_ids_only(live, tmp_path_factory, hf):
     tokens = out.choices[0].model_extra["token_ids"]
     assert tokens == eos_cut(hf_greedy(hf, PROMPT_IDS[0], 8))
     assert out.choices[0].text == "" and out.choices[0].logprobs.tokens[0] == f"token_id:{tokens[0]}"
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     for call in (lambda: client.completions.create(model="tiny", prompt="text", max_tokens=2),
-                 lambda: client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])):
+                 lambda: client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}]),
+                 lambda: client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                                        tools=[tool]),
+                 lambda: client.completions.create(model="tiny", prompt=PROMPT_IDS[0], max_tokens=2,
+                                                   extra_body={"response_format": {"type": "json_object"}}),
+                 lambda: client.completions.create(model="tiny", prompt=PROMPT_IDS[0], max_tokens=2,
+                                                   extra_body={"structured_outputs": {"regex": "a+"}})):
         with pytest.raises(openai.BadRequestError, match="skip-tokenizer-init"):
             call()
+    assert client.completions.create(model="tiny", prompt=PROMPT_IDS[0], max_tokens=2).choices  # still serving
     from ray import serve
 
     serve.delete("raw")
