@@ -252,7 +252,12 @@ STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
 
 def _structured_outputs(fields: dict[str, Any]) -> GrammarSpec:
     """vLLM's `structured_outputs`: exactly one of json, regex, choice, grammar, json_object."""
-    unknown = [k for k, v in fields.items() if v is not None and k not in STRUCTURED_KEYS]
+    # our JSON is always compact (workers.structured.JSON_OPTIONS): vLLM's switch for that is accepted
+    if not isinstance(fields.get("disable_any_whitespace", False), bool):
+        raise InvalidRequest("structured_outputs.disable_any_whitespace must be a boolean",
+                             param="structured_outputs")
+    allowed = (*STRUCTURED_KEYS, "disable_any_whitespace")
+    unknown = [k for k, v in fields.items() if v is not None and k not in allowed]
     if unknown:
         raise InvalidRequest(f"structured_outputs.{unknown[0]} is not supported (use one of "
                              f"{', '.join(STRUCTURED_KEYS)})", param="structured_outputs")

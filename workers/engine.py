@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,7 +261,14 @@ class LLMEngine(Engine):
                            self.runner.microbatched_steps)
 
     def step(self) -> list[RequestOutput]:
-        """One step on its own: plan it and run all of its micro-batches (no gang to agree with)."""
+        """One step on its own: plan it and run all of its micro-batches (no gang to agree with). With
+        nothing to run but grammars compiling, it first waits a moment for one, rather than let its
+        driver spin against the compile thread."""
+        if not self.pending_tokens():
+            with self._lock:
+                compiling = [grammar for _, _, grammar in self._inbox if grammar is not None]
+            if compiling:
+                futures.wait(compiling, timeout=0.05, return_when=futures.FIRST_COMPLETED)
         planned = self.plan()
         return self.run(planned, len(planned.parts))
 
