@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(make-tiny --preset bench --layout conditional)")
     p.add_argument("--structured", choices=["json-schema"], default=None,
                    help="bench engine: a JSON schema's cost per token, unconstrained against constrained, ours "
-                        "and vLLM each alone (use a checkpoint with --vocab-size 202048)")
+                        "and vLLM each alone; bench serve: also every server under the schema (use a "
+                        "checkpoint with --vocab-size 202048)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--temperature", type=float, default=0.0,
                    help="bench engine and aiperf: every request's temperature (0: greedy)")
@@ -204,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per engine run")
     p.set_defaults(func=cmd_bench)
     for p in sub.choices.values():  # also after the subcommand: `maverick serve ... --debug`
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks of errors")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show Python tracebacks of errors")
     return parser
 
 

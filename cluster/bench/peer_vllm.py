@@ -27,9 +27,17 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     # NOTE: on the CPU backend this fraction reserves host memory; 0.5 fits a 2-core CI box.
-    # Structured outputs need the tokenizer (the grammar's vocabulary).
+    # Structured outputs need the tokenizer (the grammar's vocabulary), and compact JSON as ours writes it:
+    # with free whitespace a random model emits nothing else. vLLM 0.32's xgrammar backend reads that
+    # switch from the engine's config only (a request's disable_any_whitespace is ignored).
+    extra = {}
+    if args.schema:
+        from vllm.config import StructuredOutputsConfig
+
+        extra["structured_outputs_config"] = StructuredOutputsConfig(backend="xgrammar",
+                                                                     disable_any_whitespace=True)
     llm = LLM(model=args.model, skip_tokenizer_init=not args.schema, dtype="float32", max_model_len=1024,
-              max_num_seqs=args.max_concurrency, gpu_memory_utilization=0.5)
+              max_num_seqs=args.max_concurrency, gpu_memory_utilization=0.5, **extra)
     params = SamplingParams(max_tokens=args.output_len, temperature=args.temperature, top_p=args.top_p,
                             detokenize=False, ignore_eos=True)
     structured = None
@@ -47,6 +55,10 @@ def main() -> None:
                 for _ in range(n)]
 
     llm.generate(prompts(1, 99), params, use_tqdm=False)
+    if structured is not None:  # the schema compiled, as a server that has seen it before
+        text = llm.generate(prompts(1, 98), structured, use_tqdm=False)[0].outputs[0].text
+        if not text.startswith('{"records":'):  # whitespace between tokens would make the masks trivial
+            raise SystemExit(f"vLLM's output under the schema is not compact JSON: {text[:80]!r}")
     print(json.dumps({"ready": "vllm"}), flush=True)
     for line in sys.stdin:
         command = json.loads(line)

@@ -12,7 +12,9 @@ checkpoint and load, alive together and measured in turn, level by level:
 - `http_nometrics` (`--compare-metrics-off`): a second application in the same `maverick serve`, its
   own gang, with metrics off — what metrics cost is measured against `http`;
 - `http_noresume` (`--compare-no-resume`): likewise, with `migration_limit: 0` (the ingress then
-  streams without the resumption bookkeeping of `router/resume.py`) — what that costs.
+  streams without the resumption bookkeeping of `router/resume.py`) — what that costs;
+- `http_schema` and `vllm_schema` (`--structured json-schema`): the same servers (both then with their
+  tokenizer), every request under `cluster.bench.structured.BENCH_SCHEMA` — what a schema costs.
 Each level sends 2 x concurrency requests, at most `concurrency` in flight: random 128-token prompts,
 128 output tokens, greedy, `ignore_eos`. TPOT of a request is (last token time - first token time) /
 (tokens - 1); medians over requests are reported, each system's from its median-throughput round.
@@ -110,13 +112,14 @@ async def _inproc(supervisor: GangSupervisor, prompts, concurrency: int, params:
 
 
 async def http_round(base_url: str, model: str, prompts, concurrency: int, output_len: int,
-                     chat: bool = False, sampling: dict | None = None) -> dict:
-    """Streamed completions of `prompts`; with `chat`, each prompt is a chat's messages."""
+                     chat: bool = False, sampling: dict | None = None, extra: dict | None = None) -> dict:
+    """Streamed completions of `prompts`; with `chat`, each prompt is a chat's messages; `extra`: more
+    request fields (vLLM's own, such as structured_outputs)."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=1800)
     common = {"model": model, "temperature": 0, **(sampling or {}), "stream": True,
-              "extra_body": {"ignore_eos": True, "return_token_ids": True}}
+              "extra_body": {"ignore_eos": True, "return_token_ids": True, **(extra or {})}}
 
     async def one(prompt):
         start, arrivals = time.perf_counter(), []
@@ -205,7 +208,11 @@ def _twins(args) -> list[tuple[str, str, dict, str]]:
 
 
 def start_vllm(args, port: int, tokenizer: bool = False) -> subprocess.Popen:
-    cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model),
+    # under --structured, compact JSON as ours writes it: with vLLM's default free whitespace a random
+    # model emits nothing else (vLLM 0.32 takes this switch from the server's config only)
+    compact = (["--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
+               if _structured(args) else [])
+    cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model), *compact,
            *([] if tokenizer else ["--skip-tokenizer-init"]), "--dtype", "float32", "--max-model-len", "1024",
            "--host", "127.0.0.1",
            "--port", str(port), "--served-model-name", "bench", "--max-num-seqs", str(max(args.concurrency)),
@@ -272,6 +279,11 @@ async def _measure(args, supervisor, systems: dict, steps: StepLine, expert_work
                 row[f"{door}_tpot_overhead_rounds"] = pairs
                 if "vllm_tok_s" in row:
                     row[f"{door}_vs_vllm_tok_s"] = row[f"{door}_tok_s"] / row["vllm_tok_s"]
+        for system, plain in (("http_schema", "http"), ("vllm_schema", "vllm")):
+            if f"{system}_tpot_ms" in row:
+                row[f"{system}_over_{plain}_tpot"] = row[f"{system}_tpot_ms"] / row[f"{plain}_tpot_ms"]
+        if "http_schema_tpot_ms" in row and "vllm_schema_tpot_ms" in row:
+            row["http_schema_vs_vllm_schema_tpot"] = row["http_schema_tpot_ms"] / row["vllm_schema_tpot_ms"]
         if "http_nometrics_tok_s" in row:
             row["metrics_on_vs_off_tok_s"] = row["http_tok_s"] / row["http_nometrics_tok_s"]
         if "http_noresume_tok_s" in row:
@@ -309,6 +321,16 @@ def _markdown(out: dict) -> str:
             lines.append(f"| {r['expert_workers']} | {r['concurrency']} | {f(r, 'http_tok_s')} | "
                          f"{f(r, twin + '_tok_s')} | {f(r, ratio, '{:.3f}x')} | "
                          f"{f(r, 'http_tpot_ms')} | {f(r, twin + '_tpot_ms')} |")
+    if "http_schema_tpot_ms" in out["results"][0]:
+        lines += ["", "Under a JSON schema (`--structured json-schema`; TPOT ms):", "",
+                  "| E | concurrency | HTTP | HTTP, schema | schema / free | vLLM | vLLM, schema | schema / free | "
+                  "ours / vLLM under the schema |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in out["results"]:
+            lines.append(f"| {r['expert_workers']} | {r['concurrency']} | {f(r, 'http_tpot_ms')} | "
+                         f"{f(r, 'http_schema_tpot_ms')} | {f(r, 'http_schema_over_http_tpot', '{:.2f}x')} | "
+                         f"{f(r, 'vllm_tpot_ms')} | {f(r, 'vllm_schema_tpot_ms')} | "
+                         f"{f(r, 'vllm_schema_over_vllm_tpot', '{:.2f}x')} | "
+                         f"{f(r, 'http_schema_vs_vllm_schema_tpot', '{:.2f}x')} |")
     for r in out["results"]:
         for door in ("http", "grpc"):
             if f"{door}_tpot_overhead_rounds" in r:
@@ -339,8 +361,10 @@ def main(args) -> int:
         if want_vllm:
             vllm_port = free_port()
             steps.show("bench serve  vllm  starting")
-            vllm = start_vllm(args, vllm_port)
+            vllm = start_vllm(args, vllm_port, tokenizer=_structured(args))
             peers["vllm"] = _http_system(f"http://127.0.0.1:{vllm_port}/v1")
+            if _structured(args):
+                peers["vllm_schema"] = _http_system(f"http://127.0.0.1:{vllm_port}/v1", schema=True)
         ports = free_port(), free_port()  # Serve keeps the ports it first started with on this cluster
         for expert_workers in args.expert_workers:
             results += _run_layout(args, expert_workers, address, ports, peers, loop, steps)
@@ -376,8 +400,15 @@ def write_report(output: str, out: dict, markdown: str) -> None:
     print(markdown)
 
 
-def _http_system(base_url: str):
-    return lambda prompts, c, n: http_round(base_url, "bench", prompts, c, n)
+def _http_system(base_url: str, schema: bool = False):
+    from cluster.bench.structured import BENCH_SCHEMA
+
+    extra = {"structured_outputs": {"json": BENCH_SCHEMA}} if schema else None
+    return lambda prompts, c, n: http_round(base_url, "bench", prompts, c, n, extra=extra)
+
+
+def _structured(args) -> bool:
+    return getattr(args, "structured", None) == "json-schema"
 
 
 def _run_layout(args, expert_workers: int, address: str, ports: tuple[int, int], peers: dict, loop,
@@ -393,8 +424,10 @@ def _run_layout(args, expert_workers: int, address: str, ports: tuple[int, int],
         loop.run_until_complete(supervisor.start())
         port, grpc_port = ports
         steps.show(f"bench serve  E={expert_workers}  starting maverick serve")
-        ours = start_ours(args, expert_workers, address, port, grpc_port)
+        ours = start_ours(args, expert_workers, address, port, grpc_port, tokenizer=_structured(args))
         systems = {"http": _http_system(f"http://127.0.0.1:{port}/v1")}
+        if _structured(args):
+            systems["http_schema"] = _http_system(f"http://127.0.0.1:{port}/v1", schema=True)
         if args.grpc_client is not None:
             systems["grpc"] = lambda prompts, c, n: _grpc(args.grpc_client, f"127.0.0.1:{grpc_port}", prompts, c, n)
         for _, prefix, _, system in _twins(args):

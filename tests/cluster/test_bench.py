@@ -118,16 +118,18 @@ def test_bench_serve_smoke(tmp_path):
     proc = subprocess.run([MAVERICK, "bench", "serve", "--model", str(ckpt), "--output", str(out), "--peers", "none",
                            "--concurrency", "1", "2", "--prompt-len", "8", "--output-len", "6", "--timeout", "300",
                            "--repeat", "1", "--compare-metrics-off", "--expert-workers", "1",
-                           "--image-model", str(vision)], capture_output=True, text=True, timeout=840)
+                           "--image-model", str(vision), "--structured", "json-schema"],
+                          capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert [(r["expert_workers"], r["concurrency"]) for r in report["results"]] == [(1, 1), (1, 2)]
     for row in report["results"]:
-        for system in ("inproc", "http", "grpc", "http_nometrics"):
+        for system in ("inproc", "http", "grpc", "http_nometrics", "http_schema"):
             assert row[f"{system}_tok_s"] > 0 and row[f"{system}_tpot_ms"] > 0 and row[f"{system}_ttft_ms"] > 0
             # every request streamed all its tokens: 2 x concurrency requests of 6
             assert row[f"{system}_tokens"] == 2 * row["concurrency"] * 6, (system, row)
         assert row["metrics_on_vs_off_tok_s"] == row["http_tok_s"] / row["http_nometrics_tok_s"]
+        assert row["http_schema_over_http_tpot"] == row["http_schema_tpot_ms"] / row["http_tpot_ms"]
         for door in ("http", "grpc"):
             assert row[f"{door}_tpot_overhead"] == row[f"{door}_tpot_ms"] / row["inproc_tpot_ms"] - 1
     # the image workload: a second `maverick serve` on the same Ray meets the first one's Serve
@@ -140,6 +142,7 @@ def test_bench_serve_smoke(tmp_path):
             assert row[f"{name}_tokens"] == 2 * row["concurrency"] * 6 and row[f"{name}_ttft_ms"] > 0, (name, row)
     markdown = out.with_suffix(".md").read_text()
     assert markdown.startswith("# Serving benchmark") and "metrics on" in markdown and "## Images" in markdown
+    assert "Under a JSON schema" in markdown
     assert "bench serve  E=1 grpc  concurrency 2 (level 2/2)  round 1/1: " in proc.stderr
     assert "bench serve  images image  concurrency 2 (level 2/2)  round 1/1: " in proc.stderr
     # two applications: progress lines carry their names (the CLI waits for the first one only)
