@@ -24,7 +24,8 @@ GOOD = {"model": "tiny", "prompt": [2016, 5, 6, 7], "max_tokens": 6, "temperatur
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "min_p", "seed", "stop", "stop_token_ids", "ignore_eos", "n", "logit_bias", "presence_penalty",
           "frequency_penalty", "repetition_penalty", "stream", "stream_options", "logprobs", "top_logprobs",
-          "prompt_logprobs", "echo", "best_of", "suffix", "tools", "response_format", "return_token_ids", "user"]
+          "prompt_logprobs", "echo", "best_of", "suffix", "tools", "tool_choice", "parallel_tool_calls",
+          "response_format", "structured_outputs", "guided_json", "return_token_ids", "user"]
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
                 derandomize=True)
 
