@@ -71,13 +71,35 @@ class GrammarSpec:
         if self.kind == "json_object":
             return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=JSON_OPTIONS)
         if self.kind == "regex":
-            return llguidance.LLMatcher.grammar_from_regex(self.text)
+            return llguidance.LLMatcher.grammar_from_regex(ascii_digits(self.text))
         if self.kind == "choice":  # JSON string literals are Lark string literals
             return llguidance.LLMatcher.grammar_from_lark(
                 "start: " + " | ".join(json.dumps(o) for o in json.loads(self.text)))
         if self.kind == "grammar":
             return _lark_or_gbnf(self.text)
         raise InvalidRequest(f"unknown grammar kind {self.kind!r}", param=self.param)
+
+
+def ascii_digits(regex: str) -> str:
+    """`\\d` as [0-9], as vLLM's xgrammar and JSON Schema read it: llguidance's regexes are Unicode, so
+    its `\\d` also admits Arabic-Indic or NKo digits, which no client parsing numbers expects."""
+    out, i, class_start = [], 0, None  # class_start: where the open class's members begin
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\" and i + 1 < len(regex):
+            nxt = regex[i + 1]
+            in_class = class_start is not None
+            out.append(("0-9" if in_class else "[0-9]") if nxt == "d" else
+                       "[^0-9]" if nxt == "D" and not in_class else c + nxt)
+            i += 2
+            continue
+        if c == "[" and class_start is None:
+            class_start = i + 2 if regex[i + 1:i + 2] == "^" else i + 1
+        elif c == "]" and class_start is not None and i > class_start:  # a leading ] is a member
+            class_start = None
+        out.append(c)
+        i += 1
+    return "".join(out)
 
 
 def _lark_or_gbnf(text: str) -> str:

@@ -2,6 +2,7 @@
 resumption, EOS only where the grammar may end, compiles never hold up other requests."""
 
 import json
+import re
 import threading
 
 import jsonschema
@@ -138,3 +139,20 @@ def test_structured_outputs_need_a_tokenizer(ckpt):
     eng = LLMEngine.from_model_dir(ckpt, EngineConfig(block_size=8), skip_tokenizer_init=True)
     with pytest.raises(InvalidRequest, match="tokenizer"):
         eng.submit(GenerateRequest(PROMPT, SamplingParams(max_tokens=4, structured=SPEC)))
+
+
+@pytest.mark.parametrize("regex, ascii", [(r"\d{3}-\d{4}", "[0-9]{3}-[0-9]{4}"), (r"[\d.]+", "[0-9.]+"),
+                                          (r"\D", "[^0-9]"), (r"\\d", r"\\d"), (r"[]\d]", "[]0-9]"),
+                                          (r"[^]\d]x", "[^]0-9]x")])
+def test_regex_digits_are_ascii_as_vllm_and_json_schema_read_them(regex, ascii):
+    from workers.structured import ascii_digits
+
+    assert ascii_digits(regex) == ascii
+
+
+def test_a_regex_digit_is_never_another_scripts_digit(ckpt):
+    spec = GrammarSpec("regex", r"\d{3}-\d{2}", "structured_outputs.regex")
+    got = run(engine(ckpt), [GenerateRequest(PROMPT, SamplingParams(max_tokens=12, temperature=1.5, seed=4, n=16,
+                                                                    structured=spec), "digits")])
+    for outs in got.values():  # llguidance's own \d is Unicode: Arabic-Indic and NKo digits were drawn
+        assert re.fullmatch(r"[0-9]{3}-[0-9]{2}", text(outs)), text(outs)
