@@ -26,7 +26,6 @@ import torch
 
 from workers.errors import InvalidRequest
 
-KINDS = ("json", "json_object", "regex", "choice", "grammar")
 # One whitespace layout, as json.dumps writes it: a random or weak model cannot loop on free
 # whitespace between tokens, and outputs stay byte-comparable.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -35,7 +34,7 @@ CACHE_SIZE = 256
 
 @dataclass(frozen=True)
 class GrammarSpec:
-    """`kind` is one of KINDS; `text` the schema as canonical JSON, the regex, the choices as a JSON
+    """`kind`: json, json_object, regex, choice or grammar; `text` the schema as canonical JSON, the regex, the choices as a JSON
     list, or the grammar's text. `param` names the request field it came from, for errors."""
 
     kind: str
