@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 
 import ray
@@ -38,6 +39,7 @@ def choose_proxy(proxy: str = "haproxy") -> None:
     # the only router is Ray's own HAProxy, which retries a refused connection on another replica, so
     # a stop (Ctrl-C, `serve delete`, a redeploy) need not wait half a minute.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", str(HAPROXY_DEREGISTER_S))
+    _own_replica_ports()
     for name, default in (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)):
         # a port picked here before may still be held by the HAProxy of a Ray being shut down: pick again
         # (a port the user set stays as set)
@@ -46,6 +48,23 @@ def choose_proxy(proxy: str = "haproxy") -> None:
 
 
 _CHOSEN: dict[str, str] = {}  # the HAProxy ports choose_proxy set in this process
+REPLICA_PORT_SPAN = 50  # ingress replicas one local Ray may ever place on this host
+
+
+def _own_replica_ports() -> None:
+    """Give this Ray's ingress replicas port ranges no other local cluster uses. Every Ray starts them at
+    30000 (HTTP) and 40000 (gRPC), and they bind with SO_REUSEPORT: a second cluster's replica binds the
+    same port, the kernel spreads connections over both, and one cluster's HAProxy answers with the
+    other's application. A range is taken if its every port is free now; ranges set by the user stay."""
+    for kind, low in (("HTTP", 30000), ("GRPC", 40000)):
+        low_name, high_name = f"RAY_SERVE_DIRECT_INGRESS_MIN_{kind}_PORT", f"RAY_SERVE_DIRECT_INGRESS_MAX_{kind}_PORT"
+        if low_name in os.environ and _CHOSEN.get(low_name) != os.environ[low_name]:
+            continue
+        bases = list(range(low + REPLICA_PORT_SPAN, low + 1000, REPLICA_PORT_SPAN))  # 30000 is a default Ray's
+        random.shuffle(bases)
+        base = next((b for b in bases if all(_port_free(p) for p in range(b, b + REPLICA_PORT_SPAN))), low)
+        os.environ[low_name] = _CHOSEN[low_name] = str(base)
+        os.environ[high_name] = str(base + REPLICA_PORT_SPAN - 1)
 
 
 def _port_free(port: int) -> bool:
