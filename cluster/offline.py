@@ -27,7 +27,8 @@ def choose_proxy(proxy: str = "haproxy") -> None:
     """Serve's HTTP/gRPC front for a Ray started by this process (its workers inherit the environment):
     `haproxy` (Ray 2.60's HAProxy mode: HAProxy forwards straight to the ingress replicas' own ports,
     no Python proxy in the data path) or `python` (Serve's ProxyActor). HAProxy also opens a stats
-    page and a metrics port on every interface (Ray's defaults 8404 and 9101, free ones if taken)."""
+    page and a metrics port on every interface, and its backup proxy listens on two more (Ray's defaults
+    8404, 9101, 8500 and 9500, free ones if taken)."""
     if proxy not in PROXIES:
         raise ValueError(f"proxy must be one of {PROXIES}, not {proxy!r}")
     if proxy == "python":
@@ -40,7 +41,10 @@ def choose_proxy(proxy: str = "haproxy") -> None:
     # a stop (Ctrl-C, `serve delete`, a redeploy) need not wait half a minute.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", str(HAPROXY_DEREGISTER_S))
     _own_replica_ports()
-    for name, default in (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)):
+    # HAProxy's backup when no ingress replica is up (one just died): Serve's Python proxy, on fixed
+    # ports; another local cluster's proxy there would answer for us with its application
+    for name, default in (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101),
+                          ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", 8500), ("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", 9500)):
         # a port picked here before may still be held by the HAProxy of a Ray being shut down: pick again
         # (a port the user set stays as set)
         if name not in os.environ or (_CHOSEN.get(name) == os.environ[name] and not _port_free(int(os.environ[name]))):

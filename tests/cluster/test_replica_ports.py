@@ -62,3 +62,22 @@ def test_two_choices_differ_and_the_users_range_stays(clean_env, monkeypatch):
     monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "35009")
     offline._own_replica_ports()
     assert _range("HTTP") == range(35000, 35010)
+
+
+def test_the_backup_proxy_ports_are_free_ones(clean_env, monkeypatch):
+    """HAProxy falls back to Serve's Python proxy while no ingress replica is up (one just died); on a
+    port another local cluster's proxy holds, that cluster answered for us with its own model."""
+    fallback = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+    for name in fallback + ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                            "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
+        monkeypatch.setenv(name, "0")
+        monkeypatch.delenv(name)  # restored (here: removed again) after the test
+    with socket.socket() as other:  # another cluster's proxy on Ray's default port
+        try:
+            other.bind(("", 8500))
+            other.listen()
+        except OSError:  # held already (a Ray on this host): as good
+            pass
+        offline.choose_proxy("haproxy")
+        assert os.environ["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] != "8500"
+        assert os.environ["RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"]
