@@ -346,9 +346,6 @@ class Ingress(GenerationService):
         self.draining = True
         return self.in_flight
 
-    def pending(self) -> int:
-        return self.in_flight
-
     def routing_stats(self) -> dict:
         return {"ready": list(self.gang_ready), "in_flight": list(self.gang_load),
                 "requests": list(self.gang_requests), "resume": dataclasses.asdict(self.resume_stats)}

@@ -1,7 +1,8 @@
 """`maverick serve CONFIG.yaml` and `maverick serve --model DIR`: deploy, show each gang's start-up
 (stage, bytes loaded, ranks up) until ready, print the endpoints, serve in the foreground;
-SIGINT/SIGTERM drain (readiness false, in-flight requests finish within the grace period) and exit 0;
-an application that fails exits non-zero.
+SIGINT/SIGTERM drain (readiness false, in-flight requests finish within the grace period) and exit 0.
+A replica that dies is Serve's to restart: the unhealthy application is reported and waited for; one
+that fails to deploy, or stays unhealthy past --unhealthy-timeout, exits non-zero.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import threading
 import time
 
 log = logging.getLogger("maverick.serve")
+# a dead gang replica's successor builds the gang again: a whole Maverick checkpoint read at a few hundred MB/s
+UNHEALTHY_TIMEOUT_S = 1800
 
 
 def _resolve(data: dict, args: argparse.Namespace) -> tuple[dict, str, int]:
@@ -72,11 +75,44 @@ def _grpc_port(data: dict) -> int | None:
 def _app_status() -> tuple[str, str]:
     from ray import serve
 
-    apps = serve.status().applications
-    for name, status in apps.items():
-        if status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            return status.status, f"{name}: {status.message}"
+    try:
+        apps = serve.status().applications
+    except Exception as exc:  # the controller restarting: Serve brings it back as it does replicas
+        return "UNREACHABLE", f"Serve's controller does not answer ({type(exc).__name__})"
+    for state in ("DEPLOY_FAILED", "UNHEALTHY"):
+        for name, status in apps.items():
+            if status.status == state:
+                return state, f"{name}: {status.message}"
     return "OK", ""
+
+
+class AppWatch:
+    """Serve restarts a dead replica by itself, so an unhealthy application is reported and waited for;
+    only one that failed to deploy, or stays unhealthy past `patience_s`, is a reason to stop."""
+
+    def __init__(self, patience_s: float, say=None):
+        self.patience_s = patience_s
+        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.unhealthy_since: float | None = None
+
+    def healthy_enough(self, state: str, message: str, now: float) -> bool:
+        """False once the application cannot recover; says each change of state once."""
+        if state == "DEPLOY_FAILED":
+            self.say(f"maverick: deployment failed: {message}")
+            return False
+        if state == "OK":
+            if self.unhealthy_since is not None:
+                self.say(f"maverick: application recovered after {now - self.unhealthy_since:.0f}s")
+                self.unhealthy_since = None
+            return True
+        if self.unhealthy_since is None:
+            self.unhealthy_since = now
+            self.say(f"maverick: application unhealthy: {message}; waiting up to {self.patience_s:g}s "
+                     "for Serve to restart its replicas")
+        elif now - self.unhealthy_since > self.patience_s:
+            self.say(f"maverick: application still unhealthy after {self.patience_s:g}s: {message}; stopping")
+            return False
+        return True
 
 
 def _startup_snapshots(board) -> list:
@@ -134,10 +170,9 @@ def run_serve(args: argparse.Namespace) -> int:
     started = time.monotonic()
     code = 0
     display = StartupDisplay(sys.stderr)
+    watch = AppWatch(args.unhealthy_timeout)
     while not stop.is_set() and not http_ok(url + "/health/ready"):
-        state, message = _app_status()
-        if state != "OK":
-            print(f"maverick: deployment failed: {message}", file=sys.stderr)
+        if not watch.healthy_enough(*_app_status(), time.monotonic()):
             code = 1
             break
         display.update(_startup_snapshots(board))
@@ -155,9 +190,7 @@ def run_serve(args: argparse.Namespace) -> int:
             prometheus = _start_prometheus(args, f"{host}:{port}", _api_key_of(data))
             print(f"  Prometheus: {prometheus.url}  (maverick top --prometheus {prometheus.url})", flush=True)
         while not stop.wait(2.0):
-            state, message = _app_status()
-            if state != "OK":
-                print(f"maverick: application {state.lower()}: {message}", file=sys.stderr)
+            if not watch.healthy_enough(*_app_status(), time.monotonic()):
                 code = 1
                 break
     if stop.is_set():
@@ -238,11 +271,17 @@ def _drain(grace_s: float) -> None:
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         handle = serve.get_app_handle(APP_NAME)
-        pending = handle.drain.remote().result(timeout_s=10)
+        # to every ingress replica (a plain call reaches one), again each round: one Serve starts meanwhile
+        # drains too; a replica that does not answer holds nothing to wait for
+        def drain_all() -> int:
+            return sum(n for n in handle.broadcast("drain").results(timeout_s=10, return_exceptions=True)
+                       if isinstance(n, int))
+
+        pending = drain_all()
         deadline = time.monotonic() + grace_s
         while pending and time.monotonic() < deadline:
             time.sleep(0.5)
-            pending = handle.pending.remote().result(timeout_s=10)
+            pending = drain_all()
         if pending:
             print(f"maverick: {pending} request(s) still running after {grace_s:g}s; stopping",
                   file=sys.stderr)
@@ -283,6 +322,9 @@ def add_serve_parser(sub) -> None:
                         "127.0.0.1 or 0.0.0.0) or Serve's Python proxy actor; with --address the "
                         "cluster's own setting (RAY_SERVE_ENABLE_HA_PROXY=1 on `ray start`) decides")
     p.add_argument("--grace-period", type=float, default=30, help="seconds in-flight requests get on shutdown")
+    p.add_argument("--unhealthy-timeout", type=float, default=UNHEALTHY_TIMEOUT_S,
+                   help="seconds the application may stay unhealthy (Serve restarting a dead replica; a gang "
+                        "replica reloads its weights) before maverick serve gives up and stops")
     p.add_argument("--detach", action="store_true",
                    help="exit once ready and leave the application running (with --address: a cluster from `ray up`)")
     p.add_argument("--observe", action="store_true",
