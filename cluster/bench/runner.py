@@ -4,7 +4,8 @@
 
 It loads the model, prints `{"ready": ...}`, then serves one measurement per line of stdin:
 `{"concurrency": c, "seed": s}` submits c requests of `--prompt-len` random prompt tokens and
-generates `--output-len` tokens each (greedy, EOS ignored), and prints one JSON result line; with
+generates `--output-len` tokens each (greedy, EOS ignored), and prints one JSON result line (with
+`"requests": n`, n requests in all, at most c at once: a serving benchmark's load, offline); with
 `"structured": true` every request follows the JSON schema in `--schema` (ours only), and the result
 holds the time the step's grammar masks took;
 `{"profile": c}` prints where one decode step at concurrency c spends its time. The driver
@@ -65,30 +66,39 @@ class Ours:
 
             self.engine.grammars.apply_masks = timed
 
-    def _generate(self, prompts: list[list[int]], structured: bool = False) -> tuple[float, list[float], int, int]:
+    def _generate(self, prompts: list[list[int]], structured: bool = False,
+                  in_flight: int | None = None) -> tuple[float, list[float], int, int]:
+        """All `prompts`, at most `in_flight` at once (a finished request's place goes to the next, as a
+        client with that many connections would do); by default all at once."""
         from workers.protocol import GenerateRequest
 
         params = self.structured_params if structured else self.params
-        for p in prompts:
-            self.engine.submit(GenerateRequest(p, params))
+        waiting = list(reversed(prompts))
+        for _ in range(min(len(waiting), in_flight or len(waiting))):
+            self.engine.submit(GenerateRequest(waiting.pop(), params))
         steps, tokens, saved = [], 0, 0
         start = time.perf_counter()
         while self.engine.has_work():
             t0 = time.perf_counter()
-            tokens += sum(len(o.new_token_ids) for o in self.engine.step())
+            outputs = self.engine.step()
+            tokens += sum(len(o.new_token_ids) for o in outputs)
+            for _ in range(min(len(waiting), sum(o.finished for o in outputs))):
+                self.engine.submit(GenerateRequest(waiting.pop(), params))
             steps.append(time.perf_counter() - t0)
             if len(steps) == self.args.output_len // 2:  # mid-run: what chunk freeing holds back
                 saved = self.engine.stats().kv.chunked_bytes_saved
         return time.perf_counter() - start, steps, tokens, saved
 
-    def measure(self, c: int, seed: int, structured: bool = False) -> dict:
+    def measure(self, c: int, seed: int, structured: bool = False, requests: int | None = None) -> dict:
+        """c requests at once; with `requests`, that many in all, at most c at once."""
         preempted = self.engine.stats().num_preemptions_total
         self.mask_seconds.clear()
-        prompts = random_prompts(c, self.args.prompt_len, self.args.vocab, seed)
-        seconds, steps, tokens, saved = self._generate(prompts, structured)
+        prompts = random_prompts(requests or c, self.args.prompt_len, self.args.vocab, seed)
+        seconds, steps, tokens, saved = self._generate(prompts, structured, in_flight=c)
         decode = steps[1:] or steps  # the first step prefills every prompt (the budget holds them all)
-        result = {"concurrency": c, "tok_s": tokens / seconds, "seconds": seconds,
-                  "step_ms": seconds / self.args.output_len * 1e3,
+        waves = (requests or c) / c
+        result = {"concurrency": c, "tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
+                  "step_ms": seconds / (self.args.output_len * waves) * 1e3,
                   "decode_step_ms": statistics.median(decode) * 1e3, "chunked_kv_bytes_saved_midrun": saved,
                   "preemptions": self.engine.stats().num_preemptions_total - preempted}
         if structured:  # per step: fill every row's bitmask and mask its logits
@@ -182,6 +192,8 @@ def main() -> None:
             print(json.dumps({"profile": engine.profile(command["profile"])}), flush=True)
         else:
             kw = {"structured": True} if command.get("structured") else {}
+            if command.get("requests"):
+                kw["requests"] = command["requests"]
             print(json.dumps({"result": engine.measure(command["concurrency"], command["seed"], **kw)}), flush=True)
 
 

@@ -110,29 +110,37 @@ def test_collectives_alone_ends_when_a_rank_fails():
         collectives_alone(3, hidden=16, moe_layers=[0], num_experts=2, rows=[1], steps=10, timeout_s=120)
 
 
-@pytest.mark.timeout(900)  # a gang, then two `maverick serve` in turn: minutes on a slow 2-core machine
+@pytest.mark.timeout(900)  # a gang, then three `maverick serve`, one after the other: minutes on 2 cores
 def test_bench_serve_smoke(tmp_path):
     ckpt = make_tiny(tmp_path / "tiny", "tiny-maverick", layout="causal")
     vision = make_tiny(tmp_path / "vision", "tiny-maverick", dtype=torch.float32)
     out = tmp_path / "serve.json"
     proc = subprocess.run([MAVERICK, "bench", "serve", "--model", str(ckpt), "--output", str(out), "--peers", "none",
                            "--concurrency", "1", "2", "--prompt-len", "8", "--output-len", "6", "--timeout", "300",
-                           "--repeat", "1", "--compare-metrics-off", "--expert-workers", "1",
+                           "--repeat", "1", "--compare-metrics-off", "--expert-workers", "1", "--idle-seconds", "2",
                            "--image-model", str(vision), "--structured", "json-schema"],
                           capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert [(r["expert_workers"], r["concurrency"]) for r in report["results"]] == [(1, 1), (1, 2)]
     for row in report["results"]:
+        assert row["reference"] == "inproc"
         for system in ("inproc", "http", "grpc", "http_nometrics", "http_schema"):
             assert row[f"{system}_tok_s"] > 0 and row[f"{system}_tpot_ms"] > 0 and row[f"{system}_ttft_ms"] > 0
             # every request streamed all its tokens: 2 x concurrency requests of 6
             assert row[f"{system}_tokens"] == 2 * row["concurrency"] * 6, (system, row)
+            assert row[f"{system}_rounds_tok_s"] == [row[f"{system}_tok_s"]]  # one round: its own figures
         assert row["metrics_on_vs_off_tok_s"] == row["http_tok_s"] / row["http_nometrics_tok_s"]
         assert row["http_schema_over_http_tpot"] == row["http_schema_tpot_ms"] / row["http_tpot_ms"]
         for door in ("http", "grpc"):
+            assert row[f"{door}_share"] == row[f"{door}_tok_s"] / row["inproc_tok_s"]
             assert row[f"{door}_tpot_overhead"] == row[f"{door}_tpot_ms"] / row["inproc_tpot_ms"] - 1
-    # the image workload: a second `maverick serve` on the same Ray meets the first one's Serve
+    top = report["results"][-1]  # where the CPU went at the top level: the server's processes and the client
+    assert any(kind.startswith("ray::AttentionWorker") for kind in top["http_cpu_cores"])
+    # the idle server, read over its own process tree: the gang's ranks and Ray's daemons
+    idle = report["idle_cores"]["maverick serve E=1"]
+    assert "raylet" in idle or "gcs_server" in idle, idle
+    # the image workload, its own `maverick serve`
     images = report["images"]
     assert [r["concurrency"] for r in images["rows"]] == [1, 2]
     tokens = images["prompt_tokens"]  # 336 px on 16-px tiles: 4x4 tiles + global, 16 patches each
@@ -142,13 +150,14 @@ def test_bench_serve_smoke(tmp_path):
             assert row[f"{name}_tokens"] == 2 * row["concurrency"] * 6 and row[f"{name}_ttft_ms"] > 0, (name, row)
     markdown = out.with_suffix(".md").read_text()
     assert markdown.startswith("# Serving benchmark") and "metrics on" in markdown and "## Images" in markdown
-    assert "Under a JSON schema" in markdown
+    assert "Under a JSON schema" in markdown and "Idle servers" in markdown and "Every round's tok/s" in markdown
     assert "bench serve  E=1 grpc  concurrency 2 (level 2/2)  round 1/1: " in proc.stderr
     assert "bench serve  images image  concurrency 2 (level 2/2)  round 1/1: " in proc.stderr
-    # two applications: progress lines carry their names (the CLI waits for the first one only)
-    progress = [line for line in out.with_name("maverick-serve-e1.log").read_text().splitlines() if " gang 0  " in line]
-    assert "maverick gang 0  ready" in "\n".join(progress)
-    assert all(line.startswith(("maverick gang 0  ", "nometrics gang 0  ")) for line in progress), progress
+    # the systems in turn, each started for its round (the twin on a server of its own)
+    starts = [line for line in proc.stderr.splitlines() if line.endswith("starting (round 1/1)")]
+    assert [line.split("  ")[1] for line in starts] == ["gang E=1", "maverick serve E=1", "maverick serve E=1_nometrics",
+                                                         "images"]
+    assert "maverick: ready in" in out.with_name("maverick-serve-e1_nometrics.log").read_text()
 
 
 def test_bench_aiperf_smoke(tmp_path):
