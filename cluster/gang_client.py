@@ -9,7 +9,9 @@ one per request.
 
 A channel that breaks (the worker died, its wave failed, the gang was torn down) ends every request
 still open on this client with `Unavailable`, and the client refuses new ones: the consumer makes a
-new client for the rebuilt gang.
+new client for the rebuilt gang. A channel that fails here, with the gang alive (a batch that does not
+unpickle, a bug of ours), also ends this client and its requests (aborted in the engine), but
+`on_broken` hears that the gang did not fail: the consumer dials the same gang again.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from ray.exceptions import RayError
+from ray.exceptions import (LocalRayletDiedError, NodeDiedError, ObjectLostError, RayActorError, RayError,
+                            WorkerCrashedError)
 
 from cluster import routing
 from workers.errors import EngineError, Unavailable
 from workers.protocol import GenerateRequest, RequestOutput
 
 log = logging.getLogger(__name__)
+# what Ray raises on a channel whose worker is gone; anything else but the rank's own `Unavailable` is local
+WORKER_GONE = (RayActorError, ObjectLostError, WorkerCrashedError, NodeDiedError, LocalRayletDiedError)
 
 
 class _Stream:
@@ -48,8 +53,9 @@ class GangClient:
         self.epoch = epoch  # the gang build these handles belong to
         self.consumer = consumer  # the channel name on every attention worker: unique per consumer
         self.prefix_tokens = prefix_tokens
-        self.on_broken = on_broken  # called once with the reason when a channel breaks
+        self.on_broken = on_broken  # called once, (reason, gang_failed), when a channel breaks
         self.broken: str | None = None
+        self.gang_failed = False  # broken because the gang failed, not by a failure in this process
         self.requests_per_worker = [0] * len(attention)  # since start, for stats and routing tests
         self._streams: dict[str, _Stream] = {}
         self._listeners = [asyncio.create_task(self._listen(i)) for i in range(len(attention))]
@@ -87,7 +93,7 @@ class GangClient:
                 self.abort_on(stream.worker, request.request_id)  # the consumer went away before the end
 
     def abort_on(self, worker: int, request_id: str) -> None:
-        if self.broken is None:
+        if not self.gang_failed:
             self.attention[worker].abort.remote(request_id)
 
     def _pick_worker(self, prompt_token_ids: list[int]) -> int:
@@ -112,24 +118,32 @@ class GangClient:
             reason = f"attention worker {worker} closed its channel"
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # Ray's wrapper of a death, or the rank's own `Unavailable`
+        except Exception as exc:  # Ray's wrapper of a death, the rank's own `Unavailable`, or a local failure
             cause = getattr(exc, "cause", None) or exc
+            if not isinstance(exc, WORKER_GONE) and not isinstance(cause, Unavailable):
+                log.exception("the channel from attention worker %d failed in this process; the gang did not",
+                              worker)
+                self._break(f"attention worker {worker}'s channel failed here: {type(exc).__name__}", False)
+                return
             reason = f"attention worker {worker}: {getattr(cause, 'message', None) or type(cause).__name__}"
         self._break(reason)
 
-    def _break(self, reason: str) -> None:
+    def _break(self, reason: str, gang_failed: bool = True) -> None:
         if self.broken is not None:
             return
-        self.broken = reason
-        error = Unavailable(f"the gang serving this request failed ({reason}); retry")
+        self.broken, self.gang_failed = reason, gang_failed
+        error = Unavailable(f"the gang serving this request failed ({reason}); retry" if gang_failed
+                            else f"the connection to the gang failed ({reason}); retry")
         for request_id, stream in self._streams.items():
+            if stream.unfinished and not gang_failed:  # a live engine: it would run on for nobody
+                self.attention[stream.worker].abort.remote(request_id)
             for index in sorted(stream.unfinished):
                 stream.put(RequestOutput(request_id, [], None, "error", error=error, index=index))
         for task in self._listeners:
             if task is not asyncio.current_task():
                 task.cancel()
         if self.on_broken is not None:
-            self.on_broken(reason)
+            self.on_broken(reason, gang_failed)
 
     def close(self, reason: str = "the gang was stopped") -> None:
         """Stop listening; requests still open end with `Unavailable`."""

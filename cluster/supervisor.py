@@ -116,8 +116,7 @@ class GangSupervisor:
         self.gang = gang
         self.epoch += 1
         epoch = self.epoch
-        self.client = GangClient(gang.attention, f"supervisor-{self.name}-{epoch}", self.prefix_tokens,
-                                 on_broken=lambda reason: self._on_broken(reason, epoch), epoch=epoch)
+        self.client = self._dial(gang, epoch)
         try:
             self._check_not_stopped()
             await self._warm_up()
@@ -129,6 +128,16 @@ class GangSupervisor:
             await asyncio.to_thread(destroy_gang, gang)
             raise
         self.last_build_bytes = sum(done for done, _ in self.startup.rank_bytes.values())
+
+    def _dial(self, gang: Gang, epoch: int) -> GangClient:
+        def broken(reason: str, gang_failed: bool) -> None:
+            if gang_failed:
+                self._on_broken(reason, epoch)
+            elif self.epoch == epoch and self.gang is gang:  # only this process's channel failed: dial again
+                self.client = self._dial(gang, epoch)
+
+        return GangClient(gang.attention, f"supervisor-{self.name}-{epoch}", self.prefix_tokens, on_broken=broken,
+                          epoch=epoch)
 
     def _now_ready(self) -> None:
         self._move("ready")

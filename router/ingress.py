@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from cluster import routing
 from cluster.config import AppConfig
 from cluster.gang_client import GangClient
+from cluster.probe import every
 from model.images import ImageProcessor
 from model.tokenizer import Tokenizer, load_generation_defaults
 from router.errors import HTTPError, error_response
@@ -101,6 +102,7 @@ class Ingress(GenerationService):
         self.gang_status: list[dict | None] = [None] * len(gangs)
         self.status_misses = [0] * len(gangs)  # status polls in a row that timed out
         self.failed_epoch: list[int | None] = [None] * len(gangs)  # seen failing: not ready until rebuilt
+        self.channel_failures = [0] * len(gangs)  # channels that failed here, the gang alive: dialed again
         self.resume_stats = ResumeStats()
         api.state.guard = GuardSettings(config.api_key, config.max_body_bytes, self.metrics)
         self._watch = asyncio.create_task(self._watch_gangs())
@@ -108,10 +110,9 @@ class Ingress(GenerationService):
     # -- gangs ----------------------------------------------------------------------------------------
 
     async def _watch_gangs(self) -> None:
-        """Keep each gang's readiness fresh, so requests skip a failed or rebuilding gang."""
-        while True:
-            await self._refresh_ready()
-            await asyncio.sleep(0.5)
+        """Keep each gang's readiness fresh, so requests skip a failed or rebuilding gang; a round that
+        fails is logged and the next one runs (a dead watcher would freeze readiness)."""
+        await every(0.5, self._refresh_ready, "the gang status watcher")
 
     async def _refresh_ready(self) -> None:
         async def one(i: int) -> None:
@@ -120,9 +121,15 @@ class Ingress(GenerationService):
                 self.status_misses[i] = 0
             except asyncio.TimeoutError:  # a busy replica on loaded cores misses a poll; a hung one all of them
                 self.status_misses[i] += 1
+                if self.status_misses[i] == STATUS_MISSES_ALLOWED:
+                    log.warning("gang %d: %d status polls in a row timed out; not ready until it answers", i,
+                                STATUS_MISSES_ALLOWED)
                 if self.status_misses[i] >= STATUS_MISSES_ALLOWED:
                     self.gang_status[i] = None
-            except Exception:  # the replica is gone: not ready at once
+            except Exception as exc:  # the replica is gone: not ready at once
+                if self.gang_status[i] is not None:  # said once per outage, not twice a second
+                    log.warning("gang %d: its status failed (%s: %s); not ready until it answers", i,
+                                type(exc).__name__, exc)
                 self.gang_status[i] = None
             client, status = self.gang_clients[i], self.gang_status[i]
             self.gang_ready[i] = bool(status and status["ready"] and status.get("epoch") != self.failed_epoch[i])
@@ -134,8 +141,12 @@ class Ingress(GenerationService):
         await asyncio.gather(*(one(i) for i in range(len(self.gangs))))
         self.metrics.gangs(self.gang_status, self.gang_load)
 
-    def _gang_broke(self, gang: int, epoch: int) -> None:
-        """A client of this gang saw it fail: no request goes there until a status shows a new epoch."""
+    def _gang_broke(self, gang: int, epoch: int, gang_failed: bool) -> None:
+        """A client of this gang saw it fail: no request goes there until a status shows a new epoch. A
+        channel that failed in this replica, the gang alive, is dialed again by the next request."""
+        if not gang_failed:
+            self.channel_failures[gang] += 1
+            return
         self.failed_epoch[gang] = epoch
         status = self.gang_status[gang]
         if status is None or status.get("epoch") == epoch:
@@ -169,7 +180,8 @@ class Ingress(GenerationService):
             client = self.gang_clients[gang]
             if client is None or client.broken or client.epoch != epoch:  # another request may have made it
                 client = self.gang_clients[gang] = GangClient(
-                    attention, self.consumer, epoch=epoch, on_broken=lambda _reason: self._gang_broke(gang, epoch))
+                    attention, self.consumer, epoch=epoch,
+                    on_broken=lambda _reason, gang_failed: self._gang_broke(gang, epoch, gang_failed))
         return client
 
     def _runner(self):
@@ -348,7 +360,9 @@ class Ingress(GenerationService):
 
     def routing_stats(self) -> dict:
         return {"ready": list(self.gang_ready), "in_flight": list(self.gang_load),
-                "requests": list(self.gang_requests), "resume": dataclasses.asdict(self.resume_stats)}
+                "requests": list(self.gang_requests), "channel_failures": list(self.channel_failures),
+                "consumer": self.consumer,
+                "resume": dataclasses.asdict(self.resume_stats)}
 
     def routes(self) -> list[tuple[str, list[str]]]:
         """Every HTTP route this replica serves, as bound at start (tests check auth on each)."""

@@ -120,6 +120,53 @@ def test_sigkill_of_the_gang_replica_process(live, specs_and_expected):
     check_case(live, specs_and_expected, lambda: kill(replica_pid), "SIGKILL gang replica")
 
 
+def poisoned_id(text: str) -> str:
+    """A request id that unpickles everywhere but in an ingress replica: a batch carrying its outputs fails
+    there as one from a mismatched build would, with the gang healthy. Pickled by value (nested)."""
+    def revive(text: str) -> str:
+        with open("/proc/self/cmdline", "rb") as f:
+            title = f.read().split(b"\0")[0]
+        if title.startswith(b"ray::ServeReplica:") and title.endswith(b":ingress"):
+            raise RuntimeError("this batch does not unpickle here")
+
+        class Poisoned(str):
+            def __reduce__(self):
+                return revive, (str(self),)
+
+        return Poisoned(text)
+
+    return revive(text)
+
+
+def test_a_channel_that_fails_in_the_ingress_is_dialed_again_not_taken_for_a_failed_gang(live):
+    from workers.protocol import GenerateRequest
+    from workers.sampling_params import SamplingParams
+
+    def complete() -> int:
+        body = {"prompt": [2016, 5, 6], "max_tokens": 4, "ignore_eos": True}
+        req = urllib.request.Request(live.url + "/v1/completions", json.dumps(body).encode(),
+                                     {"content-type": "application/json"})
+        return json.loads(urllib.request.urlopen(req, timeout=60).read())["usage"]["completion_tokens"]
+
+    wait_serving()
+    assert complete() == 4  # the ingress listens on its channel now
+    epoch, attention = handle("gang-0").attention.remote().result()
+    stats = handle("ingress").routing_stats.remote().result()
+    failures = stats.get("channel_failures", [0])[0]
+    # outputs for the ingress's channel that its listener cannot unpickle
+    request = GenerateRequest([5, 6, 7], SamplingParams(max_tokens=2), poisoned_id("poison"))
+    attention[0].submit.remote(request, stats["consumer"])
+
+    def reacted() -> dict | None:
+        now = handle("ingress").routing_stats.remote().result()
+        return now if now.get("channel_failures", [0])[0] > failures or not now["ready"][0] else None
+
+    now = wait_until(reacted, 60, "the ingress to see its channel fail", poll_s=0.2)
+    assert now["ready"] == [True], now  # the gang is healthy: no 503s until a rebuild that never comes
+    assert complete() == 4
+    assert handle("gang-0").status.remote().result()["epoch"] == epoch  # the same gang, dialed again
+
+
 # -- when resuming is not allowed or takes too long --------------------------------------------------
 
 
