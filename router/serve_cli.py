@@ -72,6 +72,9 @@ def _grpc_port(data: dict) -> int | None:
     return grpc_options.get("port", 9000) if grpc_options.get("grpc_servicer_functions") else None
 
 
+STATUS_POLL_S = 5.0  # Serve's status, read while serving: each read is a controller round trip
+
+
 def _app_status() -> tuple[str, str]:
     from ray import serve
 
@@ -180,6 +183,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if code == 0 and not stop.is_set():
         display.update(_startup_snapshots(board))  # the "ready" lines
     display.close()
+    ray.kill(board)  # its job is over: an idle actor still costs CPU (a rebuilt gang's supervisor finds none)
     if code == 0 and not stop.is_set():
         print(_banner(data, url, host, time.monotonic() - started), flush=True)
         if args.detach:  # Serve's applications outlive this driver: leave them running
@@ -189,7 +193,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.observe:
             prometheus = _start_prometheus(args, f"{host}:{port}", _api_key_of(data))
             print(f"  Prometheus: {prometheus.url}  (maverick top --prometheus {prometheus.url})", flush=True)
-        while not stop.wait(2.0):
+        while not stop.wait(STATUS_POLL_S):
             if not watch.healthy_enough(*_app_status(), time.monotonic()):
                 code = 1
                 break
