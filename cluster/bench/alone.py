@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -137,10 +138,19 @@ def cpu_seconds(pids: list[int]) -> dict[int, tuple[str, float]]:
             times, cmdline, name = proc.cpu_times(), proc.cmdline(), proc.name()
         except psutil.Error:
             continue
-        title = (cmdline or [name])[0]
-        kind = title.split()[0] if title.startswith("ray::") else name
-        out[pid] = (kind, times.user + times.system)
+        out[pid] = (_kind(name, cmdline), times.user + times.system)
     return out
+
+
+def _kind(name: str, cmdline: list[str]) -> str:
+    """`ray::ServeController`, `raylet`, or for a Python script its file (Ray's `log_monitor.py`)."""
+    title = (cmdline or [name])[0]
+    if title.startswith("ray::"):
+        return title.split()[0]
+    if name.startswith("python"):
+        script = next((a for a in cmdline[1:] if a.endswith(".py")), None)
+        return Path(script).name if script else name
+    return name
 
 
 def cores_between(before: dict, after: dict, wall_s: float) -> dict[str, float]:
