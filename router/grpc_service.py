@@ -18,7 +18,7 @@ from router.http_guard import key_matches
 from router.metrics import Ticket, outcome_of
 from router.openai_responses import Choice, cached_prompt_tokens
 from router.serving import next_before
-from workers.errors import DeadlineExceeded, EngineError, InvalidRequest
+from workers.errors import DeadlineExceeded, InvalidRequest
 from workers.protocol import GenerateRequest
 from workers.sampling_params import SamplingParams
 from workers.structured import GrammarSpec
@@ -125,7 +125,10 @@ class GenerationService:
             request = await self._grpc_request(req, context)
             self._admit(ticket)
             return request, ticket
-        except EngineError as exc:
+        except asyncio.CancelledError:  # the client went away while images or a grammar were prepared
+            ticket.close("aborted")
+            raise
+        except Exception as exc:  # the table's errors, and anything untyped (a 500, as over HTTP)
             ticket.close(outcome_of(exc))
             self._grpc_error(exc, context, uuid.uuid4().hex)
             return None, ticket

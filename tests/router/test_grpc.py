@@ -184,3 +184,34 @@ def test_structured_outputs_over_grpc(stub):
                                            structured=pb.StructuredOutput(choice=pb.ChoiceList(options=options))),
                         metadata=md(), timeout=60)
     assert all(c.text in options for c in out.choices)
+
+
+def grpc_tickets(live) -> tuple[float, float]:
+    """gRPC requests received, and ended by any outcome, from the replica's own GET /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    req = urllib.request.Request(live.url + "/metrics", headers={"authorization": f"Bearer {KEY}"})
+    received = ended = 0.0
+    for family in text_string_to_metric_families(urllib.request.urlopen(req, timeout=30).read().decode()):
+        for sample in family.samples:
+            if sample.labels.get("protocol") == "grpc" and sample.name == "maverick_requests_received_total":
+                received += sample.value
+            elif sample.labels.get("protocol") == "grpc" and sample.name == "maverick_requests_total":
+                ended += sample.value
+    return received, ended
+
+
+def test_an_untyped_failure_in_admission_still_ends_in_one_outcome(live, stub):
+    """A schema nested past Python's recursion limit fails in admission with no error of our table (a
+    RecursionError): the request still gets a clean INTERNAL and its ticket an outcome."""
+    nested = pb.GenerateRequest(prompt_token_ids=[2016, 5], max_tokens=2,
+                                structured=pb.StructuredOutput(json_schema="[" * 100_000))
+    received, ended = grpc_tickets(live)
+    assert received == ended  # nothing in flight
+    for call in (lambda: stub.Generate(nested, metadata=md(), timeout=60),
+                 lambda: list(stub.GenerateStream(nested, metadata=md(), timeout=60))):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.INTERNAL, info.value.details()
+        assert "Traceback" not in info.value.details() and "[[[" not in info.value.details()
+    assert grpc_tickets(live) == (received + 2, ended + 2)
