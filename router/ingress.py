@@ -13,6 +13,7 @@ while in-flight ones finish.
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -44,7 +45,9 @@ from workers.errors import EngineError, InvalidRequest, QueueFull, Unavailable
 from workers.protocol import GenerateRequest
 
 log = logging.getLogger(__name__)
-STATUS_TIMEOUT_S = 5.0
+STATUS_TIMEOUT_S = 5.0  # beyond a long-poll's own wait
+STATUS_WAIT_S = 10.0  # a gang's status long-poll answers at a change, else after this
+STATUS_RETRY_S = 0.5  # between long-polls (a change meanwhile is answered at once)
 STATUS_MISSES_ALLOWED = 3  # polls in a row a gang may miss before it counts as not ready
 
 api = FastAPI(title="maverick", docs_url=None, redoc_url=None, openapi_url=None)
@@ -110,35 +113,37 @@ class Ingress(GenerationService):
     # -- gangs ----------------------------------------------------------------------------------------
 
     async def _watch_gangs(self) -> None:
-        """Keep each gang's readiness fresh, so requests skip a failed or rebuilding gang; a round that
-        fails is logged and the next one runs (a dead watcher would freeze readiness)."""
-        await every(0.5, self._refresh_ready, "the gang status watcher")
+        """Keep each gang's readiness fresh, so requests skip a failed or rebuilding gang: one long-poll
+        per gang, answered at a change of state or after `STATUS_WAIT_S`. A round that fails is logged
+        and the next one runs (a dead watcher would freeze readiness)."""
+        await asyncio.gather(*(every(STATUS_RETRY_S, functools.partial(self._refresh_gang, i, STATUS_WAIT_S),
+                                     f"gang {i}'s status watcher") for i in range(len(self.gangs))))
 
-    async def _refresh_ready(self) -> None:
-        async def one(i: int) -> None:
-            try:
-                self.gang_status[i] = await asyncio.wait_for(self.gangs[i].status.remote(), STATUS_TIMEOUT_S)
-                self.status_misses[i] = 0
-            except asyncio.TimeoutError:  # a busy replica on loaded cores misses a poll; a hung one all of them
-                self.status_misses[i] += 1
-                if self.status_misses[i] == STATUS_MISSES_ALLOWED:
-                    log.warning("gang %d: %d status polls in a row timed out; not ready until it answers", i,
-                                STATUS_MISSES_ALLOWED)
-                if self.status_misses[i] >= STATUS_MISSES_ALLOWED:
-                    self.gang_status[i] = None
-            except Exception as exc:  # the replica is gone: not ready at once
-                if self.gang_status[i] is not None:  # said once per outage, not twice a second
-                    log.warning("gang %d: its status failed (%s: %s); not ready until it answers", i,
-                                type(exc).__name__, exc)
+    async def _refresh_gang(self, i: int, wait_s: float) -> None:
+        """Gang i's status once it differs from the one known here (at once if `wait_s` is 0)."""
+        known = self.gang_status[i] if wait_s else None
+        try:
+            self.gang_status[i] = await asyncio.wait_for(self.gangs[i].watch_status.remote(known, wait_s),
+                                                         wait_s + STATUS_TIMEOUT_S)
+            self.status_misses[i] = 0
+        except asyncio.TimeoutError:  # a busy replica on loaded cores misses a poll; a hung one all of them
+            self.status_misses[i] += 1
+            if self.status_misses[i] == STATUS_MISSES_ALLOWED:
+                log.warning("gang %d: %d status polls in a row timed out; not ready until it answers", i,
+                            STATUS_MISSES_ALLOWED)
+            if self.status_misses[i] >= STATUS_MISSES_ALLOWED:
                 self.gang_status[i] = None
-            client, status = self.gang_clients[i], self.gang_status[i]
-            self.gang_ready[i] = bool(status and status["ready"] and status.get("epoch") != self.failed_epoch[i])
-            # a new epoch proves the old gang gone; a status that timed out proves nothing (a busy replica)
-            if client is not None and (client.broken or (status is not None and status.get("epoch") != client.epoch)):
-                self.gang_clients[i] = None
-                client.close("the gang was rebuilt")
-
-        await asyncio.gather(*(one(i) for i in range(len(self.gangs))))
+        except Exception as exc:  # the replica is gone: not ready at once
+            if self.gang_status[i] is not None:  # said once per outage, not at every retry
+                log.warning("gang %d: its status failed (%s: %s); not ready until it answers", i,
+                            type(exc).__name__, exc)
+            self.gang_status[i] = None
+        client, status = self.gang_clients[i], self.gang_status[i]
+        self.gang_ready[i] = bool(status and status["ready"] and status.get("epoch") != self.failed_epoch[i])
+        # a new epoch proves the old gang gone; a status that timed out proves nothing (a busy replica)
+        if client is not None and (client.broken or (status is not None and status.get("epoch") != client.epoch)):
+            self.gang_clients[i] = None
+            client.close("the gang was rebuilt")
         self.metrics.gangs(self.gang_status, self.gang_load)
 
     def _gang_broke(self, gang: int, epoch: int, gang_failed: bool) -> None:
@@ -189,8 +194,7 @@ class Ingress(GenerationService):
         that gang fails, from the next (`router.resume`)."""
 
         async def run(request: GenerateRequest):
-            clock = self.metrics.engine_request()
-            clock.prompt(len(request.prompt_token_ids))
+            clock = self.metrics.engine_request(len(request.prompt_token_ids))
             limit = self.config.migration_limit
             batches = (resumable(request, self._attempt, limit, self.resume_stats) if limit
                        else self._attempt(request, False))  # no moves: no bookkeeping either
@@ -345,7 +349,7 @@ class Ingress(GenerationService):
 
     @api.get("/health/ready")
     async def health_ready(self, request: Request):
-        await self._refresh_ready()
+        await asyncio.gather(*(self._refresh_gang(i, 0.0) for i in range(len(self.gangs))))  # fresh, not cached
         if self.draining or not all(self.gang_ready):
             reason = "draining" if self.draining else f"gangs ready: {sum(self.gang_ready)}/{len(self.gangs)}"
             return error_response(Unavailable(f"not ready ({reason})"), _rid(request), self.config.retry_after_s)

@@ -85,8 +85,8 @@ class RequestMetrics:
                                 "aborted by the client)", m + ("route", "protocol", "outcome"), r)
         self.success = _Metric("counter", "maverick_request_success", "Finished choices by finish reason "
                                "(vllm:request_success)", m + ("finished_reason",), r)
-        self.prompt_tokens = _Metric("counter", "maverick_prompt_tokens", "Prompt tokens of engine requests "
-                                     "(vllm:prompt_tokens)", m, r)
+        self.prompt_tokens = _Metric("counter", "maverick_prompt_tokens", "Prompt tokens of engine requests the "
+                                     "engine took (vllm:prompt_tokens)", m, r)
         self.generation_tokens = _Metric("counter", "maverick_generation_tokens", "Generated tokens "
                                          "(vllm:generation_tokens)", m, r)
         self.in_flight = _Metric("gauge", "maverick_requests_in_flight", "Requests admitted by this ingress "
@@ -123,8 +123,8 @@ class RequestMetrics:
     def ticket(self, route: str, protocol: str, on_release=None) -> "Ticket":
         return Ticket(self, route, protocol, on_release)
 
-    def engine_request(self) -> "EngineRequestClock":
-        return EngineRequestClock(self)
+    def engine_request(self, prompt_tokens: int) -> "EngineRequestClock":
+        return EngineRequestClock(self, prompt_tokens)
 
     def set_in_flight(self, n: int) -> None:
         if self.enabled:
@@ -168,21 +168,22 @@ class Ticket:
 class EngineRequestClock:
     """Latencies of one engine request (one prompt, all its choices), fed with its outputs as they come."""
 
-    def __init__(self, metrics: RequestMetrics):
+    def __init__(self, metrics: RequestMetrics, prompt_tokens: int):
         self.metrics = metrics
         self.start = time.monotonic()
         self.last: dict[int, float] = {}  # choice -> when its latest token arrived
-
-    def prompt(self, num_tokens: int) -> None:
-        if self.metrics.enabled:
-            self.metrics.prompt_tokens.record(num_tokens, self.metrics.model)
-            self.metrics.prompt_len.record(num_tokens, self.metrics.model)
+        self.prompt_tokens: int | None = prompt_tokens  # counted at the engine's first output, then None
 
     def outputs(self, batch) -> None:
         m = self.metrics
         if not m.enabled:
             return
         now, tags = time.monotonic(), m.model
+        if self.prompt_tokens is not None and any(out.error is None for out in batch):
+            # the engine took the prompt (vLLM counts only those): one it refused with 400 never gets here
+            m.prompt_tokens.record(self.prompt_tokens, tags)
+            m.prompt_len.record(self.prompt_tokens, tags)
+            self.prompt_tokens = None
         for out in batch:
             n = len(out.new_token_ids)
             if n:

@@ -132,6 +132,26 @@ def test_malformed_bodies(live, raw, status):
     assert call(live, *cmpl())[0] == 200
 
 
+def prompt_tokens_counted(live) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, _, text = call(live, "/metrics")
+    assert status == 200
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "maverick_prompt_tokens_total")
+
+
+def test_prompt_tokens_count_only_prompts_the_engine_took(live):
+    """As vLLM's prompt_tokens: a request the engine refuses with 400 processed no prompt."""
+    before = prompt_tokens_counted(live)
+    for fields in ({"prompt": [2016, 5, 99999]}, {"prompt": [2016, 5, 6, 7], "max_tokens": 10**6},
+                   {"prompt": [2016, 5, 6, 7], "max_tokens": 10**6, "stream": True}):
+        assert call(live, *cmpl(**fields))[0] == 400
+    assert prompt_tokens_counted(live) == before
+    assert call(live, *cmpl(prompt=[2016, 5, 6, 7]))[0] == 200
+    assert prompt_tokens_counted(live) == before + 4
+
+
 def test_every_route_needs_the_key_except_health(live):
     from ray import serve
 
