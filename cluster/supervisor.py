@@ -62,6 +62,7 @@ class GangSupervisor:
         self.gang: Gang | None = None
         self.startup: GangStartup | None = None  # this build's stages, bytes loaded, ranks up
         self.state = "starting"  # see _ALLOWED
+        self._moved = asyncio.Event()  # set (and replaced) at every move: watchers wait on it
         self.failure: str | None = None
         self.restarts = 0
         self.failed_at = 0.0
@@ -101,6 +102,15 @@ class GangSupervisor:
             raise RuntimeError(f"gang {self.name}: illegal transition {self.state} -> {new}")
         log.info("gang %s: %s -> %s", self.name, self.state, new)
         self.state = new
+        self._moved.set()
+        self._moved = asyncio.Event()
+
+    async def wait_move(self, timeout_s: float) -> None:
+        """Until the state moves, or `timeout_s` passes: a watcher long-polls instead of polling."""
+        try:
+            await asyncio.wait_for(self._moved.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
 
     async def _build(self, failed: Gang | None = None, hung: set[int] = frozenset()) -> None:
         """A new gang under a new epoch (or `failed` again, its survivors kept: `recover_gang`), warmed

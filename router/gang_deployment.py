@@ -34,11 +34,20 @@ class GangDeployment:
         return self.supervisor.ready()
 
     def status(self) -> dict:
-        """What the ingress polls twice a second: readiness, and the state and restarts it exports."""
+        """Readiness, and the state and restarts the ingress exports (`watch_status` sends it)."""
         startup = self.supervisor.startup
         return {"ready": self.supervisor.ready(), "state": self.supervisor.state, "epoch": self.supervisor.epoch,
                 "restarts": self.supervisor.restarts, "stage": startup.stage if startup else None,
                 "pid": os.getpid(), "last_recovery_s": self.supervisor.last_recovery_s}
+
+    async def watch_status(self, known: dict | None, wait_s: float) -> dict:
+        """`status()` as soon as it differs from `known`, else after `wait_s`: the ingress long-polls
+        this, so an idle service exchanges a message per gang every `wait_s` instead of twice a second."""
+        status = self.status()
+        if status == known:
+            await self.supervisor.wait_move(wait_s)
+            status = self.status()
+        return status
 
     async def stats(self) -> dict:
         return await self.supervisor.stats()
