@@ -60,10 +60,6 @@ class GangClient:
         self._streams: dict[str, _Stream] = {}
         self._listeners = [asyncio.create_task(self._listen(i)) for i in range(len(attention))]
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._streams)
-
     async def generate_batches(self, request: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
         """Submit and stream the request's outputs, every output already there together; typed errors
         if it is invalid or the gang is down."""

@@ -167,10 +167,6 @@ class GangSupervisor:
         """Serving: this gang has produced a token since it was (re)built."""
         return self.state == "ready"
 
-    @property
-    def warm(self) -> bool:
-        return self.state == "ready"
-
     async def _warm_up(self) -> None:
         """One single-token request through every layer, so readiness means a token came out."""
         self.startup.enter("warm-up")

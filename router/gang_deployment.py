@@ -30,9 +30,6 @@ class GangDeployment:
     def attention(self) -> tuple[int, list]:
         return self.supervisor.attention()
 
-    def ready(self) -> bool:
-        return self.supervisor.ready()
-
     def status(self) -> dict:
         """Readiness, and the state and restarts the ingress exports (`watch_status` sends it)."""
         startup = self.supervisor.startup
