@@ -159,7 +159,8 @@ def _markdown(out: dict) -> str:
         shown = {m: f"{', '.join(f'{x:.3f}' for x in p)} (median {statistics.median(p):.3f})"
                  for m, p in pairs.items()}
         lines.append(f"- {server}, aiperf / bench round by round: tok/s {shown['tok_s']}; TTFT {shown['ttft_ms']}")
-    lines.append(f"\nMedians of {out['repeat']} interleaved rounds per server and client.")
+    lines.append(f"\nMedians of {out['repeat']} rounds; each server alone in its part of a round, the two clients taking "
+                 "turns going first on it.")
     return "\n".join(lines) + "\n"
 
 
