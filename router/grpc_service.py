@@ -103,7 +103,7 @@ class GenerationService:
         self.serving.check_model(req.model or None)
         if req.HasField("prompt") == bool(req.prompt_token_ids):
             raise InvalidRequest("give exactly one of prompt and prompt_token_ids", param="prompt")
-        ids = list(req.prompt_token_ids) if req.prompt_token_ids else self.serving.encode(req.prompt)
+        ids = list(req.prompt_token_ids) if req.prompt_token_ids else await self.serving.encode(req.prompt)
         ids, images = await self.serving.with_images(ids, list(req.images), param="images")
         params = sampling_params(req)
         await self.serving.check_grammar(params.structured)

@@ -3,8 +3,12 @@ stubs), mixed `n`, stop strings, logprobs, greedy and seeded sampling, into one 
 2 expert workers: every token arrives exactly once, in order, and each choice equals what the
 engine gives in-process for the same request (tokens, text, finish reason, logprob values)."""
 
+import json
 import random
 import threading
+import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -54,3 +58,53 @@ def test_64_concurrent_streams_each_token_once_and_as_in_process(live):
     assert_same(specs, expected, got)
     stopped = [c for spec, choices in zip(specs, expected) if spec["stop"] for c in choices]
     assert any(c["finish"] == "stop" for c in stopped)  # the stop strings were exercised
+
+
+def test_streams_flow_while_a_large_body_is_parsed_and_tokenized(live):
+    """A 3.5 MB text prompt (a completion, then a chat) takes the replica ~2 s of tokenizing; a stream on
+    the same replica must keep receiving tokens meanwhile. Judged against the big request's own time,
+    so a slower machine stretches both: its longest silence must stay well under that time (before
+    tokenizing left the event loop, it was nearly all of it)."""
+    rng = random.Random(3)
+    text = " ".join(rng.choice(["serving", "maverick", "tokens", "flow", "the", "of"]) for _ in range(520_000))
+    bigs = [("/v1/completions", {"model": "tiny", "prompt": text, "max_tokens": 4}),
+            ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": text}],
+                                      "max_tokens": 4})]
+    arrivals: list[float] = []
+    done = threading.Event()
+
+    def stream() -> None:
+        body = {"prompt": [2016, 5, 6], "max_tokens": 4000, "ignore_eos": True, "temperature": 0, "stream": True}
+        req = urllib.request.Request(live.url + "/v1/completions", json.dumps(body).encode(),
+                                     {"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            for line in r:
+                if line.startswith(b"data: {"):
+                    arrivals.append(time.monotonic())
+                if done.is_set():
+                    return  # the client goes away: the request is aborted
+
+    reader = threading.Thread(target=stream, daemon=True)
+    reader.start()
+    try:
+        for path, body in bigs:
+            data = json.dumps(body).encode()
+            assert 3_000_000 < len(data) < 4 * 2**20  # under the body limit
+            seen = len(arrivals)
+            deadline = time.monotonic() + 120
+            while len(arrivals) < seen + 5 and time.monotonic() < deadline:  # the stream is flowing
+                time.sleep(0.05)
+            assert len(arrivals) >= seen + 5 and reader.is_alive()
+            start = time.monotonic()
+            req = urllib.request.Request(live.url + path, data, {"content-type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:  # far over the context, once tokenized
+                urllib.request.urlopen(req, timeout=300)
+            end = time.monotonic()
+            assert refused.value.code == 400, refused.value.read()[:500]
+            points = [start] + [t for t in list(arrivals) if start < t < end] + [end]
+            silence = max(b - a for a, b in zip(points, points[1:]))
+            print(f"\n{path}: {len(points) - 2} tokens in {end - start:.2f}s, longest silence {silence:.2f}s")
+            assert silence < (end - start) / 3, f"{path}: no token for {silence:.2f}s of {end - start:.2f}s"
+    finally:
+        done.set()
+        reader.join(timeout=120)
