@@ -128,7 +128,7 @@ def wait_gone(pids: list[int], timeout_s: float = 90.0) -> None:
 
 def cpu_seconds(pids: list[int]) -> dict[int, tuple[str, float]]:
     """pid -> (kind, CPU seconds): Ray workers by their title (`ray::ServeReplica:maverick:ingress`),
-    others by name."""
+    this process as `bench client`, others by name."""
     import psutil
 
     out = {}
@@ -138,7 +138,7 @@ def cpu_seconds(pids: list[int]) -> dict[int, tuple[str, float]]:
             times, cmdline, name = proc.cpu_times(), proc.cmdline(), proc.name()
         except psutil.Error:
             continue
-        out[pid] = (_kind(name, cmdline), times.user + times.system)
+        out[pid] = ("bench client" if pid == os.getpid() else _kind(name, cmdline), times.user + times.system)
     return out
 
 

@@ -51,6 +51,17 @@ class EngineProcess:
     def ready(self) -> None:
         self._read("ready")
 
+    @classmethod
+    def started(cls, name: str, cmd: list[str], timeout: float) -> "EngineProcess":
+        """Started and loaded; stopped again if it fails to load."""
+        engine = cls(name, cmd, timeout)
+        try:
+            engine.ready()
+        except BaseException:
+            engine.close()
+            raise
+        return engine
+
     def ask(self, command: dict, key: str = "result"):
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
@@ -84,16 +95,8 @@ def run_engines(args) -> dict:
         commands["vllm"] = [str(VLLM_PYTHON), str(HERE / "peer_vllm.py"), *common, "--vocab", str(vocab)]
 
     def system(name: str, cmd: list[str]) -> System:
-        def start():
-            engine = EngineProcess(name, cmd, args.timeout)
-            try:
-                engine.ready()
-            except BaseException:
-                engine.close()
-                raise
-            return engine
-
-        return System(name, start, lambda engine, door, c, rep: engine.ask({"concurrency": c, "seed": 1000 * rep + c}),
+        return System(name, lambda: EngineProcess.started(name, cmd, args.timeout),
+                      lambda engine, door, c, rep: engine.ask({"concurrency": c, "seed": 1000 * rep + c}),
                       lambda engine: engine.close())
 
     def profile(system: System, engine: EngineProcess, rep: int):

@@ -119,16 +119,8 @@ def _engine_system(args, name: str, door: str, cmd: list[str]) -> System:
         got = engine.ask({"concurrency": c, "seed": 1000 * rep + c, "requests": 2 * c})
         return {"tpot_ms": got["step_ms"], **got} if "step_ms" in got else got  # the gang's is measured per stream
 
-    def start():
-        engine = EngineProcess(name, cmd, args.timeout)
-        try:
-            engine.ready()
-        except BaseException:
-            engine.close()
-            raise
-        return engine
-
-    return System(name, start, measure, lambda engine: engine.close(), [door])
+    return System(name, lambda: EngineProcess.started(name, cmd, args.timeout), measure,
+                  lambda engine: engine.close(), [door])
 
 
 def systems(args, loop) -> list[System]:

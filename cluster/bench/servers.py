@@ -128,12 +128,7 @@ def start_ours(args, expert_workers: int, address: str | None, port: int, grpc_p
     cmd = [str(Path(sys.executable).with_name("maverick")), "serve", str(config), "--http-port", str(port),
            "--grpc-port", str(grpc_port), *(["--address", address] if address else [])]
     proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
-    try:
-        wait_http_ok(f"http://127.0.0.1:{port}/health/ready", args.timeout, alive=lambda: proc.poll() is None)
-    except BaseException:
-        stop_server(proc)
-        raise
-    return proc
+    return _healthy(proc, f"http://127.0.0.1:{port}/health/ready", args.timeout)
 
 
 def start_vllm(args, port: int, tokenizer: bool = False, compact_json: bool = False) -> subprocess.Popen:
@@ -150,8 +145,13 @@ def start_vllm(args, port: int, tokenizer: bool = False, compact_json: bool = Fa
     log_path = Path(args.output).with_name("vllm-serve.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(cmd, stdout=log_path.open("a"), stderr=subprocess.STDOUT, env=env)
+    return _healthy(proc, f"http://127.0.0.1:{port}/health", args.timeout)
+
+
+def _healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> subprocess.Popen:
+    """`proc` once `url` answers 200; stopped if it exits or times out first."""
     try:
-        wait_http_ok(f"http://127.0.0.1:{port}/health", args.timeout, alive=lambda: proc.poll() is None)
+        wait_http_ok(url, timeout_s, alive=lambda: proc.poll() is None)
     except BaseException:
         stop_server(proc)
         raise
