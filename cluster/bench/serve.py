@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import zlib
 
 from cluster.bench.alone import Rounds, System, cores_between, cpu_seconds, median_row, run_rounds
 from cluster.bench.engine import HERE, EngineProcess
@@ -51,10 +52,12 @@ class _Server:
         self.tree = [proc.pid, *_tree(proc.pid)]
 
 
-def _client_round(args, loop, server: _Server, door: str, c: int) -> dict:
+def _client_round(args, loop, server: _Server, door: str, c: int, rep: int) -> dict:
     from cluster.bench.structured import BENCH_SCHEMA
 
-    prompts = random_prompts(2 * c, args.prompt_len, args.vocab, seed=c)
+    # prompts of its own for every door, round and level: a door measured after another on the same
+    # server must not find the other's prompts in the prefix cache (offline engines never do)
+    prompts = random_prompts(2 * c, args.prompt_len, args.vocab, seed=zlib.crc32(f"{door}/{rep}/{c}".encode()))
     base = f"http://127.0.0.1:{server.port}/v1"
     if door.endswith("grpc"):
         run = grpc_round(args.grpc_client, f"127.0.0.1:{server.grpc_port}", prompts, c, args.output_len)
@@ -75,7 +78,7 @@ def _warmed(args, loop, server: _Server, doors: list[str]) -> _Server:
     small = type(args)(**{**vars(args), "concurrency": [2], "output_len": 4})
     try:
         for door in doors:
-            _client_round(small, loop, server, door, 2)
+            _client_round(small, loop, server, door, 2, rep=-1)
     except BaseException:
         stop_server(server.proc)
         raise
@@ -98,7 +101,7 @@ def _serve_system(args, loop, expert_workers: int, twin: tuple[str, dict] | None
         return _warmed(args, loop, _Server(proc, port, grpc_port), doors)
 
     return System(f"maverick serve {label}{suffix}", start,
-                  lambda server, door, c, rep: _client_round(args, loop, server, door, c),
+                  lambda server, door, c, rep: _client_round(args, loop, server, door, c, rep),
                   lambda server: stop_server(server.proc), doors, idle_s=0 if twin else args.idle_seconds)
 
 
@@ -110,7 +113,7 @@ def _vllm_serve_system(args, loop) -> System:
         return _warmed(args, loop, _Server(start_vllm(args, port, tokenizer=_structured(args),
                                                       compact_json=_structured(args)), port), doors)
 
-    return System("vllm serve", start, lambda server, door, c, rep: _client_round(args, loop, server, door, c),
+    return System("vllm serve", start, lambda server, door, c, rep: _client_round(args, loop, server, door, c, rep),
                   lambda server: stop_server(server.proc), doors, idle_s=args.idle_seconds)
 
 

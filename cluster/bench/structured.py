@@ -68,8 +68,10 @@ def measure(args) -> dict[str, dict[str, dict[int, list[dict]]]]:
                         for mode in modes:
                             steps.show(f"bench structured  round {rep + 1}/{args.repeat}  {name}  {mode}  "
                                        f"concurrency {c}")
+                            # each mode its own prompts: the second must not hit the first's in the prefix cache
+                            seed = 1000 * rep + c + (500 if mode == "schema" else 0)
                             samples[name][mode][c].append(engine.ask(
-                                {"concurrency": c, "seed": 1000 * rep + c, "structured": mode == "schema"}))
+                                {"concurrency": c, "seed": seed, "structured": mode == "schema"}))
                 finally:
                     engine.close()
     finally:
