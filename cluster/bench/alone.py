@@ -33,7 +33,6 @@ class System:
     stop: Callable[[Any], None]
     doors: list[str] = field(default_factory=list)
     idle_s: float = 0.0
-    pids: Callable[[Any], list[int]] | None = None  # the tree whose idle CPU is read (default: our children)
 
     def __post_init__(self):
         self.doors = self.doors or [self.name]
@@ -58,14 +57,13 @@ def run_rounds(systems: list[System], levels: list[int], repeat: int, target: st
         shift = rep % len(systems)
         for system in systems[shift:] + systems[:shift]:
             steps.show(f"bench {target}  {system.name}  starting (round {rep + 1}/{repeat})")
-            before = set(_tree())
+            before = set(process_tree())
             handle = system.start()
-            tree = [p for p in _tree() if p not in before]
+            tree = [p for p in process_tree() if p not in before]
             try:
                 if rep == 0 and system.idle_s:
                     steps.show(f"bench {target}  {system.name}  idle for {system.idle_s:.0f} s")
-                    pids = system.pids(handle) if system.pids else tree
-                    idle[system.name] = idle_cores(pids, system.idle_s)
+                    idle[system.name] = idle_cores(tree, system.idle_s)
                 for level, c in enumerate(levels, 1):
                     doors = system.doors if (rep + level) % 2 else system.doors[::-1]
                     for door in doors:
@@ -80,7 +78,7 @@ def run_rounds(systems: list[System], levels: list[int], repeat: int, target: st
                     if extra is not None:
                         extras[system.name] = extra
             finally:
-                tree += [p for p in _tree() if p not in before and p not in tree]  # e.g. a reloaded HAProxy
+                tree += [p for p in process_tree() if p not in before and p not in tree]  # e.g. a reloaded HAProxy
                 system.stop(handle)
                 wait_gone(tree)
     return Rounds(samples, idle, extras)
@@ -97,7 +95,7 @@ def median_row(rounds: list[dict], prefix: str) -> dict:
     return row
 
 
-def _tree(pid: int | None = None) -> list[int]:
+def process_tree(pid: int | None = None) -> list[int]:
     import psutil
 
     try:

@@ -46,10 +46,10 @@ class _Server:
     """A started server: its process, ports and process tree (read for CPU at the top level)."""
 
     def __init__(self, proc, port: int, grpc_port: int | None = None):
-        from cluster.bench.alone import _tree
+        from cluster.bench.alone import process_tree
 
         self.proc, self.port, self.grpc_port = proc, port, grpc_port
-        self.tree = [proc.pid, *_tree(proc.pid)]
+        self.tree = [proc.pid, *process_tree(proc.pid)]
 
 
 def _client_round(args, loop, server: _Server, door: str, c: int, rep: int) -> dict:
