@@ -332,6 +332,9 @@ class LLMEngine(Engine):
 
     def _run(self, batch: ScheduledBatch, parts: list[tuple[int, int]], microbatches: int) -> list[RequestOutput]:
         sampling = [req.num_computed + n == len(req.tokens) for req, n in zip(batch.requests, batch.num_tokens)]
+        if self.grammars is not None:  # their masks fill while the forward pass runs
+            self.grammars.prefetch([req.matcher for req, s in zip(batch.requests, sampling)
+                                    if s and req.matcher is not None])
         hidden_TD, rows = self.runner.execute(batch, parts, microbatches)
         self.num_steps += 1
         self.scheduled_tokens_total += batch.total_tokens

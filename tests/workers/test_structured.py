@@ -7,6 +7,7 @@ import threading
 
 import jsonschema
 import pytest
+import torch
 
 from model.tiny import make_tiny
 from workers.config import EngineConfig
@@ -87,6 +88,21 @@ def test_preemption_keeps_each_requests_grammar_state(ckpt):
     assert tight.num_preemptions_total > 0
     # greedy and seeded draws do not depend on the batch: the same tokens, and all still valid
     assert {k: ids(v) for k, v in squeezed.items()} == {k: ids(v) for k, v in roomy.items()}
+
+
+def test_a_prefetched_mask_is_the_one_filled_on_the_spot_and_a_stale_one_is_never_used(ckpt):
+    grammars = engine(ckpt).grammars
+    a, b = grammars.matchers(SPEC, [[], []]).result()
+    logits = torch.zeros(2, grammars.vocab_size)
+    grammars.prefetch([a])  # a's mask comes from the mask thread, b's is filled on the spot
+    start = grammars.apply_masks(logits, [0, 1], [a, b]).isinf()
+    assert torch.equal(start[0], start[1]) and 0 < int((~start[0]).sum()) < grammars.vocab_size
+    grammars.prefetch([a, b])
+    a.advance(int((~start[0]).nonzero()[0]))  # a moves on: its prefetched mask is of the old state
+    moved = grammars.apply_masks(logits, [0, 1], [a, b]).isinf()
+    assert torch.equal(moved[1], start[1]) and not torch.equal(moved[0], start[0])
+    fresh, = grammars.matchers(SPEC, [[int((~start[0]).nonzero()[0])]]).result()
+    assert torch.equal(grammars.apply_masks(logits[:1], [0], [fresh]).isinf()[0], moved[0])
 
 
 @pytest.mark.parametrize("cut", [1, 6])
