@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cluster.bench import plots
 from cluster.bench.alone import System, run_rounds
 from cluster.bench.machine import decode_step_floor, measure
 from cluster.terminal import StepLine
@@ -183,12 +184,13 @@ def markdown(report: dict) -> str:
 
 
 def write_report(report: dict, output: str, text: str) -> None:
-    """The report as JSON at `output`, its Markdown `text` beside it and on stdout."""
+    """The report as JSON at `output`, its Markdown `text` beside it and on stdout, its plot as PNG."""
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".md").write_text(text)
     print(text)
+    plots.write_beside(report, out)  # after the figures are safe on disk
 
 
 def main(args) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 import ray
 import torch
 
+from cluster.bench import plots
 from cluster.bench.collectives import collectives_alone
 from cluster.bench.runner import random_prompts
 from cluster.config import EngineLimits, GangConfig, RankResources
@@ -225,4 +226,5 @@ def main(args) -> int:
     lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
+    plots.write_beside(report, out)  # the step split, as PNG
     return 0

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from cluster.bench import plots
 from cluster.probe import wait_http_ok
 
 VLLM_PYTHON = Path(".venv-vllm/bin/python")
@@ -170,9 +171,10 @@ def stop_server(proc: subprocess.Popen | None) -> None:
 
 
 def write_report(output: str, out: dict, markdown: str) -> None:
-    """The JSON at `output`, the Markdown beside it (`.md`) and on stdout."""
+    """The JSON at `output`, the Markdown beside it (`.md`) and on stdout, the plot (`.png`) where it has one."""
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     path.with_suffix(".md").write_text(markdown)
     print(markdown)
+    plots.write_beside(out, path)  # bench serve's; None for reports without a plot (aiperf)
