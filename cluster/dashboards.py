@@ -1,5 +1,8 @@
 """The Grafana dashboards in `deploy/grafana/dashboards/`, written from the panel lists below.
 
+The JSON is built with Grafana Labs' foundation SDK (`grafana-foundation-sdk`): typed builders generated
+from Grafana's own dashboard schema, so a field or value the schema lacks cannot be written (the panel
+lists here are data; no dict reaches the JSON unchecked but a variable's Prometheus query object).
 `maverick dashboards` writes them; `maverick dashboards --check` (and a test) fails when the committed
 JSON differs from what this module writes. Every query uses the `$datasource`, `$application` and
 `$model` variables (and `$gang` where per gang), and the test runs each against a live Prometheus.
@@ -8,8 +11,13 @@ JSON differs from what this module writes. Every query uses the `$datasource`, `
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from grafana_foundation_sdk.builders import dashboard as sdk
+from grafana_foundation_sdk.builders import heatmap, prometheus, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableHide, VariableOption, VariableRefresh
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards"
 APP = 'application=~"$application"'
@@ -34,8 +42,7 @@ class Panel:
     description: str
     unit: str
     targets: list[tuple[str, str]]  # (PromQL, legend)
-    kind: str = "timeseries"
-    options: dict = field(default_factory=dict)
+    kind: str = "timeseries"  # or "heatmap"
 
 
 def _latency(title: str, metric: str, what: str) -> Panel:
@@ -123,36 +130,39 @@ DASHBOARDS = {"maverick-serving": ("maverick: serving", SERVING), "maverick-gang
               "maverick-kv": ("maverick: KV and prefix cache", KV)}
 
 
-def _variables() -> list[dict]:
-    def query(name: str, label: str, metric: str, include_all: bool = True) -> dict:
-        return {"name": name, "label": label, "type": "query", "datasource": "${datasource}",
-                "query": {"query": f"label_values({metric}, {label})", "refId": f"{name}-var"},
-                "definition": f"label_values({metric}, {label})", "refresh": 2, "includeAll": include_all,
-                "multi": True, "allValue": ".*", "current": {"selected": True, "text": "All", "value": "$__all"}}
+DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
+PANELS = {"timeseries": timeseries.Panel, "heatmap": heatmap.Panel}
 
-    return [{"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
-             "current": {}, "hide": 0},
+
+def _variables() -> list:
+    def query(name: str, label: str, metric: str) -> sdk.QueryVariable:
+        return (sdk.QueryVariable(name).label(label).datasource(DATASOURCE)
+                .query({"query": f"label_values({metric}, {label})", "refId": f"{name}-var"})
+                .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).include_all(True).multi(True).all_value(".*")
+                .current(VariableOption(selected=True, text="All", value="$__all")))
+
+    return [sdk.DatasourceVariable("datasource").label("Data source").type("prometheus").hide(VariableHide.DONT_HIDE),
             query("application", "application", "ray_maverick_requests_received_total"),
             query("model", "model_name", "ray_maverick_requests_received_total"),
             query("gang", "gang", "ray_maverick_engine_steps_total")]
 
 
+def _panel(i: int, p: Panel):
+    panel = (PANELS[p.kind]().id(i + 1).title(p.title).description(p.description).datasource(DATASOURCE)
+             .unit(p.unit).height(8).span(12))  # two to a row; the dashboard builder places them
+    for j, (expr, legend) in enumerate(p.targets):
+        panel.with_target(prometheus.Dataquery().ref_id(chr(ord("A") + j)).expr(expr).legend_format(legend)
+                          .datasource(DATASOURCE))
+    return panel
+
+
 def dashboard(uid: str) -> dict:
     title, panels = DASHBOARDS[uid]
-    out = []
+    board = (sdk.Dashboard(title).uid(uid).tags(["maverick"]).timezone("browser").version(1).refresh("10s")
+             .time("now-30m", "now").editable().variables(_variables()))
     for i, p in enumerate(panels):
-        panel = {"id": i + 1, "type": p.kind, "title": p.title, "description": p.description,
-                 "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                 "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
-                 "fieldConfig": {"defaults": {"unit": p.unit}, "overrides": []},
-                 "targets": [{"refId": chr(ord("A") + j), "expr": expr, "legendFormat": legend,
-                              "datasource": {"type": "prometheus", "uid": "${datasource}"}}
-                             for j, (expr, legend) in enumerate(p.targets)],
-                 "options": p.options}
-        out.append(panel)
-    return {"uid": uid, "title": title, "tags": ["maverick"], "timezone": "browser", "schemaVersion": 39,
-            "version": 1, "refresh": "10s", "time": {"from": "now-30m", "to": "now"},
-            "templating": {"list": _variables()}, "panels": out, "editable": True}
+        board.with_panel(_panel(i, p))
+    return json.loads(JSONEncoder().encode(board.build()))
 
 
 def render(uid: str) -> str:
