@@ -1,8 +1,9 @@
-"""README.md's code, run as a newcomer runs it.
+"""README.md's and the docs/ pages' code, run as a newcomer runs it.
 
-Every fenced block is shell (no language, or bash/sh), Python, or ```text (output, not code). Each
-shell or Python block either runs here, in README order and sharing what earlier blocks made (a checkpoint, a server), or carries
-`<!-- illustrative: why -->` on the line before it. Blocks that talk to a server get one
+Every fenced block is shell (no language, or bash/sh), Python, YAML (a deployment: validated, not run),
+or ```text (output, not code). Each shell or Python block either runs here, in order (README.md, then
+the pages in mkdocs.yml's navigation) and sharing what earlier blocks made (a checkpoint, a server),
+or carries `<!-- illustrative: why -->` on the line before it. Blocks that talk to a server get one
 `maverick serve deploy/tiny-cpu.yaml` (what `make serve` runs) on free ports: their 127.0.0.1:8000
 and 127.0.0.1:9000 are rewritten to its ports, and every /tmp/ to this module's own folder.
 
@@ -43,6 +44,7 @@ SEPARATORS = {"&&", "||", "|", ";", "&"}
 
 @dataclass
 class Block:
+    page: str  # README.md, or docs/...
     line: int  # of the opening fence, 1-based
     lang: str
     body: str
@@ -50,10 +52,21 @@ class Block:
 
     @property
     def id(self) -> str:
-        return f"line{self.line}"
+        return f"{self.page}:{self.line}"
 
 
-def read_blocks(text: str) -> list[Block]:
+def pages() -> list[str]:
+    """README.md, then every page of the site in its navigation's order."""
+    def files(nav):
+        for item in nav:
+            value = next(iter(item.values())) if isinstance(item, dict) else item
+            yield from (files(value) if isinstance(value, list) else [value])
+
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    return ["README.md"] + [f"docs/{name}" for name in files(nav)]
+
+
+def read_blocks(text: str, page: str = "README.md") -> list[Block]:
     lines, blocks, i = text.splitlines(), [], 0
     while i < len(lines):
         fence = re.fullmatch(r"```(\w*)\s*", lines[i])
@@ -62,14 +75,15 @@ def read_blocks(text: str) -> list[Block]:
             continue
         end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
         marker = re.fullmatch(r"<!-- illustrative: (.*) -->", lines[i - 1].strip()) if i else None
-        blocks.append(Block(i + 1, fence[1], "\n".join(lines[i + 1:end]), marker[1].strip() if marker else None))
+        blocks.append(Block(page, i + 1, fence[1], "\n".join(lines[i + 1:end]), marker[1].strip() if marker else None))
         i = end + 1
     return blocks
 
 
-BLOCKS = read_blocks((ROOT / "README.md").read_text())
+BLOCKS = [b for name in pages() for b in read_blocks((ROOT / name).read_text(), name)]
 SHELL = [b for b in BLOCKS if b.lang in SHELL_LANGS]
-EXECUTED = [b for b in BLOCKS if b.illustrative is None and b.lang != "text"]
+YAML = [b for b in BLOCKS if b.lang == "yaml"]
+EXECUTED = [b for b in BLOCKS if b.illustrative is None and b.lang in SHELL_LANGS + ("python",)]
 
 
 def logical_lines(body: str) -> list[str]:
@@ -135,19 +149,29 @@ def check_argv(argv: list[str], where: str) -> None:
 
 
 def test_every_block_runs_or_says_why_not():
-    assert BLOCKS, "README.md has no code blocks?"
+    assert {b.page for b in BLOCKS} >= {"README.md", "docs/http-api.md", "docs/grpc.md", "docs/tools.md"}
     for block in BLOCKS:
-        assert block.lang in SHELL_LANGS + ("python", "text"), f"README.md line {block.line}: a ```{block.lang} block"
+        assert block.lang in SHELL_LANGS + ("python", "text", "yaml"), f"{block.id}: a ```{block.lang} block"
         if block.illustrative is not None:
-            assert len(block.illustrative) > 10, f"README.md line {block.line}: say why it is illustrative"
-    assert len(EXECUTED) >= 7, [b.line for b in EXECUTED]  # NOTES.md gives the count
+            assert block.lang in SHELL_LANGS + ("python",), f"{block.id}: only code is marked illustrative"
+            assert len(block.illustrative) > 10, f"{block.id}: say why it is illustrative"
+    readme = [b for b in EXECUTED if b.page == "README.md"]
+    assert len(readme) >= 2 and len(EXECUTED) >= 20, [b.id for b in EXECUTED]  # NOTES.md gives the count
 
 
 @pytest.mark.parametrize("block", SHELL, ids=lambda b: b.id)
 def test_commands_parse_and_name_what_exists(block):
     for command, _ in commands(block):
         for argv in simple_commands(command):
-            check_argv(argv, f"README.md line {block.line}")
+            check_argv(argv, block.id)
+
+
+@pytest.mark.parametrize("block", YAML, ids=lambda b: b.id)
+def test_yaml_blocks_are_valid_deployments(block):
+    from cluster.serve_config import validate_serve_config
+
+    _, apps = validate_serve_config(yaml.safe_load(block.body), block.id)
+    assert apps and all(app is not None for app in apps), f"{block.id}: no application of ours"
 
 
 def test_a_checkpoint_written_is_the_one_served():
@@ -161,7 +185,7 @@ def test_a_checkpoint_written_is_the_one_served():
                 if Path(argv[0]).name == "maverick" and argv[1:2] == ["serve"] and argv[2].endswith(".yaml"):
                     served = yaml.safe_load((ROOT / argv[2]).read_text())["applications"][0]["args"]["model"]
         if written and served:
-            assert written == served, f"README.md line {block.line}: writes {written} but serves {served}"
+            assert written == served, f"{block.id}: writes {written} but serves {served}"
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -182,7 +206,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    """What the README calls /tmp/, and the Python blocks' working folder (with a cat.png)."""
+    """What the pages call /tmp/, and the Python blocks' working folder (with a cat.png)."""
     from PIL import Image
 
     path = tmp_path_factory.mktemp("readme")
@@ -245,7 +269,7 @@ def check_output(argv: list[str], stdout: str, where: str) -> None:
 
 @pytest.mark.parametrize("block", EXECUTED, ids=lambda b: b.id)
 def test_block_runs(block, home, request, monkeypatch):
-    where = f"README.md line {block.line}"
+    where = block.id
     needs_server = "127.0.0.1:" in block.body
     server = request.getfixturevalue("server") if needs_server else None
     if block.lang == "python":
