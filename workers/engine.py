@@ -146,9 +146,6 @@ class LLMEngine(Engine):
         ids, vocab = request.prompt_token_ids, self.model_config.vocab_size
         if not ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
-        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequest(f"token id {bad} is out of vocabulary [0, {vocab})", param="prompt")
         request.params.validate(vocab)
         params = request.params.resolve(self.defaults.sampling)
         params.validate(vocab)
@@ -171,6 +168,10 @@ class LLMEngine(Engine):
                     f"This model's maximum context length is {limit} tokens (set by {self._limit_reason}). "
                     f"However, you requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} in "
                     f"the completion).", param="max_tokens")
+        # after the length checks: this pass over every id is the costly one (~0.2 s per 1M tokens)
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"token id {bad} is out of vocabulary [0, {vocab})", param="prompt")
         resume = self._validate_resume(request.resume, params.n, vocab, max_tokens)
         images = list(request.images or [])
         positions, spans = self._validate_images(ids, images)

@@ -189,3 +189,20 @@ def test_grpc_carries_image_bytes(live, client, hf):
     with pytest.raises(grpc.RpcError) as info:  # two images for one placeholder
         stub.Generate(pb.GenerateRequest(prompt=prompt_text, images=[WIDE, SMALL], max_tokens=2), timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "placeholders" in info.value.details()
+
+
+def test_a_large_data_url_decodes_in_chunks_exactly_and_a_bad_chunk_is_refused():
+    import asyncio
+    import os
+
+    from cluster.config import ImageSettings
+    from router.images import DECODE_CHUNK, ImageLoader
+    from workers.errors import InvalidRequest
+
+    loader = ImageLoader(None, ImageSettings(max_bytes=8 * DECODE_CHUNK))
+    blob = os.urandom(2 * DECODE_CHUNK + 5)  # about 2.7 chunks of base64, with padding at the end
+    encoded = base64.b64encode(blob).decode()
+    assert asyncio.run(loader._bytes("data:image/png;base64," + encoded)) == blob
+    broken = encoded[:DECODE_CHUNK + 8] + "!" + encoded[DECODE_CHUNK + 9:]  # in the second chunk
+    with pytest.raises(InvalidRequest, match="malformed"):
+        asyncio.run(loader._bytes("data:image/png;base64," + broken))

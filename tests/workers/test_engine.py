@@ -233,7 +233,9 @@ def test_invalid_requests_raise_before_queueing(hf_checkpoint):
     cases = [([], SamplingParams(), InvalidRequest), ([1, 128], SamplingParams(), InvalidRequest),
              ([1, -1], SamplingParams(), InvalidRequest), ([1] * 60, SamplingParams(temperature=0.0, max_tokens=5), ContextTooLong),
              ([1] * 64, SamplingParams(), ContextTooLong), ([1], SamplingParams(temperature=0.0, max_tokens=0), InvalidRequest),
-             ([1], SamplingParams(stop_token_ids=[999]), InvalidRequest)]
+             ([1], SamplingParams(stop_token_ids=[999]), InvalidRequest),
+             # an overlong prompt is refused by its length before its ids are read (the costly check)
+             ([1] * 70 + [-1], SamplingParams(), ContextTooLong)]
     for ids, params, error in cases:
         with pytest.raises(error):
             eng.submit(GenerateRequest(ids, params))
