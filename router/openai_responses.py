@@ -54,14 +54,17 @@ class Formatter:
 
     def __init__(self, kind: str, request_id: str, model: str, token_text: Callable[[int], str],
                  return_token_ids: bool = False, echo: bool = False, tools: dict[str, list[str]] | None = None,
-                 prompt_logprobs: bool = False):
+                 prompt_logprobs: bool = False, named_tool: bool = False):
         """`tools`: parse tool calls out of chat outputs (each tool's parameter names, for positional
-        arguments); None leaves the text as content. `prompt_logprobs`: the client asked for them."""
+        arguments); None leaves the text as content. `prompt_logprobs`: the client asked for them.
+        `named_tool`: tool_choice named the function, so a call keeps the engine's finish reason (`stop`,
+        OpenAI's rule, which vLLM follows) instead of `tool_calls`."""
         self.kind, self.model, self.token_text = kind, model, token_text
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
         self.created = int(time.time())
         self.return_token_ids, self.echo = return_token_ids, echo
         self.tools = tools
+        self.named_tool = named_tool
         self.prompt_logprobs = prompt_logprobs
         self._parsers: dict[int, StreamingToolParser] = {}  # per streamed choice
 
@@ -145,7 +148,7 @@ class Formatter:
             if calls:
                 message = {"role": "assistant", "content": content or None,
                            "tool_calls": [call.openai() for call in calls]}
-                finish_reason = "tool_calls"
+                finish_reason = finish_reason if self.named_tool else "tool_calls"
         choice = {"index": c.index, "message": message,
                   "logprobs": self.chat_logprobs(c.logprobs) if logprobs else None,
                   "finish_reason": finish_reason, "stop_reason": c.stop_reason}
@@ -194,7 +197,7 @@ class Formatter:
             out_chunks.append(self._delta(index, {"tool_calls": [named]}))
             arguments = {"index": i, "function": {"arguments": call.arguments}}
             out_chunks.append(self._delta(index, {"tool_calls": [arguments]}))
-        end = self._delta(index, {}, "tool_calls" if calls else out.finish_reason)
+        end = self._delta(index, {}, "tool_calls" if calls and not self.named_tool else out.finish_reason)
         end["choices"][0]["stop_reason"] = out.stop_reason
         return out_chunks + [end]
 

@@ -118,7 +118,8 @@ class Serving:
                                              tools=body.template_tools())
         parsing = {t.name: t.param_names() for t in tools} if mode != "none" else None
         formatter = Formatter("chat", request_id, self.model_name, self.token_text, body.return_token_ids,
-                              tools=parsing, prompt_logprobs=body.prompt_logprobs is not None)
+                              tools=parsing, prompt_logprobs=body.prompt_logprobs is not None,
+                              named_tool=mode == "named")
         request = GenerateRequest(ids, params, _engine_id(request_id, 0), images=images or None)
         return Prepared("chat", [request], formatter, body.stream, self._usage(body), body.logprobs)
 

@@ -17,6 +17,7 @@ and it needs neither transformers nor triton at run time.
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -185,11 +186,11 @@ class Grammars:
             raise InvalidRequest(f"{spec.param}: {exc}", param=spec.param) from None
         matcher = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
         if matcher.is_error():
-            raise InvalidRequest(f"{spec.param}: {_one_line(matcher.get_error())}", param=spec.param)
+            raise InvalidRequest(f"{spec.param}: {_one_line(matcher.get_error(), spec.kind)}", param=spec.param)
         mask = llg_torch.allocate_token_bitmask(1, self.vocab_size)
         llg_torch.fill_next_token_bitmask(matcher, mask)  # warms the lexer for every copy
         if matcher.is_error():
-            raise InvalidRequest(f"{spec.param}: {_one_line(matcher.get_error())}", param=spec.param)
+            raise InvalidRequest(f"{spec.param}: {_one_line(matcher.get_error(), spec.kind)}", param=spec.param)
         self._cache[spec.key] = matcher
         while len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -268,7 +269,18 @@ class Grammars:
         return out
 
 
-def _one_line(message: str) -> str:
-    """llguidance's multi-line error (with a source excerpt) as one line for an API error body."""
-    text = " ".join(message.split())
-    return (text[:500] + "...") if len(text) > 500 else (text or "the grammar does not compile")
+def _one_line(message: str, kind: str = "") -> str:
+    """llguidance's multi-line error as one line for an API error body. Its `at L(C): ...` position
+    and source excerpt are of the Lark text it wraps a regex in, so a regex's error keeps only what
+    is wrong (`invalid regex "[a-z": unclosed character class`); a grammar's says where."""
+    lines = message.strip().splitlines()
+    head = re.match(r"at (\d+)\((\d+)\): (.*)", lines[0]) if lines else None
+    if head is None:
+        text = " ".join(message.split())
+        return (text[:500] + "...") if len(text) > 500 else (text or "the grammar does not compile")
+    what = head.group(3).replace(" (in regex)", "").rstrip(":").removesuffix(" regex parse error").rstrip(":")
+    cause = next((line.strip()[len("error: "):] for line in lines if line.strip().startswith("error: ")), None)
+    text = f"{what}: {cause}" if cause else what
+    if kind != "regex":
+        text = f"line {head.group(1)} column {head.group(2)}: {text}"
+    return text[:500]
