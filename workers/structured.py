@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import llguidance
@@ -129,7 +129,7 @@ class Matcher:
 
     def advance(self, token: int) -> None:
         if self.prefetched is not None:  # never consume while the mask thread reads this state
-            self.prefetched[0].result()
+            wait([self.prefetched[0]])
             self.prefetched = None
         if token in self.eos_ids:
             token = self.eos_ids[0]
