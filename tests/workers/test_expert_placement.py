@@ -1,0 +1,130 @@
+"""EPLB's placement policy, balancedness and token split (`workers.expert_placement`), pure functions."""
+
+import pytest
+import torch
+
+from model.moe import RoutedExperts, experts_for_loop
+from workers.expert_parallel import Placement
+from workers.expert_placement import (
+    balancedness, contiguous_placement, place_experts, place_layer, replica_of_rows, to_rank_table)
+
+SKEWED = [900, 700, 30, 20, 10, 10, 5, 5]  # two hot experts, as make-tiny --router-skew writes them
+
+
+def test_every_expert_placed_and_capacities_respected():
+    for capacities in ([5, 5, 4], [3, 3, 2], [6, 2, 3], [8, 1, 1], [4, 4, 4, 4]):
+        p = place_layer(SKEWED, capacities)
+        assert all(len(r) >= 1 for r in p.replicas)
+        assert [len(s) for s in p.slots] == capacities  # every slot filled
+        for e, replicas in enumerate(p.replicas):
+            for r in replicas:
+                assert p.slots[r.rank][r.slot] == e
+            assert len({r.rank for r in replicas}) == len(replicas)  # no two copies on one rank
+
+
+def test_uneven_capacities_and_no_spare_slots():
+    p = place_layer(SKEWED, [3, 3, 2])
+    assert p.replica_counts() == [1] * 8
+    assert sorted(e for s in p.slots for e in s) == list(range(8))
+    # the two hot experts no longer share a rank
+    assert p.replicas[0][0].rank != p.replicas[1][0].rank
+
+
+def test_hot_experts_get_the_replicas():
+    p = place_layer(SKEWED, [5, 5, 4])  # 6 spare slots
+    # the hot pair stops at one copy per rank (3); the two slots left go to the next heaviest
+    assert p.replica_counts() == [3, 3, 2, 2, 1, 1, 1, 1]
+    assert place_layer([10, 1, 1, 1], [2, 2, 1]).replica_counts() == [2, 1, 1, 1]
+
+
+def test_highest_load_per_replica_wins_each_spare_slot():
+    # 100 / 2 = 50 still beats 40: the first expert takes two spare slots before the second gets one
+    assert place_layer([100, 40, 1, 1], [2, 2, 2]).replica_counts() == [3, 1, 1, 1]
+    assert place_layer([100, 40, 1, 1], [3, 2, 2]).replica_counts() == [3, 2, 1, 1]  # then 40 beats 33
+    assert place_layer([100, 60, 1, 1], [2, 2, 2]).replica_counts()[:2] == [2, 2]
+
+
+def test_deterministic():
+    load = {1: SKEWED, 3: list(reversed(SKEWED))}
+    assert place_experts(load, [5, 5, 4]) == place_experts(dict(load), [5, 5, 4])
+    tie = place_layer([7] * 8, [4, 4, 3])
+    assert tie == place_layer([7] * 8, [4, 4, 3])
+
+
+def test_uniform_load_leaves_the_balance_alone():
+    uniform = [50] * 8
+    assert balancedness(place_layer(uniform, [4, 4]).rank_tokens(uniform)) == 1.0
+    for capacities, experts_per_rank in (([3, 3, 2], [3, 3, 2]), ([4, 4, 3], [3, 3, 2])):
+        before = balancedness(contiguous_placement(8, experts_per_rank).rank_tokens(uniform))
+        after = balancedness(place_layer(uniform, capacities).rank_tokens(uniform))
+        assert after >= before - 1e-9
+
+
+def test_balancedness_improves_on_a_skewed_load():
+    before = balancedness(contiguous_placement(8, [3, 3, 2]).rank_tokens(SKEWED))
+    assert before < 0.4  # experts 0 and 1 on one rank: 1600 of 1680 tokens
+    no_spares = balancedness(place_layer(SKEWED, [3, 3, 2]).rank_tokens(SKEWED))
+    with_spares = balancedness(place_layer(SKEWED, [5, 5, 4]).rank_tokens(SKEWED))
+    assert before < no_spares < with_spares
+    assert with_spares >= 0.9
+
+
+def test_balancedness_definition():
+    assert balancedness([10, 10, 10]) == 1.0
+    assert balancedness([30, 0, 0]) == pytest.approx(1 / 3)
+    assert balancedness([0, 0]) == 1.0
+
+
+def test_rejects_too_few_slots():
+    with pytest.raises(ValueError, match="8 experts do not fit in 7 slots"):
+        place_layer(SKEWED, [3, 2, 2])
+
+
+def test_rank_table_is_a_valid_dispatch_placement():
+    placements = place_experts({1: SKEWED, 3: SKEWED[::-1]}, [5, 5, 4])
+    table = to_rank_table(placements, first_expert_rank=1)
+    Placement(table).check([1, 3], 8, [1, 2, 3])
+    assert set(table[1][0]) == {1, 2, 3}
+
+
+def test_token_split_is_even_and_depends_only_on_the_rows():
+    experts_N = torch.tensor([0, 1, 0, 0, 2, 0, 1, 0, 0, 3])
+    replicas_E = torch.tensor([3, 2, 1, 1])
+    replica_N = replica_of_rows(experts_N, replicas_E)
+    assert replica_N.tolist() == [0, 0, 1, 2, 0, 0, 1, 1, 2, 0]  # k-th row of expert e -> k mod replicas
+    for e, c in enumerate(replicas_E.tolist()):
+        per_replica = torch.bincount(replica_N[experts_N == e], minlength=c)
+        assert per_replica.max() - per_replica.min() <= 1
+    assert torch.equal(replica_N, replica_of_rows(experts_N.clone(), replicas_E.clone()))
+
+
+def test_split_counts_match_rank_tokens():
+    p = place_layer(SKEWED, [5, 5, 4])
+    experts_N = torch.repeat_interleave(torch.arange(8), torch.tensor(SKEWED))[torch.randperm(sum(SKEWED))]
+    replica_N = replica_of_rows(experts_N, torch.tensor(p.replica_counts()))
+    served = [0, 0, 0]
+    for e, j in zip(experts_N.tolist(), replica_N.tolist()):
+        served[p.replicas[e][j].rank] += 1
+    assert served == p.rank_tokens(SKEWED)
+
+
+def test_outputs_do_not_depend_on_placement():
+    """Rows split over replicas (copies of the expert, computing their rows apart) give what one
+    copy gives, whichever replica counts the placement chose."""
+    gen = torch.Generator().manual_seed(0)
+    experts = RoutedExperts(16, 8, list(range(4)), 4)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    x_ND = torch.randn(40, 16, generator=gen)
+    experts_N = torch.randint(0, 4, (40,), generator=gen)
+    reference_ND = experts_for_loop(experts, x_ND, experts_N)
+    for counts in ([1, 1, 1, 1], [3, 2, 1, 1], [2, 2, 2, 2]):
+        replica_N = replica_of_rows(experts_N, torch.tensor(counts))
+        y_ND = torch.empty_like(x_ND)
+        for e, c in enumerate(counts):
+            for j in range(c):
+                rows = torch.nonzero((experts_N == e) & (replica_N == j)).squeeze(1)
+                if rows.numel():
+                    y_ND[rows] = experts(x_ND[rows], experts_N[rows])
+        torch.testing.assert_close(y_ND, reference_ND, rtol=0, atol=1e-5)
