@@ -20,7 +20,7 @@ import yaml
 
 from cluster.config import parse_app_args
 from cluster.serve_config import OUR_IMPORT_PATHS, load_serve_config, validate_serve_config
-from router.plan_cli import add_plan_parser, run_plan
+from router.cli.plan import add_plan_parser, run_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERAY = ROOT / "deploy" / "kuberay"

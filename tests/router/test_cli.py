@@ -85,7 +85,7 @@ def test_generate_through_a_gang_equals_single_process(tiny):
 @pytest.mark.parametrize("host, proxy", [(None, "haproxy"), ("127.0.0.1", "haproxy"), ("0.0.0.0", "haproxy"),
                                          ("10.1.2.3", "python")])
 def test_serve_takes_haproxy_unless_the_host_is_one_it_cannot_serve(host, proxy, capsys):
-    from router.serve_cli import _local_proxy
+    from router.cli.serve import _local_proxy
 
     assert _local_proxy("haproxy", host) == proxy
     assert ("Python proxy" in capsys.readouterr().err) == (proxy == "python")
@@ -154,7 +154,7 @@ def test_top_without_a_server_or_a_scheme_says_so_in_one_line():
 
 
 def test_the_ready_banner_says_when_a_key_is_needed():
-    from router.serve_cli import _banner
+    from router.cli.serve import _banner
 
     app = {"name": "maverick", "args": {"served_model_name": "/tmp/tiny", "api_key": "sk-local"}}
     data = {"applications": [app], "grpc_options": {"port": 9000, "grpc_servicer_functions": ["x"]}}

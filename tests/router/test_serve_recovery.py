@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from cluster.probe import http_ok, wait_until
-from router.serve_cli import STATUS_POLL_S
+from router.cli.serve import STATUS_POLL_S
 from tests.router.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,7 +134,7 @@ def test_sigkill_of_an_ingress_replica_leaves_the_service_up(server):
 
 
 def test_the_watch_waits_out_an_unhealthy_application_and_stops_only_when_it_cannot_recover():
-    from router.serve_cli import AppWatch
+    from router.cli.serve import AppWatch
 
     said = []
     watch = AppWatch(60, said.append)

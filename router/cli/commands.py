@@ -53,7 +53,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from router.generate import run_generate
+    from router.cli.generate import run_generate
 
     if not getattr(args, "prompts", None):
         raise SystemExit("give at least one --prompt or --prompt-ids")
@@ -84,7 +84,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return bench_aiperf(args)
     if args.target == "serve":
         from cluster.bench.serve import main as bench_serve
-        from router.grpc_client import StreamClient
+        from router.cli.grpc_client import StreamClient
 
         args.peers = [] if args.peers == "none" else args.peers.split(",")
         args.grpc_client = StreamClient
@@ -112,7 +112,7 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from router.plan_cli import run_plan
+    from router.cli.plan import run_plan
 
     return run_plan(args)
 
@@ -150,13 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-workers", type=int, default=1)
     p.set_defaults(func=cmd_generate)
 
-    from router.serve_cli import add_serve_parser
-    from router.top import add_top_parser
+    from router.cli.serve import add_serve_parser
+    from router.cli.top import add_top_parser
 
     add_serve_parser(sub)
     add_top_parser(sub)
 
-    from router.plan_cli import add_plan_parser
+    from router.cli.plan import add_plan_parser
 
     add_plan_parser(sub, cmd_plan)
 
