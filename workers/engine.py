@@ -154,20 +154,8 @@ class LLMEngine(Engine):
         if params.structured is not None and self.grammars is None:
             raise InvalidRequest("structured outputs need a tokenizer; this server works on token ids only",
                                  param=params.structured.param)
-        limit, n = self.max_model_len, len(ids)
-        if params.max_tokens is None:
-            if n >= limit:
-                raise ContextTooLong(f"This model's maximum context length is {limit} tokens (set by "
-                                     f"{self._limit_reason}). However, your prompt has {n} tokens, leaving "
-                                     f"none to generate.", param="prompt")
-            max_tokens = limit - n
-        else:
-            max_tokens = params.max_tokens
-            if n + max_tokens > limit:
-                raise ContextTooLong(
-                    f"This model's maximum context length is {limit} tokens (set by {self._limit_reason}). "
-                    f"However, you requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} in "
-                    f"the completion).", param="max_tokens")
+        ContextTooLong.check(self.max_model_len, self._limit_reason, len(ids), params.max_tokens)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
         # after the length checks: this pass over every id is the costly one (~0.2 s per 1M tokens)
         bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:

@@ -39,7 +39,18 @@ class InvalidRequest(EngineError):
 
 
 class ContextTooLong(InvalidRequest):
-    pass
+    @classmethod
+    def check(cls, limit: int, reason: str, prompt_tokens: int, max_tokens: int | None) -> None:
+        """Raised when a prompt and its completion cannot fit `limit` tokens (`max_tokens` None: the
+        completion may take the rest, so the prompt must leave at least one token)."""
+        if max_tokens is None:
+            if prompt_tokens >= limit:
+                raise cls(f"This model's maximum context length is {limit} tokens (set by {reason}). However, "
+                          f"your prompt has {prompt_tokens} tokens, leaving none to generate.", param="prompt")
+        elif prompt_tokens + max_tokens > limit:
+            raise cls(f"This model's maximum context length is {limit} tokens (set by {reason}). However, you "
+                      f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} "
+                      f"in the completion).", param="max_tokens")
 
 
 class QueueFull(EngineError):
