@@ -47,7 +47,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     out = make_tiny(args.dir, preset=args.preset, seed=args.seed, layout=args.layout, dtype=dtype, fp8=args.fp8,
-                    vocab_size=args.vocab_size)
+                    vocab_size=args.vocab_size, router_skew=args.router_skew)
     print(out)
     return 0
 
@@ -82,6 +82,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         args.peers = [] if args.peers == "none" else args.peers.split(",")
         return bench_aiperf(args)
+    if args.target == "bodies":
+        from cluster.bench.bodies import main as bench_bodies
+
+        args.peers = [] if args.peers == "none" else args.peers.split(",")
+        return bench_bodies(args)
     if args.target == "serve":
         from cluster.bench.serve import main as bench_serve
         from router.cli.grpc_client import StreamClient
@@ -136,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=None,
                    help="the preset's vocabulary grown or shrunk to this size (202048: Maverick's), the "
                         "tokenizer filled with synthetic merges past what its corpus trains")
+    p.add_argument("--router-skew", type=float, default=0.0, metavar="S",
+                   help="skew routing toward a hot pair, experts 0 and 1 of every MoE layer: their router rows "
+                        "get +S*u and -S*u (u a unit vector per layer from the seed), so top-1 sends them most "
+                        "tokens, split about evenly; on tiny-maverick S=10 gives the pair ~77%%, S=16 ~85%%; "
+                        "0 (default) writes the unskewed checkpoint (see model/router_skew.py)")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("generate", help="greedy generation for a batch of prompts, one JSON line each")
@@ -166,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dashboards)
 
     p = sub.add_parser("bench", help="benchmarks, measured against peers in the same run")
-    p.add_argument("target", choices=["engine", "ep", "serve", "aiperf"],
-                   help="aiperf: NVIDIA's aiperf beside bench serve's own client, at the top --concurrency")
+    p.add_argument("target", choices=["engine", "ep", "serve", "aiperf", "bodies"],
+                   help="aiperf: NVIDIA's aiperf beside bench serve's own client, at the top --concurrency; "
+                        "bodies: the streams' inter-token p99 while requests with large bodies arrive")
     p.add_argument("--model", default="checkpoints/bench", help="checkpoint (make-tiny --preset bench)")
     p.add_argument("--output", default=ENGINE_OUTPUT)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -204,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3, help="runs per engine and level; medians are compared")
     p.add_argument("--idle-seconds", type=float, default=30.0,
                    help="bench serve: each server's idle CPU read over this long in round 1 (0: not read)")
+    p.add_argument("--big-requests", type=int, default=20,
+                   help="bench bodies: requests with large bodies arriving among the streams")
+    p.add_argument("--body-mb", type=float, default=1.0, help="bench bodies: each large body's size in MB")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per engine run")
     p.set_defaults(func=cmd_bench)
     for p in sub.choices.values():  # also after the subcommand: `maverick serve ... --debug`
