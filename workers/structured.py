@@ -46,15 +46,18 @@ class GrammarSpec:
 
     @classmethod
     def json_schema(cls, schema: dict | str, param: str = "response_format") -> "GrammarSpec":
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except ValueError as exc:
-                raise InvalidRequest(f"{param}: the JSON schema is not valid JSON: {exc}", param=param) from None
-        if not isinstance(schema, dict):
-            raise InvalidRequest(f"{param}: a JSON schema must be an object", param=param)
-        # canonical up to whitespace; key order stays: it is the order properties are written in
-        return cls("json", json.dumps(schema, separators=(",", ":")), param)
+        try:
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as exc:
+                    raise InvalidRequest(f"{param}: the JSON schema is not valid JSON: {exc}", param=param) from None
+            if not isinstance(schema, dict):
+                raise InvalidRequest(f"{param}: a JSON schema must be an object", param=param)
+            # canonical up to whitespace; key order stays: it is the order properties are written in
+            return cls("json", json.dumps(schema, separators=(",", ":")), param)
+        except RecursionError:  # a hostile schema of thousands of nested brackets: the client's error
+            raise InvalidRequest(f"{param}: the JSON schema is nested too deeply", param=param) from None
 
     @classmethod
     def choice(cls, options: list, param: str = "structured_outputs.choice") -> "GrammarSpec":

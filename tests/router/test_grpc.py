@@ -201,9 +201,9 @@ def grpc_tickets(live) -> tuple[float, float]:
     return received, ended
 
 
-def test_an_untyped_failure_in_admission_still_ends_in_one_outcome(live, stub):
-    """A schema nested past Python's recursion limit fails in admission with no error of our table (a
-    RecursionError): the request still gets a clean INTERNAL and its ticket an outcome."""
+def test_a_schema_nested_past_the_recursion_limit_is_invalid_and_ends_in_one_outcome(live, stub):
+    """A schema of 100,000 nested brackets is the client's error, with one clean line; its ticket gets
+    one outcome. (An untyped failure in admission ends in one outcome too: test_request_life.py.)"""
     nested = pb.GenerateRequest(prompt_token_ids=[2016, 5], max_tokens=2,
                                 structured=pb.StructuredOutput(json_schema="[" * 100_000))
     received, ended = grpc_tickets(live)
@@ -212,6 +212,6 @@ def test_an_untyped_failure_in_admission_still_ends_in_one_outcome(live, stub):
                  lambda: list(stub.GenerateStream(nested, metadata=md(), timeout=60))):
         with pytest.raises(grpc.RpcError) as info:
             call()
-        assert info.value.code() == grpc.StatusCode.INTERNAL, info.value.details()
-        assert "Traceback" not in info.value.details() and "[[[" not in info.value.details()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert info.value.details() == "structured.json_schema: the JSON schema is nested too deeply"
     assert grpc_tickets(live) == (received + 2, ended + 2)
