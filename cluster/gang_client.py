@@ -47,28 +47,29 @@ class _Stream:
 
 
 class GangClient:
-    def __init__(self, attention: list, consumer: str, prefix_tokens: int = routing.DEFAULT_PREFIX_TOKENS,
-                 on_broken=None, epoch: int = 0):
+    def __init__(self, attention: list, consumer: str, on_broken=None, epoch: int = 0):
         self.attention = attention  # actor handles, rank order
         self.epoch = epoch  # the gang build these handles belong to
         self.consumer = consumer  # the channel name on every attention worker: unique per consumer
-        self.prefix_tokens = prefix_tokens
         self.on_broken = on_broken  # called once, (reason, gang_failed), when a channel breaks
         self.broken: str | None = None
         self.gang_failed = False  # broken because the gang failed, not by a failure in this process
-        self.requests_per_worker = [0] * len(attention)  # since start, for stats and routing tests
+        self.load = [0] * len(attention)  # this client's open streams on each attention worker
         self._streams: dict[str, _Stream] = {}
         self._listeners = [asyncio.create_task(self._listen(i)) for i in range(len(attention))]
 
-    async def generate_batches(self, request: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
+    async def generate_batches(self, request: GenerateRequest,
+                               affinity: bytes | None) -> AsyncIterator[list[RequestOutput]]:
         """Submit and stream the request's outputs, every output already there together; typed errors
-        if it is invalid or the gang is down."""
+        if it is invalid or the gang is down. `affinity`: the prompt's `routing.affinity_key`, which
+        the caller computed once to pick this gang too."""
         if self.broken is not None:
             raise Unavailable(f"the gang failed ({self.broken}); retry")
-        worker = self._pick_worker(request.prompt_token_ids)
-        self.requests_per_worker[worker] += 1
+        # prefix affinity balanced against load: a shared long prefix finds the worker that cached it
+        worker = routing.pick(affinity, self.load)
         stream = _Stream(request.params.n, worker)
         self._streams[request.request_id] = stream
+        self.load[worker] += 1
         try:
             try:
                 await self.attention[worker].submit.remote(request, self.consumer)
@@ -85,19 +86,13 @@ class GangClient:
                 stream.open_choices -= sum(out.finished for out in batch)
                 yield batch
         finally:
+            self.load[worker] -= 1
             if self._streams.pop(request.request_id, None) is not None and stream.open_choices:
                 self.abort_on(stream.worker, request.request_id)  # the consumer went away before the end
 
     def abort_on(self, worker: int, request_id: str) -> None:
         if not self.gang_failed:
             self.attention[worker].abort.remote(request_id)
-
-    def _pick_worker(self, prompt_token_ids: list[int]) -> int:
-        """Prefix affinity balanced against load: a shared long prefix finds the worker that cached it."""
-        load = [0] * len(self.attention)
-        for s in self._streams.values():
-            load[s.worker] += 1
-        return routing.pick(routing.affinity_key(prompt_token_ids, self.prefix_tokens), load)
 
     async def _listen(self, worker: int) -> None:
         try:

@@ -74,7 +74,6 @@ class GangSupervisor:
         # bumped per build, so stale watchers of a dead gang stop; starts at the clock, so a replica that
         # Serve started anew after the old one died never repeats an epoch its consumers saw failing
         self.epoch = time.time_ns() // 1000
-        self.prefix_tokens = routing.DEFAULT_PREFIX_TOKENS
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -146,8 +145,7 @@ class GangSupervisor:
             elif self.epoch == epoch and self.gang is gang:  # only this process's channel failed: dial again
                 self.client = self._dial(gang, epoch)
 
-        return GangClient(gang.attention, f"supervisor-{self.name}-{epoch}", self.prefix_tokens, on_broken=broken,
-                          epoch=epoch)
+        return GangClient(gang.attention, f"supervisor-{self.name}-{epoch}", on_broken=broken, epoch=epoch)
 
     def _now_ready(self) -> None:
         self._move("ready")
@@ -172,7 +170,7 @@ class GangSupervisor:
         self.startup.enter("warm-up")
         request = GenerateRequest([0], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
                                   request_id=f"warmup-{self.epoch}")
-        async for batch in self.client.generate_batches(request):
+        async for batch in self.client.generate_batches(request, None):  # one token: no prefix to share
             for out in batch:
                 if out.error is not None:
                     raise out.error
@@ -193,7 +191,7 @@ class GangSupervisor:
     async def generate_batches(self, request: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
         """As `generate`, but every output already there travels together: about one message per step."""
         self.health()
-        async for batch in self.client.generate_batches(request):
+        async for batch in self.client.generate_batches(request, routing.affinity_key(request.prompt_token_ids)):
             yield batch
 
     # -- failure and recovery ---------------------------------------------------------------------------

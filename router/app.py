@@ -56,7 +56,7 @@ def build(args: dict) -> Application:
             ray_actor_options={"num_cpus": config.serve.supervisor_num_cpus},
             placement_group_bundles=[{"CPU": config.serve.supervisor_num_cpus}] + rank_bundles(config),
             placement_group_strategy=config.placement_strategy,
-            logging_config={"enable_access_log": False},  # the ingress polls readiness twice a second
+            logging_config={"enable_access_log": False},  # no log line per status long-poll of each ingress
             health_check_period_s=2,  # a dead gang replica is restarted (and its requests resumed) sooner
         ).bind(plain))
     return Ingress.options(

@@ -1,9 +1,9 @@
 """One Serve deployment replica per gang: it runs the gang supervisor, and its placement group holds
 the replica (bundle 0) and every rank (bundles 1..), so Serve treats a gang as one unit.
 
-Requests do not pass through it: the ingress asks `attention()` for the attention workers' handles
-and streams from them (`cluster.gang_client`). `status()` carries the epoch, so the ingress knows when
-the gang was rebuilt and its handles changed.
+Requests do not pass through it: each ingress replica's gang pool (`cluster.gang_pool`) asks
+`attention()` for the attention workers' handles and streams from them through a `GangClient`.
+`status()` carries the epoch, so the pool knows when the gang was rebuilt and its handles changed.
 """
 
 from __future__ import annotations

@@ -6,19 +6,17 @@ the call in the replica, which cancels the gang stream and so aborts the request
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 
 import grpc
 
 from router import maverick_v1_pb2 as pb
+from router import prompt_logprobs
 from router.errors import HTTPError, error_body, grpc_code_name
 from router.http_guard import key_matches
-from router.metrics import Ticket, outcome_of
 from router.openai_responses import Choice, cached_prompt_tokens
-from router.serving import next_before
-from workers.errors import DeadlineExceeded, InvalidRequest
+from workers.errors import InvalidRequest
 from workers.protocol import GenerateRequest
 from workers.sampling_params import SamplingParams
 from workers.structured import GrammarSpec
@@ -91,10 +89,10 @@ class StreamRejected(Exception):
 
 
 class GenerationService:
-    """Mixed into the ingress deployment (needs `config`, `serving`, `tokenizer`, `_ticket`, `_admit`,
-    `_runner`)."""
+    """Mixed into the ingress deployment (needs `config`, `serving`, `tokenizer`, `admission`,
+    `_runner`). Each call's life (ticket, admission, deadline, one outcome) is `router.request_life`'s."""
 
-    async def _grpc_request(self, req: pb.GenerateRequest, context) -> GenerateRequest:
+    async def _grpc_request(self, req: pb.GenerateRequest, context, request_id: str) -> GenerateRequest:
         api_key = self.config.api_key
         if api_key is not None:
             metadata = dict(context.invocation_metadata())
@@ -107,7 +105,7 @@ class GenerationService:
         ids, images = await self.serving.with_images(ids, list(req.images), param="images")
         params = sampling_params(req)
         await self.serving.check_grammar(params.structured)
-        return GenerateRequest(ids, params, uuid.uuid4().hex, images=images or None)
+        return GenerateRequest(ids, params, request_id, images=images or None)
 
     def _grpc_error(self, exc: BaseException, context, request_id: str) -> None:
         _, body = error_body(exc, request_id)
@@ -117,61 +115,48 @@ class GenerationService:
         context.set_trailing_metadata([("request_id", request_id)])
         log.info("grpc request %s: %s", request_id, code)
 
-    async def _accept(self, req: pb.GenerateRequest, context, method: str) -> tuple[GenerateRequest | None, Ticket]:
-        """The validated, admitted request and its ticket; None (status set on the context, ticket closed)
-        when refused."""
-        ticket = self._ticket(method, "grpc")
-        try:
-            request = await self._grpc_request(req, context)
-            self._admit(ticket)
-            return request, ticket
-        except asyncio.CancelledError:  # the client went away while images or a grammar were prepared
-            ticket.close("aborted")
-            raise
-        except Exception as exc:  # the table's errors, and anything untyped (a 500, as over HTTP)
-            ticket.close(outcome_of(exc))
-            self._grpc_error(exc, context, uuid.uuid4().hex)
-            return None, ticket
-
     async def Generate(self, req: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
-        request, ticket = await self._accept(req, grpc_context, "Generate")
-        if request is None:
-            return pb.GenerateResponse()
-        request_id = request.request_id
-        outcome = "aborted"  # a client cancel arrives as CancelledError
-        try:
+        request_id = uuid.uuid4().hex
+        life = self.admission.open("Generate", "grpc")
+
+        async def work() -> pb.GenerateResponse:
+            request = await self._grpc_request(req, grpc_context, request_id)
+            life.admit()
             choices: dict[int, Choice] = {}
-            async for out in self._grpc_outputs(request):
+            async for out in self.serving.outputs(request, self._runner()):
                 choices.setdefault(out.index, Choice(out.index, request.prompt_token_ids)).add(out)
             done = [choices[i] for i in sorted(choices)]
-            usage = _usage(done)
             has_text = self.tokenizer is not None
-            outcome = "ok"
             return pb.GenerateResponse(
-                request_id=request_id, model=self.config.model_name, usage=usage,
+                request_id=request_id, model=self.config.model_name, usage=_usage(done),
                 prompt_token_ids=request.prompt_token_ids,
-                prompt_logprobs=_logprobs((done[0].prompt_logprobs or [None])[1:] if done else []),
+                prompt_logprobs=_logprobs(prompt_logprobs.without_first(
+                    prompt_logprobs.for_choice(done, 0, request.params.n) if done else None)),
                 choices=[_choice(c.index, c.token_ids, "".join(c.text) if has_text else None, c.finish_reason,
                                  c.stop_reason, c.logprobs) for c in done])
-        except Exception as exc:
-            outcome = outcome_of(exc)
+
+        def refuse(exc: Exception) -> pb.GenerateResponse:
             self._grpc_error(exc, grpc_context, request_id)
             return pb.GenerateResponse()
-        finally:
-            ticket.close(outcome)
+
+        return await life.run(work, refuse)
 
     async def GenerateStream(self, req: pb.GenerateRequest, grpc_context):
-        request, ticket = await self._accept(req, grpc_context, "GenerateStream")
-        if request is None:
-            raise StreamRejected()  # a stream's status reaches the client only this way
-        request_id = request.request_id
-        outcome = "aborted"
-        try:
+        request_id = uuid.uuid4().hex
+        life = self.admission.open("GenerateStream", "grpc")
+
+        def refuse(exc: Exception) -> None:
+            self._grpc_error(exc, grpc_context, request_id)
+            raise StreamRejected(request_id) from None  # a stream's status reaches the client only this way
+
+        with life.carry(refuse=refuse):
+            request = await self._grpc_request(req, grpc_context, request_id)
+            life.admit()
             has_text = self.tokenizer is not None
             first = True
             choices = [Choice(j, request.prompt_token_ids) for j in range(request.params.n)]
             open_choices = request.params.n
-            async for out in self._grpc_outputs(request):
+            async for out in self.serving.outputs(request, self._runner()):
                 choices[out.index].add(out)  # the same tally as HTTP's
                 text = (out.text_delta or "") if has_text else None
                 choice = _choice(out.index, out.new_token_ids, text, out.finish_reason, out.stop_reason, out.logprobs)
@@ -179,28 +164,10 @@ class GenerationService:
                 if first:
                     message.prompt_token_ids.extend(request.prompt_token_ids)
                     first = False
-                if out.prompt_logprobs:
-                    message.prompt_logprobs.extend(_logprobs(out.prompt_logprobs[1:]))
+                if out.prompt_logprobs:  # they come once, with the output that carries them
+                    message.prompt_logprobs.extend(_logprobs(prompt_logprobs.without_first(out.prompt_logprobs)))
                 open_choices -= out.finished
                 if not open_choices:
                     message.usage.CopyFrom(_usage(choices))
-                    outcome = "ok"
+                    life.outcome = "ok"  # a client that leaves after the last message has had it all
                 yield message
-        except Exception as exc:
-            outcome = outcome_of(exc)
-            self._grpc_error(exc, grpc_context, request_id)
-            raise StreamRejected(request_id) from None
-        finally:
-            ticket.close(outcome)
-
-    async def _grpc_outputs(self, request: GenerateRequest):
-        """The request's outputs from a gang, errors raised, bounded by the server-side deadline."""
-        deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
-        outputs = self.serving.merged([request], self._runner())
-        try:
-            while (item := await next_before(outputs, deadline)) is not None:
-                yield item[1]
-        except TimeoutError:
-            raise DeadlineExceeded(f"the request did not finish within {self.config.request_timeout_s:g}s") from None
-        finally:
-            await outputs.aclose()  # aborts the request in its engine unless it ended

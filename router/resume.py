@@ -18,17 +18,15 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from cluster.gang_pool import NoReadyGang
+from router import prompt_logprobs
 from workers.errors import Unavailable
 from workers.protocol import GenerateRequest, RequestOutput
 
 log = logging.getLogger(__name__)
 
-# (request, is a retry) -> the attempt's output batches; a retry waits for a ready gang
+# (request, is a retry) -> the attempt's output batches; a retry waits for a ready gang (`GangPool.stream`)
 Attempt = Callable[[GenerateRequest, bool], AsyncIterator[list[RequestOutput]]]
-
-
-class NoReadyGang(Unavailable):
-    """No gang can take a new request now: a first attempt ends here with 503, a retry waits."""
 
 
 @dataclass
@@ -101,10 +99,10 @@ def _pause_ended(stats: ResumeStats, pause_s: float) -> None:
 
 
 def resumed(request: GenerateRequest, delivered: dict[int, list[int]], move: int) -> GenerateRequest:
-    """The request again, as its open choices left it. Prompt logprobs come once, with choice 0's first
-    output: when that went out already, the new gang need not compute them (and may use its cache)."""
+    """The request again, as its open choices left it. Prompt logprobs that went out already need not be
+    computed again (and the new gang may then use its prefix cache)."""
     params = request.params
-    if params.prompt_logprobs is not None and delivered.get(0) != []:
+    if params.prompt_logprobs is not None and prompt_logprobs.already_sent(delivered):
         params = dataclasses.replace(params, prompt_logprobs=None)
     return GenerateRequest(request.prompt_token_ids, params, f"{request.request_id}~{move}",
                            resume={i: list(tokens) for i, tokens in delivered.items()})

@@ -15,12 +15,14 @@ from typing import Any
 
 from model.images import ImageError, image_token_ids
 from model.tokenizer import Tokenizer
+from router import prompt_logprobs
 from router.errors import HTTPError, error_body
 from router.images import ImageLoader
 from router.openai_models import ChatCompletionRequest, CompletionRequest
 from router.openai_responses import Choice, Formatter
+from router.request_life import Deadline
 from router.tool_parser import PY_START
-from workers.errors import DeadlineExceeded, InvalidRequest
+from workers.errors import InvalidRequest
 from workers.protocol import GenerateRequest, RequestOutput
 from workers.structured import GrammarSpec, Grammars
 
@@ -156,10 +158,20 @@ class Serving:
 
     # -- running --------------------------------------------------------------------------------------
 
+    async def outputs(self, request: GenerateRequest, run: StreamFn) -> AsyncIterator[RequestOutput]:
+        """One engine request's outputs as they come, within the server-side deadline (gRPC's reads)."""
+        deadline = Deadline(self.timeout_s)
+        outputs = self.merged([request], run)
+        try:
+            while (item := await deadline.next(outputs)) is not None:
+                yield item[1]
+        finally:
+            await outputs.aclose()  # aborts the request in its engine unless it ended
+
     @staticmethod
     async def merged(requests: list[GenerateRequest], run: StreamFn) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every prompt's outputs as they come, tagged with the prompt's position; errors raised. The one
-        path both doors read (HTTP here, gRPC in `router.grpc_service`)."""
+        path both doors read (HTTP here, gRPC through `outputs`)."""
         if len(requests) == 1:  # the common case: no pump task, no second queue
             batches = run(requests[0])
             try:
@@ -205,38 +217,26 @@ class Serving:
     async def run_full(self, prepared: Prepared, run: StreamFn) -> dict:
         n = prepared.requests[0].params.n
         choices = [Choice(i * n + j, r.prompt_token_ids) for i, r in enumerate(prepared.requests) for j in range(n)]
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                async for i, out in self.merged(prepared.requests, run):
-                    choices[i * n + out.index].add(out)
-        except TimeoutError:
-            raise DeadlineExceeded(f"the request did not finish within {self.timeout_s:g}s") from None
-        self._share_prompt_logprobs(choices, n)
+        async with Deadline(self.timeout_s).bound():
+            async for i, out in self.merged(prepared.requests, run):
+                choices[i * n + out.index].add(out)
+        for c in choices:  # echo shows them on every choice
+            c.prompt_logprobs = prompt_logprobs.for_choice(choices, c.index, n)
         lens = [len(r.prompt_token_ids) for r in prepared.requests]
         return prepared.formatter.response(choices, lens, prepared.logprobs)
-
-    @staticmethod
-    def _share_prompt_logprobs(choices: list[Choice], n: int) -> None:
-        """Prompt logprobs come with a prompt's first choice; echo shows them on every choice."""
-        for c in choices:
-            if c.prompt_logprobs is None:
-                c.prompt_logprobs = choices[c.index - c.index % n].prompt_logprobs
 
     async def start_stream(self, prepared: Prepared, run: StreamFn, request_id: str) -> AsyncIterator[str]:
         """SSE events. The first output is awaited here, so an error before it raises (→ a status code)."""
         merged = self.merged(prepared.requests, run)
-        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        deadline = Deadline(self.timeout_s)
         try:
-            first = await next_before(merged, deadline)
-        except TimeoutError:
-            await merged.aclose()
-            raise DeadlineExceeded(f"the request did not finish within {self.timeout_s:g}s") from None
+            first = await deadline.next(merged)
         except BaseException:
             await merged.aclose()
             raise
         return self._events(prepared, merged, first, deadline, request_id)
 
-    async def _events(self, prepared: Prepared, merged, first, deadline: float,
+    async def _events(self, prepared: Prepared, merged, first, deadline: Deadline,
                       request_id: str) -> AsyncIterator[str]:
         n = prepared.requests[0].params.n
         choices = [Choice(i * n + j, r.prompt_token_ids) for i, r in enumerate(prepared.requests) for j in range(n)]
@@ -250,17 +250,14 @@ class Serving:
                 choice.add(out)
                 is_first = choice.index not in started
                 started.add(choice.index)
-                prompt_lps = out.prompt_logprobs or choices[i * n].prompt_logprobs
+                prompt_lps = prompt_logprobs.for_choice(choices, choice.index, n)
                 for body in fmt.chunks(choice.index, out, prepared.logprobs, is_first,
                                        choice.prompt_token_ids, prompt_lps):
                     yield _sse(body)
-                item = await next_before(merged, deadline)
+                item = await deadline.next(merged)
             if prepared.include_usage:
                 yield _sse(fmt.usage_chunk(choices, [len(r.prompt_token_ids) for r in prepared.requests]))
-        except TimeoutError:
-            prepared.stream_error = DeadlineExceeded(f"the request did not finish within {self.timeout_s:g}s")
-            yield self._error_event(prepared.stream_error, request_id)
-        except Exception as exc:  # after the first byte: an error event, then [DONE]
+        except Exception as exc:  # after the first byte (a passed deadline too): an error event, then [DONE]
             prepared.stream_error = exc
             yield self._error_event(exc, request_id)
         finally:
@@ -272,13 +269,6 @@ class Serving:
         status, body = error_body(exc, request_id)
         log.warning("request %s: %d after the stream started: %s", request_id, status, body["error"]["message"])
         return _sse(body)
-
-
-async def next_before(iterator, deadline: float):
-    """The iterator's next item (None at its end); TimeoutError past the loop-time `deadline`. Only the
-    wait is timed, never the consumer's work between items."""
-    async with asyncio.timeout_at(deadline):
-        return await anext(iterator, None)
 
 
 def _engine_id(request_id: str, prompt: int) -> str:

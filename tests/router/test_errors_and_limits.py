@@ -104,6 +104,9 @@ BAD = [
     ("json schema not an object", *chat(response_format={"type": "json_schema",
                                                          "json_schema": {"name": "x", "schema": [1]}}), 400),
     ("guided_json", *cmpl(guided_json={"type": "object"}), 400),
+    ("json schema nested too deeply", *chat(response_format={"type": "json_schema",
+                                                             "json_schema": {"name": "x", "schema": "[" * 5000}}), 400),
+    ("structured json nested too deeply", *cmpl(structured_outputs={"json": "[" * 5000}), 400),
     ("top_logprobs without logprobs", *chat(top_logprobs=2), 400),
     ("chat unknown model", *chat(model="nope"), 404),
     ("tokenize both", "/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, 400),
@@ -120,12 +123,16 @@ def test_bad_request_gets_its_status_and_the_next_is_served(live, name, path, bo
     assert "Traceback" not in json.dumps(payload)
     if status == 404:  # a wrong model name: the answer names the one served
         assert "Served models: `tiny`" in error["message"], error
+    if "nested too deeply" in name:  # one clean line, not Python's RecursionError
+        assert error["message"].endswith(": the JSON schema is nested too deeply"), error
+        assert error["type"] == "invalid_request_error", error
     assert call(live, *cmpl())[0] == 200
 
 
 @pytest.mark.parametrize("raw,status", [(b"{not json", 400), (b"[1, 2]", 400), (b"\xff\xfe", 400),
+                                        (b'{"prompt": [' + b"1" * 5000 + b"]}", 400),
                                         (b'{"prompt": "' + b"a" * 70000 + b'"}', 413)],
-                         ids=["bad json", "array", "not utf8", "oversized"])
+                         ids=["bad json", "array", "not utf8", "a number past Python's 4300 digits", "oversized"])
 def test_malformed_bodies(live, raw, status):
     got, _, payload = call(live, "/v1/completions", raw=raw)
     assert got == status and payload["error"]["code"] == status

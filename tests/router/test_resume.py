@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from router.resume import NoReadyGang, ResumeStats, resumable
+from cluster.gang_pool import NoReadyGang
+from router.resume import ResumeStats, resumable
 from workers.errors import InvalidRequest, Unavailable
 from workers.protocol import GenerateRequest, RequestOutput
 from workers.sampling_params import SamplingParams
