@@ -8,6 +8,7 @@ the small vocab) and `tokenizer_config.json` with the Llama 4 chat template.
 `--layout causal` writes a text-only `Llama4ForCausalLM` checkpoint instead. `--fp8` writes Meta's FP8
 layout (`model.quant`): per-channel E4M3 weights with `weight_scale` for every Linear not in the
 ignore list, routed experts as per-expert keys, the compressed-tensors `quantization_config`.
+`--router-skew S` sends most tokens to a hot pair of experts per MoE layer (`model.router_skew`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from model.config import Llama4Config, RopeScaling
+from model.router_skew import skew_routers
 from model.tiny_tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer
 
 TINY_PRESETS: dict[str, dict] = {
@@ -159,8 +161,9 @@ def fp8_tensors(tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtyp
 
 def make_tiny(out_dir: str | Path, preset: str = "tiny-maverick", seed: int = 0, layout: str = "conditional",
               dtype: torch.dtype = torch.bfloat16, num_shards: int = 2, fp8: bool = False,
-              vocab_size: int | None = None) -> Path:
-    """`vocab_size` overrides the preset's (benchmarks of per-token vocabulary work use Maverick's 202048)."""
+              vocab_size: int | None = None, router_skew: float = 0.0) -> Path:
+    """`vocab_size` overrides the preset's (benchmarks of per-token vocabulary work use Maverick's 202048).
+    `router_skew` > 0 sends most tokens to a hot pair of experts (`model.router_skew`)."""
     if preset not in TINY_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(TINY_PRESETS)}")
     if layout not in ("conditional", "causal"):
@@ -178,6 +181,7 @@ def make_tiny(out_dir: str | Path, preset: str = "tiny-maverick", seed: int = 0,
     gen = torch.Generator().manual_seed(seed)
     prefix = "language_model." if layout == "conditional" else ""
     tensors = {prefix + k: random_tensor(k, s, gen) for k, s in text_weight_shapes(config).items()}
+    tensors = skew_routers(tensors, router_skew, seed)
     if layout == "conditional":
         vshapes = vision_weight_shapes(config.hidden_size, TINY_VISION)
         tensors.update({k: random_tensor(k, s, gen) for k, s in vshapes.items()})
