@@ -4,7 +4,7 @@ The policy is the published greedy (DeepSeek's EPLB, vLLM's `--enable-eplb`), wr
   1. replicate: while spare slots remain, give one more replica to the expert with the highest load
      per replica (never more replicas than ranks: a second copy on one rank halves nothing);
   2. pack: place replicas heaviest first (load / replicas), each on the least-loaded rank that has a
-     free slot, preferring a rank that does not hold that expert yet.
+     free slot and does not hold that expert yet.
 Ties break on the lower expert, replica and rank index, so the same counts give the same placement.
 
 Ranks here are expert ranks counted from 0 (`to_rank_table` adds the attention ranks). A rank's
@@ -91,17 +91,21 @@ def replicate(tokens_E: Sequence[float], num_slots: int, num_ranks: int) -> list
 
 
 def pack(tokens_E: Sequence[float], counts: Sequence[int], capacities: Sequence[int]) -> LayerPlacement:
-    """Replicas heaviest first, each onto the least-loaded rank with room (one not yet holding it if any)."""
+    """Replicas heaviest first, each onto the least-loaded rank with room that does not hold the expert
+    yet. A replica with no such rank is dropped and its slot stays free: a second copy on one rank
+    would serve nothing, and an expert rank maps each expert to one local row."""
     order = sorted(((float(tokens_E[e]) / c, e, j) for e, c in enumerate(counts) for j in range(c)),
                    key=lambda item: (-item[0], item[1], item[2]))
     rank_load = [0.0] * len(capacities)
     slots: list[list[int]] = [[] for _ in capacities]
     for weight, e, _ in order:
-        room = [r for r in range(len(capacities)) if len(slots[r]) < capacities[r]]
-        fresh = [r for r in room if e not in slots[r]]
-        rank = min(fresh or room, key=lambda r: (rank_load[r], len(slots[r]), r))
+        fresh = [r for r in range(len(capacities)) if len(slots[r]) < capacities[r] and e not in slots[r]]
+        if not fresh:  # never an expert's first replica: the replicas fit in the slots
+            continue
+        rank = min(fresh, key=lambda r: (rank_load[r], len(slots[r]), r))
         slots[rank].append(e)
         rank_load[rank] += weight
+    slots = [sorted(held) for held in slots]  # slot order carries no meaning: expert order reads best
     replicas: list[list[Replica]] = [[] for _ in tokens_E]
     for rank, held in enumerate(slots):
         for slot, e in enumerate(held):

@@ -30,6 +30,14 @@ def test_uneven_capacities_and_no_spare_slots():
     assert p.replicas[0][0].rank != p.replicas[1][0].rank
 
 
+def test_a_replica_with_no_fresh_rank_leaves_its_slot_free():
+    # 2 spare slots, but the small rank fills with the hot expert's copy: expert 1's second copy
+    # could only share rank 0 with its first, so it is dropped rather than placed twice
+    p = place_layer([10, 1, 1], [4, 1])
+    assert p.slots == ((0, 1, 2), (0,))
+    assert p.replica_counts() == [2, 1, 1]
+
+
 def test_hot_experts_get_the_replicas():
     p = place_layer(SKEWED, [5, 5, 4])  # 6 spare slots
     # the hot pair stops at one copy per rank (3); the two slots left go to the next heaviest
