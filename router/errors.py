@@ -62,6 +62,7 @@ def error_response(exc: BaseException, request_id: str, retry_after_s: int = 2) 
     headers = {}
     if status in (429, 503):
         headers["retry-after"] = str(retry_after_s)
-    if status >= 500:
-        log.warning("request %s: %d %s", request_id, status, body["error"]["message"])
+    if status >= 500:  # an untyped failure's traceback is what "the request id is in the server log" finds
+        log.warning("request %s: %d %s", request_id, status, body["error"]["message"],
+                    exc_info=exc if status == 500 else None)
     return JSONResponse(body, status_code=status, headers=headers)

@@ -94,6 +94,15 @@ def _decode(raw: bytes, model_cls, on_thread: bool = False):
         raise InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
 
 
+# defined before the deployment class: in the replica, a module global defined after it was not found
+# (a NameError at the first stream)
+async def _carried(events, prepared: Prepared, life: RequestLife):
+    """The SSE events, ending the request when they end (an error event sets its outcome)."""
+    with life.carry(ended=lambda: outcome_of(prepared.stream_error)):
+        async for event in events:
+            yield event
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress(GenerationService):
@@ -248,10 +257,3 @@ class Ingress(GenerationService):
                     yield prefix + r.path, sorted(getattr(r, "methods", None) or [])
 
         return list(walk(api.routes, ""))
-
-
-async def _carried(events, prepared: Prepared, life: RequestLife):
-    """The SSE events, ending the request when they end (an error event sets its outcome)."""
-    with life.carry(ended=lambda: outcome_of(prepared.stream_error)):
-        async for event in events:
-            yield event
