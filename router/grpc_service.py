@@ -101,9 +101,11 @@ class GenerationService:
         self.serving.check_model(req.model or None)
         if req.HasField("prompt") == bool(req.prompt_token_ids):
             raise InvalidRequest("give exactly one of prompt and prompt_token_ids", param="prompt")
-        ids = list(req.prompt_token_ids) if req.prompt_token_ids else await self.serving.encode(req.prompt)
-        ids, images = await self.serving.with_images(ids, list(req.images), param="images")
         params = sampling_params(req)
+        ids = list(req.prompt_token_ids) if req.prompt_token_ids else await self.serving.encode(req.prompt,
+                                                                                                params.max_tokens)
+        ids, images = await self.serving.with_images(ids, list(req.images), param="images")
+        self.serving.check_length(ids, params.max_tokens)
         await self.serving.check_grammar(params.structured)
         return GenerateRequest(ids, params, request_id, images=images or None)
 

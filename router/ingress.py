@@ -35,7 +35,13 @@ from router.grpc_service import GenerationService
 from router.http_guard import BodyTooLarge, Guard, GuardSettings
 from router.images import ImageLoader
 from router.metrics import RequestMetrics, outcome_of
-from router.openai_models import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from router.openai_models import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from router.prompt_limit import PromptLimit
 from router.request_life import Admission, RequestLife
 from router.resume import ResumeStats, resumable
 from router.serving import Prepared, Serving, off_loop
@@ -111,7 +117,8 @@ class Ingress(GenerationService):
         self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(config.model)
         images = ImageLoader(ImageProcessor.from_model_dir(config.model), config.images) if self.tokenizer else None
         eos = load_generation_defaults(config.model).eos_token_ids if self.tokenizer else []
-        self.serving = Serving(config.model_name, self.tokenizer, config.request_timeout_s, images, eos)
+        limit = PromptLimit.for_model(config.engine.max_model_len, config.model, self.tokenizer)
+        self.serving = Serving(config.model_name, self.tokenizer, config.request_timeout_s, images, eos, limit)
         self.created = int(time.time())
         self.metrics = RequestMetrics(config.model_name, config.metrics.enabled)
         self.admission = Admission(self.metrics, config.max_pending_requests)
@@ -196,7 +203,8 @@ class Ingress(GenerationService):
                 ids = await off_loop(len(body.prompt), tokenizer.encode, body.prompt, body.add_special_tokens)
             else:  # images count: each becomes its placeholder tokens
                 ids, _ = await self.serving.chat_prompt([m.template_message() for m in body.messages],
-                                                        [u for m in body.messages for u in m.image_urls()],
+                                                        [u for m in body.messages for u in m.image_urls()], None,
+                                                        check_fit=False,  # counting any text is its job
                                                         add_generation_prompt=body.add_generation_prompt)
             return {"tokens": ids, "count": len(ids)}
         except EngineError as exc:

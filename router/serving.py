@@ -20,6 +20,7 @@ from router.errors import HTTPError, error_body
 from router.images import ImageLoader
 from router.openai_models import ChatCompletionRequest, CompletionRequest
 from router.openai_responses import Choice, Formatter
+from router.prompt_limit import PromptLimit
 from router.request_life import Deadline
 from router.tool_parser import PY_START
 from workers.errors import InvalidRequest
@@ -57,8 +58,10 @@ class Prepared:
 
 class Serving:
     def __init__(self, model_name: str, tokenizer: Tokenizer | None, timeout_s: float,
-                 images: ImageLoader | None = None, eos_ids: list[int] | None = None):
+                 images: ImageLoader | None = None, eos_ids: list[int] | None = None,
+                 limit: PromptLimit | None = None):
         self.model_name, self.tokenizer, self.timeout_s = model_name, tokenizer, timeout_s
+        self.limit = limit  # prompts that surely cannot fit are refused here, before any tokenizing
         self.images = images
         self.eos_ids = eos_ids or []
         self.grammars: Grammars | None = None  # made at the first structured request
@@ -74,11 +77,19 @@ class Serving:
             raise HTTPError(404, f"The model `{model}` does not exist. Served models: `{self.model_name}`.",
                             param="model")
 
-    async def encode(self, text: str) -> list[int]:
+    async def encode(self, text: str, max_tokens: int | None) -> list[int]:
         if self.tokenizer is None:
             raise InvalidRequest("text prompts need a tokenizer; this server runs with --skip-tokenizer-init "
                                  "and takes token ids only", param="prompt")
+        if self.limit is not None:
+            self.limit.check_text(text, max_tokens, "prompt")
         return await off_loop(len(text), self.tokenizer.encode, text)
+
+    def check_length(self, ids: list[int], max_tokens: int | None) -> list[int]:
+        """`ids`, unless they surely cannot fit: then refused before they are shipped to a gang."""
+        if self.limit is not None:
+            self.limit.check_ids(len(ids), max_tokens)
+        return ids
 
     # -- preparing ------------------------------------------------------------------------------------
 
@@ -98,7 +109,8 @@ class Serving:
         self.check_model(body.model)
         params = body.params()
         await self.check_grammar(params.structured)
-        prompts = [p if isinstance(p, list) else await self.encode(p) for p in body.prompts()]
+        prompts = [self.check_length(p if isinstance(p, list) else await self.encode(p, params.max_tokens),
+                                     params.max_tokens) for p in body.prompts()]
         requests = [GenerateRequest(ids, dataclasses.replace(params), _engine_id(request_id, i))
                     for i, ids in enumerate(prompts)]
         formatter = Formatter("completion", request_id, self.model_name, self.token_text,
@@ -115,9 +127,10 @@ class Serving:
         params = body.params(python_start)
         await self.check_grammar(params.structured)
         tools, mode, _ = body.tool_mode()
-        ids, images = await self.chat_prompt(body.template_messages(), body.image_urls(),
+        ids, images = await self.chat_prompt(body.template_messages(), body.image_urls(), params.max_tokens,
                                              add_generation_prompt=body.add_generation_prompt,
                                              tools=body.template_tools())
+        self.check_length(ids, params.max_tokens)
         parsing = {t.name: t.param_names() for t in tools} if mode != "none" else None
         formatter = Formatter("chat", request_id, self.model_name, self.token_text, body.return_token_ids,
                               tools=parsing, prompt_logprobs=body.prompt_logprobs is not None,
@@ -125,18 +138,22 @@ class Serving:
         request = GenerateRequest(ids, params, _engine_id(request_id, 0), images=images or None)
         return Prepared("chat", [request], formatter, body.stream, self._usage(body), body.logprobs)
 
-    async def chat_prompt(self, messages: list[dict[str, Any]], image_urls: list[str],
-                          **kwargs: Any) -> tuple[list[int], list]:
-        """The rendered, tokenized chat with each image's placeholder tokens, and the images."""
+    async def chat_prompt(self, messages: list[dict[str, Any]], image_urls: list[str], max_tokens: int | None,
+                          check_fit: bool = True, **kwargs: Any) -> tuple[list[int], list]:
+        """The rendered, tokenized chat with each image's placeholder tokens, and the images. With
+        `check_fit`, text that surely cannot fit with `max_tokens` more is refused before tokenizing."""
         if self.tokenizer is None:
             raise InvalidRequest("chat needs a tokenizer; this server runs with --skip-tokenizer-init",
                                  param="messages")
         size = sum(len(str(m.get("content") or "")) for m in messages) + len(str(kwargs.get("tools") or ""))
         try:
-            ids = await off_loop(size, self.tokenizer.encode_chat, messages, **kwargs)
+            text = await off_loop(size, self.tokenizer.render_chat, messages, **kwargs)
         except Exception as exc:  # the template refused these messages (e.g. roles out of order)
             raise InvalidRequest(f"the chat template cannot render these messages: {exc}",
                                  param="messages") from None
+        if check_fit and self.limit is not None:
+            self.limit.check_text(text, max_tokens, "messages")
+        ids = await off_loop(len(text), self.tokenizer.encode, text, add_special_tokens=False)
         return await self.with_images(ids, image_urls)
 
     async def with_images(self, ids: list[int], sources: list, param: str = "messages") -> tuple[list[int], list]:

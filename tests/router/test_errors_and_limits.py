@@ -139,6 +139,22 @@ def test_malformed_bodies(live, raw, status):
     assert call(live, *cmpl())[0] == 200
 
 
+def test_a_prompt_that_cannot_fit_is_refused_from_its_length(live):
+    """Text longer than the room left could hold even at the longest token's characters per token is
+    refused before it is tokenized (a 1 MB body costs nothing beside the engine); ids before they are
+    shipped to a gang; text that fits is tokenized and served as before."""
+    text = "word " * 1840  # 9200 characters; 4096 - 4000 leaves room for 96 tokens of at most 95 characters
+    for (path, body), param in ((cmpl(prompt=text, max_tokens=4000), "prompt"),
+                                (chat(messages=[{"role": "user", "content": text}], max_tokens=4000), "messages")):
+        status, _, payload = call(live, path, body)
+        assert status == 400, payload
+        assert "characters, more than 96 tokens can hold" in payload["error"]["message"], payload
+        assert payload["error"]["param"] == param
+    status, _, payload = call(live, *cmpl(prompt=[5] * 5000))
+    assert status == 400 and "maximum context length is 4096 tokens" in payload["error"]["message"], payload
+    assert call(live, *cmpl(prompt="word " * 10))[0] == 200
+
+
 def prompt_tokens_counted(live) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
