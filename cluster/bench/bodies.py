@@ -67,13 +67,15 @@ def _send_at(base: str, path: str, body: bytes, at: float, results: list) -> Non
 
 
 def _probe_health(base: str, stop: threading.Event, latencies: list) -> None:
-    while not stop.wait(0.2):
+    while True:  # one reading at least, however short the phase
         start = time.monotonic()
         try:
             urllib.request.urlopen(base + "/health", timeout=60).read()
+            latencies.append(time.monotonic() - start)
         except OSError:
-            continue
-        latencies.append(time.monotonic() - start)
+            pass
+        if stop.wait(0.2):
+            return
 
 
 async def _streams(base: str, prompts: list[list[int]], concurrency: int, output_len: int) -> dict:

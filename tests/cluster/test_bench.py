@@ -177,3 +177,21 @@ def test_bench_aiperf_smoke(tmp_path):
         assert row[f"maverick_{client}_client_cpu_s"] > 0  # aiperf's: its reaped child processes
     assert row["maverick_aiperf_vs_bench_tok_s"] == row["maverick_aiperf_tok_s"] / row["maverick_bench_tok_s"]
     assert out.with_suffix(".md").read_text().startswith("# aiperf against")
+
+
+def test_bench_bodies_smoke(tmp_path):
+    """Streams quiet and loaded with large bodies, on one `maverick serve` with its tokenizer: every large
+    request is refused with a 400 (its prompt cannot fit) and both phases report their gaps."""
+    ckpt = make_tiny(tmp_path / "tiny", "tiny-maverick", layout="causal")
+    out = tmp_path / "bodies.json"
+    proc = subprocess.run([MAVERICK, "bench", "bodies", "--model", str(ckpt), "--output", str(out), "--peers", "none",
+                           "--concurrency", "2", "--prompt-len", "8", "--output-len", "6", "--big-requests", "2",
+                           "--body-mb", "0.05", "--timeout", "300", "--repeat", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    ours = report["systems"]["maverick"]
+    for phase in ("quiet", "loaded"):
+        assert ours["rounds"][0][phase]["gaps"] == 2 * 2 * 5  # 2 x concurrency streams, 6 tokens: 5 gaps each
+    assert ours["rounds"][0]["loaded"]["big_statuses"] == ["400"]
+    assert ours["p99_ratio"] > 0 and out.with_suffix(".md").read_text().startswith("# bench bodies")
