@@ -1,8 +1,9 @@
 """`maverick top`: a live terminal view of a running deployment.
 
 From Prometheus (`--prometheus URL`, the whole picture: gangs, throughput, latency percentiles, KV
-use, the hottest experts and rank imbalance), or else from the serving port's `/metrics` (requests,
-tokens, latency and gang state; rates and percentiles from the change between two refreshes).
+use, the hottest experts, rank imbalance and, with eplb, balancedness and rebalances), or else from
+the serving port's `/metrics` (requests, tokens, latency and gang state; rates and percentiles from
+the change between two refreshes).
 """
 
 from __future__ import annotations
@@ -72,7 +73,24 @@ class PrometheusSource:
         out.append("rank imbalance (max/mean) by layer: " + (", ".join(
             f"L{k} {v:.2f}" for k, v in sorted(imbalance.items(), key=lambda kv: int(kv[0]))
             if not math.isnan(v)) or "-"))
+        out += self._eplb_lines()
         return out
+
+    def _eplb_lines(self) -> list[str]:
+        """Only for gangs with eplb: its series exist from a gang's first rebalance decision."""
+        a, w = self.app, self.window
+        balancedness = defaultdict(dict)  # layer -> placement -> the worst gang's value
+        for r in self.prom.query(f"min by (layer, placement) (ray_maverick_eplb_balancedness{{{a}}})"):
+            balancedness[r["metric"].get("layer", "")][r["metric"].get("placement", "")] = float(r["value"][1])
+        # every expert rank of a gang counts the same switches
+        rebalances = self._one(f"sum (max by (gang) (increase(ray_maverick_eplb_rebalances_total{{{a}}}[{w}])))")
+        if not balancedness and rebalances is None:
+            return []
+        two = lambda v: "-" if v is None or math.isnan(v) else f"{v:.2f}"  # noqa: E731
+        count = "-" if rebalances is None else f"{rebalances:.0f}"
+        return [f"eplb: {count} rebalances in {w}; balancedness (served -> planned) by layer: " +
+                (", ".join(f"L{layer} {two(b.get('served'))} -> {two(b.get('planned'))}"
+                           for layer, b in sorted(balancedness.items(), key=lambda kv: int(kv[0]))) or "-")]
 
 
 class EndpointSource:

@@ -153,6 +153,31 @@ def test_top_without_a_server_or_a_scheme_says_so_in_one_line():
     assert "Traceback" in debug.stderr  # --debug shows where it came from
 
 
+def test_top_shows_eplb_only_where_its_series_exist():
+    from router.cli.top import PrometheusSource
+
+    class Answers:  # Prometheus answering only the eplb queries
+        def __init__(self, eplb: bool):
+            self.eplb = eplb
+
+        def query(self, promql):
+            if not self.eplb or "eplb_balancedness" not in promql:
+                return []
+            return [{"metric": {"layer": layer, "placement": placement}, "value": [0, value]}
+                    for layer, placement, value in (("3", "served", "0.41"), ("3", "planned", "0.93"),
+                                                    ("1", "served", "0.38"), ("1", "planned", "0.95"))]
+
+        def value(self, promql):
+            return 2.0 if self.eplb and "eplb_rebalances" in promql else None
+
+    source = PrometheusSource("http://127.0.0.1:1", "maverick", "1m")
+    source.prom = Answers(eplb=True)
+    assert source._eplb_lines() == ["eplb: 2 rebalances in 1m; balancedness (served -> planned) by layer: "
+                                    "L1 0.38 -> 0.95, L3 0.41 -> 0.93"]
+    source.prom = Answers(eplb=False)
+    assert source._eplb_lines() == []
+
+
 def test_the_ready_banner_says_when_a_key_is_needed():
     from router.cli.serve import _banner
 
