@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from workers.config import EngineConfig
+from workers.eplb import EplbSettings
 
 
 class Strict(BaseModel):
@@ -54,6 +55,31 @@ class MetricsConfig(Strict):
                                       "(layer, expert rank) are always exported")
 
 
+class EplbConfig(Strict):
+    """Expert load balancing: spare expert slots hold copies of the hottest experts, and the gang
+    re-places experts from the load it measured, live (DeepSeek's EPLB, vLLM's --enable-eplb)."""
+
+    redundant_experts: int = Field(0, ge=0, description="spare slots per expert rank, each a copy of a hot expert "
+                                                        "(memory: `maverick plan` counts them)")
+    rebalance_every_steps: int = Field(0, ge=0, description="steps with work between rebalances; 0: the placement "
+                                                            "made at start stays")
+    window_steps: int = Field(0, ge=0, description="the steps whose load a rebalance reads, the last before it; "
+                                                   "0: every step since the last rebalance")
+    min_gain: float = Field(0.02, ge=0, le=1, description="adopt a new placement only when it raises the "
+                                                          "window's balancedness (mean over MoE layers) by this "
+                                                          "much: no bytes moved for noise")
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> "EplbConfig":
+        if self.window_steps > self.rebalance_every_steps:
+            raise ValueError(f"window_steps ({self.window_steps}) cannot exceed rebalance_every_steps "
+                             f"({self.rebalance_every_steps})")
+        return self
+
+    def settings(self) -> EplbSettings:
+        return EplbSettings(**self.model_dump())
+
+
 class GangConfig(Strict):
     model: str
     attention_workers: int = Field(1, ge=1)
@@ -68,6 +94,13 @@ class GangConfig(Strict):
     idle_steps: int = Field(3, ge=1, description="empty steps before the gang goes idle together")
     skip_tokenizer_init: bool = False
     metrics: MetricsConfig = MetricsConfig()
+    eplb: EplbConfig | None = Field(None, description="expert load balancing (needs expert_workers)")
+
+    @model_validator(mode="after")
+    def _eplb_needs_expert_ranks(self) -> "GangConfig":
+        if self.eplb is not None and not self.expert_workers:
+            raise ValueError("eplb balances experts over expert ranks: it needs expert_workers >= 1")
+        return self
 
     @model_validator(mode="after")
     def _devices_match(self) -> "GangConfig":
@@ -79,6 +112,12 @@ class GangConfig(Strict):
     @property
     def world_size(self) -> int:
         return self.attention_workers + self.expert_workers
+
+    def expert_capacities(self, num_experts: int) -> list[int]:
+        """Expert slots per expert rank: its contiguous share of the experts plus the spare slots."""
+        spare = self.eplb.redundant_experts if self.eplb else 0
+        E = self.expert_workers
+        return [num_experts // E + (i < num_experts % E) + spare for i in range(E)]
 
     def check_experts(self, num_experts: int) -> None:
         """Experts are split contiguously, as evenly as the counts allow (128 over 6: 22,22,21,21,21,21);

@@ -24,6 +24,7 @@ from cluster.startup import GangStartup
 from model.config import load_config
 from workers.attention_worker import AttentionWorker
 from workers.expert_parallel import Placement
+from workers.expert_placement import place_experts, to_rank_table
 from workers.expert_worker import ExpertWorker
 from workers.rank import MetricsOptions
 
@@ -44,6 +45,7 @@ class Gang:
     build_seconds: float = 0.0
     loads: list[dict] = field(default_factory=list)
     placement: Placement | None = None  # None: no expert ranks, the attention ranks hold every expert
+    capacities: list[int] | None = None  # expert slots per expert rank (spare ones with eplb)
     bundle_offset: int = 0  # rank r runs in bundle r + bundle_offset of `pg`
     metrics: MetricsOptions | None = None
 
@@ -55,14 +57,15 @@ class Gang:
         """A new actor for `rank` in its bundle (at build, or replacing a dead one)."""
         config, A, E = self.config, self.config.attention_workers, self.config.expert_workers
         where = _in(self.pg, self.bundle_offset + rank)
+        eplb = config.eplb.settings() if config.eplb else None
         if rank < A:
             engine = config.engine.engine_config(config.dtype, config.device)
             return AttentionActor.options(**_resources(config.attention), scheduling_strategy=where).remote(
                 rank, A, E, config.model, engine, config.attention.torch_threads, config.idle_steps,
-                config.skip_tokenizer_init, self.metrics, self.placement)
+                config.skip_tokenizer_init, self.metrics, self.placement, eplb, self.capacities)
         return ExpertActor.options(**_resources(config.experts), scheduling_strategy=where).remote(
             rank, A, E, config.model, self.placement, config.dtype, config.device, config.experts.torch_threads,
-            config.idle_steps, self.metrics)
+            config.idle_steps, self.metrics, eplb, self.capacities)
 
 
 def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: float = 300,
@@ -79,15 +82,16 @@ def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: 
     config.check_experts(model_config.num_experts)
     A, E = config.attention_workers, config.expert_workers
     # the one placement every rank follows: attention ranks dispatch by it, expert ranks load by it
+    capacities = config.expert_capacities(model_config.num_experts) if E else None
     if E:
         expert_ranks = list(range(A, A + E))
-        placement = placement or Placement.contiguous(model_config.moe_layers, model_config.num_experts, expert_ranks)
+        placement = placement or initial_placement(config, model_config.moe_layers, model_config.num_experts)
         placement.check(model_config.moe_layers, model_config.num_experts, expert_ranks)
     elif placement is not None:
         raise ValueError("a placement needs expert ranks")
     startup = startup or GangStartup(name, A + E, application)
     startup.enter("placement")
-    gang = Gang(config, placement=placement)
+    gang = Gang(config, placement=placement, capacities=capacities)
     if pg is None:
         bundles = rank_bundles(config)
         pg, gang.own_pg = placement_group(bundles, strategy=config.placement_strategy), True
@@ -118,6 +122,16 @@ def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: 
     return gang
 
 
+def initial_placement(config: GangConfig, moe_layers: list[int], num_experts: int) -> Placement:
+    """Consecutive experts per expert rank; with spare slots (eplb), the policy's placement for a
+    uniform load instead, so every slot holds an expert from the first step."""
+    A, E = config.attention_workers, config.expert_workers
+    if not (config.eplb and config.eplb.redundant_experts):
+        return Placement.contiguous(moe_layers, num_experts, list(range(A, A + E)))
+    uniform = place_experts({layer: [1] * num_experts for layer in moe_layers}, config.expert_capacities(num_experts))
+    return Placement(to_rank_table(uniform, first_expert_rank=A))
+
+
 def _start_waves(gang: Gang, timeout_s: float) -> None:
     # an attention rank that gets work while the gang is idle wakes every other rank itself
     starts = [a.start.remote([r for r in gang.ranks if r is not a]) for a in gang.attention]
@@ -139,6 +153,9 @@ def recover_gang(gang: Gang, startup: GangStartup, timeout_s: float = 300, answe
     if not any(survived):
         raise RuntimeError("no rank survived")
     replaced = [rank for rank, ok in enumerate(survived) if not ok]
+    if replaced and gang.placement is not None:  # a rebalance may have moved experts: replacements follow
+        table = ray.get(ranks[survived.index(True)].placement_table.remote(), timeout=timeout_s)
+        gang.placement = Placement(table)
     for rank in replaced:
         _kill(ranks[rank])
         ranks[rank] = gang.start_rank(rank)

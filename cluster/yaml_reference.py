@@ -79,8 +79,12 @@ Hosts and ports live in Serve's `http_options` and `grpc_options`, never in `arg
 
 
 def _model_of(annotation) -> type[BaseModel] | None:
+    """The mapping a field holds, also when it may be null (`eplb: EplbConfig | None`)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [m for m in map(_model_of, typing.get_args(annotation)) if m is not None]
+        return models[0] if len(models) == 1 else None
     return None
 
 

@@ -10,6 +10,7 @@ K experts per token, N = T*K routed rows.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Protocol
 
 import torch
@@ -88,6 +89,27 @@ class RoutedExperts(nn.Module):
         gate, up = F.grouped_mm(x_ND.index_select(0, order_N), self.gate_up_proj, offs=offs_e).chunk(2, dim=-1)
         y_sorted = F.grouped_mm(F.silu(gate) * up, self.down_proj, offs=offs_e)
         return torch.empty_like(x_ND).index_copy_(0, order_N, y_sorted)
+
+
+def regroup(expert_ids: list[int], *sources: nn.Module) -> nn.Module:
+    """A module like `sources[0]` (`RoutedExperts` or its FP8 form) holding `expert_ids`, each expert's
+    rows taken from the first source that holds it: an expert rank's slots after a rebalance, from
+    the experts it kept and the ones it read. Per-expert parameters lead with the local expert dim."""
+    where = {}
+    for source in reversed(sources):
+        where.update({e: (source, row) for row, e in enumerate(source.expert_ids)})
+    missing = [e for e in expert_ids if e not in where]
+    if missing:
+        raise ValueError(f"experts {missing} are in none of the sources")
+    out = copy.copy(sources[0])  # its settings; the tensors below are its own
+    out._parameters, out._buffers = {}, dict(sources[0]._buffers)
+    for name, param in sources[0].named_parameters(recurse=False):
+        rows = [getattr(where[e][0], name)[where[e][1]] for e in expert_ids]
+        stacked = torch.stack(rows) if rows else param[:0].clone()
+        out.register_parameter(name, nn.Parameter(stacked, requires_grad=False))
+    out.expert_ids = list(expert_ids)
+    out.reset_buffers()
+    return out
 
 
 def count_per_bin(index_N: torch.Tensor, bins: int) -> torch.Tensor:

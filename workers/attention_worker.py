@@ -26,6 +26,7 @@ from model.quant import weight_bytes
 from model.tokenizer import Tokenizer, load_generation_defaults
 from workers.config import EngineConfig
 from workers.engine import LLMEngine, PlannedStep
+from workers.eplb import EplbSettings, Rebalancer
 from workers.errors import Unavailable
 from workers.expert_parallel import ExpertGroup, Placement, shard_experts
 from workers.protocol import GenerateRequest, RequestOutput
@@ -39,13 +40,16 @@ class AttentionWorker(Rank):
     def __init__(self, rank: int, num_attention: int, num_experts_ranks: int, model_dir: str,
                  engine_config: EngineConfig, torch_threads: int = 1, idle_steps: int = 3,
                  skip_tokenizer_init: bool = False, metrics: MetricsOptions | None = None,
-                 placement: Placement | None = None):
+                 placement: Placement | None = None, eplb: EplbSettings | None = None,
+                 capacities: list[int] | None = None):
         super().__init__(rank, num_attention + num_experts_ranks, torch_threads, engine_config.device, metrics)
         if num_experts_ranks and placement is None:
             raise ValueError("a gang with expert ranks needs the placement its builder made")
         self.num_attention, self.num_expert_ranks = num_attention, num_experts_ranks
         self.placement = placement  # the gang's one (MoE layer, expert) -> ranks table, made in cluster/gang.py
         self.model_dir, self.engine_config = model_dir, engine_config
+        self.eplb, self.capacities = eplb or EplbSettings(), capacities  # slots per expert rank
+        self.rebalancer: Rebalancer | None = None
         self.idle_steps, self.skip_tokenizer_init = idle_steps, skip_tokenizer_init
         self.engine: LLMEngine | None = None
         self._channels: dict[str, _Channel] = {}  # consumer -> its outputs not yet sent
@@ -98,6 +102,10 @@ class AttentionWorker(Rank):
         so a wave thread of a failed epoch can never step the new one."""
         engine.collective = bool(self.num_expert_ranks)
         group = self.group if self.num_expert_ranks else None
+        if self.num_expert_ranks:  # a new epoch starts its rebalancing afresh, on the table it has
+            config = engine.model_config
+            self.rebalancer = Rebalancer(self.eplb, self.placement, list(config.moe_layers), config.num_experts,
+                                         self.capacities or [], self.num_attention, group, self.device)
         planned: list = []  # (when, PlannedStep) between this epoch's plan and its run: per epoch, so a late
         # wave thread of a failed epoch never runs the new one's plan
         wave = WaveLoop(group, self.idle_steps, lambda: self._plan(engine, planned),
@@ -198,7 +206,9 @@ class AttentionWorker(Rank):
                 "alltoall_seconds": self.comm.alltoall_seconds if self.comm else 0.0,
                 "alltoall_bytes": self.comm.alltoall_bytes if self.comm else 0,
                 "weight_bytes": self.weight_bytes, "microbatched_steps": s.microbatched_steps_total,
-                "step_seconds": list(self.step_seconds)}
+                "step_seconds": list(self.step_seconds), "steps_timed": self.steps_timed,
+                "eplb": dataclasses.asdict(self.rebalancer.stats) if self.rebalancer else None,
+                "placement": self.placement.table if self.placement else None}
 
     # -- on the wave thread -------------------------------------------------------------------------
 
@@ -207,15 +217,19 @@ class AttentionWorker(Rank):
         start = time.perf_counter()  # a step's time runs from its plan through the agreement to its end
         step = engine.plan() if engine.pending_tokens() else PlannedStep([], None, [], [])
         planned[:] = [start, step]
-        return step.proposal()
+        return [*step.proposal(), self.rebalancer.vote() if self.rebalancer else 0]
 
     def _step(self, engine: LLMEngine, planned: list, agreed: list[int]) -> None:  # on the wave thread
         start, step = planned
+        if self.rebalancer is not None:
+            self.rebalancer.before_step(agreed[2])
         microbatches = 0  # no rank has tokens: only this plan's outputs (aborts) go out
         if agreed[0] > 0:
             microbatches = self.comm.agree(agreed) if self.comm is not None else agreed[1]
         before = engine.num_steps
         outputs = engine.run(step, microbatches)
+        if agreed[0] > 0 and self.rebalancer is not None:  # after the step's MoE collectives, as on every rank
+            self.rebalancer.after_step()
         if engine.num_steps > before:  # a step that computed tokens: keep a window of their times
             self.step_seconds = (self.step_seconds + [time.perf_counter() - start])[-4096:]
             self.steps_timed += 1

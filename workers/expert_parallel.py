@@ -31,20 +31,27 @@ from torch import nn
 
 from model.decoder import Llama4ForCausalLM
 from model.moe import ExpertSlices, RoutedExperts, count_per_bin
+from workers.expert_placement import replica_of_rows
 
 
 class Placement:
     """(MoE layer, expert) -> the ranks holding that expert; dispatch reads only this table."""
 
     def __init__(self, table: dict[int, list[list[int]]]):
-        self.table = table  # layer -> [ranks of expert 0, ranks of expert 1, ...]
-        self._dest: dict[int, torch.Tensor] = {}
+        self.update(table)
+
+    def update(self, table: dict[int, list[list[int]]]) -> None:
+        """Follow a new table from now on (a rebalance's switch step: every rank swaps at the same step)."""
+        dest, replicas = {}, {}
         for layer, experts in table.items():
             if any(not ranks for ranks in experts):
                 raise ValueError(f"layer {layer}: every expert needs a rank")
             width = max(len(r) for r in experts)
-            # replicas padded by repeating the first; dispatch picks replica (row index % count)
-            self._dest[layer] = torch.tensor([(r * width)[:width] for r in experts], dtype=torch.long)
+            # each expert's ranks, padded by repeating the first (never picked: `replica_of_rows` < count)
+            dest[layer] = torch.tensor([(r * width)[:width] for r in experts], dtype=torch.long)
+            replicas[layer] = torch.tensor([len(r) for r in experts], dtype=torch.long)
+        self.table = table  # layer -> [ranks of expert 0, ranks of expert 1, ...]
+        self._dest, self._replicas = dest, replicas
 
     @classmethod
     def contiguous(cls, moe_layers: list[int], num_experts: int, expert_ranks: list[int]) -> "Placement":
@@ -72,11 +79,11 @@ class Placement:
         return [e for e, ranks in enumerate(self.table[layer]) if rank in ranks]
 
     def destinations(self, layer: int, experts_N: torch.Tensor) -> torch.Tensor:
+        """The rank each routed row goes to: an expert's k-th row (row order) to its replica k mod count."""
         dest_EW = self._dest[layer].to(experts_N.device)
         if dest_EW.shape[1] == 1:
             return dest_EW[experts_N, 0]
-        replica_N = torch.arange(experts_N.shape[0], device=experts_N.device) % dest_EW.shape[1]
-        return dest_EW[experts_N, replica_N]
+        return dest_EW[experts_N, replica_of_rows(experts_N, self._replicas[layer])]
 
 
 @dataclass

@@ -7,19 +7,25 @@ experts' bytes from the checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import time
+from typing import Callable
 
 import torch
 
 from model.checkpoint import CheckpointReader
 from model.config import load_config
 from model.decoder import Llama4ForCausalLM
-from model.loader import apply_quantization, expert_slice_names, load_model, materialize, resolve_dtype
-from model.moe import RoutedExperts
+from model.loader import (LoadProgress, LoadReport, apply_quantization, expert_slice_names, load_model, materialize,
+                          resolve_dtype)
+from model.moe import ExpertSlices, RoutedExperts, regroup
 from model.optimize import optimize_for_inference
 from model.quant import weight_bytes
+from workers.eplb import EplbSettings, Rebalancer
 from workers.errors import Unavailable
+from workers.expert_placement import LayerPlacement
 from workers.expert_parallel import ExpertGroup, Placement, serve_layer, shard_experts
 from workers.rank import MetricsOptions, Rank
 from workers.wave import WaveLoop
@@ -30,12 +36,15 @@ log = logging.getLogger(__name__)
 class ExpertWorker(Rank):
     def __init__(self, rank: int, num_attention: int, num_expert_ranks: int, model_dir: str, placement: Placement,
                  dtype: str | None = None, device: str = "cpu", torch_threads: int = 1, idle_steps: int = 3,
-                 metrics: MetricsOptions | None = None):
+                 metrics: MetricsOptions | None = None, eplb: EplbSettings | None = None,
+                 capacities: list[int] | None = None):
         super().__init__(rank, num_attention + num_expert_ranks, torch_threads, device, metrics)
         self.num_attention = num_attention
         self.placement = placement  # the gang's one (MoE layer, expert) -> ranks table, made in cluster/gang.py
         self.model_dir, self.dtype_name, self.idle_steps = model_dir, dtype, idle_steps
         self.rows_served = 0
+        self.steps_served, self.compute_seconds = 0, 0.0  # steps with work, and the time computing in them
+        self.eplb, self.capacities = eplb or EplbSettings(), capacities  # slots per expert rank
         self._fault_in: int | None = None  # chaos testing: steps until an injected failure
 
     def load_weights(self) -> dict:
@@ -45,13 +54,9 @@ class ExpertWorker(Rank):
         self.comm = ExpertGroup(self.group, self.rank, self.world_size, config.hidden_size, dtype, self.device)
         with torch.device("meta"):
             shard = shard_experts(Llama4ForCausalLM(config), self.comm, self.placement, self.num_attention)
-        # an FP8 checkpoint: the experts stay FP8 in memory
-        apply_quantization(shard, self.model_dir, names=expert_slice_names)
-        materialize(shard, self.device)
-        with CheckpointReader(self.model_dir) as reader:
-            report = load_model(shard, reader, dtype, strict=False, progress=self.progress, names=expert_slice_names)
+        shard, report = self._read_experts(shard, self.progress)
+        self.config = config
         self.weight_bytes = weight_bytes(shard)
-        self.shard = optimize_for_inference(shard)
         self.layers = [shard.experts(layer) for layer in config.moe_layers]
         self.moe_layers = list(config.moe_layers)
         # rows routed to each expert per MoE layer, since start (whole-model expert ids)
@@ -59,12 +64,40 @@ class ExpertWorker(Rank):
         self.owned_experts = self.layers[0].expert_ids
         # on a GPU, no host read per MoE layer (bf16/fp32 experts; FP8 ones keep their per-expert loop)
         self.sync_free = self.device.type == "cuda" and all(isinstance(x, RoutedExperts) for x in self.layers)
-        self.snapshot = self._snapshot()
         self._new_wave()
+        self.snapshot = self._snapshot()
         log.info("expert rank %d holds experts %s: %.1f MB in %.1fs", self.rank, self.owned_experts,
                  report.bytes_read / 1e6, time.monotonic() - start)
         return {"rank": self.rank, "bytes_read": report.bytes_read, "seconds": time.monotonic() - start,
                 "experts": self.owned_experts, "weight_bytes": self.weight_bytes}
+
+    def _read_experts(self, shard: ExpertSlices, progress: LoadProgress | None = None) -> tuple[ExpertSlices, LoadReport]:
+        """Fill `shard` (on the meta device) from this rank's byte ranges of the checkpoint."""
+        apply_quantization(shard, self.model_dir, names=expert_slice_names)  # FP8 experts stay FP8 in memory
+        materialize(shard, self.device)
+        with CheckpointReader(self.model_dir) as reader:
+            report = load_model(shard, reader, resolve_dtype(self.dtype_name, self.device.type), strict=False,
+                                progress=progress, names=expert_slice_names)
+        return optimize_for_inference(shard), report
+
+    def _stage(self, placements: dict[int, LayerPlacement]) -> tuple[Callable[[], None], int]:
+        """A rebalance's new experts for this rank, read beside the ones it serves (off the wave thread);
+        returns what swaps them in at the switch step, and the bytes read. Experts it keeps are copied."""
+        slot = self.rank - self.num_attention
+        wanted = {layer: list(placements[layer].slots[slot]) for layer in self.moe_layers}
+        held = {layer: experts.expert_ids for layer, experts in zip(self.moe_layers, self.layers)}
+        missing = {layer: [e for e in wanted[layer] if e not in held[layer]] for layer in self.moe_layers}
+        with torch.device("meta"):
+            fresh = ExpertSlices(self.config, missing)
+        fresh, report = self._read_experts(fresh)
+        layers = [regroup(wanted[layer], old, fresh.experts(layer)) if wanted[layer] != held[layer] else old
+                  for layer, old in zip(self.moe_layers, self.layers)]
+
+        def install() -> None:
+            self.layers = layers
+            self.owned_experts = layers[0].expert_ids
+            self.weight_bytes = sum(weight_bytes(x) for x in layers)
+        return install, report.bytes_read
 
     def start(self) -> None:
         self.wave.start()
@@ -74,6 +107,8 @@ class ExpertWorker(Rank):
         super().publish_metrics(metrics)
         snapshot = self.snapshot
         metrics.experts(snapshot["moe_layers"], snapshot["expert_load"].tolist())
+        if self.rebalancer.active:
+            metrics.eplb(snapshot["eplb"])
 
     def reset(self) -> None:
         """After a failure, on the new group: a new wave; the experts stay loaded."""
@@ -81,8 +116,12 @@ class ExpertWorker(Rank):
         self._new_wave()
 
     def _new_wave(self) -> None:
-        wave = WaveLoop(self.group, self.idle_steps, lambda: [0, 0], self._step, f"experts-{self.rank}",
-                        self.torch_threads, self.device)  # an expert rank proposes nothing: it serves
+        self.rebalancer = Rebalancer(self.eplb, self.placement, self.moe_layers, self.config.num_experts,
+                                     self.capacities or [], self.num_attention, self.group, self.device,
+                                     load=lambda: self.expert_load_LE, stage=self._stage)
+        # an expert rank proposes no tokens: it serves; it votes on a rebalance
+        wave = WaveLoop(self.group, self.idle_steps, lambda: [0, 0, self.rebalancer.vote()], self._step,
+                        f"experts-{self.rank}", self.torch_threads, self.device)
         self.comm.bind(self.group, wave.thread)  # a wave thread of a failed epoch raises at its next collective
         self.wave = wave
 
@@ -92,6 +131,7 @@ class ExpertWorker(Rank):
 
     @torch.inference_mode()
     def _step(self, agreed: list[int]) -> None:
+        self.rebalancer.before_step(agreed[2])
         if agreed[0] == 0:  # no attention rank has tokens this round
             return
         if self._fault_in is not None:
@@ -100,11 +140,27 @@ class ExpertWorker(Rank):
                 self._fault_in = None
                 raise RuntimeError(f"expert rank {self.rank}: injected fault")
         microbatches = self.comm.agree(agreed)
+        start, waited = time.perf_counter(), self.comm.alltoall_seconds
         for experts, load_E in zip(self.layers, self.expert_load_LE):
             for _ in range(microbatches):
                 self.rows_served += serve_layer(self.comm, experts, self.num_attention, load_E=load_E,
                                                 sync_free=self.sync_free)
+        # this rank's own work in the step: its wall time less the waits in collectives
+        self.compute_seconds += time.perf_counter() - start - (self.comm.alltoall_seconds - waited)
+        self.steps_served += 1
+        self.rebalancer.after_step()
         self.snapshot = self._snapshot()
+
+    def expert_digests(self) -> dict[int, dict[int, str]]:
+        """Per MoE layer, a digest of each held expert's weight bytes: every replica of an expert must
+        hold what its original holds, whichever rank read or kept it."""
+        out = {}
+        for layer, experts in zip(self.moe_layers, self.layers):
+            params = [p for _, p in experts.named_parameters(recurse=False)]
+            out[layer] = {e: hashlib.sha256(b"".join(p[row].contiguous().view(torch.uint8).cpu().numpy().tobytes()
+                                                     for p in params)).hexdigest()
+                          for row, e in enumerate(experts.expert_ids)}
+        return out
 
     def health(self) -> dict:
         state = self.wave_state()
@@ -114,10 +170,12 @@ class ExpertWorker(Rank):
 
     def _snapshot(self) -> dict:
         """Counters of this rank, frozen at the end of a step (read by other threads)."""
-        return {"rows_served": int(self.rows_served), "alltoall_bytes": self.comm.alltoall_bytes,
+        return {"rows_served": int(self.rows_served), "steps_served": self.steps_served,
+                "compute_seconds": self.compute_seconds, "alltoall_bytes": self.comm.alltoall_bytes,
                 "alltoall_seconds": self.comm.alltoall_seconds, "moe_layers": self.moe_layers,
-                "weight_bytes": self.weight_bytes,
-                "experts": self.owned_experts, "expert_load": self.expert_load_LE.clone()}
+                "weight_bytes": self.weight_bytes, "experts": self.owned_experts,
+                "experts_by_layer": {layer: x.expert_ids for layer, x in zip(self.moe_layers, self.layers)},
+                "expert_load": self.expert_load_LE.clone(), "eplb": dataclasses.asdict(self.rebalancer.stats)}
 
     def stats(self) -> dict:
         snapshot = dict(self.snapshot)

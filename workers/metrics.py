@@ -58,6 +58,13 @@ class RankMetrics:
                               ("layer",))
         self.layer_expert_tokens = (c("maverick_expert_layer_tokens", "Tokens routed per (MoE layer, expert)",
                                       ("layer", "expert")) if expert_layer_matrix else None)
+        self.rebalances = c("maverick_eplb_rebalances", "Expert rebalances this expert rank switched to (eplb)")
+        self.rebalance_seconds = c("maverick_eplb_rebalance_seconds", "Seconds from each rebalance's decision to "
+                                   "its switch step (staging overlapped the steps in between)")
+        self.rebalance_bytes = c("maverick_eplb_rebalance_bytes", "Expert weight bytes this rank read for rebalances")
+        self.balancedness = g("maverick_eplb_balancedness", "Mean over max tokens per expert rank, per MoE layer, "
+                              "in the last rebalance window: as served, and as the new placement would serve it",
+                              ("layer", "placement"))
         self._last: dict[tuple, float] = {}
 
     def _inc(self, metric, key: tuple, total: float, tags: dict[str, str] | None = None) -> None:
@@ -99,6 +106,17 @@ class RankMetrics:
                     if total:
                         self._inc(self.layer_expert_tokens, ("cell", layer, expert), total,
                                   {"layer": str(layer), "expert": str(expert)})
+
+
+    def eplb(self, stats: dict) -> None:
+        """From an expert rank's `RebalanceStats` (as a dict)."""
+        self._inc(self.rebalances, ("rebalances",), stats["rebalances"])
+        self._inc(self.rebalance_seconds, ("rebalance_seconds",), stats["seconds_total"])
+        self._inc(self.rebalance_bytes, ("rebalance_bytes",), stats["bytes_total"])
+        for placement in ("served", "planned"):
+            by_layer = stats["balancedness" if placement == "served" else "planned"]
+            for layer, value in by_layer.items():
+                self.balancedness.set(value, tags={**self.labels, "layer": str(layer), "placement": placement})
 
 
 class Exporter:

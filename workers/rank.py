@@ -181,6 +181,11 @@ class Rank:
         """CPU time this actor's process has used (all threads): idle ranks must not burn a core."""
         return time.process_time()
 
+    def placement_table(self) -> dict[int, list[list[int]]] | None:
+        """The (MoE layer, expert) -> ranks table this rank follows now (a rebalance may have changed it)."""
+        placement = getattr(self, "placement", None)
+        return placement.table if placement is not None else None
+
     def wave_state(self) -> dict:
         wave = self.wave
         return {"rank": self.rank, "pid": os.getpid(), "steps": wave.num_steps if wave else 0,

@@ -21,6 +21,9 @@ def test_defaults_and_world_size():
     ({"model": "/m", "experts": {"num_cpus": 1, "gpus": 1}}, "experts.gpus"),
     ({"model": "/m", "surprise": True}, "surprise"),
     ({}, "model"),
+    ({"model": "/m", "expert_workers": 2, "eplb": {"redundant_experts": -1}}, "eplb.redundant_experts"),
+    ({"model": "/m", "expert_workers": 2, "eplb": {"rebalance_every": 8}}, "eplb.rebalance_every"),
+    ({"model": "/m", "expert_workers": 2, "eplb": {"rebalance_every_steps": 8, "window_steps": 9}}, "eplb"),
 ])
 def test_bad_fields_are_named(raw, path):
     with pytest.raises(ValidationError) as info:
@@ -92,3 +95,12 @@ def test_api_key_from_the_replicas_environment(monkeypatch):
     literal = parse_app_args({"model": "m", "api_key": "given", "api_key_env": "MAVERICK_TEST_KEY"})
     assert literal.with_api_key_from_env().api_key == "given"
     assert parse_app_args({"model": "m"}).with_api_key_from_env().api_key is None
+
+
+def test_eplb_needs_expert_ranks_and_counts_spare_slots_per_rank():
+    with pytest.raises(ValidationError, match="eplb balances experts over expert ranks"):
+        GangConfig(model="/m", eplb={"redundant_experts": 2})
+    config = GangConfig(model="/m", expert_workers=3, eplb={"redundant_experts": 2, "rebalance_every_steps": 64})
+    assert config.expert_capacities(8) == [5, 5, 4]  # 3, 3, 2 contiguous, plus 2 spare each
+    assert GangConfig(model="/m", expert_workers=3).expert_capacities(8) == [3, 3, 2]
+    assert config.eplb.settings().window_steps == 0  # every step since the last rebalance

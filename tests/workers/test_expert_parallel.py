@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 
 from model.moe import RoutedExperts
 from workers.expert_parallel import AllToAllExperts, ExpertGroup, Placement, serve_layer
+from workers.expert_placement import place_experts, to_rank_table
 
 D, F, E = 16, 24, 8
 
@@ -46,13 +47,23 @@ def _agree(comm: ExpertGroup, rows: list[int]) -> int:
     return comm.agree(plan.tolist())
 
 
-def _worker(rank, world, num_attention, case, store_path, results, sync_free=False, split=False):
+def _placement(num_attention, world, replicated):
+    """Contiguous, or EPLB's: 2 spare slots per expert rank, expert 5 hot (copies on every expert rank)."""
+    expert_ranks = list(range(num_attention, world))
+    if not replicated:
+        return Placement.contiguous(list(LAYERS), E, expert_ranks)
+    load = [1] * E
+    load[5] = 100
+    capacities = [E // len(expert_ranks) + (i < E % len(expert_ranks)) + 2 for i in range(len(expert_ranks))]
+    return Placement(to_rank_table(place_experts({layer: load for layer in LAYERS}, capacities), num_attention))
+
+
+def _worker(rank, world, num_attention, case, store_path, results, sync_free=False, split=False, replicated=False):
     try:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
         comm = ExpertGroup(dist.group.WORLD, rank, world, D, torch.float32)
-        expert_ranks = list(range(num_attention, world))
-        placement = Placement.contiguous(list(LAYERS), E, expert_ranks)
+        placement = _placement(num_attention, world, replicated)
         # steps of two MoE layers: count and capacity agreed once per step. With micro-batches, attention
         # rank 0 splits its rows in two (rank 1 does not ask to: it runs its rows and an empty one), and
         # both micro-batches are dispatched before either is combined, as the overlapped forward does
@@ -107,24 +118,41 @@ def test_two_microbatches_in_flight_equal_local_experts(tmp_path, num_attention,
     _check_dispatch_combine(tmp_path, num_attention, num_experts, case, split=True)
 
 
-def _check_dispatch_combine(tmp_path, num_attention, num_experts, case, sync_free=False, split=False):
+@pytest.mark.parametrize("num_attention,num_experts,case", [(1, 3, "one_expert"), (2, 2, "one_expert"),
+                                                            (1, 3, "random"), (2, 3, "zero_on_rank1")])
+def test_replicated_experts_split_their_rows_and_equal_local_experts(tmp_path, num_attention, num_experts, case):
+    """EPLB's placement: a hot expert on every expert rank. Its rows split evenly over its replicas
+    (the k-th row of an expert to replica k mod count), and every output equals the local path's."""
+    _check_dispatch_combine(tmp_path, num_attention, num_experts, case, replicated=True)
+
+
+def _check_dispatch_combine(tmp_path, num_attention, num_experts, case, sync_free=False, split=False,
+                            replicated=False):
     world = num_attention + num_experts
     manager = mp.get_context("spawn").Manager()
     results = manager.dict()
     store = str(tmp_path / "store")
-    mp.start_processes(_worker, args=(world, num_attention, case, store, results, sync_free, split), nprocs=world,
+    mp.start_processes(_worker, args=(world, num_attention, case, store, results, sync_free, split, replicated),
+                       nprocs=world,
                        start_method="spawn", join=True)
     results = dict(results)
     errors = {k: v for k, v in results.items() if "error" in k}
     assert not errors, errors
+    def rows_of(attention_rank, step):
+        return len(_inputs(attention_rank, case, step)[0])
+
     for step in range(STEPS):
-        rows = sum(len(_inputs(r, case, step)[0]) for r in range(num_attention))
+        rows = sum(rows_of(r, step) for r in range(num_attention))
         for layer in LAYERS:
             assert all(results[(rank, step, layer)] <= 1e-5 for rank in range(num_attention))
             served = [results[(r, step, layer, "served")] for r in range(num_attention, world)]
             assert sum(served) == rows  # every routed row visited exactly one expert rank, once per layer
             if case == "one_expert" and num_experts == 1:
                 assert served[0] == rows
+            if case == "one_expert" and replicated:  # one hot expert, one copy per expert rank: even shares
+                shares = [rows_of(r, step) for r in range(num_attention)]
+                expected = [sum(n // num_experts + (j < n % num_experts) for n in shares) for j in range(num_experts)]
+                assert served == expected, (served, expected)
 
 
 def test_uneven_placement_splits_as_evenly_as_counts_allow():
@@ -143,6 +171,11 @@ def test_placement_contiguous_and_replicas():
     replicated = Placement({1: [[2, 3]] + [[2]] * 7})  # expert 0 on both ranks
     assert set(replicated.destinations(1, torch.zeros(6, dtype=torch.long)).tolist()) == {2, 3}
     assert replicated.experts_on(3, 1) == [0]
+    # replica counts differ: expert 0 on three ranks, expert 1 on two; each expert's rows alternate over
+    # its own replicas (padding to the widest list must not give replica 0 an extra share)
+    uneven = Placement({1: [[2, 3, 4], [3, 4]] + [[2]] * 6})
+    rows = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1, 1, 1])
+    assert uneven.destinations(1, rows).tolist() == [3, 2, 4, 3, 3, 4, 4, 3, 4, 3]
 
 
 def test_placement_check_names_what_is_wrong():

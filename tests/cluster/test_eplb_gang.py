@@ -1,0 +1,86 @@
+"""Live expert rebalancing in a real gang (1 attention + 3 expert ranks, 2 spare slots each) on the
+skewed checkpoint: the tokens equal `transformers` across rebalances, every replica holds its
+original's bytes, the hot pair ends replicated, and every rank follows the one table."""
+
+import asyncio
+
+import pytest
+import ray
+import torch
+
+from cluster.config import EngineLimits, EplbConfig, GangConfig, RankResources
+from cluster.supervisor import GangSupervisor
+from model.router_skew import HOT_PAIR
+from model.tiny import make_tiny
+from tests.oracle import hf_greedy
+from workers.protocol import GenerateRequest
+from workers.sampling_params import SamplingParams
+
+SKEW = 16.0  # the hot pair takes about 85% of the tokens (tests/model/test_router_skew.py)
+RANK = RankResources(num_cpus=0.25, torch_threads=1)
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def skewed(tmp_path_factory):
+    from transformers import Llama4ForCausalLM
+
+    ckpt = make_tiny(tmp_path_factory.mktemp("skewed") / "ckpt", "tiny-maverick", seed=1, dtype=torch.float32,
+                     router_skew=SKEW)
+    hf = Llama4ForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager").eval()
+    return ckpt, hf
+
+
+def prompts(vocab: int, bos: int, num: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [[bos] + torch.randint(0, vocab, (20,), generator=gen).tolist() for _ in range(num)]
+
+
+async def generate(supervisor, prompt):
+    ids = []
+    async for out in supervisor.generate(GenerateRequest(prompt, SamplingParams(temperature=0.0,
+                                                                                max_tokens=NEW_TOKENS,
+                                                                                ignore_eos=True))):
+        assert out.error is None, out.error
+        ids += out.new_token_ids
+    return ids
+
+
+def test_a_gang_rebalancing_live_generates_what_transformers_does(ray_cluster, skewed):
+    ckpt, hf = skewed
+    config = GangConfig(model=str(ckpt), attention_workers=1, expert_workers=3, placement_strategy="SPREAD",
+                        attention=RANK, experts=RANK, skip_tokenizer_init=True, collective_timeout_s=20,
+                        engine=EngineLimits(block_size=8, kv_cache_memory=16 * 2**20),
+                        eplb=EplbConfig(redundant_experts=2, rebalance_every_steps=4, min_gain=0))
+    rounds = [prompts(hf.config.vocab_size, hf.config.bos_token_id, 8, seed) for seed in (0, 1, 2)]
+
+    async def main():
+        supervisor = GangSupervisor(config)
+        await supervisor.start()
+        try:
+            outputs = [await asyncio.gather(*(generate(supervisor, p) for p in ps)) for ps in rounds]
+            gang = supervisor.gang
+            attention = ray.get(gang.attention[0].stats.remote())
+            experts = ray.get([r.stats.remote() for r in gang.experts])
+            digests = ray.get([r.expert_digests.remote() for r in gang.experts])
+            return outputs, attention, experts, digests
+        finally:
+            await supervisor.stop()
+
+    outputs, attention, experts, digests = asyncio.run(main())
+    for ps, got in zip(rounds, outputs):
+        assert got == [hf_greedy(hf, p, NEW_TOKENS) for p in ps]
+    eplb = attention["eplb"]
+    assert eplb["rebalances"] >= 2, eplb  # switched twice at least, every rank at the same step
+    assert all(e["eplb"]["rebalances"] == eplb["rebalances"] for e in experts)
+    assert sum(e["eplb"]["bytes_total"] for e in experts) > 0
+    table = attention["placement"]
+    for layer, ranks_E in table.items():
+        # the table every rank follows is what each expert rank holds, slots within capacity
+        for i, e in enumerate(experts):
+            assert e["experts_by_layer"][layer] == [x for x, ranks in enumerate(ranks_E) if 1 + i in ranks]
+            assert len(e["experts_by_layer"][layer]) <= [5, 5, 4][i]
+        assert all(len(ranks_E[h]) >= 2 for h in HOT_PAIR), ranks_E  # the hot pair is replicated
+        # a replica holds exactly its original's bytes
+        for expert, ranks in enumerate(ranks_E):
+            assert len({digests[rank - 1][layer][expert] for rank in ranks}) == 1

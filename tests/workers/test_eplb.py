@@ -1,0 +1,162 @@
+"""Live rebalancing on one rank, without a gang: when it decides, how it votes, when it switches, and
+the regrouped expert slots it switches to."""
+
+import threading
+
+import torch
+
+from model.moe import RoutedExperts, experts_for_loop, regroup
+from model.quant import Fp8RoutedExperts, quantize_rows
+from workers.eplb import FAILED, READY, STAGING, EplbSettings, Rebalancer
+from workers.expert_parallel import Placement
+from workers.expert_placement import place_experts, to_rank_table
+
+D, F, E, LAYERS = 8, 12, 6, [1, 3]
+FIRST = 1  # one attention rank, then the expert ranks
+
+
+def experts(ids, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    full_gu, full_down = torch.randn(E, D, 2 * F, generator=g), torch.randn(E, F, D, generator=g)
+    m = RoutedExperts(D, F, ids, E)
+    m.gate_up_proj.data, m.down_proj.data = full_gu[ids].clone(), full_down[ids].clone()
+    return m
+
+
+def test_regroup_takes_each_expert_from_the_first_source_that_holds_it():
+    kept, read = experts([0, 2, 4]), experts([1, 5])
+    slots = regroup([1, 2, 5], kept, read)
+    assert slots.expert_ids == [1, 2, 5] and isinstance(slots, RoutedExperts)
+    x, ids = torch.randn(7, D), torch.tensor([5, 1, 2, 2, 5, 1, 5])
+    assert torch.equal(slots(x, ids), experts_for_loop(experts([1, 2, 5]), x, ids))
+    assert kept.expert_ids == [0, 2, 4] and kept.gate_up_proj.shape[0] == 3  # the sources are untouched
+    assert regroup([], kept).gate_up_proj.shape == (0, D, 2 * F)
+
+
+def test_regroup_keeps_fp8_experts_fp8():
+    def fp8(ids):
+        m = Fp8RoutedExperts(D, F, ids, E)
+        src = experts(ids)
+        gu, gu_s = zip(*(quantize_rows(w.T.contiguous()) for w in src.gate_up_proj))
+        dn, dn_s = zip(*(quantize_rows(w.T.contiguous()) for w in src.down_proj))
+        m.gate_up_weight.data, m.gate_up_weight_scale.data = torch.stack(gu), torch.stack(gu_s)
+        m.down_weight.data, m.down_weight_scale.data = torch.stack(dn), torch.stack(dn_s)
+        return m
+
+    slots = regroup([4, 0], fp8([0, 2]), fp8([4]))
+    assert isinstance(slots, Fp8RoutedExperts) and slots.gate_up_weight.dtype == fp8([0]).gate_up_weight.dtype
+    x, ids = torch.randn(5, D), torch.tensor([0, 4, 4, 0, 4])
+    assert torch.equal(slots(x, ids), regroup([0, 4], fp8([0]), fp8([4]))(x, ids))
+
+
+class Load:
+    """An expert rank's counters since start, as `ExpertWorker.expert_load_LE`."""
+
+    def __init__(self):
+        self.LE = torch.zeros(len(LAYERS), E, dtype=torch.long)
+
+    def add(self, per_expert):
+        self.LE += torch.tensor(per_expert)
+
+
+def rebalancer(every, window=0, stage=None, load=None, placement=None, min_gain=0.0):
+    capacities = [4, 4]  # 6 experts over 2 expert ranks, plus one spare slot each
+    placement = placement or Placement.contiguous(LAYERS, E, [FIRST, FIRST + 1])
+    return Rebalancer(EplbSettings(1, every, window, min_gain), placement, LAYERS, E, capacities, FIRST, None,
+                      torch.device("cpu"), load=load and (lambda: load.LE), stage=stage)
+
+
+HOT = [90, 2, 2, 2, 2, 2]  # expert 0 takes most rows; contiguous, rank 0 (experts 0-2) does 94 of 100
+
+
+def test_a_rebalance_is_decided_every_n_steps_staged_then_switched_when_the_gang_agrees():
+    load, release, staged = Load(), threading.Event(), []
+
+    def stage(placements):
+        release.wait(10)
+        staged.append(placements)
+        return (lambda: staged.append("installed")), 123
+
+    r = rebalancer(every=3, load=load, stage=stage)
+    for _ in range(2):
+        load.add(HOT)
+        r.after_step()
+    assert r.vote() == READY and not staged  # not yet: 2 steps of 3
+    load.add(HOT)
+    r.after_step()  # the decision: the policy runs, staging starts on its own thread
+    assert r.vote() == STAGING
+    r.before_step(STAGING)  # another rank still stages: nothing changes
+    assert r.placement.table[1][0] == [FIRST]
+    release.set()
+    for _ in range(100):
+        if r.vote() == READY:
+            break
+        threading.Event().wait(0.05)
+    assert r.vote() == READY
+    r.before_step(READY)
+    assert staged[-1] == "installed"
+    assert r.placement.table[1][0] == [FIRST, FIRST + 1]  # the hot expert now on both ranks
+    s = r.stats
+    assert (s.rebalances, s.bytes_total, s.switches) == (1, 123, ((3, 3),))
+    assert s.balancedness[1] < 0.6 < 0.9 < s.planned[1]
+    assert r.vote() == READY
+
+
+def test_the_window_is_the_last_steps_before_the_rebalance():
+    load = Load()
+    r = rebalancer(every=4, window=2, load=load, stage=lambda p: ((lambda: None), 0))
+    for hot in (5, 5, 0, 0):  # the first two steps favour expert 5, the window's two expert 0
+        per_expert = [0] * E
+        per_expert[hot] = 50
+        load.add([per_expert, per_expert])
+        r.after_step()
+    while r.vote() == STAGING:
+        threading.Event().wait(0.01)
+    r.before_step(READY)
+    assert len(r.placement.table[1][0]) == 2 and len(r.placement.table[1][5]) == 1
+
+
+def test_a_failed_staging_is_dropped_by_every_rank_and_the_table_stays():
+    def stage(placements):
+        raise OSError("checkpoint gone")
+
+    load = Load()
+    r = rebalancer(every=1, load=load, stage=stage)
+    before = r.placement.table
+    load.add(HOT)
+    r.after_step()
+    while r.vote() == STAGING:
+        threading.Event().wait(0.01)
+    assert r.vote() == FAILED
+    r.before_step(FAILED)
+    assert r.placement.table == before and r.stats.rebalances == 0 and r.vote() == READY
+
+
+def test_a_rank_without_a_stage_swaps_its_table_at_once_and_an_unchanged_placement_moves_nothing():
+    placed = place_experts({layer: HOT for layer in LAYERS}, [4, 4])
+    load = Load()
+    r = rebalancer(every=1, load=load, placement=Placement(to_rank_table(placed, FIRST)))
+    load.add(HOT)
+    r.after_step()  # the same load: the policy returns the placement it has
+    assert r.vote() == READY and r.stats.unchanged == 1
+    attention = rebalancer(every=1)  # counts nothing itself: with no group, it sees zeros
+    attention.after_step()
+    assert attention.stats.unchanged == 0 and attention.vote() == READY
+
+
+def test_no_rebalance_without_a_period():
+    load = Load()
+    r = rebalancer(every=0, load=load, stage=lambda p: 1 / 0)
+    for _ in range(10):
+        load.add(HOT)
+        r.after_step()
+    assert r.vote() == READY and r.stats == type(r.stats)()
+
+
+def test_a_placement_that_gains_too_little_is_not_adopted():
+    load = Load()
+    r = rebalancer(every=1, load=load, stage=lambda p: 1 / 0, min_gain=0.5)
+    load.add(HOT)  # contiguous serves it at 0.53, the policy would at 0.98: a gain of 0.45 < 0.5
+    r.after_step()
+    assert r.vote() == READY and r.stats.unchanged == 1 and r.placement.table[1][0] == [FIRST]
+    assert r.stats.balancedness[1] < 0.6 < 0.9 < r.stats.planned[1]  # what it measured is still told
