@@ -61,6 +61,7 @@ class Layout:
     max_num_batched_tokens: int = 8192
     gpus_per_node: int = 8
     kv_cache_bytes: float | None = None  # a deployment's explicit `kv_cache_memory`; else seqs x length
+    redundant_experts: int = 0  # eplb's spare slots per expert rank, each a whole expert of every MoE layer
 
 
 @dataclass
@@ -123,7 +124,8 @@ def needs(c: Llama4Config, layout: Layout) -> tuple[RankNeed, RankNeed | None]:
         attention.weights += routed_expert_params(c) * (1 if fp8 else 2)
         return attention, None
     per_expert = 2 * _linear(c.intermediate_size, H, fp8) + _linear(H, c.intermediate_size, fp8)
-    expert_weights = experts_per_rank(c, layout.expert_ranks) * len(c.moe_layers) * per_expert
+    slots = experts_per_rank(c, layout.expert_ranks) + layout.redundant_experts
+    expert_weights = slots * len(c.moe_layers) * per_expert
     received = layout.attention_ranks * rows  # at worst every routed row of every attention rank
     expert = RankNeed("expert", expert_weights, 0.0, received * 2 * c.intermediate_size * 2,
                       2 * received * (H + 1) * 2)
@@ -202,7 +204,9 @@ def describe(c: Llama4Config, layout: Layout, gpu: Gpu, num_gangs: int = 1, cont
                      f"{need.total / gpu.memory:>8.0%}")
     if layout.expert_ranks:
         lines.append(f"experts per rank: {experts_per_rank(c, layout.expert_ranks)} at most "
-                     f"({c.num_experts} over {layout.expert_ranks}, consecutive, as even as the counts allow)")
+                     f"({c.num_experts} over {layout.expert_ranks}, consecutive, as even as the counts allow)"
+                     + (f", plus {layout.redundant_experts} spare slot(s) for eplb's copies of hot experts"
+                        if layout.redundant_experts else ""))
     lines += ["", f"fits: {'yes' if ok else 'NO'} ({usable / GB:.1f} GB usable per GPU after a {SAFETY_MARGIN:.0%} "
                   f"margin)"] + [f"  {r}" for r in reasons]
     context = context or layout.max_model_len // 2

@@ -40,14 +40,15 @@ def run_plan(args: argparse.Namespace) -> int:
                         max_num_seqs=limits.max_num_seqs, max_num_batched_tokens=limits.max_num_batched_tokens,
                         max_model_len=limits.max_model_len or min(config.max_position_embeddings, 8192),
                         gpus_per_node=args.gpus_per_node,
-                        kv_cache_bytes=limits.kv_cache_memory if "kv_cache_memory" in limits.model_fields_set else None)
+                        kv_cache_bytes=limits.kv_cache_memory if "kv_cache_memory" in limits.model_fields_set else None,
+                        redundant_experts=app.eplb.redundant_experts if app.eplb else args.redundant_experts)
         num_gangs = app.num_gangs
     else:
         config, weights = _architecture(args, None)
         a = args.attention_workers or 1
         e = args.expert_workers if args.expert_workers is not None else max(0, (args.gpus or 8) - a)
         layout = Layout(a, e, args.weights or "bf16", max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                        gpus_per_node=args.gpus_per_node)
+                        gpus_per_node=args.gpus_per_node, redundant_experts=args.redundant_experts)
     if args.suggest:
         gpus = args.gpus or layout.attention_ranks + layout.expert_ranks
         best = suggest(config, gpus, gpu, layout)
@@ -80,6 +81,8 @@ def add_plan_parser(sub, func) -> None:
     p.add_argument("--expert-workers", type=int)
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--redundant-experts", type=int, default=0,
+                   help="eplb's spare expert slots per expert rank (a YAML's eplb.redundant_experts wins)")
     p.add_argument("--suggest", action="store_true", help="choose the attention/expert split with the best roofline")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=func)

@@ -25,6 +25,18 @@ def test_maverick_parameter_arithmetic():
     assert fp8 == 16 * 24 * (3 * 5120 * 8192 + (2 * 8192 + 5120) * 4)  # 16 experts x 24 layers, bytes + scales
 
 
+def test_eplb_spare_slots_are_whole_experts_of_every_moe_layer(tmp_path):
+    c = preset("maverick")
+    plain, spare = needs(c, Layout(2, 6, "fp8"))[1], needs(c, Layout(2, 6, "fp8", redundant_experts=4))[1]
+    assert spare.weights - plain.weights == 4 * 24 * (3 * 5120 * 8192 + (2 * 8192 + 5120) * 4)
+    yaml = tmp_path / "eplb.yaml"
+    yaml.write_text("applications:\n- name: m\n  import_path: router.app:build\n  args:\n    model: /nowhere\n"
+                    "    attention_workers: 2\n    expert_workers: 6\n    eplb: {redundant_experts: 4}\n")
+    out = subprocess.run([MAVERICK, "plan", str(yaml), "--preset", "maverick", "--weights", "fp8", "--gpu", "h200"],
+                         capture_output=True, text=True)
+    assert "plus 4 spare slot(s)" in out.stdout, out.stdout + out.stderr
+
+
 def test_bf16_experts_over_8_ranks_do_not_fit_an_h100():
     c = preset("maverick")
     _, expert = needs(c, Layout(1, 8, "bf16"))
