@@ -102,6 +102,15 @@ GANGS = [
     Panel("Rank imbalance per layer", "max / mean over expert ranks of the tokens served per MoE layer "
           "(1 is perfectly balanced).", "short",
           [(f"max by (layer) ({_LAYER_RANK}) / avg by (layer) ({_LAYER_RANK})", "layer {{layer}}")]),
+    Panel("Expert balancedness per layer", "Mean / max over expert ranks of the tokens served per MoE layer "
+          "(vLLM's definition: 1 is balanced); with eplb, also the last rebalance window as it was served and "
+          "as the new placement plans it.", "percentunit",
+          [(f"avg by (layer) ({_LAYER_RANK}) / max by (layer) ({_LAYER_RANK})", "layer {{layer}} measured"),
+           (f"min by (layer, placement) (ray_maverick_eplb_balancedness{RANK})", "layer {{layer}} {{placement}}")]),
+    Panel("Expert rebalances", "Placements each gang switched to per second (eplb).", "short",
+          [(f"max by (gang) (rate(ray_maverick_eplb_rebalances_total{RANK}{RATE}))", "{{gang}}")]),
+    Panel("Rebalance loads", "Expert weight bytes the expert ranks read per second to stage rebalances (eplb).",
+          "Bps", [(f"sum by (gang) (rate(ray_maverick_eplb_rebalance_bytes_total{RANK}{RATE}))", "{{gang}}")]),
     Panel("Hottest experts", "The ten experts receiving the most tokens per second (all MoE layers).", "short",
           [(f"topk(10, sum by (expert) (rate(ray_maverick_expert_tokens_total{RANK}{RATE})))", "expert {{expert}}")]),
 ]

@@ -1,4 +1,5 @@
-"""A live local deployment per test module: a real Ray, Serve on 127.0.0.1 at a free port, our app."""
+"""A live local deployment per test module: a real Ray, Serve on 127.0.0.1 at a free port, our app;
+and, for the metrics tests, a Ray exporting metrics every second with a real Prometheus scraping it."""
 
 import os
 import socket
@@ -52,6 +53,36 @@ def local_ray():
     yield
     # Serve goes down with this Ray; serve.shutdown() first would only wait for the replicas' drain
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_with_metrics():
+    """A Ray whose dashboard runs (it writes the service-discovery file Prometheus reads) and whose
+    agent exports every second, on fixed local ports."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+    ray_start.start(lambda: ray.init(
+        num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+        _metrics_export_port=free_port(), _system_config={"metrics_report_interval_ms": 1000},
+        log_to_driver=False, object_store_memory=200 * 2**20))
+    _ports.clear()
+    yield ray
+    ray.shutdown()
+
+
+def scrape_ray(work: Path, serve_target: str | None = None, api_key_file: Path | None = None):
+    """A Prometheus scraping `ray_with_metrics`' agents every second (and the serving port, if given)."""
+    from ray._private.worker import _global_node
+
+    from cluster.observe import Prometheus, scrape_config
+    from cluster.probe import wait_until
+
+    sd_file = _global_node.get_session_dir_path() + "/prom_metrics_service_discovery.json"
+    wait_until(lambda: os.path.exists(sd_file), 60, "Ray's service-discovery file")
+    config = scrape_config(serve_target, sd_file=sd_file, interval_s=1, api_key_file=api_key_file)
+    return Prometheus(work, free_port(), config).start()
 
 
 def deploy(tmp_dir: Path, name: str = "maverick", route_prefix: str = "/", **args) -> Live:

@@ -1,6 +1,7 @@
 """Metrics proven on a real Prometheus (Debian's `prometheus`, started here on 127.0.0.1).
 
-A live deployment (1 attention + 2 expert workers, an API key, 3 requests admitted at a time) takes
+A live deployment (1 attention + 2 expert workers rebalancing their experts, an API key, 3 requests
+admitted at a time) takes
 load the client tallies itself: good requests over HTTP and gRPC, bad ones, a client that goes away,
 429s and a gang whose expert worker is killed. Prometheus scrapes Ray's metrics agents through Ray's
 service-discovery file and the serving port's `/metrics` with the key; then every query of every
@@ -11,7 +12,6 @@ import collections
 import json
 import os
 import signal
-import socket
 import threading
 import urllib.error
 import urllib.request
@@ -20,11 +20,9 @@ import grpc
 import pytest
 
 from cluster import dashboards
-from cluster.observe import Prometheus, scrape_config
 from cluster.probe import wait_until
 from router import maverick_v1_pb2 as pb
 from router import maverick_v1_pb2_grpc as pb_grpc
-from tests import ray_start
 from tests.router import conftest
 
 pytestmark = pytest.mark.timeout(900)
@@ -33,34 +31,12 @@ APP = "metrics"
 PREFIX = [2016] + list(range(300, 379))  # 80 tokens: later requests hit its cached blocks
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ray_with_metrics():
-    """A Ray whose dashboard runs (it writes the service-discovery file) and whose agent exports every
-    second, on fixed local ports."""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-    ray_start.start(lambda: ray.init(
-        num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
-        _metrics_export_port=free_port(), _system_config={"metrics_report_interval_ms": 1000},
-        log_to_driver=False, object_store_memory=200 * 2**20))
-    conftest._ports.clear()
-    yield ray
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def live(ray_with_metrics, tmp_path_factory):
     server = conftest.deploy(tmp_path_factory.mktemp("metrics"), name=APP, route_prefix="/", api_key=KEY,
                              expert_workers=2, max_pending_requests=3, request_timeout_s=120,
-                             migration_limit=0)  # a gang failure ends its requests with 503 (counted here)
+                             migration_limit=0,  # a gang failure ends its requests with 503 (counted here)
+                             eplb={"redundant_experts": 1, "rebalance_every_steps": 8})  # its panels get data
     yield server
 
 
@@ -234,15 +210,10 @@ def drive_load(live) -> tuple[Tally, float]:
 
 @pytest.fixture(scope="module")
 def prometheus(live, tmp_path_factory):
-    from ray._private.worker import _global_node
-
     work = tmp_path_factory.mktemp("prometheus")
     key_file = work / "api_key"
     key_file.write_text(KEY)
-    sd_file = _global_node.get_session_dir_path() + "/prom_metrics_service_discovery.json"
-    wait_until(lambda: os.path.exists(sd_file), 60, "Ray's service-discovery file")
-    config = scrape_config(live.url.removeprefix("http://"), sd_file=sd_file, interval_s=1, api_key_file=key_file)
-    server = Prometheus(work, free_port(), config).start()
+    server = conftest.scrape_ray(work, live.url.removeprefix("http://"), key_file)
     yield server
     server.stop()
 
