@@ -45,8 +45,10 @@ class RoutedExperts(nn.Module):
 
     def reset_buffers(self) -> None:
         local = torch.full((self.num_experts,), -1, dtype=torch.long, device=self.local_index_E.device)
-        ids = torch.tensor(self.expert_ids, dtype=torch.long, device=local.device)
-        local[ids] = torch.arange(len(self.expert_ids), device=local.device)
+        rows = [(row, e) for row, e in enumerate(self.expert_ids) if e >= 0]  # a free slot (-1) maps nothing
+        if rows:
+            local[torch.tensor([e for _, e in rows], device=local.device)] = torch.tensor(
+                [row for row, _ in rows], device=local.device)
         self.local_index_E = local
 
     def dispatch(self, x_ND: torch.Tensor, experts_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,25 +93,69 @@ class RoutedExperts(nn.Module):
         return torch.empty_like(x_ND).index_copy_(0, order_N, y_sorted)
 
 
-def regroup(expert_ids: list[int], *sources: nn.Module) -> nn.Module:
-    """A module like `sources[0]` (`RoutedExperts` or its FP8 form) holding `expert_ids`, each expert's
-    rows taken from the first source that holds it: an expert rank's slots after a rebalance, from
-    the experts it kept and the ones it read. Per-expert parameters lead with the local expert dim."""
+FREE = -1  # the expert id of a slot that holds none (a rank's spare slot the placement left empty)
+
+
+def fill_slots(module: nn.Module, wanted: list[int], fresh: nn.Module) -> nn.Module:
+    """After a rebalance, the experts module of one MoE layer on an expert rank holds `wanted`: experts
+    it keeps stay in their rows, and the ones it lacks are copied from `fresh` (read while the old
+    placement served) into the rows of the ones it drops, in place: no second copy of the slots in
+    memory, the rows' layout (`experts_out_in`) kept. Only when `wanted` outgrows the rows is a larger
+    module built. Per-expert parameters lead with the row dim (`RoutedExperts`, `Fp8RoutedExperts`)."""
+    held = module.expert_ids
+    free_rows = [row for row, e in enumerate(held) if e not in wanted]
+    missing = [e for e in wanted if e not in held]
+    if len(missing) > len(free_rows):
+        return _regroup(wanted, module, fresh)
+    source_row = {e: row for row, e in enumerate(fresh.expert_ids)}
+    ids = list(held)
+    params = dict(module.named_parameters(recurse=False))
+    fresh_params = dict(fresh.named_parameters(recurse=False))
+    for row, e in zip(free_rows, missing + [FREE] * (len(free_rows) - len(missing))):
+        if e != FREE:
+            for name, param in params.items():
+                param.data[row].copy_(fresh_params[name].data[source_row[e]])
+        ids[row] = e
+    module.expert_ids = ids
+    module.reset_buffers()
+    return module
+
+
+def _regroup(expert_ids: list[int], *sources: nn.Module) -> nn.Module:
+    """A new module like `sources[0]` holding `expert_ids`, each from the first source that has it."""
     where = {}
     for source in reversed(sources):
-        where.update({e: (source, row) for row, e in enumerate(source.expert_ids)})
-    missing = [e for e in expert_ids if e not in where]
-    if missing:
-        raise ValueError(f"experts {missing} are in none of the sources")
+        where.update({e: (source, row) for row, e in enumerate(source.expert_ids) if e != FREE})
     out = copy.copy(sources[0])  # its settings; the tensors below are its own
     out._parameters, out._buffers = {}, dict(sources[0]._buffers)
     for name, param in sources[0].named_parameters(recurse=False):
         rows = [getattr(where[e][0], name)[where[e][1]] for e in expert_ids]
         stacked = torch.stack(rows) if rows else param[:0].clone()
+        if param.dim() == 3 and param.stride(1) < param.stride(2):  # stored [out, in] (CPU kernels): keep it
+            stacked = stacked.transpose(1, 2).contiguous().transpose(1, 2)
         out.register_parameter(name, nn.Parameter(stacked, requires_grad=False))
     out.expert_ids = list(expert_ids)
     out.reset_buffers()
     return out
+
+
+def pad_slots(module: nn.Module, rows: int) -> nn.Module:
+    """`module` grown to `rows` rows, the new ones FREE (zeros): room a rebalance fills in place. Done
+    once at load, before the rows take their kernels' layout."""
+    extra = rows - len(module.expert_ids)
+    if extra <= 0:
+        return module
+    for name, param in list(module.named_parameters(recurse=False)):
+        pad = torch.zeros((extra, *param.shape[1:]), dtype=param.dtype, device=param.device)
+        module.register_parameter(name, nn.Parameter(torch.cat([param.data, pad]), requires_grad=False))
+    module.expert_ids = [*module.expert_ids, *[FREE] * extra]
+    module.reset_buffers()
+    return module
+
+
+def held_experts(module: nn.Module) -> list[int]:
+    """The experts a module's rows hold, in row order, free slots left out."""
+    return [e for e in module.expert_ids if e != FREE]
 
 
 def count_per_bin(index_N: torch.Tensor, bins: int) -> torch.Tensor:

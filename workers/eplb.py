@@ -54,6 +54,7 @@ class RebalanceStats:
     unchanged: int = 0  # rebalances whose policy kept the placement
     seconds_total: float = 0.0  # decision to switch, summed
     bytes_total: int = 0  # expert bytes this rank loaded for rebalances
+    install_seconds_total: float = 0.0  # spent at switch steps putting staged experts in (not overlapped)
     balancedness: dict[int, float] = field(default_factory=dict)  # layer -> the last window, as it was served
     planned: dict[int, float] = field(default_factory=dict)  # layer -> the same window under the new table
     # (decision, switch) of the first rebalances, in this epoch's steps with work: staging ran in between
@@ -108,11 +109,14 @@ class Rebalancer:
         if agreed == FAILED:
             log.error("a rank could not stage the rebalance decided at step %d: the placement stays", self.steps)
             return
+        installing = time.perf_counter()
         if pending.install is not None:
             pending.install()
         self.placement.update(pending.table)
+        installed = time.perf_counter() - installing
         s = self.stats
         self.stats = dataclasses.replace(s, rebalances=s.rebalances + 1, bytes_total=s.bytes_total + pending.nbytes,
+                                         install_seconds_total=s.install_seconds_total + installed,
                                          seconds_total=s.seconds_total + time.monotonic() - pending.decided,
                                          switches=(s.switches + ((pending.step, self.steps),))[:KEPT_SWITCHES])
         log.info("rebalanced experts at step %d in %.2fs (%d bytes loaded here); balancedness by layer %s -> %s",

@@ -52,6 +52,7 @@ class Placement:
             replicas[layer] = torch.tensor([len(r) for r in experts], dtype=torch.long)
         self.table = table  # layer -> [ranks of expert 0, ranks of expert 1, ...]
         self._dest, self._replicas = dest, replicas
+        self._on_device: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def contiguous(cls, moe_layers: list[int], num_experts: int, expert_ranks: list[int]) -> "Placement":
@@ -78,12 +79,16 @@ class Placement:
     def experts_on(self, rank: int, layer: int) -> list[int]:
         return [e for e, ranks in enumerate(self.table[layer]) if rank in ranks]
 
-    def destinations(self, layer: int, experts_N: torch.Tensor) -> torch.Tensor:
-        """The rank each routed row goes to: an expert's k-th row (row order) to its replica k mod count."""
-        dest_EW = self._dest[layer].to(experts_N.device)
+    def destinations(self, layer: int, experts_N: torch.Tensor, next_E: torch.Tensor | None = None) -> torch.Tensor:
+        """The rank each routed row goes to: each expert's rows dealt round robin over its replicas,
+        continuing from `next_E` (`replica_of_rows`)."""
+        key = (layer, experts_N.device)
+        if key not in self._on_device:  # copied once per table (a GPU step then reads no host tensor)
+            self._on_device[key] = (self._dest[layer].to(experts_N.device), self._replicas[layer].to(experts_N.device))
+        dest_EW, replicas_E = self._on_device[key]
         if dest_EW.shape[1] == 1:
             return dest_EW[experts_N, 0]
-        return dest_EW[experts_N, replica_of_rows(experts_N, self._replicas[layer])]
+        return dest_EW[experts_N, replica_of_rows(experts_N, replicas_E, next_E)]
 
 
 @dataclass
@@ -156,6 +161,7 @@ class AllToAllExperts(nn.Module):
         super().__init__()
         self.comm, self.placement, self.layer = comm, placement, layer
         self.attention_ranks = attention_ranks
+        self.next_E: torch.Tensor | None = None  # each expert's next replica in its round robin
 
     def dispatch(self, x_ND: torch.Tensor, experts_N: torch.Tensor) -> Pending:
         """Send the rows (asynchronously) and post the combine's receive at once: the collectives of
@@ -163,7 +169,9 @@ class AllToAllExperts(nn.Module):
         micro-batch computes between this dispatch and its combine."""
         comm, n = self.comm, x_ND.shape[0]
         capacity = comm.capacity  # agreed for the step (`agree`)
-        dest_N = self.placement.destinations(self.layer, experts_N) - self.attention_ranks  # expert block
+        if self.next_E is None:  # attention ranks start their rounds apart
+            self.next_E = torch.full((len(self.placement.table[self.layer]),), comm.rank, device=x_ND.device)
+        dest_N = self.placement.destinations(self.layer, experts_N, self.next_E) - self.attention_ranks
         order_N = torch.argsort(dest_N, stable=True)
         counts_B = count_per_bin(dest_N, comm.world_size - self.attention_ranks)
         starts_B = torch.cumsum(counts_B, 0) - counts_B

@@ -11,8 +11,9 @@ Ranks here are expert ranks counted from 0 (`to_rank_table` adds the attention r
 capacity is its experts plus its redundant slots; capacities may differ between ranks.
 
 Tokens of an expert with several replicas are split by `replica_of_rows`: the k-th row routed to the
-expert (in row order) goes to replica k mod replicas. Every replica holds the same weights and
-computes each row alone, so outputs do not depend on placement; only which rank does the work does.
+expert (in row order) goes to replica k mod replicas, the round continuing across calls. Every
+replica holds the same weights and computes each row alone, so outputs do not depend on placement;
+only which rank does the work does.
 
 Shape suffixes: N routed rows, E experts.
 """
@@ -140,10 +141,13 @@ def to_rank_table(placements: Mapping[int, LayerPlacement], first_expert_rank: i
             for layer, p in placements.items()}
 
 
-def replica_of_rows(experts_N: torch.Tensor, replicas_E: torch.Tensor) -> torch.Tensor:
-    """Which replica serves each routed row: the k-th row of expert e (row order) goes to replica
-    k mod replicas_E[e]. Depends only on the rows' experts, never on where replicas live; splits each
-    expert's rows evenly (counts differ by at most one); stays on the device (no host sync)."""
+def replica_of_rows(experts_N: torch.Tensor, replicas_E: torch.Tensor,
+                    next_E: torch.Tensor | None = None) -> torch.Tensor:
+    """Which replica serves each routed row: round robin per expert, in row order. Without `next_E`
+    the k-th row of expert e goes to replica k mod replicas_E[e]; with it, the round continues from
+    `next_E[e]` (then advanced in place by the rows dealt), so calls with fewer rows than replicas
+    (decode) still reach every replica instead of always the first. Depends only on the rows' experts
+    and that counter, never on where replicas live; stays on the device (no host sync)."""
     n = experts_N.shape[0]
     order_N = torch.argsort(experts_N, stable=True)
     counts_E = count_per_bin(experts_N, replicas_E.shape[0])
@@ -151,4 +155,7 @@ def replica_of_rows(experts_N: torch.Tensor, replicas_E: torch.Tensor) -> torch.
     sorted_N = experts_N.index_select(0, order_N)
     ordinal_N = torch.empty_like(experts_N)
     ordinal_N[order_N] = torch.arange(n, device=experts_N.device) - starts_E[sorted_N]
+    if next_E is not None:
+        ordinal_N += next_E[experts_N]
+        next_E += counts_E
     return ordinal_N % replicas_E.to(experts_N.device)[experts_N]

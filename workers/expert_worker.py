@@ -20,7 +20,7 @@ from model.config import load_config
 from model.decoder import Llama4ForCausalLM
 from model.loader import (LoadProgress, LoadReport, apply_quantization, expert_slice_names, load_model, materialize,
                           resolve_dtype)
-from model.moe import ExpertSlices, RoutedExperts, regroup
+from model.moe import FREE, ExpertSlices, RoutedExperts, fill_slots, held_experts, pad_slots
 from model.optimize import optimize_for_inference
 from model.quant import weight_bytes
 from workers.eplb import EplbSettings, Rebalancer
@@ -43,7 +43,7 @@ class ExpertWorker(Rank):
         self.placement = placement  # the gang's one (MoE layer, expert) -> ranks table, made in cluster/gang.py
         self.model_dir, self.dtype_name, self.idle_steps = model_dir, dtype, idle_steps
         self.rows_served = 0
-        self.steps_served, self.compute_seconds = 0, 0.0  # steps with work, and the time computing in them
+        self.steps_served, self.compute_seconds, self.compute_cpu_seconds = 0, 0.0, 0.0  # steps with work, computing
         self.eplb, self.capacities = eplb or EplbSettings(), capacities  # slots per expert rank
         self._fault_in: int | None = None  # chaos testing: steps until an injected failure
 
@@ -54,14 +54,16 @@ class ExpertWorker(Rank):
         self.comm = ExpertGroup(self.group, self.rank, self.world_size, config.hidden_size, dtype, self.device)
         with torch.device("meta"):
             shard = shard_experts(Llama4ForCausalLM(config), self.comm, self.placement, self.num_attention)
-        shard, report = self._read_experts(shard, self.progress)
+        rebalancing = self.eplb.rebalance_every_steps and self.capacities
+        slots = self.capacities[self.rank - self.num_attention] if rebalancing else 0
+        shard, report = self._read_experts(shard, self.progress, slots)
         self.config = config
         self.weight_bytes = weight_bytes(shard)
         self.layers = [shard.experts(layer) for layer in config.moe_layers]
         self.moe_layers = list(config.moe_layers)
         # rows routed to each expert per MoE layer, since start (whole-model expert ids)
         self.expert_load_LE = torch.zeros(len(self.layers), config.num_experts, dtype=torch.long, device=self.device)
-        self.owned_experts = self.layers[0].expert_ids
+        self.owned_experts = held_experts(self.layers[0])
         # on a GPU, no host read per MoE layer (bf16/fp32 experts; FP8 ones keep their per-expert loop)
         self.sync_free = self.device.type == "cuda" and all(isinstance(x, RoutedExperts) for x in self.layers)
         self._new_wave()
@@ -71,32 +73,39 @@ class ExpertWorker(Rank):
         return {"rank": self.rank, "bytes_read": report.bytes_read, "seconds": time.monotonic() - start,
                 "experts": self.owned_experts, "weight_bytes": self.weight_bytes}
 
-    def _read_experts(self, shard: ExpertSlices, progress: LoadProgress | None = None) -> tuple[ExpertSlices, LoadReport]:
-        """Fill `shard` (on the meta device) from this rank's byte ranges of the checkpoint."""
+    def _read_experts(self, shard: ExpertSlices, progress: LoadProgress | None = None,
+                      slots: int = 0) -> tuple[ExpertSlices, LoadReport]:
+        """Fill `shard` (on the meta device) from this rank's byte ranges of the checkpoint; each layer
+        grown to `slots` rows, so a rebalance never allocates (`pad_slots`)."""
         apply_quantization(shard, self.model_dir, names=expert_slice_names)  # FP8 experts stay FP8 in memory
         materialize(shard, self.device)
         with CheckpointReader(self.model_dir) as reader:
             report = load_model(shard, reader, resolve_dtype(self.dtype_name, self.device.type), strict=False,
                                 progress=progress, names=expert_slice_names)
+        for experts in shard.layers.values():
+            pad_slots(experts, slots)
         return optimize_for_inference(shard), report
 
     def _stage(self, placements: dict[int, LayerPlacement]) -> tuple[Callable[[], None], int]:
         """A rebalance's new experts for this rank, read beside the ones it serves (off the wave thread);
-        returns what swaps them in at the switch step, and the bytes read. Experts it keeps are copied."""
+        returns what puts them in at the switch step (in place of the experts it drops: `fill_slots`),
+        and the bytes read."""
         slot = self.rank - self.num_attention
         wanted = {layer: list(placements[layer].slots[slot]) for layer in self.moe_layers}
-        held = {layer: experts.expert_ids for layer, experts in zip(self.moe_layers, self.layers)}
+        held = {layer: held_experts(experts) for layer, experts in zip(self.moe_layers, self.layers)}
         missing = {layer: [e for e in wanted[layer] if e not in held[layer]] for layer in self.moe_layers}
         with torch.device("meta"):
             fresh = ExpertSlices(self.config, missing)
         fresh, report = self._read_experts(fresh)
-        layers = [regroup(wanted[layer], old, fresh.experts(layer)) if wanted[layer] != held[layer] else old
-                  for layer, old in zip(self.moe_layers, self.layers)]
 
-        def install() -> None:
-            self.layers = layers
-            self.owned_experts = layers[0].expert_ids
-            self.weight_bytes = sum(weight_bytes(x) for x in layers)
+        def install() -> None:  # on the wave thread, at the switch step: the copy that does not overlap
+            start = time.perf_counter()
+            self.layers = [fill_slots(old, wanted[layer], fresh.experts(layer)) if missing[layer] else old
+                           for layer, old in zip(self.moe_layers, self.layers)]
+            self.owned_experts = sorted(held_experts(self.layers[0]))
+            self.weight_bytes = sum(weight_bytes(x) for x in self.layers)
+            log.info("expert rank %d put %d experts in its slots in %.1f ms", self.rank,
+                     sum(map(len, missing.values())), (time.perf_counter() - start) * 1e3)
         return install, report.bytes_read
 
     def start(self) -> None:
@@ -140,13 +149,15 @@ class ExpertWorker(Rank):
                 self._fault_in = None
                 raise RuntimeError(f"expert rank {self.rank}: injected fault")
         microbatches = self.comm.agree(agreed)
-        start, waited = time.perf_counter(), self.comm.alltoall_seconds
+        start, cpu_start, waited = time.perf_counter(), time.thread_time(), self.comm.alltoall_seconds
         for experts, load_E in zip(self.layers, self.expert_load_LE):
             for _ in range(microbatches):
                 self.rows_served += serve_layer(self.comm, experts, self.num_attention, load_E=load_E,
                                                 sync_free=self.sync_free)
-        # this rank's own work in the step: its wall time less the waits in collectives
+        # this rank's own work in the step: its wall time less the waits in collectives; and the wave
+        # thread's CPU time (what the rank would take with a core, or a device, of its own)
         self.compute_seconds += time.perf_counter() - start - (self.comm.alltoall_seconds - waited)
+        self.compute_cpu_seconds += time.thread_time() - cpu_start
         self.steps_served += 1
         self.rebalancer.after_step()
         self.snapshot = self._snapshot()
@@ -159,7 +170,7 @@ class ExpertWorker(Rank):
             params = [p for _, p in experts.named_parameters(recurse=False)]
             out[layer] = {e: hashlib.sha256(b"".join(p[row].contiguous().view(torch.uint8).cpu().numpy().tobytes()
                                                      for p in params)).hexdigest()
-                          for row, e in enumerate(experts.expert_ids)}
+                          for row, e in enumerate(experts.expert_ids) if e != FREE}
         return out
 
     def health(self) -> dict:
@@ -171,10 +182,11 @@ class ExpertWorker(Rank):
     def _snapshot(self) -> dict:
         """Counters of this rank, frozen at the end of a step (read by other threads)."""
         return {"rows_served": int(self.rows_served), "steps_served": self.steps_served,
-                "compute_seconds": self.compute_seconds, "alltoall_bytes": self.comm.alltoall_bytes,
+                "compute_seconds": self.compute_seconds, "compute_cpu_seconds": self.compute_cpu_seconds,
+                "alltoall_bytes": self.comm.alltoall_bytes,
                 "alltoall_seconds": self.comm.alltoall_seconds, "moe_layers": self.moe_layers,
                 "weight_bytes": self.weight_bytes, "experts": self.owned_experts,
-                "experts_by_layer": {layer: x.expert_ids for layer, x in zip(self.moe_layers, self.layers)},
+                "experts_by_layer": {layer: sorted(held_experts(x)) for layer, x in zip(self.moe_layers, self.layers)},
                 "expert_load": self.expert_load_LE.clone(), "eplb": dataclasses.asdict(self.rebalancer.stats)}
 
     def stats(self) -> dict:

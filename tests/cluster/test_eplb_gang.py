@@ -46,12 +46,25 @@ async def generate(supervisor, prompt):
     return ids
 
 
+def gang_config(ckpt, eplb: EplbConfig | None) -> GangConfig:
+    return GangConfig(model=str(ckpt), attention_workers=1, expert_workers=3, placement_strategy="SPREAD",
+                      attention=RANK, experts=RANK, skip_tokenizer_init=True, collective_timeout_s=20,
+                      engine=EngineLimits(block_size=8, kv_cache_memory=16 * 2**20), eplb=eplb)
+
+
+async def asleep(gang, timeout_s: float = 60) -> None:
+    """Until every rank sleeps: a switch agreed in the idle rounds after the last request is done, so
+    the table and the slots read next are the ones every rank follows."""
+    for _ in range(int(timeout_s / 0.1)):
+        if all(s["idle"] for s in await asyncio.gather(*(r.wave_state.remote() for r in gang.ranks))):
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"the gang was not idle within {timeout_s:g}s")
+
+
 def test_a_gang_rebalancing_live_generates_what_transformers_does(ray_cluster, skewed):
     ckpt, hf = skewed
-    config = GangConfig(model=str(ckpt), attention_workers=1, expert_workers=3, placement_strategy="SPREAD",
-                        attention=RANK, experts=RANK, skip_tokenizer_init=True, collective_timeout_s=20,
-                        engine=EngineLimits(block_size=8, kv_cache_memory=16 * 2**20),
-                        eplb=EplbConfig(redundant_experts=2, rebalance_every_steps=4, min_gain=0))
+    config = gang_config(ckpt, EplbConfig(redundant_experts=2, rebalance_every_steps=4, min_gain=0))
     rounds = [prompts(hf.config.vocab_size, hf.config.bos_token_id, 8, seed) for seed in (0, 1, 2)]
 
     async def main():
@@ -60,6 +73,7 @@ def test_a_gang_rebalancing_live_generates_what_transformers_does(ray_cluster, s
         try:
             outputs = [await asyncio.gather(*(generate(supervisor, p) for p in ps)) for ps in rounds]
             gang = supervisor.gang
+            await asleep(gang)
             attention = ray.get(gang.attention[0].stats.remote())
             experts = ray.get([r.stats.remote() for r in gang.experts])
             digests = ray.get([r.expert_digests.remote() for r in gang.experts])
@@ -84,3 +98,25 @@ def test_a_gang_rebalancing_live_generates_what_transformers_does(ray_cluster, s
         # a replica holds exactly its original's bytes
         for expert, ranks in enumerate(ranks_E):
             assert len({digests[rank - 1][layer][expert] for rank in ranks}) == 1
+
+
+def test_fp8_experts_rebalance_and_generate_what_the_static_placement_does(ray_cluster, tmp_path):
+    """FP8 experts stay FP8 through a rebalance (their per-row scales move with them): the tokens of
+    a rebalancing gang equal those of the same gang laid out contiguously."""
+    ckpt = make_tiny(tmp_path / "fp8", "tiny-maverick", seed=1, fp8=True, router_skew=SKEW)
+    ps = prompts(2048, 1, 8, seed=3)
+
+    async def run(eplb):
+        supervisor = GangSupervisor(gang_config(ckpt, eplb))
+        await supervisor.start()
+        try:
+            out = await asyncio.gather(*(generate(supervisor, p) for p in ps))
+            await asleep(supervisor.gang)
+            return out, ray.get(supervisor.gang.experts[0].stats.remote())
+        finally:
+            await supervisor.stop()
+
+    static, _ = asyncio.run(run(None))
+    moved, stats = asyncio.run(run(EplbConfig(redundant_experts=2, rebalance_every_steps=4, min_gain=0)))
+    assert stats["eplb"]["rebalances"] >= 1 and stats["eplb"]["bytes_total"] > 0
+    assert moved == static

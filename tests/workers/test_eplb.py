@@ -1,11 +1,12 @@
 """Live rebalancing on one rank, without a gang: when it decides, how it votes, when it switches, and
-the regrouped expert slots it switches to."""
+the expert slots it fills in place."""
 
 import threading
 
 import torch
 
-from model.moe import RoutedExperts, experts_for_loop, regroup
+from model.kernel_modules import experts_out_in
+from model.moe import FREE, RoutedExperts, experts_for_loop, fill_slots, held_experts, pad_slots
 from model.quant import Fp8RoutedExperts, quantize_rows
 from workers.eplb import FAILED, READY, STAGING, EplbSettings, Rebalancer
 from workers.expert_parallel import Placement
@@ -23,17 +24,46 @@ def experts(ids, seed=0):
     return m
 
 
-def test_regroup_takes_each_expert_from_the_first_source_that_holds_it():
-    kept, read = experts([0, 2, 4]), experts([1, 5])
-    slots = regroup([1, 2, 5], kept, read)
-    assert slots.expert_ids == [1, 2, 5] and isinstance(slots, RoutedExperts)
+def test_fill_slots_puts_new_experts_in_the_rows_of_dropped_ones_in_place():
+    slots, read = experts([0, 2, 4]), experts([1, 5])
+    storage = slots.gate_up_proj.data_ptr()
+    out = fill_slots(slots, [5, 2, 1], read)  # drops 0 and 4, keeps 2, takes 1 and 5
+    assert out is slots and slots.gate_up_proj.data_ptr() == storage  # no second copy of the slots
+    assert slots.expert_ids == [5, 2, 1] and held_experts(slots) == [5, 2, 1]
     x, ids = torch.randn(7, D), torch.tensor([5, 1, 2, 2, 5, 1, 5])
     assert torch.equal(slots(x, ids), experts_for_loop(experts([1, 2, 5]), x, ids))
-    assert kept.expert_ids == [0, 2, 4] and kept.gate_up_proj.shape[0] == 3  # the sources are untouched
-    assert regroup([], kept).gate_up_proj.shape == (0, D, 2 * F)
+    assert read.expert_ids == [1, 5]  # the source is untouched
+    fewer = fill_slots(slots, [2], experts([]))  # a slot the placement leaves empty holds no expert
+    assert fewer.expert_ids == [FREE, 2, FREE] and held_experts(fewer) == [2]
+    assert fewer.local_index_E.tolist() == [-1, -1, 1, -1, -1, -1]
+    more = fill_slots(fewer, [0, 1, 2, 3], experts([0, 1, 3]))  # outgrows its rows: a larger module
+    assert more is not fewer and sorted(more.expert_ids) == [0, 1, 2, 3]
+    x, ids = torch.randn(6, D), torch.tensor([0, 3, 1, 2, 2, 0])
+    assert torch.equal(more(x, ids), experts_for_loop(experts([0, 1, 2, 3]), x, ids))
 
 
-def test_regroup_keeps_fp8_experts_fp8():
+def test_padded_slots_are_filled_in_place_and_keep_the_kernel_layout():
+    slots = pad_slots(experts([0, 2]), 4)  # at load, before the CPU kernels' layout
+    assert slots.expert_ids == [0, 2, FREE, FREE] and slots.gate_up_proj.shape[0] == 4
+    experts_out_in(slots)
+    storage, strides = slots.gate_up_proj.data_ptr(), slots.gate_up_proj.stride()
+    fill_slots(slots, [0, 2, 3, 5], experts([3, 5]))  # the free rows take the new experts: no allocation
+    assert slots.gate_up_proj.data_ptr() == storage and slots.gate_up_proj.stride() == strides
+    x, ids = torch.randn(6, D), torch.tensor([5, 3, 0, 2, 5, 3])
+    reference = experts([0, 2, 3, 5])
+    experts_out_in(reference)  # the same layout, so the same GEMMs bit for bit
+    assert torch.equal(slots(x, ids), reference(x, ids))
+    grown = fill_slots(slots, [0, 1, 2, 3, 5], experts([1]))  # past the rows: a new module, same layout
+    assert grown is not slots and grown.gate_up_proj.stride() == experts_out_in_strides(5)
+
+
+def experts_out_in_strides(rows):
+    m = experts(list(range(rows)))
+    experts_out_in(m)
+    return m.gate_up_proj.stride()
+
+
+def test_fill_slots_keeps_fp8_experts_fp8_and_the_cpu_kernels_layout():
     def fp8(ids):
         m = Fp8RoutedExperts(D, F, ids, E)
         src = experts(ids)
@@ -41,12 +71,19 @@ def test_regroup_keeps_fp8_experts_fp8():
         dn, dn_s = zip(*(quantize_rows(w.T.contiguous()) for w in src.down_proj))
         m.gate_up_weight.data, m.gate_up_weight_scale.data = torch.stack(gu), torch.stack(gu_s)
         m.down_weight.data, m.down_weight_scale.data = torch.stack(dn), torch.stack(dn_s)
+        m.reset_buffers()
         return m
 
-    slots = regroup([4, 0], fp8([0, 2]), fp8([4]))
+    slots = fill_slots(fp8([0, 2]), [4, 0], fp8([4]))
     assert isinstance(slots, Fp8RoutedExperts) and slots.gate_up_weight.dtype == fp8([0]).gate_up_weight.dtype
     x, ids = torch.randn(5, D), torch.tensor([0, 4, 4, 0, 4])
-    assert torch.equal(slots(x, ids), regroup([0, 4], fp8([0]), fp8([4]))(x, ids))
+    assert torch.equal(slots(x, ids), fp8([0, 4])(x, ids))
+    transposed = experts([0, 2])
+    experts_out_in(transposed)  # the CPU kernels' [out, in] storage
+    strides = transposed.gate_up_proj.stride()
+    fill_slots(transposed, [0, 3], experts([3]))
+    assert transposed.gate_up_proj.stride() == strides
+    assert torch.equal(transposed.gate_up_proj[1], experts([3]).gate_up_proj[0])
 
 
 class Load:

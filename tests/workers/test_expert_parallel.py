@@ -149,10 +149,9 @@ def _check_dispatch_combine(tmp_path, num_attention, num_experts, case, sync_fre
             assert sum(served) == rows  # every routed row visited exactly one expert rank, once per layer
             if case == "one_expert" and num_experts == 1:
                 assert served[0] == rows
-            if case == "one_expert" and replicated:  # one hot expert, one copy per expert rank: even shares
-                shares = [rows_of(r, step) for r in range(num_attention)]
-                expected = [sum(n // num_experts + (j < n % num_experts) for n in shares) for j in range(num_experts)]
-                assert served == expected, (served, expected)
+            if case == "one_expert" and replicated:  # one hot expert, one copy per expert rank: even shares,
+                # each attention rank's remainder adding at most one row to some ranks
+                assert max(served) - min(served) <= num_attention, served
 
 
 def test_uneven_placement_splits_as_evenly_as_counts_allow():

@@ -106,6 +106,20 @@ def test_token_split_is_even_and_depends_only_on_the_rows():
     assert torch.equal(replica_N, replica_of_rows(experts_N.clone(), replicas_E.clone()))
 
 
+def test_the_round_robin_continues_across_calls_so_small_calls_reach_every_replica():
+    """Decode: an expert gets fewer rows per call than it has replicas. Starting each call afresh,
+    the first replica would serve nearly every row; continuing the round, each serves its share."""
+    replicas_E, next_E = torch.tensor([3, 1]), torch.zeros(2, dtype=torch.long)
+    served = torch.zeros(3, dtype=torch.long)
+    fixed = torch.zeros(3, dtype=torch.long)
+    for n in [1, 2, 1, 1, 2, 1, 1, 2, 1]:  # 12 rows of expert 0 over 9 calls
+        experts_N = torch.tensor([1] + [0] * n)
+        served += torch.bincount(replica_of_rows(experts_N, replicas_E, next_E)[1:], minlength=3)
+        fixed += torch.bincount(replica_of_rows(experts_N, replicas_E)[1:], minlength=3)
+    assert served.tolist() == [4, 4, 4] and next_E.tolist() == [12, 9]
+    assert fixed.tolist() == [9, 3, 0]
+
+
 def test_split_counts_match_rank_tokens():
     p = place_layer(SKEWED, [5, 5, 4])
     experts_N = torch.repeat_interleave(torch.arange(8), torch.tensor(SKEWED))[torch.randperm(sum(SKEWED))]
