@@ -26,7 +26,7 @@ import torch
 from cluster.bench import plots
 from cluster.bench.collectives import collectives_alone
 from cluster.bench.runner import random_prompts
-from cluster.config import EngineLimits, GangConfig, RankResources
+from cluster.config import EngineLimits, EplbConfig, GangConfig, RankResources
 from cluster.offline import ensure_local_ray
 from cluster.supervisor import GangSupervisor
 from cluster.terminal import StepLine, format_step
@@ -73,7 +73,8 @@ def gang_layout(args) -> tuple[int, int]:
 class _Gang:
     """The gang on Ray, driven by its supervisor in this process; idle (waiting on events) between runs."""
 
-    def __init__(self, args, params: SamplingParams, layout: tuple[int, int], microbatches: int = 1):
+    def __init__(self, args, params: SamplingParams, layout: tuple[int, int], microbatches: int = 1,
+                 model: str | None = None, eplb: EplbConfig | None = None):
         self.params = params
         # every rank at one thread, as deployed on CPUs (deploy/tiny-cpu.yaml): 3 ranks share the 2 cores. The
         # attention rank at 2 threads (the single engine's count) was slower at 8 and 32 (gang/single 1.93-1.99x
@@ -82,8 +83,9 @@ class _Gang:
         # `--attention-threads`, `--attention-workers` and `--expert-workers` try other layouts (README)
         experts = RankResources(num_cpus=0.5, torch_threads=1)
         attention = RankResources(num_cpus=0.5, torch_threads=args.attention_threads)
-        self.config = GangConfig(model=str(args.model), attention_workers=layout[0], expert_workers=layout[1],
-                                 attention=attention, experts=experts, skip_tokenizer_init=True,
+        self.config = GangConfig(model=str(model or args.model), attention_workers=layout[0],
+                                 expert_workers=layout[1], attention=attention, experts=experts,
+                                 skip_tokenizer_init=True, eplb=eplb,
                                  engine=EngineLimits(max_num_seqs=max(args.concurrency), max_num_batched_tokens=4096,
                                                      microbatches=microbatches, microbatch_min_tokens=2))
         self.supervisor = GangSupervisor(self.config, rebuild=False)

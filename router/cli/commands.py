@@ -94,6 +94,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.peers = [] if args.peers == "none" else args.peers.split(",")
         args.grpc_client = StreamClient
         return bench_serve(args)
+    if args.eplb:
+        from cluster.bench.eplb import main as bench_eplb
+
+        if args.output == "bench-results/ep.json":
+            args.output = "bench-results/eplb.json"
+        return bench_eplb(args)
     from cluster.bench.ep import main as bench_ep
 
     return bench_ep(args)
@@ -212,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bench ep: the gang's attention workers (requests spread over them, steps in lock-step)")
     p.add_argument("--attention-threads", type=int, default=1,
                    help="bench ep: intra-op threads of each attention worker of the gang (expert workers run at 1)")
+    p.add_argument("--eplb", action="store_true",
+                   help="bench ep: the gang without and with eplb on a skewed checkpoint (--skew)")
+    p.add_argument("--skew", type=float, default=16.0,
+                   help="bench ep --eplb: router skew of the checkpoint written beside --model (make-tiny --router-skew)")
+    p.add_argument("--redundant-experts", type=int, default=2, help="bench ep --eplb: spare slots per expert rank")
+    p.add_argument("--rebalance-every-steps", type=int, default=64, help="bench ep --eplb: steps between rebalances")
     p.add_argument("--repeat", type=int, default=3, help="runs per engine and level; medians are compared")
     p.add_argument("--idle-seconds", type=float, default=30.0,
                    help="bench serve: each server's idle CPU read over this long in round 1 (0: not read)")
