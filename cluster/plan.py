@@ -34,6 +34,8 @@ class Gpu:
     hbm_bandwidth: float  # bytes/s
     nvlink_bandwidth: float  # bytes/s one way per GPU
     source: str
+    bf16_flops: float = 989e12  # dense tensor-core peak, FLOP/s (H100 and H200 SXM datasheets)
+    fp8_flops: float = 1979e12
 
 
 GPUS = {
@@ -48,6 +50,7 @@ COLLECTIVE_LATENCY_S = {"nvlink": 10e-6, "network": 25e-6}  # small-message all-
 SAFETY_MARGIN = 0.10  # of GPU memory: CUDA context (~0.5-1 GB), allocator fragmentation, NCCL buffers
 FP8_SCALE_BYTES = 4  # one fp32 scale per output row
 BATCH_SIZES = (1, 8, 32, 128, 256)
+HOT_SHARE = 0.85  # of the routed rows, to a hot pair of experts (make-tiny --router-skew 16 measured 0.81-0.87)
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,40 @@ def roofline(c: Llama4Config, layout: Layout, gpu: Gpu, batch: int, context: int
             "alltoall_ms": comm_s * 1e3, "tok_s": batch * max(1, layout.attention_ranks) / step}
 
 
+def skewed_expert_ms(c: Llama4Config, layout: Layout, gpu: Gpu, rows: int, balanced: bool,
+                     hot_share: float = HOT_SHARE) -> float:
+    """The busiest expert rank's time for one MoE layer of a step routing `rows` rows, two hot experts
+    taking `hot_share` of them: its rows' FLOPs at the dense peak or the bytes of the experts it
+    touches at HBM bandwidth, whichever is longer. Without eplb the pair sits on one rank (the
+    contiguous layout's worst case); with it, each rank holds a copy of both and the rows split
+    evenly. A copy reads its whole expert: eplb divides FLOPs, never the weights a rank reads."""
+    fp8 = layout.weights == "fp8"
+    per_expert = 3 * c.hidden_size * c.intermediate_size * (1 if fp8 else 2)
+    flops_per_row = 2 * 3 * c.hidden_size * c.intermediate_size
+    ranks = layout.expert_ranks
+    cold_rows = math.ceil(rows * (1 - hot_share) / ranks)  # on every rank, spread over its own experts
+    cold_touched = min(experts_per_rank(c, ranks), cold_rows)
+    hot_rows = math.ceil(rows * hot_share / (ranks if balanced else 1))  # whole rows: a step waits for its busiest
+    rank_rows, touched = hot_rows + cold_rows, min(2, hot_rows) + cold_touched
+    peak = gpu.fp8_flops if fp8 else gpu.bf16_flops
+    return max(rank_rows * flops_per_row / peak, touched * per_expert / gpu.hbm_bandwidth) * 1e3
+
+
+def _eplb_lines(c: Llama4Config, layout: Layout, gpu: Gpu) -> list[str]:
+    steps = [(f"decode, batch {b}/attention rank", b * layout.attention_ranks * c.num_experts_per_tok)
+             for b in BATCH_SIZES if b <= layout.max_num_seqs]
+    steps.append((f"prefill, {layout.max_num_batched_tokens} tokens/attention rank",
+                  layout.max_num_batched_tokens * layout.attention_ranks * c.num_experts_per_tok))
+    lines = ["", f"eplb on a skewed load (a hot pair of experts takes {HOT_SHARE:.0%} of the routed rows): the busiest "
+                 "expert rank per MoE layer, FLOPs at peak or weights at HBM bandwidth",
+             f"{'step':>40}{'without ms':>12}{'with ms':>9}{'gain':>7}"]
+    for name, rows in steps:
+        without = skewed_expert_ms(c, layout, gpu, rows, balanced=False)
+        with_eplb = skewed_expert_ms(c, layout, gpu, rows, balanced=True)
+        lines.append(f"{name:>40}{without:>12.3f}{with_eplb:>9.3f}{without / with_eplb:>6.2f}x")
+    return lines
+
+
 def suggest(c: Llama4Config, gpus: int, gpu: Gpu, base: Layout, batch: int = 32) -> Layout | None:
     """The fitting split of `gpus` into attention and expert ranks with the most tokens/s at `batch`."""
     best, best_rate = None, 0.0
@@ -217,6 +254,8 @@ def describe(c: Llama4Config, layout: Layout, gpu: Gpu, num_gangs: int = 1, cont
             break
         r = roofline(c, layout, gpu, b, context)
         lines.append(f"{b:>22}{r['step_ms']:>10.2f}{r['compute_ms']:>9.2f}{r['alltoall_ms']:>15.2f}{r['tok_s']:>16.0f}")
+    if layout.expert_ranks and layout.redundant_experts:
+        lines += _eplb_lines(c, layout, gpu)
     lines += ["", f"constants: {gpu.source}; network {NETWORK_BANDWIDTH / 1e9:.0f} GB/s per GPU (400 Gb/s NDR "
                   f"InfiniBand per GPU); all-to-all latency {COLLECTIVE_LATENCY_S['nvlink'] * 1e6:.0f} us in a node, "
                   f"{COLLECTIVE_LATENCY_S['network'] * 1e6:.0f} us across nodes; FP8 scales fp32 per output row."]

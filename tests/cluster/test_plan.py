@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.plan import GPUS, Layout, experts_per_rank, fits, needs, non_routed_bytes, routed_expert_params, suggest
+from cluster.plan import (GPUS, Layout, experts_per_rank, fits, needs, non_routed_bytes, routed_expert_params,
+                          skewed_expert_ms, suggest)
 from model.config import preset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +35,19 @@ def test_eplb_spare_slots_are_whole_experts_of_every_moe_layer(tmp_path):
                     "    attention_workers: 2\n    expert_workers: 6\n    eplb: {redundant_experts: 4}\n")
     out = subprocess.run([MAVERICK, "plan", str(yaml), "--preset", "maverick", "--weights", "fp8", "--gpu", "h200"],
                          capture_output=True, text=True)
-    assert "plus 4 spare slot(s)" in out.stdout, out.stdout + out.stderr
+    assert "plus 4 spare slot(s)" in out.stdout and "eplb on a skewed load" in out.stdout, out.stdout + out.stderr
+
+
+def test_eplb_divides_a_hot_ranks_flops_never_its_weight_reads():
+    c, h200 = preset("maverick"), GPUS["h200"]
+    layout = Layout(2, 6, "fp8", redundant_experts=4)
+    # decode at 256 per attention rank: 435 hot rows are still below the FP8 roofline's ridge, so the
+    # busiest rank is bound by the weights it reads, which a copy reads whole: no gain
+    decode = [skewed_expert_ms(c, layout, h200, 512, balanced) for balanced in (False, True)]
+    assert decode[0] == pytest.approx(decode[1])
+    # a prefill step of 8192 tokens per attention rank is compute-bound on the hot rank: eplb splits it
+    prefill = [skewed_expert_ms(c, layout, h200, 16384, balanced) for balanced in (False, True)]
+    assert prefill[0] / prefill[1] > 2
 
 
 def test_bf16_experts_over_8_ranks_do_not_fit_an_h100():
