@@ -30,3 +30,11 @@ def test_overlap_check_splits_steps_and_keeps_tokens(tmp_path):
     assert one["microbatched_steps"] == 0 and four["microbatched_steps"] > 0  # one request never splits
     for row in report["results"]:  # fp32 on the CPU: the stub's round trip changes nothing
         assert row["round_trips"] > 0 and row["tokens_equal_stubbed"] and row["tokens_equal_overlapped"]
+
+
+def test_eplb_check_measures_the_copies_and_splits_the_hot_rows(tmp_path):
+    report = smoke("check_eplb.py", tmp_path / "out.json")
+    copy = report["copy"]
+    assert copy["moved_bytes"] > 0 and min(copy["from_file_ms"], copy["device_to_device_ms"], copy["switch_copy_ms"]) > 0
+    for row in report["steps"]:  # copied on three ranks, the hot pair's rows here shrink to about a third
+        assert row["rows_here_after"] < row["rows_here_before"] / 2 and row["after_ms"] > 0
