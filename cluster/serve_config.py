@@ -26,6 +26,10 @@ GRPC_SERVICER = "router.maverick_v1_pb2_grpc.add_GenerationServicer_to_server"
 def config_from_flags(args: argparse.Namespace) -> dict:
     """The Serve config `maverick serve --model DIR ...` deploys: one application from the CLI's flags."""
     optional = {"migration_limit": args.migration_limit} if args.migration_limit is not None else {}
+    if args.redundant_experts is not None or args.rebalance_every_steps is not None:
+        optional["eplb"] = {k: v for k, v in {"redundant_experts": args.redundant_experts,
+                                              "rebalance_every_steps": args.rebalance_every_steps}.items()
+                            if v is not None}
     engine = {k: v for k, v in {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
                                 "max_num_batched_tokens": args.max_num_batched_tokens,
                                 "kv_cache_memory": args.kv_cache_memory}.items() if v is not None}

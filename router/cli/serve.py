@@ -357,4 +357,10 @@ def add_serve_parser(sub) -> None:
     m.add_argument("--dtype", help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     m.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per attention worker")
     m.add_argument("--skip-tokenizer-init", action="store_true", help="token ids in and out, no tokenizer")
+    m.add_argument("--redundant-experts", type=int,
+                   help="eplb: spare expert slots per expert rank, filled with copies of hot experts "
+                        "(default: none, eplb off; needs --expert-workers)")
+    m.add_argument("--rebalance-every-steps", type=int,
+                   help="eplb: steps between live rebalances from measured load (default: 0, the start "
+                        "placement stays)")
     p.set_defaults(func=run_serve)

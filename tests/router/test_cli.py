@@ -118,6 +118,21 @@ def test_serve_help_explains_every_flag_with_its_default():
     assert "--expert-workers EXPERT_WORKERS" in text and "(default: 0)" in text
 
 
+def test_serve_eplb_flags_become_the_apps_eplb_args():
+    from cluster.serve_config import config_from_flags, validate_serve_config
+    from router.cli import build_parser
+
+    flags = ["serve", "--model", "/m", "--expert-workers", "3", "--redundant-experts", "2",
+             "--rebalance-every-steps", "128"]
+    config = config_from_flags(build_parser().parse_args(flags))
+    _, (app,) = validate_serve_config(config, "flags")
+    assert (app.eplb.redundant_experts, app.eplb.rebalance_every_steps) == (2, 128)
+    plain = config_from_flags(build_parser().parse_args(["serve", "--model", "/m"]))
+    assert "eplb" not in plain["applications"][0]["args"]
+    with pytest.raises(ValueError, match="eplb balances experts over expert ranks"):
+        validate_serve_config(config_from_flags(build_parser().parse_args(flags[:3] + flags[5:])), "flags")
+
+
 def test_plan_that_does_not_fit_points_at_suggest(capsys):
     from router.cli import main
 
