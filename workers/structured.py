@@ -276,6 +276,10 @@ def _one_line(message: str, kind: str = "") -> str:
     """llguidance's multi-line error as one line for an API error body. Its `at L(C): ...` position
     and source excerpt are of the Lark text it wraps a regex in, so a regex's error keeps only what
     is wrong (`invalid regex "[a-z": unclosed character class`); a grammar's says where."""
+    if "NoExtensionBias" in message:  # compiled, but no token can start it: its state dump says so
+        what = "JSON schema" if kind == "json" else "grammar"
+        return (f"the {what} admits no output at all" +
+                (" (a $ref cycle that never reaches a value?)" if kind == "json" else ""))
     lines = message.strip().splitlines()
     head = re.match(r"at (\d+)\((\d+)\): (.*)", lines[0]) if lines else None
     if head is None:

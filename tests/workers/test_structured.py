@@ -129,6 +129,17 @@ def test_a_grammar_that_cannot_compile_ends_its_request_alone(ckpt):
     assert got[("good", 0)][-1].finish_reason == "length"
 
 
+def test_a_schema_that_admits_nothing_says_so_in_one_line(ckpt):
+    """A $ref cycle compiles in llguidance but no token can start it: the error names that, not the
+    parser's state dump."""
+    eng = engine(ckpt)
+    cycle = {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
+    bad = GenerateRequest(PROMPT, SamplingParams(max_tokens=4, structured=GrammarSpec(
+        "json", json.dumps(cycle), "response_format")), "bad")
+    error = str(run(eng, [bad])[("bad", 0)][-1].error)
+    assert error == "response_format: the JSON schema admits no output at all (a $ref cycle that never reaches a value?)"
+
+
 def test_a_compiling_grammar_holds_up_no_other_request(ckpt):
     eng = engine(ckpt)
     release = threading.Event()
