@@ -113,7 +113,7 @@ def serve_config(args, expert_workers: int, path: Path, tokenizer: bool = False,
                                skip_tokenizer_init=not tokenizer,
                                torch_threads=args.threads, max_model_len=None, max_num_seqs=max(args.concurrency),
                                max_num_batched_tokens=4096, kv_cache_memory=None,
-                               migration_limit=None)
+                               migration_limit=None, redundant_experts=None, rebalance_every_steps=None)
     data = config_from_flags(flags)
     data["applications"][0]["args"].update(changes or {})
     path.write_text(yaml.safe_dump(data, sort_keys=False))
