@@ -9,9 +9,12 @@ import ray
 import torch
 
 from cluster.config import EngineLimits, EplbConfig, GangConfig, RankResources
+from cluster.gang import initial_placement
 from cluster.supervisor import GangSupervisor
+from model.config import load_config
 from model.router_skew import HOT_PAIR
 from model.tiny import make_tiny
+from tests.cluster.test_gang import rebuilt
 from tests.oracle import hf_greedy
 from workers.protocol import GenerateRequest
 from workers.sampling_params import SamplingParams
@@ -120,3 +123,32 @@ def test_fp8_experts_rebalance_and_generate_what_the_static_placement_does(ray_c
     moved, stats = asyncio.run(run(EplbConfig(redundant_experts=2, rebalance_every_steps=4, min_gain=0)))
     assert stats["eplb"]["rebalances"] >= 1 and stats["eplb"]["bytes_total"] > 0
     assert moved == static
+
+
+def test_a_rank_replaced_after_a_rebalance_loads_the_table_the_survivors_follow(ray_cluster, skewed):
+    """A killed expert rank's replacement reads the experts the survivors' current table gives it,
+    not the placement the gang started with, and the gang's tokens stay those of transformers."""
+    ckpt, hf = skewed
+    config = gang_config(ckpt, EplbConfig(redundant_experts=2, rebalance_every_steps=4, min_gain=0))
+    before, after = (prompts(hf.config.vocab_size, hf.config.bos_token_id, 8, seed) for seed in (4, 5))
+
+    async def main():
+        supervisor = GangSupervisor(config, health_period_s=0.5)
+        await supervisor.start()
+        try:
+            await asyncio.gather(*(generate(supervisor, p) for p in before))
+            await asleep(supervisor.gang)
+            table = ray.get(supervisor.gang.attention[0].placement_table.remote())
+            ray.kill(supervisor.gang.experts[0], no_restart=True)
+            await rebuilt(supervisor)
+            held = ray.get(supervisor.gang.experts[0].stats.remote())["experts_by_layer"]
+            out = await asyncio.gather(*(generate(supervisor, p) for p in after))
+            return table, held, out
+        finally:
+            await supervisor.stop()
+
+    table, held, out = asyncio.run(main())
+    config_ = load_config(ckpt)
+    assert table != initial_placement(config, config_.moe_layers, config_.num_experts).table  # it had moved
+    assert held == {layer: [e for e, ranks in enumerate(ranks_E) if 1 in ranks] for layer, ranks_E in table.items()}
+    assert out == [hf_greedy(hf, p, NEW_TOKENS) for p in after]
