@@ -56,7 +56,8 @@ class Server:
         found = []
         for p in psutil.Process(self.proc.pid).children(recursive=True):
             try:
-                if (p.cmdline() or [""])[0] == title:
+                name = (p.cmdline() or [""])[0]
+                if name == title or name.startswith(title + "."):  # "....gang-0.watch_status" while a task runs
                     found.append(p)
             except psutil.NoSuchProcess:
                 pass
