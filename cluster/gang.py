@@ -133,9 +133,9 @@ def initial_placement(config: GangConfig, moe_layers: list[int], num_experts: in
 
 
 def _start_waves(gang: Gang, timeout_s: float) -> None:
-    # an attention rank that gets work while the gang is idle wakes every other rank itself
-    starts = [a.start.remote([r for r in gang.ranks if r is not a]) for a in gang.attention]
-    ray.get(starts + [e.start.remote() for e in gang.experts], timeout=timeout_s)
+    # a rank with new work while the gang is idle (a request; an expert rank's staged rebalance) wakes
+    # every other rank itself
+    ray.get([r.start.remote([p for p in gang.ranks if p is not r]) for r in gang.ranks], timeout=timeout_s)
 
 
 def recover_gang(gang: Gang, startup: GangStartup, timeout_s: float = 300, answer_s: float = 3.0,

@@ -51,6 +51,7 @@ class EplbSettings:
 class RebalanceStats:
     """What a rank tells `stats()` and metrics; replaced whole, never mutated (other threads read it)."""
     rebalances: int = 0  # switches done
+    staging: bool = False  # a rebalance is decided and not yet switched to (or dropped)
     unchanged: int = 0  # rebalances whose policy kept the placement
     seconds_total: float = 0.0  # decision to switch, summed
     bytes_total: int = 0  # expert bytes this rank loaded for rebalances
@@ -76,13 +77,14 @@ class _Pending:
 class Rebalancer:
     def __init__(self, settings: EplbSettings, placement: Placement, moe_layers: list[int], num_experts: int,
                  capacities: list[int], first_expert_rank: int, group: dist.ProcessGroup | None,
-                 device: torch.device, load: Callable[[], torch.Tensor] | None = None, stage: Stage | None = None):
+                 device: torch.device, load: Callable[[], torch.Tensor] | None = None, stage: Stage | None = None,
+                 staged: Callable[[], None] | None = None):
         self.settings, self.placement = settings, placement
         self.moe_layers, self.capacities, self.first_expert_rank = moe_layers, capacities, first_expert_rank
         self.group, self.device = group, device
         # rows per (layer, expert) received by this rank since start; attention ranks receive none
         self.load = load or (lambda: torch.zeros(len(moe_layers), num_experts, dtype=torch.long, device=device))
-        self.stage = stage
+        self.stage, self.staged = stage, staged  # staged: called once this rank can vote READY or FAILED
         self.steps = 0
         self._window_start = self.load().clone()
         self._pending: _Pending | None = None
@@ -106,6 +108,7 @@ class Rebalancer:
         if pending is None or agreed == STAGING:
             return
         self._pending = None
+        self.stats = dataclasses.replace(self.stats, staging=False)
         if agreed == FAILED:
             log.error("a rank could not stage the rebalance decided at step %d: the placement stays", self.steps)
             return
@@ -149,7 +152,7 @@ class Rebalancer:
         if table == self.placement.table or gain < self.settings.min_gain:
             self.stats = dataclasses.replace(s, unchanged=s.unchanged + 1, balancedness=before, planned=planned)
             return
-        self.stats = dataclasses.replace(s, balancedness=before, planned=planned)
+        self.stats = dataclasses.replace(s, balancedness=before, planned=planned, staging=True)
         pending = self._pending = _Pending(table, placements, time.monotonic(), self.steps)
         if self.stage is None:  # an attention rank swaps its table only
             pending.ready.set()
@@ -164,6 +167,8 @@ class Rebalancer:
             log.exception("staging a rebalance failed")
             pending.error = exc
         pending.ready.set()
+        if self.staged is not None:  # a gang that went idle meanwhile must still agree to switch
+            self.staged()
 
 
 def _rank_tokens(ranks_E: list[list[int]], tokens_E: list[int], first: int, num_ranks: int) -> list[int]:

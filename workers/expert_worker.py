@@ -43,6 +43,7 @@ class ExpertWorker(Rank):
         self.placement = placement  # the gang's one (MoE layer, expert) -> ranks table, made in cluster/gang.py
         self.model_dir, self.dtype_name, self.idle_steps = model_dir, dtype, idle_steps
         self.rows_served = 0
+        self.peers: list = []  # every other rank's actor handle: wakes go to them
         self.steps_served, self.compute_seconds, self.compute_cpu_seconds = 0, 0.0, 0.0  # steps with work, computing
         self.eplb, self.capacities = eplb or EplbSettings(), capacities  # slots per expert rank
         self._fault_in: int | None = None  # chaos testing: steps until an injected failure
@@ -108,9 +109,15 @@ class ExpertWorker(Rank):
                      sum(map(len, missing.values())), (time.perf_counter() - start) * 1e3)
         return install, report.bytes_read
 
-    def start(self) -> None:
+    def start(self, peers: list | None = None) -> None:
+        self.peers = peers or []
+        self.wave.wake_peers = self._wake_peers
         self.wave.start()
         self.start_metrics("experts")
+
+    def _wake_peers(self, generation: int) -> None:  # on the wave thread
+        for peer in self.peers:
+            peer.wake.remote(generation)
 
     def publish_metrics(self, metrics) -> None:
         super().publish_metrics(metrics)
@@ -127,7 +134,8 @@ class ExpertWorker(Rank):
     def _new_wave(self) -> None:
         self.rebalancer = Rebalancer(self.eplb, self.placement, self.moe_layers, self.config.num_experts,
                                      self.capacities or [], self.num_attention, self.group, self.device,
-                                     load=lambda: self.expert_load_LE, stage=self._stage)
+                                     load=lambda: self.expert_load_LE, stage=self._stage,
+                                     staged=lambda: self.wave.wake_local())  # an idle gang switches too
         # an expert rank proposes no tokens: it serves; it votes on a rebalance
         wave = WaveLoop(self.group, self.idle_steps, lambda: [0, 0, self.rebalancer.vote()], self._step,
                         f"experts-{self.rank}", self.torch_threads, self.device)
@@ -140,8 +148,11 @@ class ExpertWorker(Rank):
 
     @torch.inference_mode()
     def _step(self, agreed: list[int]) -> None:
+        before = self.rebalancer.stats
         self.rebalancer.before_step(agreed[2])
         if agreed[0] == 0:  # no attention rank has tokens this round
+            if self.rebalancer.stats is not before:  # it switched (or dropped) a rebalance: say so
+                self.snapshot = self._snapshot()
             return
         if self._fault_in is not None:
             self._fault_in -= 1

@@ -56,13 +56,17 @@ def gang_config(ckpt, eplb: EplbConfig | None) -> GangConfig:
 
 
 async def asleep(gang, timeout_s: float = 60) -> None:
-    """Until every rank sleeps: a switch agreed in the idle rounds after the last request is done, so
-    the table and the slots read next are the ones every rank follows."""
+    """Until every rank sleeps with no rebalance staging: a rank that finishes staging after the gang
+    went idle wakes it to switch, so the table and the slots read next are those every rank follows."""
     for _ in range(int(timeout_s / 0.1)):
-        if all(s["idle"] for s in await asyncio.gather(*(r.wave_state.remote() for r in gang.ranks))):
+        waves = await asyncio.gather(*(r.wave_state.remote() for r in gang.ranks))
+        stats = await asyncio.gather(*(r.stats.remote() for r in gang.ranks))
+        if all(w["idle"] for w in waves) and not any((s["eplb"] or {}).get("staging") for s in stats):
             return
         await asyncio.sleep(0.1)
-    raise TimeoutError(f"the gang was not idle within {timeout_s:g}s")
+    states = [(w, {k: (s["eplb"] or {}).get(k) for k in ("staging", "rebalances", "unchanged", "switches")})
+              for w, s in zip(waves, stats)]
+    raise TimeoutError(f"the gang was not idle with no rebalance staging within {timeout_s:g}s: {states}")
 
 
 def test_a_gang_rebalancing_live_generates_what_transformers_does(ray_cluster, skewed):
