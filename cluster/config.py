@@ -157,6 +157,27 @@ class ImageSettings(Strict):
     fetch_timeout_s: float = Field(10, gt=0)
 
 
+class AutoscalingSettings(Strict):
+    """Gangs that follow load: Serve's controller sets how many replicas of the `gangs` deployment run,
+    from each gang's measured load (running + waiting requests over its capacity, `cluster.autoscale`)."""
+
+    min_gangs: int = Field(1, ge=1)
+    max_gangs: int = Field(2, ge=1)
+    target_load: float = Field(0.75, gt=0, le=1, description="wanted requests per gang, as a fraction of its "
+                                                           "capacity (max_num_seqs x attention_workers)")
+    upscale_delay_s: float = Field(10, ge=0, description="load above target this long before a gang is added")
+    downscale_delay_s: float = Field(120, ge=0, description="load below target this long before a gang leaves")
+    metrics_interval_s: float = Field(2, gt=0, description="how often each gang reports its load to Serve")
+    drain_grace_s: float = Field(30, ge=0, description="a leaving gang's running requests may finish within this; "
+                                                      "those still running then move to other gangs (resumed)")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingSettings":
+        if self.max_gangs < self.min_gangs:
+            raise ValueError(f"max_gangs ({self.max_gangs}) is below min_gangs ({self.min_gangs})")
+        return self
+
+
 class AppConfig(GangConfig):
     """The `args` of a deployment YAML (`router.app:build`): one gang layout served `num_gangs` times."""
 
@@ -165,6 +186,7 @@ class AppConfig(GangConfig):
         None, description="write a random-weight checkpoint of this preset at `model` when it is missing "
                           "(`-fp8`: in Meta's FP8 layout)")
     num_gangs: int = Field(1, ge=1)
+    autoscaling: AutoscalingSettings | None = Field(None, description="gangs added and removed with load")
     api_key: str | None = Field(None, min_length=1, repr=False)
     api_key_env: str | None = Field(
         None, min_length=1, description="an environment variable of the ingress replicas holding the API key "
@@ -178,6 +200,24 @@ class AppConfig(GangConfig):
     graceful_shutdown_timeout_s: float = Field(120, ge=0)
     serve: ServeResources = ServeResources()
     images: ImageSettings = ImageSettings()
+
+    @model_validator(mode="after")
+    def _gangs_within_bounds(self) -> "AppConfig":
+        a = self.autoscaling
+        if a is not None and "num_gangs" in self.model_fields_set and not a.min_gangs <= self.num_gangs <= a.max_gangs:
+            raise ValueError(f"num_gangs ({self.num_gangs}) must lie within autoscaling's min_gangs "
+                             f"({a.min_gangs}) and max_gangs ({a.max_gangs})")
+        if a is not None and a.drain_grace_s >= self.graceful_shutdown_timeout_s:
+            raise ValueError(f"autoscaling.drain_grace_s ({a.drain_grace_s:g}) must be below "
+                             f"graceful_shutdown_timeout_s ({self.graceful_shutdown_timeout_s:g}): moving the "
+                             "requests left after it takes time too")
+        return self
+
+    @property
+    def initial_gangs(self) -> int:
+        """Gangs at start: `num_gangs`; with autoscaling and no `num_gangs`, its `min_gangs`."""
+        a = self.autoscaling
+        return a.min_gangs if a is not None and "num_gangs" not in self.model_fields_set else self.num_gangs
 
     def with_api_key_from_env(self) -> "AppConfig":
         """`api_key_env` resolved where the replica runs; unset there is an error, never an open door."""

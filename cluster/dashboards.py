@@ -76,8 +76,14 @@ SERVING = [
 
 _LAYER_RANK = f"sum by (layer, rank) (rate(ray_maverick_expert_rank_layer_tokens_total{RANK}{RATE}))"
 GANGS = [
-    Panel("Gang state", "1 for each gang's current state (starting, ready, failed, rebuilding, unreachable).",
-          "short", [(f'max by (gang, state) (ray_maverick_gang_state{{{APP}}}) > 0', "{{gang}} {{state}}")]),
+    Panel("Gangs", "Gangs taking requests, and the count Serve's autoscaler wants (autoscaling; without it, "
+          "the ready count).", "short",
+          [(f"count (max by (gang) (ray_maverick_gang_ready{{{APP}}}) == 1) or vector(0)", "ready"),
+           (f'max (ray_serve_autoscaling_desired_replicas{{{APP},deployment="gangs"}}) or '
+            f"count (max by (gang) (ray_maverick_gang_ready{{{APP}}}) == 1) or vector(0)", "wanted")]),
+    Panel("Gang state", "1 for each gang's current state (starting, ready, draining, failed, rebuilding, "
+          "unreachable).", "short",
+          [(f'max by (gang, state) (ray_maverick_gang_state{{{APP}}}) > 0', "{{gang}} {{state}}")]),
     Panel("Gang restarts", "Rebuilds of each gang since it started.", "short",
           [(f"max by (gang) (ray_maverick_gang_restarts{{{APP}}})", "{{gang}}")]),
     Panel("Step time", "p50 and p99 of engine steps that computed tokens, per gang.", "s",

@@ -24,7 +24,7 @@ from ray.exceptions import (LocalRayletDiedError, NodeDiedError, ObjectLostError
                             WorkerCrashedError)
 
 from cluster import routing
-from workers.errors import EngineError, Unavailable
+from workers.errors import Draining, EngineError, Unavailable
 from workers.protocol import GenerateRequest, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,8 @@ class GangClient:
             async for ref in channel:
                 batch = await ref
                 failed = next((o.error for o in batch if isinstance(o.error, Unavailable)), None)
-                if failed is not None:  # the rank's collective failed: the gang is down, say so first
-                    self._break(f"attention worker {worker}: {failed.message}")
+                if failed is not None:  # the rank's collective failed (or its gang left): say so first
+                    self._break(f"attention worker {worker}: {failed.message}", leaving=isinstance(failed, Draining))
                 for out in batch:
                     stream = self._streams.get(out.request_id)
                     if stream is not None:
@@ -119,12 +119,14 @@ class GangClient:
             reason = f"attention worker {worker}: {getattr(cause, 'message', None) or type(cause).__name__}"
         self._break(reason)
 
-    def _break(self, reason: str, gang_failed: bool = True) -> None:
+    def _break(self, reason: str, gang_failed: bool = True, leaving: bool = False) -> None:
+        """`leaving`: the gang drains (scaled down): its requests end with `Draining`, a planned move."""
         if self.broken is not None:
             return
         self.broken, self.gang_failed = reason, gang_failed
-        error = Unavailable(f"the gang serving this request failed ({reason}); retry" if gang_failed
-                            else f"the connection to the gang failed ({reason}); retry")
+        error = (Draining(f"the gang serving this request is leaving ({reason}); moving on") if leaving else
+                 Unavailable(f"the gang serving this request failed ({reason}); retry" if gang_failed
+                             else f"the connection to the gang failed ({reason}); retry"))
         for request_id, stream in self._streams.items():
             if stream.unfinished and not gang_failed:  # a live engine: it would run on for nobody
                 self.attention[stream.worker].abort.remote(request_id)

@@ -1,10 +1,13 @@
-"""One consumer's view of every gang: which can take requests, under which epoch, through which client,
-with how many of this consumer's requests on each. The ingress asks it for a stream and knows nothing
-of gangs beyond that (`router.ingress`).
+"""One consumer's view of every gang: which gangs exist, which can take requests, under which epoch,
+through which client, with how many of this consumer's requests on each. The ingress asks it for a
+stream and knows nothing of gangs beyond that (`router.ingress`).
 
-Readiness comes from each gang replica's status, long-polled (`watch_status` answers at a change of
-state, else after `STATUS_WAIT_S`), so an idle service exchanges one message per gang every few
-seconds. A client of a gang's epoch is dialed on first use after a (re)build. A gang seen failing by a
+Gangs are the replicas of one Serve deployment (`gangs`), whose count Serve's controller sets (a
+fixed `num_gangs`, or autoscaling). Membership and readiness come from every running gang's status,
+read together (`DeploymentHandle.broadcast`) every `STATUS_PERIOD_S`: a gang appears once Serve runs
+its replica (built and warm), and one Serve stops leaves the set at once (its status says `draining`
+first, when the stop began elsewhere). Each gang is known by the id in its status, for its whole
+life. A client of a gang's epoch is dialed on first use after a (re)build. A gang seen failing by a
 client is marked (`failed_epoch`): no request goes there until a status shows a new epoch. A channel
 that failed in this process, the gang alive, is only counted: the next request dials the same epoch
 again.
@@ -13,97 +16,120 @@ again.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 
 from cluster import routing
 from cluster.gang_client import GangClient
 from cluster.probe import every
-from workers.errors import Unavailable
+from workers.errors import Draining, Unavailable
 from workers.protocol import GenerateRequest, RequestOutput
 
 log = logging.getLogger(__name__)
-STATUS_TIMEOUT_S = 5.0  # beyond a long-poll's own wait
-STATUS_WAIT_S = 10.0  # a gang's status long-poll answers at a change, else after this
-STATUS_RETRY_S = 0.5  # between long-polls (a change meanwhile is answered at once)
-STATUS_MISSES_ALLOWED = 3  # polls in a row a gang may miss before it counts as not ready
+STATUS_PERIOD_S = 1.0  # between reads of every gang's status
+STATUS_TIMEOUT_S = 5.0  # a read of the statuses longer than this counts as a miss for every gang
+STATUS_MISSES_ALLOWED = 3  # reads in a row a gang may miss before it counts as gone
 
 
 class NoReadyGang(Unavailable):
     """No gang can take a new request now: a first attempt ends here with 503, a retry waits."""
 
 
+class _Gang:
+    """What this consumer knows of one gang (keyed by its id in `GangPool.gangs`)."""
+
+    def __init__(self, status: dict):
+        self.status: dict | None = status
+        self.client: GangClient | None = None  # for the gang's epoch now serving
+        self.ready = False
+        self.load = 0  # this consumer's engine requests on it now
+        self.requests = 0  # engine requests sent to it since start
+        self.misses = 0  # status reads in a row it did not answer
+        self.failed_epoch: int | None = None  # seen failing: not ready until rebuilt
+        self.channel_failures = 0  # channels that failed here, the gang alive: dialed again
+        self.attention_handles: tuple[int, list] | None = None  # (epoch, handles), asked once per epoch
+
+
 class GangPool:
-    def __init__(self, gangs: list, consumer: str, on_status: Callable[[], None] | None = None):
-        """`gangs`: each gang replica's handle (`watch_status`, `attention`); `consumer`: this process's
+    def __init__(self, handle, consumer: str, on_status: Callable[[], None] | None = None):
+        """`handle`: the `gangs` deployment's handle (`status`, `attention`); `consumer`: this process's
         channel name on every attention worker; `on_status`: called after every status read."""
-        n = len(gangs)
-        self.gangs, self.consumer, self.on_status = gangs, consumer, on_status
-        self.clients: list[GangClient | None] = [None] * n  # for each gang's epoch now serving
-        self.statuses: list[dict | None] = [None] * n
-        self.ready = [False] * n
-        self.load = [0] * n  # this consumer's engine requests on each gang now
-        self.requests = [0] * n  # engine requests sent to each gang since start
-        self.status_misses = [0] * n  # status polls in a row that timed out
-        self.failed_epoch: list[int | None] = [None] * n  # seen failing: not ready until rebuilt
-        self.channel_failures = [0] * n  # channels that failed here, the gang alive: dialed again
+        self.handle, self.consumer, self.on_status = handle, consumer, on_status
+        self.gangs: dict[str, _Gang] = {}
+        self.left: list[str] = []  # gangs gone since the last `on_status` (their metrics say so once)
         self._watch: asyncio.Task | None = None
 
     def start(self) -> None:
-        self._watch = asyncio.create_task(self._watch_gangs())
+        self._watch = asyncio.create_task(every(STATUS_PERIOD_S, self.refresh_all, "the gangs' status watcher"))
 
-    # -- readiness ------------------------------------------------------------------------------------
+    # -- membership and readiness ---------------------------------------------------------------------
 
-    async def _watch_gangs(self) -> None:
-        """Keep each gang's readiness fresh, so requests skip a failed or rebuilding gang. A round that
-        fails is logged and the next one runs (a dead watcher would freeze readiness)."""
-        await asyncio.gather(*(every(STATUS_RETRY_S, functools.partial(self.refresh, i, STATUS_WAIT_S),
-                                     f"gang {i}'s status watcher") for i in range(len(self.gangs))))
-
-    async def refresh(self, i: int, wait_s: float) -> None:
-        """Gang i's status once it differs from the one known here (at once if `wait_s` is 0)."""
-        known = self.statuses[i] if wait_s else None
-        try:
-            self.statuses[i] = await asyncio.wait_for(self.gangs[i].watch_status.remote(known, wait_s),
-                                                      wait_s + STATUS_TIMEOUT_S)
-            self.status_misses[i] = 0
-        except asyncio.TimeoutError:  # a busy replica on loaded cores misses a poll; a hung one all of them
-            self.status_misses[i] += 1
-            if self.status_misses[i] == STATUS_MISSES_ALLOWED:
-                log.warning("gang %d: %d status polls in a row timed out; not ready until it answers", i,
-                            STATUS_MISSES_ALLOWED)
-            if self.status_misses[i] >= STATUS_MISSES_ALLOWED:
-                self.statuses[i] = None
-        except Exception as exc:  # the replica is gone: not ready at once
-            if self.statuses[i] is not None:  # said once per outage, not at every retry
-                log.warning("gang %d: its status failed (%s: %s); not ready until it answers", i,
-                            type(exc).__name__, exc)
-            self.statuses[i] = None
-        client, status = self.clients[i], self.statuses[i]
-        self.ready[i] = bool(status and status["ready"] and status.get("epoch") != self.failed_epoch[i])
-        # a new epoch proves the old gang gone; a status that timed out proves nothing (a busy replica)
-        if client is not None and (client.broken or (status is not None and status.get("epoch") != client.epoch)):
-            self.clients[i] = None
-            client.close("the gang was rebuilt")
-        if self.on_status is not None:
-            self.on_status()
+    @property
+    def ready(self) -> list[str]:
+        return [name for name, g in self.gangs.items() if g.ready]
 
     async def refresh_all(self) -> bool:
-        """Every gang's status read now, not the watcher's; True when all of them are ready."""
-        await asyncio.gather(*(self.refresh(i, 0.0) for i in range(len(self.gangs))))
-        return all(self.ready)
+        """Every running gang's status read now; True when at least one gang exists and all are ready."""
+        try:
+            statuses = await self.handle.broadcast("status").results_async(timeout_s=STATUS_TIMEOUT_S,
+                                                                           return_exceptions=True)
+        except Exception as exc:  # a timeout (busy replicas on loaded cores), or no gang deployed yet
+            log.debug("the gangs' status read failed: %r", exc)
+            statuses = None
+        if statuses is None:
+            for g in self.gangs.values():
+                g.misses += 1
+        else:
+            seen = {s["gang"]: s for s in statuses if isinstance(s, dict)}
+            for name, status in seen.items():
+                self._update(name, status)
+            all_answered = len(seen) == len(statuses)
+            for name, g in self.gangs.items():
+                if name not in seen:
+                    g.misses += 1
+                    if all_answered:  # not among the running replicas: Serve is stopping it
+                        g.ready = False
+        for name in [n for n, g in self.gangs.items() if g.misses >= STATUS_MISSES_ALLOWED]:
+            self._forget(name)
+        if self.on_status is not None:
+            self.on_status()
+            self.left = []
+        return bool(self.gangs) and all(g.ready for g in self.gangs.values())
 
-    def _broke(self, gang: int, epoch: int, gang_failed: bool) -> None:
+    def _update(self, name: str, status: dict) -> None:
+        g = self.gangs.get(name)
+        if g is None:
+            g = self.gangs[name] = _Gang(status)
+            log.info("gang %s joined (%s)", name, status["state"])
+        g.status, g.misses = status, 0
+        g.ready = bool(status["ready"] and not status.get("draining") and status.get("epoch") != g.failed_epoch)
+        client = g.client
+        # a new epoch proves the old gang gone; a status that timed out proves nothing (a busy replica)
+        if client is not None and (client.broken or status.get("epoch") != client.epoch):
+            g.client = None
+            client.close("the gang was rebuilt")
+
+    def _forget(self, name: str) -> None:
+        """A gang Serve stopped (or that stopped answering): no new request goes there; streams already
+        on it end when the gang drains them, or fail over when it dies."""
+        g = self.gangs.pop(name)
+        log.info("gang %s left", name)
+        self.left.append(name)
+        if g.client is not None and not g.load:
+            g.client.close("the gang left")
+
+    def _broke(self, name: str, epoch: int, gang_failed: bool) -> None:
         """A client of this gang saw it fail: no request goes there until a status shows a new epoch. A
         channel that failed in this process, the gang alive, is dialed again by the next request."""
-        if not gang_failed:
-            self.channel_failures[gang] += 1
+        g = self.gangs.get(name)
+        if g is None:
             return
-        self.failed_epoch[gang] = epoch
-        status = self.statuses[gang]
-        if status is None or status.get("epoch") == epoch:
-            self.ready[gang] = False
+        if not gang_failed:
+            g.channel_failures += 1
+            return
+        g.failed_epoch = epoch
+        if g.status is None or g.status.get("epoch") == epoch:
+            g.ready = False
 
     # -- requests -------------------------------------------------------------------------------------
 
@@ -112,50 +138,72 @@ class GangPool:
         a first try finds none with `NoReadyGang`, a retry waits for one (the caller's deadline bounds
         the wait). The affinity key is computed here once, for the gang and its attention worker."""
         key = routing.affinity_key(request.prompt_token_ids)
-        gang = await self._wait_for_gang(key) if retry else self._pick(key)
-        self.load[gang] += 1
-        self.requests[gang] += 1
+        name = await self._wait_for_gang(key) if retry else self._pick(key)
+        g = self.gangs[name]
+        g.load += 1
+        g.requests += 1
         try:
-            batches = (await self._client(gang)).generate_batches(request, key)
+            batches = (await self._client(name, g)).generate_batches(request, key)
             try:
                 async for batch in batches:
                     yield batch
             finally:
                 await batches.aclose()
+        except Draining:  # it began leaving before this consumer heard: no more requests there
+            g.ready = False
+            raise
         finally:
-            self.load[gang] -= 1
+            g.load -= 1
+            if name not in self.gangs and not g.load and g.client is not None:  # the last stream of a gone gang
+                g.client.close("the gang left")
 
-    def _pick(self, key: bytes | None) -> int:
-        ready = [i for i, ok in enumerate(self.ready) if ok]
+    def _pick(self, key: bytes | None) -> str:
+        names = sorted(self.gangs)  # affinity follows a gang's place among those running now
+        ready = [i for i, name in enumerate(names) if self.gangs[name].ready]
         if not ready:
-            raise NoReadyGang("no gang can take requests now (starting, failed or rebuilding); retry")
-        return routing.pick(key, self.load, ready)
+            raise NoReadyGang("no gang can take requests now (starting, failed, rebuilding or leaving); retry")
+        return names[routing.pick(key, [self.gangs[name].load for name in names], ready)]
 
-    async def _wait_for_gang(self, key: bytes | None) -> int:
+    async def _wait_for_gang(self, key: bytes | None) -> str:
         while True:
             try:
                 return self._pick(key)
             except NoReadyGang:
                 await asyncio.sleep(0.1)
 
-    async def _client(self, gang: int) -> GangClient:
+    async def _client(self, name: str, g: _Gang) -> GangClient:
         """This consumer's client of the gang's epoch now serving: made on first use after a (re)build."""
-        client = self.clients[gang]
+        client = g.client
         if client is None or client.broken:
-            try:
-                epoch, attention = await self.gangs[gang].attention.remote()
-            except Exception as exc:  # rebuilding, or the replica is gone
-                cause = getattr(exc, "cause", None)
-                raise cause if isinstance(cause, Unavailable) else Unavailable(f"gang {gang} is unreachable") from None
-            if epoch == self.failed_epoch[gang]:  # its supervisor has not noticed the failure yet
-                raise Unavailable(f"gang {gang} is failing")
-            client = self.clients[gang]
+            epoch, attention = await self._attention(name, g)
+            if epoch == g.failed_epoch:  # its supervisor has not noticed the failure yet
+                raise Unavailable(f"gang {name} is failing")
+            client = g.client
             if client is None or client.broken or client.epoch != epoch:  # another request may have made it
-                client = self.clients[gang] = GangClient(
+                client = g.client = GangClient(
                     attention, self.consumer, epoch=epoch,
-                    on_broken=lambda _reason, gang_failed: self._broke(gang, epoch, gang_failed))
+                    on_broken=lambda _reason, gang_failed: self._broke(name, epoch, gang_failed))
         return client
 
+    async def _attention(self, name: str, g: _Gang) -> tuple[int, list]:
+        """The gang's epoch and attention workers' handles. Serve cannot address one replica, so every
+        gang is asked (rarely: once per new epoch seen) and each answer kept by its gang."""
+        epoch = (g.status or {}).get("epoch")
+        if g.attention_handles is None or g.attention_handles[0] != epoch:
+            try:
+                answers = await self.handle.broadcast("attention_of").results_async(timeout_s=STATUS_TIMEOUT_S,
+                                                                                   return_exceptions=True)
+            except Exception:
+                raise Unavailable(f"gang {name} is unreachable") from None
+            for answer in answers:
+                if isinstance(answer, dict) and answer["gang"] in self.gangs and answer["epoch"] is not None:
+                    self.gangs[answer["gang"]].attention_handles = (answer["epoch"], answer["attention"])
+        if g.attention_handles is None:
+            raise Unavailable(f"gang {name} is not serving")
+        return g.attention_handles
+
     def stats(self) -> dict:
-        return {"ready": list(self.ready), "in_flight": list(self.load), "requests": list(self.requests),
-                "channel_failures": list(self.channel_failures), "consumer": self.consumer}
+        names = sorted(self.gangs)
+        return {"gangs": names, "ready": [self.gangs[n].ready for n in names],
+                "in_flight": [self.gangs[n].load for n in names], "requests": [self.gangs[n].requests for n in names],
+                "channel_failures": [self.gangs[n].channel_failures for n in names], "consumer": self.consumer}

@@ -30,12 +30,18 @@ def config_from_flags(args: argparse.Namespace) -> dict:
         optional["eplb"] = {k: v for k, v in {"redundant_experts": args.redundant_experts,
                                               "rebalance_every_steps": args.rebalance_every_steps}.items()
                             if v is not None}
+    autoscaling = {k: v for k, v in {"min_gangs": getattr(args, "min_gangs", None),
+                                     "max_gangs": getattr(args, "max_gangs", None),
+                                     "target_load": getattr(args, "target_load", None)}.items() if v is not None}
+    if autoscaling:  # gangs follow load between the bounds; --num-gangs is the count at start
+        optional["autoscaling"] = autoscaling
     engine = {k: v for k, v in {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
                                 "max_num_batched_tokens": args.max_num_batched_tokens,
                                 "kv_cache_memory": args.kv_cache_memory}.items() if v is not None}
     app_args = {"model": args.model, "served_model_name": args.served_model_name or args.model,
                 "attention_workers": args.attention_workers, "expert_workers": args.expert_workers,
-                "num_gangs": args.num_gangs, **optional, "dtype": args.dtype,
+                **({"num_gangs": args.num_gangs} if args.num_gangs is not None else {}), **optional,
+                "dtype": args.dtype,
                 "skip_tokenizer_init": args.skip_tokenizer_init,
                 "attention": {"torch_threads": args.torch_threads}, "engine": engine}
     return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": 8000},

@@ -62,8 +62,8 @@ class GangSupervisor:
         self.gang: Gang | None = None
         self.startup: GangStartup | None = None  # this build's stages, bytes loaded, ranks up
         self.state = "starting"  # see _ALLOWED
-        self._moved = asyncio.Event()  # set (and replaced) at every move: watchers wait on it
         self.failure: str | None = None
+        self.draining = False  # leaving (Serve stops its replica): takes no new request
         self.restarts = 0
         self.failed_at = 0.0
         self.last_recovery_s: float | None = None  # failure seen -> the rebuilt gang warm
@@ -101,15 +101,6 @@ class GangSupervisor:
             raise RuntimeError(f"gang {self.name}: illegal transition {self.state} -> {new}")
         log.info("gang %s: %s -> %s", self.name, self.state, new)
         self.state = new
-        self._moved.set()
-        self._moved = asyncio.Event()
-
-    async def wait_move(self, timeout_s: float) -> None:
-        """Until the state moves, or `timeout_s` passes: a watcher long-polls instead of polling."""
-        try:
-            await asyncio.wait_for(self._moved.wait(), timeout_s)
-        except asyncio.TimeoutError:
-            pass
 
     async def _build(self, failed: Gang | None = None, hung: set[int] = frozenset()) -> None:
         """A new gang under a new epoch (or `failed` again, its survivors kept: `recover_gang`), warmed
@@ -162,8 +153,39 @@ class GangSupervisor:
         return self.epoch, list(self.gang.attention)
 
     def ready(self) -> bool:
-        """Serving: this gang has produced a token since it was (re)built."""
-        return self.state == "ready"
+        """Serving: this gang has produced a token since it was (re)built, and it is not leaving."""
+        return self.state == "ready" and not self.draining
+
+    async def requests(self) -> int:
+        """Requests its attention workers hold, running or waiting, as of each one's last step."""
+        gang = self.gang
+        if gang is None or self.state != "ready":
+            return 0
+        loads = await asyncio.gather(*(a.load.remote() for a in gang.attention), return_exceptions=True)
+        return sum(n for n in loads if isinstance(n, int))
+
+    async def drain(self, grace_s: float) -> None:
+        """Leave without losing a request: take no new one (consumers see `ready` false at once, and a
+        request that reaches a worker anyway is refused with `Draining`), let the running ones finish
+        within `grace_s`, then end the rest with `Draining` at a step boundary: consumers resume them on
+        other gangs, token-exactly. Call `stop()` after it."""
+        if self.draining:
+            return
+        self.draining = True  # the next status read of every ingress says so
+        gang = self.gang
+        if gang is None or self.state != "ready":
+            return
+        start = time.monotonic()
+        try:
+            await asyncio.gather(*(a.stop_admitting.remote() for a in gang.attention))
+            while time.monotonic() - start < grace_s and await self.requests():
+                await asyncio.sleep(0.2)
+            evicted = await asyncio.gather(*(a.evict.remote() for a in gang.attention))
+        except Exception as exc:  # a rank died meanwhile: its requests move as after any failure
+            log.warning("gang %s: the drain ended early: %s: %s", self.name, type(exc).__name__, exc)
+            return
+        log.info("gang %s drained in %.1fs: %d request(s) moved to other gangs", self.name,
+                 time.monotonic() - start, sum(evicted))
 
     async def _warm_up(self) -> None:
         """One single-token request through every layer, so readiness means a token came out."""

@@ -37,7 +37,10 @@ MEANINGS = {
     "skip_tokenizer_init": "serve token ids only: no tokenizer, no chat, tools or structured outputs",
     "metrics": "Prometheus metrics (see the observability page)",
     "served_model_name": "the name clients send as `model`; default: `model` as given",
-    "num_gangs": "gangs behind one ingress, each its own Serve deployment and placement group",
+    "num_gangs": "gangs behind one ingress, each a replica of the `gangs` deployment with its own placement "
+                 "group; with `autoscaling`, the count at start (default there: `min_gangs`)",
+    "autoscaling.min_gangs": "the fewest gangs Serve keeps, however quiet",
+    "autoscaling.max_gangs": "the most gangs Serve runs, however busy (`maverick plan` sizes the cluster for it)",
     "api_key": "require `Authorization: Bearer KEY` on every route but the two health probes",
     "max_body_bytes": "largest request body; beyond: 413",
     "retry_after_s": "the `Retry-After` header of 429 and 503 answers",

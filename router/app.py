@@ -2,8 +2,9 @@
 
 `args` are validated strictly (`cluster.config.AppConfig`); the model path is made absolute and, when
 `make_tiny` names a preset, a random-weight checkpoint is written there if it is missing. The
-application is one ingress deployment and one gang deployment per gang (`gang-0`, `gang-1`, ...),
-each gang replica's placement group holding the replica and all its ranks.
+application is one ingress deployment and one `gangs` deployment whose replicas are the gangs (a fixed
+`num_gangs`, or as many as the load wants: `autoscaling`, `cluster.autoscale`), each gang replica's
+placement group holding the replica and all its ranks.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from ray.serve import Application
 
-from cluster.config import AppConfig, parse_app_args
+from cluster.config import AppConfig, AutoscalingSettings, parse_app_args
 from cluster.gang import rank_bundles
 
 log = logging.getLogger(__name__)
@@ -42,23 +43,39 @@ def prepare_args(args: dict) -> AppConfig:
                                      "served_model_name": config.served_model_name or config.model})
 
 
+def gang_count(config: AppConfig) -> dict:
+    """The `gangs` deployment's replica count: fixed, or Serve's autoscaler fed by each gang's load."""
+    a = config.autoscaling
+    if a is None:
+        return {"num_replicas": config.num_gangs}
+    return {"autoscaling_config": autoscaling_config(a, config.initial_gangs)}
+
+
+def autoscaling_config(a: AutoscalingSettings, initial: int) -> dict:
+    from cluster.autoscale import GangLoadPolicy
+
+    return {"min_replicas": a.min_gangs, "max_replicas": a.max_gangs, "initial_replicas": initial,
+            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
+            "metrics_interval_s": a.metrics_interval_s, "look_back_period_s": max(2 * a.metrics_interval_s, 4.0),
+            "policy": {"policy_function": f"{GangLoadPolicy.__module__}:{GangLoadPolicy.__name__}",
+                       "policy_kwargs": {"target_load": a.target_load}}}
+
+
 def build(args: dict) -> Application:
     from router.gang_deployment import GangDeployment
     from router.ingress import Ingress
 
     config = prepare_args(args)
     plain = config.model_dump()
-    gangs = []
-    for i in range(config.num_gangs):
-        gangs.append(GangDeployment.options(
-            name=f"gang-{i}", num_replicas=1, max_ongoing_requests=4096,
-            graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
-            ray_actor_options={"num_cpus": config.serve.supervisor_num_cpus},
-            placement_group_bundles=[{"CPU": config.serve.supervisor_num_cpus}] + rank_bundles(config),
-            placement_group_strategy=config.placement_strategy,
-            logging_config={"enable_access_log": False},  # no log line per status long-poll of each ingress
-            health_check_period_s=2,  # a dead gang replica is restarted (and its requests resumed) sooner
-        ).bind(plain))
+    gangs = GangDeployment.options(
+        name="gangs", max_ongoing_requests=4096, **gang_count(config),
+        graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
+        ray_actor_options={"num_cpus": config.serve.supervisor_num_cpus},
+        placement_group_bundles=[{"CPU": config.serve.supervisor_num_cpus}] + rank_bundles(config),
+        placement_group_strategy=config.placement_strategy,
+        logging_config={"enable_access_log": False},  # no log line per status read of each ingress
+        health_check_period_s=2,  # a dead gang replica is restarted (and its requests resumed) sooner
+    ).bind(plain)
     return Ingress.options(
         name="ingress", num_replicas=config.serve.ingress_replicas,
         max_ongoing_requests=config.max_pending_requests + INGRESS_HEADROOM,

@@ -1,9 +1,16 @@
-"""One Serve deployment replica per gang: it runs the gang supervisor, and its placement group holds
-the replica (bundle 0) and every rank (bundles 1..), so Serve treats a gang as one unit.
+"""The `gangs` deployment: each replica is one gang. It runs the gang supervisor, and its placement
+group holds the replica (bundle 0) and every rank (bundles 1..), so Serve treats a gang as one unit,
+and Serve's controller decides how many gangs run (`num_gangs`, or `autoscaling` from the load each
+gang reports in `record_autoscaling_stats`, `cluster.autoscale`).
 
-Requests do not pass through it: each ingress replica's gang pool (`cluster.gang_pool`) asks
-`attention()` for the attention workers' handles and streams from them through a `GangClient`.
-`status()` carries the epoch, so the pool knows when the gang was rebuilt and its handles changed.
+Requests do not pass through it: each ingress replica's gang pool (`cluster.gang_pool`) reads every
+gang's `status()` (broadcast), asks a gang's `attention()` for its attention workers' handles and
+streams from them through a `GangClient`. `status()` carries the gang's id and epoch, so the pool
+knows gangs that arrive, leave or were rebuilt.
+
+A gang Serve stops (scaled down, redeployed, shut down) first drains (`__del__`): it takes no new
+request, lets running ones finish within the grace, and ends the rest with `Draining`, which the
+ingress resumes on another gang token-exactly.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import os
 import ray
 from ray import serve
 
+from cluster.autoscale import CAPACITY, REQUESTS
 from cluster.config import AppConfig
 from cluster.supervisor import GangSupervisor
 
@@ -22,32 +30,43 @@ class GangDeployment:
     async def __init__(self, args: dict):
         config = AppConfig.model_validate(args)
         pg = ray.util.get_current_placement_group()
-        context = serve.get_replica_context()  # gang-0, gang-1, ...: the gang label of its ranks' metrics
+        context = serve.get_replica_context()
+        # the gang's id for its whole life (Serve's replica ranks are renumbered when replicas leave):
+        # the label of its ranks' metrics, and how every ingress tells gangs apart
+        self.name = f"gang-{context.replica_id.unique_id}"
+        self.drain_grace_s = config.autoscaling.drain_grace_s if config.autoscaling else 0.0
+        self.capacity = config.engine.max_num_seqs * config.attention_workers
         self.supervisor = GangSupervisor(config.gang_config(), pg=pg, bundle_offset=1 if pg else 0,
-                                         name=context.deployment, application=context.app_name)
+                                         name=self.name, application=context.app_name)
         await self.supervisor.start()
 
     def attention(self) -> tuple[int, list]:
         return self.supervisor.attention()
 
+    def attention_of(self) -> dict:
+        """`attention()` with this gang's id (the ingress broadcasts it and keeps each gang's answer);
+        epoch None while it cannot serve."""
+        try:
+            epoch, handles = self.supervisor.attention()
+        except Exception:
+            return {"gang": self.name, "epoch": None, "attention": []}
+        return {"gang": self.name, "epoch": epoch, "attention": handles}
+
     def status(self) -> dict:
-        """Readiness, and the state and restarts the ingress exports (`watch_status` sends it)."""
+        """Readiness, and the state and restarts the ingress exports (every ingress reads it each second)."""
         startup = self.supervisor.startup
-        return {"ready": self.supervisor.ready(), "state": self.supervisor.state, "epoch": self.supervisor.epoch,
+        return {"gang": self.name, "ready": self.supervisor.ready(), "state": self.supervisor.state,
+                "draining": self.supervisor.draining, "epoch": self.supervisor.epoch,
                 "restarts": self.supervisor.restarts, "stage": startup.stage if startup else None,
                 "pid": os.getpid(), "last_recovery_s": self.supervisor.last_recovery_s}
 
-    async def watch_status(self, known: dict | None, wait_s: float) -> dict:
-        """`status()` as soon as it differs from `known`, else after `wait_s`: the ingress long-polls
-        this, so an idle service exchanges a message per gang every `wait_s` instead of twice a second."""
-        status = self.status()
-        if status == known:
-            await self.supervisor.wait_move(wait_s)
-            status = self.status()
-        return status
-
     async def stats(self) -> dict:
-        return await self.supervisor.stats()
+        return {"gang": self.name, **await self.supervisor.stats()}
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """This gang's load for Serve's autoscaler (`cluster.autoscale`): its requests, running and
+        waiting, and how many it can run at once."""
+        return {REQUESTS: float(await self.supervisor.requests()), CAPACITY: float(self.capacity)}
 
     async def inject_fault(self, expert_rank: int, steps: int) -> None:
         """Chaos testing: that expert rank's wave step `steps` from now raises."""
@@ -59,4 +78,6 @@ class GangDeployment:
             raise RuntimeError("gang supervisor stopped")
 
     async def __del__(self):
+        # Serve stops this gang: no new requests, the running ones finish or move, then the ranks go
+        await self.supervisor.drain(self.drain_grace_s)
         await self.supervisor.stop()

@@ -112,7 +112,7 @@ async def _carried(events, prepared: Prepared, life: RequestLife):
 @serve.deployment
 @serve.ingress(api)
 class Ingress(GenerationService):
-    async def __init__(self, args: dict, gangs: list):
+    async def __init__(self, args: dict, gangs):
         self.config = config = AppConfig.model_validate(args).with_api_key_from_env()
         self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(config.model)
         images = ImageLoader(ImageProcessor.from_model_dir(config.model), config.images) if self.tokenizer else None
@@ -124,7 +124,7 @@ class Ingress(GenerationService):
         self.admission = Admission(self.metrics, config.max_pending_requests)
         consumer = f"ingress-{serve.get_replica_context().replica_tag}-{uuid.uuid4().hex[:8]}"
         self.gangs = GangPool(gangs, consumer,
-                              on_status=lambda: self.metrics.gangs(self.gangs.statuses, self.gangs.load))
+                              on_status=lambda: self.metrics.gangs(self.gangs.gangs, self.gangs.left))
         self.resume_stats = ResumeStats()
         api.state.guard = GuardSettings(config.api_key, config.max_body_bytes, self.metrics)
         self.gangs.start()
@@ -135,9 +135,8 @@ class Ingress(GenerationService):
 
         async def run(request: GenerateRequest):
             clock = self.metrics.engine_request(len(request.prompt_token_ids))
-            limit = self.config.migration_limit
-            batches = (resumable(request, self.gangs.stream, limit, self.resume_stats) if limit
-                       else self.gangs.stream(request, False))  # no moves: no bookkeeping either
+            # always resumable: a leaving gang's requests move even when failures may not (limit 0)
+            batches = resumable(request, self.gangs.stream, self.config.migration_limit, self.resume_stats)
             try:
                 async for batch in batches:
                     clock.outputs(batch)
@@ -244,9 +243,9 @@ class Ingress(GenerationService):
         all_ready = await self.gangs.refresh_all()  # fresh, not the watcher's
         draining = self.admission.draining
         if draining or not all_ready:
-            reason = "draining" if draining else f"gangs ready: {sum(self.gangs.ready)}/{len(self.gangs.ready)}"
+            reason = "draining" if draining else f"gangs ready: {len(self.gangs.ready)}/{len(self.gangs.gangs)}"
             return error_response(Unavailable(f"not ready ({reason})"), _rid(request), self.config.retry_after_s)
-        return JSONResponse({"status": "ready", "gangs": len(self.gangs.ready)})
+        return JSONResponse({"status": "ready", "gangs": len(self.gangs.gangs)})
 
     # -- control (DeploymentHandle calls from `maverick serve`) ---------------------------------------
 

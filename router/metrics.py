@@ -108,7 +108,7 @@ class RequestMetrics:
         self.generation_len = _Metric("histogram", "maverick_request_generation_tokens", "Generated tokens per "
                                       "choice (vllm:request_generation_tokens)", m, r, LENGTH_BUCKETS)
         self.gang_ready = _Metric("gauge", "maverick_gang_ready", "1 while the gang takes requests", m + ("gang",), r)
-        self.gang_state = _Metric("gauge", "maverick_gang_state", "1 for the gang's current state (starting, "
+        self.gang_state = _Metric("gauge", "maverick_gang_state", "1 for the gang's current state (starting, draining, "
                                   "ready, failed, rebuilding, stopped, unreachable)", m + ("gang", "state"), r)
         self.gang_restarts = _Metric("gauge", "maverick_gang_restarts", "Rebuilds of the gang since it started",
                                      m + ("gang",), r)
@@ -130,18 +130,27 @@ class RequestMetrics:
         if self.enabled:
             self.in_flight.record(n, self.model)
 
-    def gangs(self, statuses: list[dict | None], in_flight: list[int]) -> None:
+    def gangs(self, gangs: dict, left: list[str]) -> None:
+        """`gangs`: a `GangPool`'s gangs by id; `left`: those gone since the last call (said once)."""
         if not self.enabled:
             return
-        for i, status in enumerate(statuses):
-            tags = {**self.model, "gang": f"gang-{i}"}
-            state = status["state"] if status else "unreachable"
-            self.gang_ready.record(float(bool(status and status["ready"])), tags)
-            for name in ("starting", "ready", "failed", "rebuilding", "stopped", "unreachable"):
-                self.gang_state.record(float(name == state), {**tags, "state": name})
-            if status:
-                self.gang_restarts.record(status["restarts"], tags)
-            self.gang_in_flight.record(in_flight[i], tags)
+        for name in left:
+            self._gang(name, {"state": "stopped", "ready": False, "draining": False}, 0)
+        for name, g in gangs.items():
+            self._gang(name, g.status, g.load)
+
+    def _gang(self, name: str, status: dict | None, in_flight: int) -> None:
+        tags = {**self.model, "gang": name}
+        state = ("draining" if status.get("draining") else status["state"]) if status else "unreachable"
+        self.gang_ready.record(float(bool(status and status["ready"] and not status.get("draining"))), tags)
+        for s in GANG_STATES:
+            self.gang_state.record(float(s == state), {**tags, "state": s})
+        if status and "restarts" in status:
+            self.gang_restarts.record(status["restarts"], tags)
+        self.gang_in_flight.record(in_flight, tags)
+
+
+GANG_STATES = ("starting", "ready", "draining", "failed", "rebuilding", "stopped", "unreachable")
 
 
 class Ticket:

@@ -7,7 +7,9 @@ again as prompt + those tokens (`GenerateRequest.resume`) to a ready gang: anoth
 the same one once rebuilt. The engine then continues each open choice exactly where it stopped
 (penalties, stop strings, text, seeded draws), so the client sees a pause, then the next token: none
 lost, none repeated. Waiting for a gang is bounded only by the request's own timeout (the caller's
-deadline: 504); after `limit` moves the request ends with 503.
+deadline: 504); after `limit` moves the request ends with 503. A move off a gang that is leaving
+(`Draining`: scaled down, redeployed) is planned, not a failure: it does not count against `limit`
+(at most `PLANNED_MOVES` of them, so a request cannot chase leaving gangs forever).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from dataclasses import dataclass
 
 from cluster.gang_pool import NoReadyGang
 from router import prompt_logprobs
-from workers.errors import Unavailable
+from workers.errors import Draining, Unavailable
 from workers.protocol import GenerateRequest, RequestOutput
 
 log = logging.getLogger(__name__)
 
+PLANNED_MOVES = 16
 # (request, is a retry) -> the attempt's output batches; a retry waits for a ready gang (`GangPool.stream`)
 Attempt = Callable[[GenerateRequest, bool], AsyncIterator[list[RequestOutput]]]
 
@@ -33,6 +36,7 @@ Attempt = Callable[[GenerateRequest, bool], AsyncIterator[list[RequestOutput]]]
 class ResumeStats:
     resumed_requests: int = 0  # requests moved at least once
     migrations: int = 0  # moves, all requests together
+    planned_moves: int = 0  # of those, off a leaving gang (`Draining`)
     gave_up: int = 0  # requests that failed after `limit` moves
     last_pause_s: float = 0.0  # the last move: from the failure seen to the next token delivered
     max_pause_s: float = 0.0
@@ -42,10 +46,10 @@ async def resumable(request: GenerateRequest, attempt: Attempt, limit: int,
                     stats: ResumeStats) -> AsyncIterator[list[RequestOutput]]:
     """The request's output batches across as many gangs as it takes (at most `limit` moves)."""
     delivered: dict[int, list[int]] = {i: [] for i in range(request.params.n)}  # open choices only
-    current, moves, failed_at = request, 0, None
+    current, moves, planned, failed_at = request, 0, 0, None
     while True:
         failure = None
-        batches = attempt(current, moves > 0)
+        batches = attempt(current, moves + planned > 0)
         try:
             async for batch in batches:
                 good = []
@@ -63,7 +67,7 @@ async def resumable(request: GenerateRequest, attempt: Attempt, limit: int,
                 if failure is not None:
                     break
         except Unavailable as exc:  # the gang was already failing when this attempt began
-            if moves == 0 and isinstance(exc, NoReadyGang):
+            if moves + planned == 0 and isinstance(exc, NoReadyGang):
                 raise
             failure = exc
         finally:
@@ -71,16 +75,20 @@ async def resumable(request: GenerateRequest, attempt: Attempt, limit: int,
         if failure is None or not delivered:
             return
         failed_at = failed_at or time.monotonic()
-        moves += 1
-        if moves == 1:
+        if moves + planned == 0:
             stats.resumed_requests += 1
+        if isinstance(failure, Draining) and planned < PLANNED_MOVES:
+            planned += 1
+            stats.planned_moves += 1
+        else:
+            moves += 1
         if moves > limit:
             stats.gave_up += 1
             raise Unavailable(f"{failure.message}; the request gave up after {limit} move(s) to another gang")
         stats.migrations += 1
-        log.warning("request %s: its gang failed (%s); resuming %d choice(s) elsewhere (move %d of %d)",
-                    request.request_id, failure.message, len(delivered), moves, limit)
-        current = resumed(request, delivered, moves)
+        log.warning("request %s: %s; resuming %d choice(s) elsewhere (move %d of %d%s)", request.request_id,
+                    failure.message, len(delivered), moves, limit, f", {planned} planned" if planned else "")
+        current = resumed(request, delivered, moves + planned)
 
 
 def _note(delivered: dict[int, list[int]], out: RequestOutput) -> None:

@@ -27,7 +27,7 @@ from model.tokenizer import Tokenizer, load_generation_defaults
 from workers.config import EngineConfig
 from workers.engine import LLMEngine, PlannedStep
 from workers.eplb import EplbSettings, Rebalancer
-from workers.errors import Unavailable
+from workers.errors import Draining, Unavailable
 from workers.expert_parallel import ExpertGroup, Placement, shard_experts
 from workers.protocol import GenerateRequest, RequestOutput
 from workers.rank import MetricsOptions, Rank
@@ -57,6 +57,8 @@ class AttentionWorker(Rank):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.peers: list = []  # every other rank's actor handle: wakes go to them
         self.submitted = 0  # requests taken since start
+        self.admitting = True  # False once its gang drains: new requests go elsewhere
+        self._evicting: asyncio.Future | None = None  # a drain's eviction, done at the next step boundary
         self.comm: ExpertGroup | None = None
         self.step_seconds: list[float] = []  # recent steps with work, for the benchmark
         self.steps_timed = 0  # steps appended to step_seconds since start
@@ -139,10 +141,34 @@ class AttentionWorker(Rank):
     def submit(self, request: GenerateRequest, consumer: str) -> None:
         """Queue a request whose outputs go to `consumer`'s channel; a typed `workers.errors` exception
         travels back to the caller if it is invalid."""
+        if not self.admitting:
+            raise Draining(f"attention rank {self.rank}'s gang is leaving; retry")
         self.engine.submit(request)
         self.submitted += 1
         self._owners[request.request_id] = [self._channel(consumer), request.params.n]
         self.wave.wake_local()
+
+    def load(self) -> int:
+        """Requests this engine holds, running or waiting, as of its last step."""
+        s = self.engine.snapshot
+        return s.num_running + s.num_waiting
+
+    def stop_admitting(self) -> None:
+        """Its gang drains: new requests are refused with `Draining` (the ingress sends them elsewhere)."""
+        self.admitting = False
+
+    async def evict(self, timeout_s: float = 30.0) -> int:
+        """End every request here with `Draining` at the next step boundary (the ingress resumes each on
+        another gang, token-exactly); returns once those outputs left for their consumers, with how many."""
+        self.admitting = False
+        self._evicting = self._loop.create_future()
+        self.wave.wake_local()
+        evicted = await asyncio.wait_for(self._evicting, timeout_s)
+        for _ in range(int(timeout_s / 0.05)):  # until every consumer took its last batch
+            if not any(channel.items for channel in self._channels.values()):
+                break
+            await asyncio.sleep(0.05)
+        return evicted
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
@@ -215,6 +241,10 @@ class AttentionWorker(Rank):
     def _plan(self, engine: LLMEngine, planned: list) -> list[int]:  # on the wave thread
         # a blocked engine reports no pending tokens: planning it again would only count a blocked step
         start = time.perf_counter()  # a step's time runs from its plan through the agreement to its end
+        if self._evicting is not None:  # a step boundary: no request of this engine is mid-step
+            evicting, self._evicting = self._evicting, None
+            outputs = engine.fail_all(Draining(f"the gang of attention rank {self.rank} is leaving"))
+            self._loop.call_soon_threadsafe(self._evicted, outputs, evicting)
         step = engine.plan() if engine.pending_tokens() else PlannedStep([], None, [], [])
         planned[:] = [start, step]
         return [*step.proposal(), self.rebalancer.vote() if self.rebalancer else 0]
@@ -239,6 +269,11 @@ class AttentionWorker(Rank):
     def _on_failure(self, exc: BaseException, wave: WaveLoop, engine: LLMEngine) -> None:
         if wave is self.wave:  # a wave of a failed epoch that ends late leaves the new one alone
             self._publish(engine.fail_all(Unavailable(f"the gang failed: {exc}")))
+
+    def _evicted(self, outputs: list[RequestOutput], done: asyncio.Future) -> None:  # on the actor's loop
+        self._route(outputs)
+        if not done.done():
+            done.set_result(len({out.request_id for out in outputs}))
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         self._loop.call_soon_threadsafe(self._route, outputs)

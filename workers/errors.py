@@ -61,6 +61,11 @@ class Unavailable(EngineError):
     http_status, grpc_code, error_type = 503, "UNAVAILABLE", "service_unavailable"
 
 
+class Draining(Unavailable):
+    """The gang is leaving (scaled down, redeployed): the request moves to another gang, a planned move
+    that does not count against `migration_limit`."""
+
+
 class DeadlineExceeded(EngineError):
     http_status, grpc_code, error_type = 504, "DEADLINE_EXCEEDED", "timeout"
 

@@ -42,7 +42,7 @@ def run_plan(args: argparse.Namespace) -> int:
                         gpus_per_node=args.gpus_per_node,
                         kv_cache_bytes=limits.kv_cache_memory if "kv_cache_memory" in limits.model_fields_set else None,
                         redundant_experts=app.eplb.redundant_experts if app.eplb else args.redundant_experts)
-        num_gangs = app.num_gangs
+        num_gangs = app.autoscaling.max_gangs if app.autoscaling else app.num_gangs  # the most it may run
     else:
         config, weights = _architecture(args, None)
         a = args.attention_workers or 1

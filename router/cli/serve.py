@@ -341,7 +341,13 @@ def add_serve_parser(sub) -> None:
     m.add_argument("--attention-workers", type=int, default=1, help="attention workers per gang")
     m.add_argument("--expert-workers", type=int, default=0,
                    help="expert workers per gang (0: the attention workers hold every expert)")
-    m.add_argument("--num-gangs", type=int, default=1, help="gangs behind one ingress")
+    m.add_argument("--num-gangs", type=int, help="gangs behind one ingress (default 1; with --max-gangs: at start, "
+                                                 "default --min-gangs)")
+    m.add_argument("--min-gangs", type=int, help="autoscaling: the fewest gangs (default 1)")
+    m.add_argument("--max-gangs", type=int, help="autoscaling: the most gangs; gangs follow load between the bounds")
+    m.add_argument("--target-load", type=float,
+                   help="autoscaling: requests per gang wanted, as a fraction of its capacity "
+                        "(max_num_seqs x attention workers; default 0.75)")
     m.add_argument("--migration-limit", type=int,
                    help=f"times a request moves on when its gang fails (default "
                         f"{AppConfig.model_fields['migration_limit'].default}; 0: it fails with 503)")

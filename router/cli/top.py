@@ -48,11 +48,12 @@ class PrometheusSource:
         for r in kv:
             kv_by_gang[r["metric"].get("gang", "")].append(
                 f"{r['metric'].get('group', '').split('_')[0]} {float(r['value'][1]):.0%}")
-        out = [f"{'gang':<10} {'state':<11} {'restarts':>8} {'running':>8} {'waiting':>8}  KV in use"]
+        out = [f"{'gang':<13} {'state':<11} {'restarts':>8} {'running':>8} {'waiting':>8}  KV in use"]
         for r in sorted(states, key=lambda r: r["metric"].get("gang", "")):
             g = r["metric"].get("gang", "")
-            out.append(f"{g:<10} {r['metric'].get('state', ''):<11} {restarts.get(g, 0):>8.0f} "
-                       f"{running.get(g, 0):>8.0f} {waiting.get(g, 0):>8.0f}  {', '.join(kv_by_gang.get(g, [])) or '-'}")
+            kv_in_use = ", ".join(kv_by_gang.get(g, [])) or "-"
+            out.append(f"{g:<13} {r['metric'].get('state', ''):<11} {restarts.get(g, 0):>8.0f} "
+                       f"{running.get(g, 0):>8.0f} {waiting.get(g, 0):>8.0f}  {kv_in_use}")
 
         def q(metric: str, p: float) -> float | None:
             return self._one(f"histogram_quantile({p}, sum by (le) (rate({metric}_bucket{{{a}}}[{w}])))")
@@ -139,12 +140,12 @@ class EndpointSource:
                 return None
             return next(le for le in sorted(buckets) if buckets[le] >= p * count)
 
-        out = [f"{'gang':<10} {'state':<11} {'restarts':>8} {'in flight':>9}"]
+        out = [f"{'gang':<13} {'state':<11} {'restarts':>8} {'in flight':>9}"]
         gangs = sorted({dict(labels)["gang"] for (n, labels) in samples if n == "maverick_gang_state"})
         for g in gangs:
             state = next((dict(labels)["state"] for (n, labels), v in samples.items()
                           if n == "maverick_gang_state" and dict(labels)["gang"] == g and v == 1), "-")
-            out.append(f"{g:<10} {state:<11} {total('maverick_gang_restarts', gang=g):>8.0f} "
+            out.append(f"{g:<13} {state:<11} {total('maverick_gang_restarts', gang=g):>8.0f} "
                        f"{total('maverick_gang_requests_in_flight', gang=g):>9.0f}")
         tok_s = delta("maverick_generation_tokens_total") / dt if prev else None
         out += ["", f"generation {_fmt(tok_s, ' tok/s')}   requests: " + ", ".join(

@@ -104,3 +104,23 @@ def test_eplb_needs_expert_ranks_and_counts_spare_slots_per_rank():
     assert config.expert_capacities(8) == [5, 5, 4]  # 3, 3, 2 contiguous, plus 2 spare each
     assert GangConfig(model="/m", expert_workers=3).expert_capacities(8) == [3, 3, 2]
     assert config.eplb.settings().window_steps == 0  # every step since the last rebalance
+
+
+def test_autoscaling_bounds_the_gang_count_and_leaves_time_to_move_requests():
+    from cluster.config import parse_app_args
+    from router.app import gang_count
+
+    config = parse_app_args({"model": "/m", "autoscaling": {"min_gangs": 2, "max_gangs": 4, "target_load": 0.5}})
+    assert config.initial_gangs == 2  # no num_gangs: start at the floor
+    scaling = gang_count(config)["autoscaling_config"]
+    assert (scaling["min_replicas"], scaling["max_replicas"], scaling["initial_replicas"]) == (2, 4, 2)
+    assert scaling["policy"] == {"policy_function": "cluster.autoscale:GangLoadPolicy",
+                                 "policy_kwargs": {"target_load": 0.5}}
+    assert gang_count(parse_app_args({"model": "/m", "num_gangs": 3})) == {"num_replicas": 3}
+    for args, message in [({"autoscaling": {"min_gangs": 3, "max_gangs": 2}}, "max_gangs \\(2\\) is below"),
+                          ({"num_gangs": 5, "autoscaling": {"max_gangs": 4}}, "num_gangs \\(5\\) must lie within"),
+                          ({"graceful_shutdown_timeout_s": 20, "autoscaling": {"drain_grace_s": 30}},
+                           "drain_grace_s \\(30\\) must be below"),
+                          ({"autoscaling": {"target_load": 0}}, "args.autoscaling.target_load")]:
+        with pytest.raises(ValueError, match=message):
+            parse_app_args({"model": "/m", **args})

@@ -2,7 +2,7 @@
 in-process engine: the outputs a test compares (per choice: tokens, text, finish reason, logprobs).
 
 A spec: prompt, max_tokens, n, temperature, seed, stop, logprobs, door ("http" or "grpc"), and optionally
-schema (a JSON schema every choice must follow)."""
+schema (a JSON schema every choice must follow) and ignore_eos (HTTP only)."""
 
 import json
 
@@ -28,7 +28,7 @@ def reference(model_dir, specs) -> list[list[dict]]:
     requests = []
     for s in specs:
         params = SamplingParams(max_tokens=s["max_tokens"], n=s["n"], temperature=s["temperature"], seed=s["seed"],
-                                stop=s["stop"], logprobs=s["logprobs"],
+                                stop=s["stop"], logprobs=s["logprobs"], ignore_eos=s.get("ignore_eos", False),
                                 structured=GrammarSpec.json_schema(s["schema"]) if s.get("schema") else None)
         requests.append(GenerateRequest(s["prompt"], params))
         engine.submit(requests[-1])
@@ -53,7 +53,7 @@ def over_http(live, spec, on_chunk=None) -> list[dict]:
     stream = client.completions.create(
         model=live.model_name, prompt=spec["prompt"], max_tokens=spec["max_tokens"], n=spec["n"],
         temperature=spec["temperature"], seed=spec["seed"], stop=spec["stop"] or None, logprobs=spec["logprobs"],
-        stream=True, extra_body={"return_token_ids": True,
+        stream=True, extra_body={"return_token_ids": True, **({"ignore_eos": True} if spec.get("ignore_eos") else {}),
                                  **({"structured_outputs": {"json": spec["schema"]}} if spec.get("schema") else {})})
     for chunk in stream:
         if on_chunk is not None:

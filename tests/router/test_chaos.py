@@ -59,7 +59,7 @@ def handle(name: str, app: str = "maverick"):
 
 def gang_pids(app: str = "maverick") -> list[int]:
     """Rank processes, attention first."""
-    return [r["pid"] for r in handle("gang-0", app).stats.remote().result()["ranks"]]
+    return [r["pid"] for r in handle("gangs", app).stats.remote().result()["ranks"]]
 
 
 def resume_stats(app: str = "maverick") -> dict:
@@ -67,7 +67,7 @@ def resume_stats(app: str = "maverick") -> dict:
 
 
 def wait_serving(app: str = "maverick") -> None:
-    wait_until(lambda: handle("gang-0", app).status.remote().result()["ready"]
+    wait_until(lambda: handle("gangs", app).status.remote().result()["ready"]
                and all(handle("ingress", app).routing_stats.remote().result()["ready"]), 240,
                "the gang ready again", poll_s=0.5)
 
@@ -110,13 +110,13 @@ def test_sigstop_of_an_expert_worker_is_a_hang_detected_and_recovered(live, spec
 
 
 def test_an_expert_that_raises_in_a_step(live, specs_and_expected):
-    check_case(live, specs_and_expected, lambda: handle("gang-0").inject_fault.remote(0, 3).result(),
+    check_case(live, specs_and_expected, lambda: handle("gangs").inject_fault.remote(0, 3).result(),
                "expert raises on a step")
 
 
 def test_sigkill_of_the_gang_replica_process(live, specs_and_expected):
     wait_serving()
-    replica_pid = handle("gang-0").status.remote().result()["pid"]
+    replica_pid = handle("gangs").status.remote().result()["pid"]
     check_case(live, specs_and_expected, lambda: kill(replica_pid), "SIGKILL gang replica")
 
 
@@ -150,7 +150,7 @@ def test_a_channel_that_fails_in_the_ingress_is_dialed_again_not_taken_for_a_fai
 
     wait_serving()
     assert complete() == 4  # the ingress listens on its channel now
-    epoch, attention = handle("gang-0").attention.remote().result()
+    epoch, attention = handle("gangs").attention.remote().result()
     stats = handle("ingress").routing_stats.remote().result()
     failures = stats.get("channel_failures", [0])[0]
     # outputs for the ingress's channel that its listener cannot unpickle
@@ -164,7 +164,7 @@ def test_a_channel_that_fails_in_the_ingress_is_dialed_again_not_taken_for_a_fai
     now = wait_until(reacted, 60, "the ingress to see its channel fail", poll_s=0.2)
     assert now["ready"] == [True], now  # the gang is healthy: no 503s until a rebuild that never comes
     assert complete() == 4
-    assert handle("gang-0").status.remote().result()["epoch"] == epoch  # the same gang, dialed again
+    assert handle("gangs").status.remote().result()["epoch"] == epoch  # the same gang, dialed again
 
 
 # -- when resuming is not allowed or takes too long --------------------------------------------------

@@ -133,6 +133,20 @@ def test_serve_eplb_flags_become_the_apps_eplb_args():
         validate_serve_config(config_from_flags(build_parser().parse_args(flags[:3] + flags[5:])), "flags")
 
 
+def test_serve_gang_bound_flags_become_the_apps_autoscaling_args():
+    from cluster.serve_config import config_from_flags, validate_serve_config
+    from router.cli import build_parser
+
+    flags = ["serve", "--model", "/m", "--min-gangs", "1", "--max-gangs", "3", "--target-load", "0.5"]
+    _, (app,) = validate_serve_config(config_from_flags(build_parser().parse_args(flags)), "flags")
+    assert (app.autoscaling.min_gangs, app.autoscaling.max_gangs, app.autoscaling.target_load) == (1, 3, 0.5)
+    assert app.initial_gangs == 1
+    plain = config_from_flags(build_parser().parse_args(["serve", "--model", "/m", "--num-gangs", "2"]))
+    assert "autoscaling" not in plain["applications"][0]["args"] and plain["applications"][0]["args"]["num_gangs"] == 2
+    with pytest.raises(ValueError, match="num_gangs \\(4\\) must lie within"):
+        validate_serve_config(config_from_flags(build_parser().parse_args(flags + ["--num-gangs", "4"])), "flags")
+
+
 def test_plan_that_does_not_fit_points_at_suggest(capsys):
     from router.cli import main
 

@@ -208,7 +208,7 @@ def test_top_against_a_keyed_server_asks_for_the_key_in_one_line(live):
     assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert "401" in refused.stderr and "--api-key" in refused.stderr
     allowed = subprocess.run(top + ["--api-key", KEY], capture_output=True, text=True, timeout=60, env=env)
-    assert allowed.returncode == 0 and "gang-0" in allowed.stdout, allowed.stderr
+    assert allowed.returncode == 0 and "gang-" in allowed.stdout, allowed.stderr
 
 
 def test_overload_gives_429_with_retry_after_and_loses_nothing(live):
@@ -245,7 +245,7 @@ def test_deadline_gives_504_and_frees_the_engine(live):
         for _ in client.completions.create(stream=True, **{k: v for k, v in long.items() if k != "ignore_eos"},
                                            extra_body={"ignore_eos": True}):
             pass
-    gang = serve.get_deployment_handle("gang-0", "maverick")
+    gang = serve.get_deployment_handle("gangs", "maverick")
     deadline = time.monotonic() + 10
     while gang.stats.remote().result()["in_flight"] and time.monotonic() < deadline:
         time.sleep(0.1)

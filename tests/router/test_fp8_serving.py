@@ -46,7 +46,7 @@ def test_gang_greedy_equals_transformers_on_the_dequantized_weights(live, hf):
 def test_expert_ranks_hold_fp8(live):
     from ray import serve
 
-    ranks = serve.get_deployment_handle("gang-0", "maverick").stats.remote().result()["ranks"]
+    ranks = serve.get_deployment_handle("gangs", "maverick").stats.remote().result()["ranks"]
     experts = [r for r in ranks if "expert_load" in r]
     assert len(experts) == 2
     # tiny-maverick: 2 MoE layers x 4 experts per rank x 3 x 256 x 256 weights, one byte each plus

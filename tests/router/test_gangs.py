@@ -9,8 +9,8 @@ import urllib.request
 import pytest
 
 from cluster.probe import wait_until
-
 from tests.router.conftest import deploy
+from tests.router.gangs import every_gang_stats
 
 pytestmark = pytest.mark.timeout(600)
 PREFIX = [2016] + list(range(400, 479))  # 80 tokens: longer than the 64-token affinity prefix
@@ -40,9 +40,7 @@ def routing():
 
 
 def gang_stats(i):
-    from ray import serve
-
-    return serve.get_deployment_handle(f"gang-{i}", "maverick").stats.remote().result()
+    return every_gang_stats()[i]
 
 
 def prefix_hits(stats) -> list[int]:

@@ -119,7 +119,7 @@ def test_bad_requests_get_the_table_codes(stub, req, key, code, method):
 def _in_flight(live) -> int:
     from ray import serve
 
-    return serve.get_deployment_handle("gang-0", live.app_name).stats.remote().result()["in_flight"]
+    return serve.get_deployment_handle("gangs", live.app_name).stats.remote().result()["in_flight"]
 
 
 def _wait_idle(live, seconds=60.0) -> int:  # generous: a loaded CI machine aborts slowly

@@ -69,7 +69,7 @@ async def complete_all(live, batch):
 def gang_stats(app: str) -> dict:
     from ray import serve
 
-    return serve.get_deployment_handle("gang-0", app).stats.remote().result()
+    return serve.get_deployment_handle("gangs", app).stats.remote().result()
 
 
 @pytest.mark.parametrize("layout", ["alone", "gang"])

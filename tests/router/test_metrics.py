@@ -147,7 +147,7 @@ def ingress_metrics(live) -> dict[str, float]:
 def gang_pids() -> list[int]:
     from ray import serve
 
-    stats = serve.get_deployment_handle("gang-0", APP).stats.remote().result()
+    stats = serve.get_deployment_handle("gangs", APP).stats.remote().result()
     return [r["pid"] for r in stats["ranks"]]
 
 

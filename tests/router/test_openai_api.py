@@ -263,7 +263,7 @@ def test_prompt_logprobs_per_choice_as_vllm_returns_them(client, hf):
 def test_client_disconnect_aborts_the_request_in_its_engine(live):
     from ray import serve
 
-    gang = serve.get_deployment_handle("gang-0", "maverick")
+    gang = serve.get_deployment_handle("gangs", "maverick")
     client = openai.OpenAI(base_url=live.v1, api_key="unused", max_retries=0, timeout=120)
     stream = client.completions.create(model="tiny", prompt=[2016, 5, 6, 7], max_tokens=3000, stream=True,
                                        extra_body={"ignore_eos": True}, temperature=0.0)

@@ -8,7 +8,7 @@ import pytest
 
 from cluster.gang_pool import NoReadyGang
 from router.resume import ResumeStats, resumable
-from workers.errors import InvalidRequest, Unavailable
+from workers.errors import Draining, InvalidRequest, Unavailable
 from workers.protocol import GenerateRequest, RequestOutput
 from workers.sampling_params import SamplingParams
 
@@ -80,3 +80,31 @@ def test_errors_of_the_request_itself_are_not_retried():
     with pytest.raises(InvalidRequest):
         asyncio.run(drain(resumable(GenerateRequest([1]), attempt, 3, ResumeStats())))
     assert len(calls) == 1
+
+
+def test_moves_off_a_leaving_gang_are_planned_and_do_not_count_against_the_limit():
+    """A gang being scaled down ends its requests with `Draining`: with migration_limit 0 (failures
+    end a request) they still move, each token once; a failure after them still counts."""
+    tokens = 2
+    failures = [Draining("leaving"), Draining("leaving"), Unavailable("rank died")]
+    seen = []
+
+    async def attempt(request, retry):
+        seen.append((request, retry))
+        done = len((request.resume or {}).get(0, []))
+        for step in range(tokens):
+            yield [RequestOutput(request.request_id, [done + step], index=0)]
+        yield [RequestOutput(request.request_id, [], None, "error", error=failures[len(seen) - 1], index=0)]
+
+    stats = ResumeStats()
+    got = []
+
+    async def run():
+        async for batch in resumable(GenerateRequest([5], SamplingParams(max_tokens=50), "r"), attempt, 0, stats):
+            got.extend(batch)
+
+    with pytest.raises(Unavailable, match="gave up after 0 move"):
+        asyncio.run(run())
+    assert [retry for _, retry in seen] == [False, True, True]
+    assert [o.new_token_ids[0] for o in got] == [0, 1, 2, 3, 4, 5]
+    assert stats.planned_moves == 2 and stats.resumed_requests == 1 and stats.gave_up == 1

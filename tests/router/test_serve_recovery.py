@@ -57,7 +57,7 @@ class Server:
         for p in psutil.Process(self.proc.pid).children(recursive=True):
             try:
                 name = (p.cmdline() or [""])[0]
-                if name == title or name.startswith(title + "."):  # "....gang-0.watch_status" while a task runs
+                if name == title or name.startswith(title + "."):  # "....gangs.status" while a task runs
                     found.append(p)
             except psutil.NoSuchProcess:
                 pass
@@ -127,7 +127,7 @@ def kill_and_wait_for_recovery(server: Server, deployment: str) -> None:
 
 def test_sigkill_of_the_gang_replica_leaves_the_service_up(server):
     assert complete(server)["usage"]["completion_tokens"] == 4
-    kill_and_wait_for_recovery(server, "gang-0")
+    kill_and_wait_for_recovery(server, "gangs")
 
 
 def test_sigkill_of_an_ingress_replica_leaves_the_service_up(server):

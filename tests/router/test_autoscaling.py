@@ -1,0 +1,92 @@
+"""Gangs that follow load, on a real Serve: a burst of streams makes Serve's autoscaler (our policy,
+fed by each gang's reported load) add a gang, which the ingress starts using once it is warm; the
+quiet after it removes the gang again. A gang removed while streams run on it drains: its streams
+move to the other gang, token-exactly, as planned moves (not failures)."""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from cluster.probe import wait_until
+from tests.router.conftest import deploy
+from tests.router.streams import assert_same, over_http, reference
+
+pytestmark = pytest.mark.timeout(900)
+# a gang runs 4 sequences; the policy wants 2 per gang: 3 or more streams want a second gang
+AUTOSCALING = {"min_gangs": 1, "max_gangs": 2, "target_load": 0.5, "upscale_delay_s": 0, "downscale_delay_s": 2,
+               "metrics_interval_s": 0.5, "drain_grace_s": 1}
+
+
+@pytest.fixture(scope="module")
+def live(local_ray, tmp_path_factory):
+    return deploy(tmp_path_factory.mktemp("autoscaling"), attention_workers=1, expert_workers=1,
+                  engine={"max_num_seqs": 4}, autoscaling=AUTOSCALING, graceful_shutdown_timeout_s=60)
+
+
+def routing():
+    from ray import serve
+
+    return serve.get_app_handle("maverick").routing_stats.remote().result()
+
+
+def spec(i: int, max_tokens: int) -> dict:
+    return {"prompt": [2016, 300 + 7 * i, 5, 9 + i], "max_tokens": max_tokens, "n": 1, "temperature": 0.0,
+            "seed": None, "stop": [], "logprobs": None, "door": "http", "ignore_eos": True}
+
+
+def burst_until(live, done, streams: int = 8) -> list[tuple[dict, list]]:
+    """`streams` clients each sending short greedy requests, one after another, until `done()`."""
+    specs = [spec(i, 24) for i in range(4)]
+    stop, results = threading.Event(), []
+
+    def client(k: int) -> None:
+        n = 0
+        while not stop.is_set():
+            s = specs[(k + n) % len(specs)]
+            results.append((s, over_http(live, s)))
+            n += 1
+
+    with ThreadPoolExecutor(streams) as pool:
+        running = [pool.submit(client, k) for k in range(streams)]
+        try:
+            wait_until(lambda: done() or any(r.done() for r in running), 600, "the burst's goal")
+        finally:
+            stop.set()
+        for r in running:
+            r.result()  # a client that failed fails the test here
+    return results
+
+
+def two_gangs_serving() -> bool:
+    r = routing()
+    return len(r["gangs"]) == 2 and all(r["ready"]) and min(r["requests"]) > 0
+
+
+def test_a_burst_adds_a_gang_and_the_quiet_takes_it_away(live):
+    assert len(routing()["gangs"]) == 1
+    results = burst_until(live, two_gangs_serving)
+    specs = [spec(i, 24) for i in range(4)]
+    by_prompt = {tuple(s["prompt"]): want for s, want in zip(specs, reference(live.model_dir, specs))}
+    for s, got in results:
+        assert_same([s], [by_prompt[tuple(s["prompt"])]], [got])
+    wait_until(lambda: len(routing()["gangs"]) == 1, 180, "the quiet to take the second gang away")
+    assert_same([specs[0]], [by_prompt[tuple(specs[0]["prompt"])]], [over_http(live, specs[0])])  # one serves on
+
+
+def test_a_gang_removed_under_load_moves_its_streams_exactly(live):
+    """Two long streams, one on each gang: two requests want one gang, so Serve removes one while they
+    run; the leaving gang's stream moves to the other after the grace, every token once."""
+    wait_until(lambda: len(routing()["gangs"]) == 1, 180, "one gang at the start")
+    burst_until(live, two_gangs_serving)
+    wait_until(lambda: sum(routing()["in_flight"]) == 0, 120, "the burst's last streams")
+    before = routing()["resume"]
+    specs = [spec(10 + i, 3500) for i in range(2)]
+    expected = reference(live.model_dir, specs)
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda s: over_http(live, s), specs))
+    assert_same(specs, expected, got)
+    after = routing()
+    assert len(after["gangs"]) == 1, after
+    moved = after["resume"]["planned_moves"] - before["planned_moves"]
+    assert moved >= 1 and after["resume"]["gave_up"] == before["gave_up"], (before, after["resume"])
