@@ -39,7 +39,8 @@ class PrometheusSource:
 
     def lines(self) -> list[str]:
         a, w = self.app, self.window
-        states = self.prom.query(f"max by (gang, state) (ray_maverick_gang_state{{{a}}}) > 0")
+        # a gang that left (scaled down) keeps its last series, "stopped": not listed
+        states = self.prom.query(f'max by (gang, state) (ray_maverick_gang_state{{{a},state!="stopped"}}) > 0')
         restarts = self._by(f"max by (gang) (ray_maverick_gang_restarts{{{a}}})", "gang")
         running = self._by(f"sum by (gang) (ray_maverick_num_requests_running{{{a}}})", "gang")
         waiting = self._by(f"sum by (gang) (ray_maverick_num_requests_waiting{{{a}}})", "gang")
@@ -54,6 +55,10 @@ class PrometheusSource:
             kv_in_use = ", ".join(kv_by_gang.get(g, [])) or "-"
             out.append(f"{g:<13} {r['metric'].get('state', ''):<11} {restarts.get(g, 0):>8.0f} "
                        f"{running.get(g, 0):>8.0f} {waiting.get(g, 0):>8.0f}  {kv_in_use}")
+        wanted = self._one(f'max (ray_serve_autoscaling_desired_replicas{{{a},deployment="gangs"}})')
+        if wanted is not None:  # autoscaling: what Serve's controller wants, beside what serves
+            ready = self._one(f"count (max by (gang) (ray_maverick_gang_ready{{{a}}}) == 1)") or 0
+            out.append(f"gangs: {ready:.0f} ready, {wanted:.0f} wanted (autoscaling)")
 
         def q(metric: str, p: float) -> float | None:
             return self._one(f"histogram_quantile({p}, sum by (le) (rate({metric}_bucket{{{a}}}[{w}])))")
@@ -145,6 +150,8 @@ class EndpointSource:
         for g in gangs:
             state = next((dict(labels)["state"] for (n, labels), v in samples.items()
                           if n == "maverick_gang_state" and dict(labels)["gang"] == g and v == 1), "-")
+            if state == "stopped":  # a gang that left (scaled down)
+                continue
             out.append(f"{g:<13} {state:<11} {total('maverick_gang_restarts', gang=g):>8.0f} "
                        f"{total('maverick_gang_requests_in_flight', gang=g):>9.0f}")
         tok_s = delta("maverick_generation_tokens_total") / dt if prev else None
