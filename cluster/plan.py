@@ -246,6 +246,11 @@ def describe(c: Llama4Config, layout: Layout, gpu: Gpu, num_gangs: int = 1, cont
                         if layout.redundant_experts else ""))
     lines += ["", f"fits: {'yes' if ok else 'NO'} ({usable / GB:.1f} GB usable per GPU after a {SAFETY_MARGIN:.0%} "
                   f"margin)"] + [f"  {r}" for r in reasons]
+    per_gang = layout.attention_ranks + layout.expert_ranks
+    nodes = -(-per_gang // layout.gpus_per_node)
+    lines.append(f"nodes: one gang needs {nodes} node(s) of {layout.gpus_per_node} GPUs; {num_gangs} gang(s) need "
+                 f"{-(-per_gang * num_gangs // layout.gpus_per_node)} (the worker type Ray's autoscaler adds for a "
+                 f"new gang's placement group)")
     context = context or layout.max_model_len // 2
     lines += ["", f"decode roofline at {context} tokens of context (HBM reads, then two all-to-alls per MoE layer):",
               f"{'batch/attention rank':>22}{'step ms':>10}{'HBM ms':>9}{'all-to-all ms':>15}{'tok/s per gang':>16}"]

@@ -100,3 +100,13 @@ def test_plan_exits_nonzero_when_it_does_not_fit():
 def test_gpu_layouts_cover_the_issue():
     assert {p.stem for p in GPU_LAYOUTS} == {"scout-bf16-8xh100", "maverick-fp8-8xh200", "maverick-fp8-8xh100",
                                              "maverick-bf16-2x8xh100"}
+
+
+def test_plan_says_how_many_nodes_a_gang_and_the_most_gangs_need():
+    from cluster.plan import describe
+
+    c = preset("maverick")
+    _, text = describe(c, Layout(2, 14, "fp8", gpus_per_node=8), GPUS["h100"], num_gangs=3)
+    assert "nodes: one gang needs 2 node(s) of 8 GPUs; 3 gang(s) need 6" in text
+    _, text = describe(c, Layout(1, 7, "fp8", gpus_per_node=8), GPUS["h200"])
+    assert "nodes: one gang needs 1 node(s) of 8 GPUs; 1 gang(s) need 1" in text
