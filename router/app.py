@@ -39,7 +39,8 @@ def prepare_args(args: dict) -> AppConfig:
 
         log.warning("writing a %s checkpoint to %s", config.make_tiny, model)
         make_tiny(model, preset=config.make_tiny.removesuffix("-fp8"), fp8=config.make_tiny.endswith("-fp8"))
-    return config.model_copy(update={"model": str(model),
+    # num_gangs made explicit (autoscaling without it starts at min_gangs): replicas validate the dump
+    return config.model_copy(update={"model": str(model), "num_gangs": config.initial_gangs,
                                      "served_model_name": config.served_model_name or config.model})
 
 

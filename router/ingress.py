@@ -241,6 +241,9 @@ class Ingress(GenerationService):
     @api.get("/health/ready")
     async def health_ready(self, request: Request):
         all_ready = await self.gangs.refresh_all()  # fresh, not the watcher's
+        a = self.config.autoscaling
+        expected = a.min_gangs if a is not None else self.config.num_gangs  # gangs Serve always runs
+        all_ready = all_ready and len(self.gangs.gangs) >= expected
         draining = self.admission.draining
         if draining or not all_ready:
             reason = "draining" if draining else f"gangs ready: {len(self.gangs.ready)}/{len(self.gangs.gangs)}"

@@ -106,9 +106,9 @@ def test_eplb_needs_expert_ranks_and_counts_spare_slots_per_rank():
     assert config.eplb.settings().window_steps == 0  # every step since the last rebalance
 
 
-def test_autoscaling_bounds_the_gang_count_and_leaves_time_to_move_requests():
-    from cluster.config import parse_app_args
-    from router.app import gang_count
+def test_autoscaling_bounds_the_gang_count_and_leaves_time_to_move_requests(tmp_path):
+    from cluster.config import AppConfig, parse_app_args
+    from router.app import gang_count, prepare_args
 
     config = parse_app_args({"model": "/m", "autoscaling": {"min_gangs": 2, "max_gangs": 4, "target_load": 0.5}})
     assert config.initial_gangs == 2  # no num_gangs: start at the floor
@@ -117,6 +117,9 @@ def test_autoscaling_bounds_the_gang_count_and_leaves_time_to_move_requests():
     assert scaling["policy"] == {"policy_function": "cluster.autoscale:GangLoadPolicy",
                                  "policy_kwargs": {"target_load": 0.5}}
     assert gang_count(parse_app_args({"model": "/m", "num_gangs": 3})) == {"num_replicas": 3}
+    (tmp_path / "config.json").write_text("{}")
+    prepared = prepare_args({"model": str(tmp_path), "autoscaling": {"min_gangs": 2, "max_gangs": 4}})
+    assert AppConfig.model_validate(prepared.model_dump()).num_gangs == 2  # what every replica validates
     for args, message in [({"autoscaling": {"min_gangs": 3, "max_gangs": 2}}, "max_gangs \\(2\\) is below"),
                           ({"num_gangs": 5, "autoscaling": {"max_gangs": 4}}, "num_gangs \\(5\\) must lie within"),
                           ({"graceful_shutdown_timeout_s": 20, "autoscaling": {"drain_grace_s": 30}},
