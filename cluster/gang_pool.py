@@ -28,7 +28,7 @@ from workers.protocol import GenerateRequest, RequestOutput
 log = logging.getLogger(__name__)
 STATUS_PERIOD_S = 1.0  # between reads of every gang's status
 STATUS_TIMEOUT_S = 5.0  # a read of the statuses longer than this counts as a miss for every gang
-STATUS_MISSES_ALLOWED = 3  # reads in a row a gang may miss before it counts as gone
+STATUS_MISSES_ALLOWED = 3  # reads in a row a gang may miss (busy) before it counts as not ready
 
 
 class NoReadyGang(Unavailable):
@@ -57,6 +57,7 @@ class GangPool:
         self.handle, self.consumer, self.on_status = handle, consumer, on_status
         self.gangs: dict[str, _Gang] = {}
         self.left: list[str] = []  # gangs gone since the last `on_status` (their metrics say so once)
+        self._gone: dict[str, _Gang] = {}  # gangs gone with streams of this consumer still on them
         self._watch: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -76,21 +77,22 @@ class GangPool:
         except Exception as exc:  # a timeout (busy replicas on loaded cores), or no gang deployed yet
             log.debug("the gangs' status read failed: %r", exc)
             statuses = None
-        if statuses is None:
+        if statuses is None:  # proves nothing of any one gang; a gang silent this long is not ready
             for g in self.gangs.values():
                 g.misses += 1
+                g.ready = g.ready and g.misses < STATUS_MISSES_ALLOWED
         else:
             seen = {s["gang"]: s for s in statuses if isinstance(s, dict)}
             for name, status in seen.items():
                 self._update(name, status)
-            all_answered = len(seen) == len(statuses)
-            for name, g in self.gangs.items():
-                if name not in seen:
+            everyone_answered = len(seen) == len(statuses)
+            for name in [n for n in self.gangs if n not in seen]:
+                if everyone_answered:  # no longer among the running replicas: Serve stops it, or it died
+                    self._forget(name)
+                else:
+                    g = self.gangs[name]
                     g.misses += 1
-                    if all_answered:  # not among the running replicas: Serve is stopping it
-                        g.ready = False
-        for name in [n for n, g in self.gangs.items() if g.misses >= STATUS_MISSES_ALLOWED]:
-            self._forget(name)
+                    g.ready = g.ready and g.misses < STATUS_MISSES_ALLOWED
         if self.on_status is not None:
             self.on_status()
             self.left = []
@@ -98,8 +100,8 @@ class GangPool:
 
     def _update(self, name: str, status: dict) -> None:
         g = self.gangs.get(name)
-        if g is None:
-            g = self.gangs[name] = _Gang(status)
+        if g is None:  # new, or back (its streams kept their client: one channel per consumer and worker)
+            g = self.gangs[name] = self._gone.pop(name, None) or _Gang(status)
             log.info("gang %s joined (%s)", name, status["state"])
         g.status, g.misses = status, 0
         g.ready = bool(status["ready"] and not status.get("draining") and status.get("epoch") != g.failed_epoch)
@@ -115,7 +117,10 @@ class GangPool:
         g = self.gangs.pop(name)
         log.info("gang %s left", name)
         self.left.append(name)
-        if g.client is not None and not g.load:
+        g.ready = False
+        if g.load:
+            self._gone[name] = g  # its last stream closes the client
+        elif g.client is not None:
             g.client.close("the gang left")
 
     def _broke(self, name: str, epoch: int, gang_failed: bool) -> None:
@@ -154,8 +159,9 @@ class GangPool:
             raise
         finally:
             g.load -= 1
-            if name not in self.gangs and not g.load and g.client is not None:  # the last stream of a gone gang
-                g.client.close("the gang left")
+            if name not in self.gangs and not g.load and self._gone.pop(name, None) is g:  # its last stream
+                if g.client is not None:
+                    g.client.close("the gang left")
 
     def _pick(self, key: bytes | None) -> str:
         names = sorted(self.gangs)  # affinity follows a gang's place among those running now
