@@ -161,7 +161,7 @@ class GangSupervisor:
         gang = self.gang
         if gang is None or self.state != "ready":
             return 0
-        loads = await asyncio.gather(*(a.load.remote() for a in gang.attention), return_exceptions=True)
+        loads = await asyncio.gather(*(a.requests_held.remote() for a in gang.attention), return_exceptions=True)
         return sum(n for n in loads if isinstance(n, int))
 
     async def drain(self, grace_s: float) -> None:

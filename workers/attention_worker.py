@@ -148,7 +148,7 @@ class AttentionWorker(Rank):
         self._owners[request.request_id] = [self._channel(consumer), request.params.n]
         self.wave.wake_local()
 
-    def load(self) -> int:
+    def requests_held(self) -> int:
         """Requests this engine holds, running or waiting, as of its last step."""
         s = self.engine.snapshot
         return s.num_running + s.num_waiting
