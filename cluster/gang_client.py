@@ -135,6 +135,9 @@ class GangClient:
         for task in self._listeners:
             if task is not asyncio.current_task():
                 task.cancel()
+        if leaving:  # the draining gang waits for this word before it stops its ranks
+            for worker in self.attention:
+                worker.moved_on.remote(self.consumer)
         if self.on_broken is not None:
             self.on_broken(reason, gang_failed)
 

@@ -59,6 +59,9 @@ class AttentionWorker(Rank):
         self.submitted = 0  # requests taken since start
         self.admitting = True  # False once its gang drains: new requests go elsewhere
         self._evicting: asyncio.Future | None = None  # a drain's eviction, done at the next step boundary
+        self._unheard: set[str] = set()  # consumers with evicted requests that have not said they moved them
+        self._moved_on: set[str] = set()  # consumers that said so (`moved_on`)
+        self._all_heard = asyncio.Event()
         self.comm: ExpertGroup | None = None
         self.step_seconds: list[float] = []  # recent steps with work, for the benchmark
         self.steps_timed = 0  # steps appended to step_seconds since start
@@ -159,16 +162,25 @@ class AttentionWorker(Rank):
 
     async def evict(self, timeout_s: float = 30.0) -> int:
         """End every request here with `Draining` at the next step boundary (the ingress resumes each on
-        another gang, token-exactly); returns once those outputs left for their consumers, with how many."""
+        another gang, token-exactly); returns, with how many, once every consumer that had one said it
+        moved them (`moved_on`): the ranks may stop then without cutting a batch off on its way."""
         self.admitting = False
         self._evicting = self._loop.create_future()
         self.wave.wake_local()
         evicted = await asyncio.wait_for(self._evicting, timeout_s)
-        for _ in range(int(timeout_s / 0.05)):  # until every consumer took its last batch
-            if not any(channel.items for channel in self._channels.values()):
-                break
-            await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(self._all_heard.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("attention rank %d: consumers %s did not confirm their evicted requests in %gs",
+                        self.rank, sorted(self._unheard), timeout_s)
         return evicted
+
+    def moved_on(self, consumer: str) -> None:
+        """`consumer` got the `Draining` end of its requests here and moves them elsewhere."""
+        self._moved_on.add(consumer)
+        self._unheard.discard(consumer)
+        if not self._unheard:
+            self._all_heard.set()
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
@@ -271,6 +283,11 @@ class AttentionWorker(Rank):
             self._publish(engine.fail_all(Unavailable(f"the gang failed: {exc}")))
 
     def _evicted(self, outputs: list[RequestOutput], done: asyncio.Future) -> None:  # on the actor's loop
+        owners = {id(self._owners[out.request_id][0]) for out in outputs if out.request_id in self._owners}
+        self._unheard = {name for name, channel in self._channels.items()
+                         if id(channel) in owners and name not in self._moved_on}
+        if not self._unheard:
+            self._all_heard.set()
         self._route(outputs)
         if not done.done():
             done.set_result(len({out.request_id for out in outputs}))
