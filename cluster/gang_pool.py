@@ -59,6 +59,7 @@ class GangPool:
         self.left: list[str] = []  # gangs gone since the last `on_status` (their metrics say so once)
         self._gone: dict[str, _Gang] = {}  # gangs gone with streams of this consumer still on them
         self._watch: asyncio.Task | None = None
+        self._read_failing = False
 
     def start(self) -> None:
         self._watch = asyncio.create_task(every(STATUS_PERIOD_S, self.refresh_all, "the gangs' status watcher"))
@@ -75,8 +76,12 @@ class GangPool:
             statuses = await self.handle.broadcast("status").results_async(timeout_s=STATUS_TIMEOUT_S,
                                                                            return_exceptions=True)
         except Exception as exc:  # a timeout (busy replicas on loaded cores), or no gang deployed yet
-            log.debug("the gangs' status read failed: %r", exc)
+            if not self._read_failing:  # said once per run of failures
+                log.warning("reading the gangs' status failed: %r", exc)
+            self._read_failing = True
             statuses = None
+        else:
+            self._read_failing = False
         if statuses is None:  # proves nothing of any one gang; a gang silent this long is not ready
             for g in self.gangs.values():
                 g.misses += 1
@@ -143,7 +148,7 @@ class GangPool:
         a first try finds none with `NoReadyGang`, a retry waits for one (the caller's deadline bounds
         the wait). The affinity key is computed here once, for the gang and its attention worker."""
         key = routing.affinity_key(request.prompt_token_ids)
-        name = await self._wait_for_gang(key) if retry else self._pick(key)
+        name = await self._wait_for_gang(key) if retry else await self._pick_now(key)
         g = self.gangs[name]
         g.load += 1
         g.requests += 1
@@ -169,6 +174,15 @@ class GangPool:
         if not ready:
             raise NoReadyGang("no gang can take requests now (starting, failed, rebuilding or leaving); retry")
         return names[routing.pick(key, [self.gangs[name].load for name in names], ready)]
+
+    async def _pick_now(self, key: bytes | None) -> str:
+        """A first try: a ready gang, the statuses read again when none is (one may have come up since
+        the last read); else `NoReadyGang`."""
+        try:
+            return self._pick(key)
+        except NoReadyGang:
+            await self.refresh_all()
+            return self._pick(key)
 
     async def _wait_for_gang(self, key: bytes | None) -> str:
         while True:

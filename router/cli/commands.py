@@ -87,6 +87,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         args.peers = [] if args.peers == "none" else args.peers.split(",")
         return bench_bodies(args)
+    if args.target == "serve" and args.ramp:
+        from cluster.bench.ramp import main as bench_ramp
+
+        if args.output == "bench-results/serve.json":
+            args.output = "bench-results/ramp.json"
+        return bench_ramp(args)
     if args.target == "serve":
         from cluster.bench.serve import main as bench_serve
         from router.cli.grpc_client import StreamClient
@@ -224,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bench ep --eplb: router skew of the checkpoint written beside --model (make-tiny --router-skew)")
     p.add_argument("--redundant-experts", type=int, default=2, help="bench ep --eplb: spare slots per expert rank")
     p.add_argument("--rebalance-every-steps", type=int, default=64, help="bench ep --eplb: steps between rebalances")
+    p.add_argument("--ramp", action="store_true",
+                   help="bench serve: gangs that follow load (autoscaling) against one fixed gang, each alone, "
+                        "under 1 stream, then --ramp-streams, then 1 again")
+    p.add_argument("--ramp-streams", type=int, default=24, help="bench serve --ramp: streams of the busy phase")
+    p.add_argument("--ramp-seconds", type=float, default=90, help="bench serve --ramp: each phase's length")
+    p.add_argument("--ramp-seqs", type=int, default=8, help="bench serve --ramp: max_num_seqs of each gang")
+    p.add_argument("--ramp-max-gangs", type=int, default=2, help="bench serve --ramp: the autoscaled deployment's "
+                                                                  "max_gangs")
     p.add_argument("--repeat", type=int, default=3, help="runs per engine and level; medians are compared")
     p.add_argument("--idle-seconds", type=float, default=30.0,
                    help="bench serve: each server's idle CPU read over this long in round 1 (0: not read)")

@@ -344,7 +344,8 @@ def add_serve_parser(sub) -> None:
     m.add_argument("--num-gangs", type=int, help="gangs behind one ingress (default 1; with --max-gangs: at start, "
                                                  "default --min-gangs)")
     m.add_argument("--min-gangs", type=int, help="autoscaling: the fewest gangs (default 1)")
-    m.add_argument("--max-gangs", type=int, help="autoscaling: the most gangs; gangs follow load between the bounds")
+    m.add_argument("--max-gangs", type=int, help="autoscaling: the most gangs; gangs follow load between the bounds "
+                                                 "(default: none, the gang count is fixed)")
     m.add_argument("--target-load", type=float,
                    help="autoscaling: requests per gang wanted, as a fraction of its capacity "
                         "(max_num_seqs x attention workers; default 0.75)")
