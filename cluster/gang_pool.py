@@ -31,6 +31,20 @@ STATUS_TIMEOUT_S = 5.0  # a read of the statuses longer than this counts as a mi
 STATUS_MISSES_ALLOWED = 3  # reads in a row a gang may miss (busy) before it counts as not ready
 
 
+async def each_answer(handle, method: str, timeout_s: float) -> list:
+    """`method()` of every running replica of `handle`'s deployment: each one's answer, its exception, or
+    `TimeoutError` if it did not answer within `timeout_s`, so one hung gang never hides the others.
+    (Serve 2.60's public `results_async` times out as a whole: the per-replica results are read here.)"""
+    results = await asyncio.wait_for(handle.broadcast(method)._fetch_replica_results_async(), timeout_s)
+    calls = [asyncio.ensure_future(r.get_async()) for r in results]
+    if not calls:
+        return []
+    done, late = await asyncio.wait(calls, timeout=timeout_s)
+    for call in late:
+        call.cancel()
+    return [c.exception() or c.result() if c in done else TimeoutError(f"{method} did not answer") for c in calls]
+
+
 class NoReadyGang(Unavailable):
     """No gang can take a new request now: a first attempt ends here with 503, a retry waits."""
 
@@ -73,8 +87,7 @@ class GangPool:
     async def refresh_all(self) -> bool:
         """Every running gang's status read now; True when at least one gang exists and all are ready."""
         try:
-            statuses = await self.handle.broadcast("status").results_async(timeout_s=STATUS_TIMEOUT_S,
-                                                                           return_exceptions=True)
+            statuses = await each_answer(self.handle, "status", STATUS_TIMEOUT_S)
         except Exception as exc:  # a timeout (busy replicas on loaded cores), or no gang deployed yet
             if not self._read_failing:  # said once per run of failures
                 log.warning("reading the gangs' status failed: %r", exc)
@@ -211,8 +224,7 @@ class GangPool:
         epoch = (g.status or {}).get("epoch")
         if g.attention_handles is None or g.attention_handles[0] != epoch:
             try:
-                answers = await self.handle.broadcast("attention_of").results_async(timeout_s=STATUS_TIMEOUT_S,
-                                                                                   return_exceptions=True)
+                answers = await each_answer(self.handle, "attention_of", STATUS_TIMEOUT_S)
             except Exception:
                 raise Unavailable(f"gang {name} is unreachable") from None
             for answer in answers:
