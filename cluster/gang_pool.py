@@ -27,7 +27,7 @@ from workers.protocol import GenerateRequest, RequestOutput
 
 log = logging.getLogger(__name__)
 STATUS_PERIOD_S = 1.0  # between reads of every gang's status
-STATUS_TIMEOUT_S = 5.0  # a read of the statuses longer than this counts as a miss for every gang
+STATUS_TIMEOUT_S = 5.0  # a gang that does not answer a read within this misses it
 STATUS_MISSES_ALLOWED = 3  # reads in a row a gang may miss (busy) before it counts as not ready
 
 
