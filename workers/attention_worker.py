@@ -34,6 +34,7 @@ from workers.rank import MetricsOptions, Rank
 from workers.wave import WaveLoop
 
 log = logging.getLogger(__name__)
+CONFIRM_S = 5.0  # a drain waits this long at most for the consumers of evicted requests to confirm
 
 
 class AttentionWorker(Rank):
@@ -168,11 +169,11 @@ class AttentionWorker(Rank):
         self._evicting = self._loop.create_future()
         self.wave.wake_local()
         evicted = await asyncio.wait_for(self._evicting, timeout_s)
-        try:
-            await asyncio.wait_for(self._all_heard.wait(), timeout_s)
+        try:  # a live consumer answers in milliseconds; a gone one (the app shutting down) never does
+            await asyncio.wait_for(self._all_heard.wait(), CONFIRM_S)
         except asyncio.TimeoutError:
             log.warning("attention rank %d: consumers %s did not confirm their evicted requests in %gs",
-                        self.rank, sorted(self._unheard), timeout_s)
+                        self.rank, sorted(self._unheard), CONFIRM_S)
         return evicted
 
     def moved_on(self, consumer: str) -> None:
