@@ -1,7 +1,7 @@
 """Gangs that follow load, on a real Serve: a burst of streams makes Serve's autoscaler (our policy,
-fed by each gang's reported load) add a gang, which the ingress starts using once it is warm; the
-quiet after it removes the gang again. A gang removed while streams run on it drains: its streams
-move to the other gang, token-exactly, as planned moves (not failures)."""
+fed by each gang's reported load) add a gang, which the ingress starts using once it is warm; a
+lighter load after it removes the gang again. A gang removed while streams run on it drains: its
+streams move to the other gang, token-exactly, as planned moves (not failures)."""
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -63,22 +63,12 @@ def two_gangs_serving() -> bool:
     return len(r["gangs"]) == 2 and all(r["ready"]) and min(r["requests"]) > 0
 
 
-def test_a_burst_adds_a_gang_and_the_quiet_takes_it_away(live):
+def test_a_burst_adds_a_gang_and_a_gang_removed_under_load_moves_its_streams_exactly(live):
+    """The burst's streams are exact on whichever gang served them. Then two long streams, one on each
+    gang: two requests want one gang, so Serve removes one while they run; the leaving gang's stream
+    moves to the other after the grace, every token once, as a planned move."""
     assert len(routing()["gangs"]) == 1
     results = burst_until(live, two_gangs_serving)
-    specs = [spec(i, 24) for i in range(4)]
-    by_prompt = {tuple(s["prompt"]): want for s, want in zip(specs, reference(live.model_dir, specs))}
-    for s, got in results:
-        assert_same([s], [by_prompt[tuple(s["prompt"])]], [got])
-    wait_until(lambda: len(routing()["gangs"]) == 1, 180, "the quiet to take the second gang away")
-    assert_same([specs[0]], [by_prompt[tuple(specs[0]["prompt"])]], [over_http(live, specs[0])])  # one serves on
-
-
-def test_a_gang_removed_under_load_moves_its_streams_exactly(live):
-    """Two long streams, one on each gang: two requests want one gang, so Serve removes one while they
-    run; the leaving gang's stream moves to the other after the grace, every token once."""
-    wait_until(lambda: len(routing()["gangs"]) == 1, 180, "one gang at the start")
-    burst_until(live, two_gangs_serving)
     wait_until(lambda: sum(routing()["in_flight"]) == 0, 120, "the burst's last streams")
     before = routing()["resume"]
     specs = [spec(10 + i, 3500) for i in range(2)]
@@ -90,8 +80,14 @@ def test_a_gang_removed_under_load_moves_its_streams_exactly(live):
         placed = routing()["in_flight"]
         got = [r.result() for r in running]
     assert placed == [1, 1], placed
-    assert_same(specs, reference(live.model_dir, specs), got)
+    short = [spec(i, 24) for i in range(4)]
+    want = reference(live.model_dir, short + specs)
+    by_prompt = {tuple(s["prompt"]): w for s, w in zip(short, want)}
+    for s, have in results:
+        assert_same([s], [by_prompt[tuple(s["prompt"])]], [have])
+    assert_same(specs, want[len(short):], got)
     after = routing()
     assert len(after["gangs"]) == 1, after
     moved = after["resume"]["planned_moves"] - before["planned_moves"]
     assert moved == 1 and after["resume"]["gave_up"] == before["gave_up"], (before, after["resume"])
+    assert_same([short[0]], [by_prompt[tuple(short[0]["prompt"])]], [over_http(live, short[0])])  # one serves on
