@@ -2,10 +2,11 @@
 1 stream, then `--ramp-streams`, then 1 again (each phase `--ramp-seconds` long).
 
 Each deployment runs alone (`cluster.bench.alone`): `maverick serve` is started, driven through the
-three phases, stopped, and its process tree waited out before the other starts. Per phase: TTFT p50
-and p99, tok/s, requests and errors; for the autoscaled one also the gangs ready over time, the time
-from the busy phase's start to a second gang serving (scale up), and from the quiet phase's start to
-one gang again (scale down, the drain included).
+three phases, stopped, and its process tree waited out before the other starts; `--repeat` rounds,
+the order alternating, every round's figures kept and medians reported. Per phase: TTFT p50 and p99,
+tok/s, requests and errors; for the autoscaled one also the gangs ready over time, the time from the
+busy phase's start to a second gang serving (scale up), and from the quiet phase's start to one gang
+again (scale down, the drain included).
 """
 
 from __future__ import annotations
@@ -121,21 +122,39 @@ def run(args, name: str, changes: dict) -> dict:
     return out
 
 
+def medians(rounds: list[dict]) -> dict:
+    """Per phase, the median over rounds of each figure (errors summed), and every round's figures."""
+    phases = []
+    for i in range(len(rounds[0]["phases"])):
+        each = [r["phases"][i] for r in rounds]
+        phases.append({**{k: statistics.median(p[k] for p in each) for k in ("tok_s", "ttft_p50_ms", "ttft_p99_ms")},
+                       "requests": sum(p["requests"] for p in each), "errors": sum(p["errors"] for p in each)})
+    out = {"phases": phases, "rounds": rounds, "max_gangs_ready": max(r["max_gangs_ready"] for r in rounds)}
+    for key in ("scale_up_s", "scale_down_s"):
+        seen = [r[key] for r in rounds if r.get(key) is not None]
+        if key in rounds[0]:
+            out[key] = statistics.median(seen) if len(seen) == len(rounds) else None  # None: some round never did
+    return out
+
+
 def markdown(out: dict) -> str:
     rows = []
     for name, result in out["deployments"].items():
-        for label, p in zip(("1 stream", f"{out['ramp_streams']} streams", "1 stream again"), result["phases"]):
-            rows.append([name, label, f"{p['tok_s']:.1f}", f"{p['ttft_p50_ms']:.0f}", f"{p['ttft_p99_ms']:.0f}",
-                         str(p["requests"]), str(p["errors"])])
-    head = ["deployment", "phase", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "requests", "errors"]
+        labels = ("1 stream", f"{out['ramp_streams']} streams", "1 stream again")
+        for i, (label, p) in enumerate(zip(labels, result["phases"])):
+            rounds = ", ".join(f"{r['phases'][i]['tok_s']:.0f}" for r in result["rounds"])
+            rows.append([name, label, f"{p['tok_s']:.1f} ({rounds})", f"{p['ttft_p50_ms']:.0f}",
+                         f"{p['ttft_p99_ms']:.0f}", str(p["requests"]), str(p["errors"])])
+    head = ["deployment", "phase", "tok/s (rounds)", "TTFT p50 ms", "TTFT p99 ms", "requests", "errors"]
     text = "\n".join("| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows])
     auto = out["deployments"].get("autoscaled", {})
 
     def secs(v):
-        return "never" if v is None else f"{v:.1f} s"
+        return "not in every round" if v is None else f"{v:.1f} s"
 
-    return (f"# bench serve --ramp\n\n{text}\n\nautoscaled: most gangs ready {auto.get('max_gangs_ready')}; "
-            f"a second gang serving {secs(auto.get('scale_up_s'))} after the busy phase began; one gang again "
+    return (f"# bench serve --ramp\n\n{text}\n\nMedians of {out['repeat']} round(s), the order alternating; "
+            f"requests and errors summed. Autoscaled: most gangs ready {auto.get('max_gangs_ready')}; a second "
+            f"gang serving {secs(auto.get('scale_up_s'))} after the busy phase began; one gang again "
             f"{secs(auto.get('scale_down_s'))} after the quiet phase began (drain included). Each phase "
             f"{out['ramp_seconds']:.0f} s, prompts of {out['prompt_len']} and outputs of {out['output_len']} "
             f"tokens, max_num_seqs {out['ramp_seqs']} per gang; each deployment alone.\n")
@@ -145,8 +164,14 @@ def main(args) -> int:
     from model.config import load_config
 
     args.vocab = load_config(args.model).vocab_size
+    systems = list(deployments(args).items())
+    rounds: dict[str, list[dict]] = {name: [] for name, _ in systems}
+    for rep in range(args.repeat):
+        shift = rep % len(systems)  # no deployment always runs first
+        for name, changes in systems[shift:] + systems[:shift]:
+            rounds[name].append(run(args, name, changes))
     out = {"ramp_streams": args.ramp_streams, "ramp_seconds": args.ramp_seconds, "ramp_seqs": args.ramp_seqs,
-           "prompt_len": args.prompt_len, "output_len": args.output_len, "autoscaling": autoscaling(args),
-           "deployments": {name: run(args, name, changes) for name, changes in deployments(args).items()}}
+           "prompt_len": args.prompt_len, "output_len": args.output_len, "repeat": args.repeat,
+           "autoscaling": autoscaling(args), "deployments": {name: medians(r) for name, r in rounds.items()}}
     write_report(args.output, out, markdown(out))
     return 0
