@@ -6,8 +6,10 @@ Serve's own request counts see nothing. Each gang replica reports its load inste
 ranks); this policy wants enough gangs that the load is `target_load` of their capacity. Serve applies
 min/max, and the upscale and downscale delays, around it.
 
-It runs inside Serve's controller, which imports it by path: standard library only, and it never
-raises (a failed decision keeps the count).
+It runs inside Serve's controller, which imports it by path: standard library and Ray only, and it
+never raises (a failed decision keeps the count). A change of the deployment's target (Serve applied a
+decision, after its delays) is logged with the figures behind it and counted as
+`maverick_gang_scaling_events_total{direction, reason}`.
 """
 
 from __future__ import annotations
@@ -27,15 +29,27 @@ def gangs_wanted(requests: float, capacity_per_gang: float, target_load: float, 
     return max(minimum, math.ceil(requests / (target_load * capacity_per_gang) - 1e-9))
 
 
+def scaling_reason(before: int, after: int, wanted: int | None) -> str:
+    """Why the target moved from `before` to `after`: the load, when the last decision of this policy
+    (`wanted`) pointed that way; else the bounds (a redeploy changed min/max or the replica count)."""
+    if wanted is not None and (after - before) * (wanted - before) > 0:
+        return "load"
+    return "bounds"
+
+
 class GangLoadPolicy:
     """Instantiated once by Serve's controller (`policy_kwargs` are its arguments), called every tick."""
 
     def __init__(self, target_load: float = 0.75):
         self.target_load = target_load
         self.last: tuple[int, int] | None = None  # (desired, running) last logged
+        self.target: int | None = None  # the deployment's target at the last tick
+        self.figures: tuple[float, float, int, int] | None = None  # requests, capacity, running, desired
+        self.events = None  # the Ray counter, made on the first event (the controller's metrics)
 
     def __call__(self, ctx) -> tuple[int, dict]:
         try:
+            self.note_target(ctx)
             metrics = ctx.aggregated_metrics or {}
             requests, capacity = metrics.get(REQUESTS) or {}, metrics.get(CAPACITY) or {}
             if not capacity:  # no gang has reported yet: keep what runs
@@ -43,6 +57,7 @@ class GangLoadPolicy:
             total = sum(requests.values())
             desired = gangs_wanted(total, max(capacity.values()), self.target_load,
                                    ctx.capacity_adjusted_min_replicas)
+            self.figures = (total, max(capacity.values()), ctx.current_num_replicas, desired)
             if (desired, ctx.current_num_replicas) != self.last:
                 self.last = (desired, ctx.current_num_replicas)
                 log.info("gangs: %.1f requests over %d gangs of capacity %g at target %.2f want %d gangs",
@@ -51,3 +66,25 @@ class GangLoadPolicy:
         except Exception:  # never fail Serve's control loop: keep the count
             log.exception("the gang autoscaling policy failed; the gang count stays")
             return ctx.target_num_replicas, {}
+
+    def note_target(self, ctx) -> None:
+        """Serve moved the target since the last tick: log the decision with its figures, and count it."""
+        before, after = self.target, ctx.target_num_replicas
+        self.target = after
+        if before is None or before == after:
+            return
+        direction = "up" if after > before else "down"
+        reason = scaling_reason(before, after, self.figures[3] if self.figures else None)
+        requests, capacity, running, _ = self.figures or (float("nan"), float("nan"), ctx.current_num_replicas, 0)
+        log.info("gang scaling %s (%s): %d -> %d gangs; %.1f requests over %d gangs of capacity %g, target %.2f",
+                 direction, reason, before, after, requests, running, capacity, self.target_load)
+        try:
+            if self.events is None:
+                from ray.util.metrics import Counter
+
+                self.events = Counter("maverick_gang_scaling_events", "Changes of the gang count Serve applied, "
+                                      "by direction and reason (load or bounds).",
+                                      tag_keys=("application", "direction", "reason"))
+            self.events.inc(1, {"application": getattr(ctx, "app_name", None) or "", "direction": direction, "reason": reason})
+        except Exception:  # metrics are best effort in the controller
+            log.exception("could not count the gang scaling event")

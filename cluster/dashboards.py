@@ -81,6 +81,10 @@ GANGS = [
           [(f"count (max by (gang) (ray_maverick_gang_ready{{{APP}}}) == 1) or vector(0)", "ready"),
            (f'max (ray_serve_autoscaling_desired_replicas{{{APP},deployment="gangs"}}) or '
             f"count (max by (gang) (ray_maverick_gang_ready{{{APP}}}) == 1) or vector(0)", "wanted")]),
+    Panel("Gang scaling events", "Changes of the gang count Serve's autoscaler applied in the last hour, by "
+          "direction and reason (load, or bounds a redeploy moved); each is logged with its figures.", "short",
+          [(f"sum by (direction, reason) (increase(ray_maverick_gang_scaling_events_total{{{APP}}}[1h])) "
+            "or vector(0)", "{{direction}} ({{reason}})")]),
     Panel("Gang state", "1 for each gang's current state (starting, ready, draining, failed, rebuilding, "
           "unreachable).", "short",
           [(f'max by (gang, state) (ray_maverick_gang_state{{{APP}}}) > 0', "{{gang}} {{state}}")]),

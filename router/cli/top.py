@@ -55,10 +55,7 @@ class PrometheusSource:
             kv_in_use = ", ".join(kv_by_gang.get(g, [])) or "-"
             out.append(f"{g:<13} {r['metric'].get('state', ''):<11} {restarts.get(g, 0):>8.0f} "
                        f"{running.get(g, 0):>8.0f} {waiting.get(g, 0):>8.0f}  {kv_in_use}")
-        wanted = self._one(f'max (ray_serve_autoscaling_desired_replicas{{{a},deployment="gangs"}})')
-        if wanted is not None:  # autoscaling: what Serve's controller wants, beside what serves
-            ready = self._one(f"count (max by (gang) (ray_maverick_gang_ready{{{a}}}) == 1)") or 0
-            out.append(f"gangs: {ready:.0f} ready, {wanted:.0f} wanted (autoscaling)")
+        out += self._gangs_lines()
 
         def q(metric: str, p: float) -> float | None:
             return self._one(f"histogram_quantile({p}, sum by (le) (rate({metric}_bucket{{{a}}}[{w}])))")
@@ -81,6 +78,18 @@ class PrometheusSource:
             if not math.isnan(v)) or "-"))
         out += self._eplb_lines()
         return out
+
+    def _gangs_lines(self) -> list[str]:
+        """With autoscaling: what Serve's controller wants beside what serves, and what it changed."""
+        a = self.app
+        wanted = self._one(f'max (ray_serve_autoscaling_desired_replicas{{{a},deployment="gangs"}})')
+        if wanted is None:
+            return []
+        ready = self._one(f"count (max by (gang) (ray_maverick_gang_ready{{{a}}}) == 1)") or 0
+        moves = self._by(f"sum by (direction) (increase(ray_maverick_gang_scaling_events_total{{{a}}}[1h]))",
+                         "direction")
+        return [f"gangs: {ready:.0f} ready, {wanted:.0f} wanted (autoscaling); scaled up {moves.get('up', 0):.0f}, "
+                f"down {moves.get('down', 0):.0f} in the last hour"]
 
     def _eplb_lines(self) -> list[str]:
         """Only for gangs with eplb: its series exist from a gang's first rebalance decision."""

@@ -1,9 +1,12 @@
 """The gang autoscaling policy Serve's controller calls (`cluster.autoscale`), on the context it passes:
-how many gangs a load wants, and that a policy failure never moves the count."""
+how many gangs a load wants, that a policy failure never moves the count, and that every change Serve
+applies is logged with its figures."""
+
+import logging
 
 from types import SimpleNamespace
 
-from cluster.autoscale import CAPACITY, REQUESTS, GangLoadPolicy, gangs_wanted
+from cluster.autoscale import CAPACITY, REQUESTS, GangLoadPolicy, gangs_wanted, scaling_reason
 
 
 def context(requests: dict, capacity: dict, current: int = 1, target: int = 1, minimum: int = 1):
@@ -35,3 +38,21 @@ def test_before_any_report_and_on_a_broken_context_the_count_stays():
     broken = SimpleNamespace(target_num_replicas=2, aggregated_metrics={REQUESTS: {"a": "x"}, CAPACITY: {"a": 4}},
                              current_num_replicas=2, capacity_adjusted_min_replicas=1)
     assert policy(broken) == (2, {})
+
+
+def test_a_target_serve_moved_is_logged_with_the_load_behind_it(caplog):
+    policy = GangLoadPolicy(target_load=0.5)
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        assert policy(context({"a": 6.0}, {"a": 4.0}, current=1, target=1))[0] == 3
+        policy(context({"a": 6.0}, {"a": 4.0}, current=1, target=3))  # Serve applied it
+        policy(context({"a": 6.0}, {"a": 4.0}, current=3, target=3))  # no change: nothing logged
+    events = [r.getMessage() for r in caplog.records if "gang scaling" in r.getMessage()]
+    assert events == ["gang scaling up (load): 1 -> 3 gangs; 6.0 requests over 1 gangs of capacity 4, "
+                      "target 0.50"], events
+
+
+def test_the_reason_is_the_load_only_when_the_policy_pointed_that_way():
+    assert scaling_reason(1, 3, wanted=3) == "load"
+    assert scaling_reason(3, 2, wanted=1) == "load"
+    assert scaling_reason(1, 2, wanted=1) == "bounds"  # a redeploy raised min_gangs
+    assert scaling_reason(2, 1, wanted=None) == "bounds"

@@ -1,9 +1,11 @@
 """Gangs that follow load, on a real Serve: a burst of streams makes Serve's autoscaler (our policy,
 fed by each gang's reported load) add a gang, which the ingress starts using once it is warm; a
 lighter load after it removes the gang again. A gang removed while streams run on it drains: its
-streams move to the other gang, token-exactly, as planned moves (not failures)."""
+streams move to the other gang, token-exactly, as planned moves (not failures). Every change Serve
+applied is counted in the controller's metrics."""
 
 import threading
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -58,6 +60,17 @@ def burst_until(live, done, streams: int = 8) -> list[tuple[dict, list]]:
     return results
 
 
+def scaling_events() -> dict[tuple[str, str], float]:
+    """(direction, reason) -> count of `maverick_gang_scaling_events`, as Ray's metrics agent exports it."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from ray._private.worker import _global_node
+
+    url = f"http://127.0.0.1:{_global_node.metrics_export_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {(s.labels["direction"], s.labels["reason"]): s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "ray_maverick_gang_scaling_events_total"}
+
+
 def two_gangs_serving() -> bool:
     r = routing()
     return len(r["gangs"]) == 2 and all(r["ready"]) and min(r["requests"]) > 0
@@ -91,3 +104,8 @@ def test_a_burst_adds_a_gang_and_a_gang_removed_under_load_moves_its_streams_exa
     moved = after["resume"]["planned_moves"] - before["planned_moves"]
     assert moved == 1 and after["resume"]["gave_up"] == before["gave_up"], (before, after["resume"])
     assert_same([short[0]], [by_prompt[tuple(short[0]["prompt"])]], [over_http(live, short[0])])  # one serves on
+    # the controller's counter: up then down, both for the load (the agent exports every few seconds)
+    wait_until(lambda: scaling_events().get(("down", "load"), 0) >= 1, 60, "the scale-down counted")
+    events = scaling_events()
+    assert set(events) == {("up", "load"), ("down", "load")} and events[("up", "load")] == events[("down", "load")], \
+        events

@@ -207,6 +207,30 @@ def test_top_shows_eplb_only_where_its_series_exist():
     assert source._eplb_lines() == []
 
 
+def test_top_shows_the_gang_count_and_scaling_only_with_autoscaling():
+    from router.cli.top import PrometheusSource
+
+    class Answers:  # Prometheus with or without Serve's autoscaling series
+        def __init__(self, autoscaling: bool):
+            self.autoscaling = autoscaling
+
+        def query(self, promql):
+            if "gang_scaling_events" not in promql:
+                return []
+            return [{"metric": {"direction": "up"}, "value": [0, "3"]}, {"metric": {"direction": "down"}, "value": [0, "2"]}]
+
+        def value(self, promql):
+            if not self.autoscaling:
+                return None
+            return 2.0 if "desired_replicas" in promql else 1.0
+
+    source = PrometheusSource("http://127.0.0.1:1", "maverick", "1m")
+    source.prom = Answers(autoscaling=True)
+    assert source._gangs_lines() == ["gangs: 1 ready, 2 wanted (autoscaling); scaled up 3, down 2 in the last hour"]
+    source.prom = Answers(autoscaling=False)
+    assert source._gangs_lines() == []
+
+
 def test_the_ready_banner_says_when_a_key_is_needed():
     from router.cli.serve import _banner
 
