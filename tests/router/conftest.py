@@ -85,7 +85,8 @@ def scrape_ray(work: Path, serve_target: str | None = None, api_key_file: Path |
     return Prometheus(work, free_port(), config).start()
 
 
-def deploy(tmp_dir: Path, name: str = "maverick", route_prefix: str = "/", **args) -> Live:
+def deploy(tmp_dir: Path, name: str = "maverick", route_prefix: str = "/", proxy_location: str | None = None,
+           **args) -> Live:
     """Serve our app (Serve started on a free port by the first call); the tiny checkpoint is written
     by the app itself (make_tiny)."""
     from ray import serve
@@ -95,7 +96,7 @@ def deploy(tmp_dir: Path, name: str = "maverick", route_prefix: str = "/", **arg
     cluster = "local"
     if cluster not in _ports:  # the first app on this Ray: start Serve on free ports
         _ports[cluster] = free_port(), free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": _ports[cluster][0]},
+        serve.start(proxy_location=proxy_location, http_options={"host": "127.0.0.1", "port": _ports[cluster][0]},
                     grpc_options={"port": _ports[cluster][1], "grpc_servicer_functions": [GRPC_SERVICER]})
     _port, _grpc_port = _ports[cluster]
     model = tmp_dir / "tiny"
