@@ -257,6 +257,24 @@ def test_worker_gpus_are_the_gangs_ranks(path):
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_worker_pods_follow_the_gang_bounds(path):
+    """With autoscaling, Ray's autoscaler may add a pod for every gang up to max_gangs, keeps those of
+    min_gangs, and removes idle ones; without it, the pods are fixed."""
+    manifest = load(path)
+    app, cluster = our_app(manifest, path.name), manifest["spec"]["rayClusterConfig"]
+    ranks = app.attention_workers + app.expert_workers
+    low = sum(group["minReplicas"] * gpus(ray_container(group)) for group in workers(manifest))
+    high = sum(group["maxReplicas"] * gpus(ray_container(group)) for group in workers(manifest))
+    if app.autoscaling is None:
+        assert low == high == ranks * app.num_gangs
+        return
+    assert cluster.get("enableInTreeAutoscaling") is True
+    assert cluster["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    assert low == ranks * app.autoscaling.min_gangs, (low, app.autoscaling)
+    assert high == ranks * app.autoscaling.max_gangs, (high, app.autoscaling)
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_layout_fits_the_worker_gpus_by_maverick_plan(path, tmp_path, capsys):
     manifest = load(path)
     app = our_app(manifest, path.name)

@@ -104,9 +104,11 @@ def test_cloud_opens_only_serving_ports(path):
 
 
 def _layout_gpus(path: Path) -> tuple[int, str]:
+    """GPUs the layout's gangs hold at their most (`max_gangs` with autoscaling), and the GPU kind."""
     app = load_serve_config(path)["applications"][0]["args"]
     ranks = app["attention_workers"] + app["expert_workers"]
-    return ranks * app.get("num_gangs", 1), "h200" if "h200" in path.stem else "h100"
+    gangs = (app.get("autoscaling") or {}).get("max_gangs") or app.get("num_gangs", 1)
+    return ranks * gangs, "h200" if "h200" in path.stem else "h100"
 
 
 @pytest.mark.parametrize("layout", sorted((DEPLOY / "gpu").glob("*.yaml")), ids=lambda p: p.stem)
