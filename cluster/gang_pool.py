@@ -182,11 +182,12 @@ class GangPool:
                     g.client.close("the gang left")
 
     def _pick(self, key: bytes | None) -> str:
-        names = sorted(self.gangs)  # affinity follows a gang's place among those running now
+        names = sorted(self.gangs)
         ready = [i for i, name in enumerate(names) if self.gangs[name].ready]
         if not ready:
             raise NoReadyGang("no gang can take requests now (starting, failed, rebuilding or leaving); retry")
-        return names[routing.pick(key, [self.gangs[name].load for name in names], ready)]
+        # affinity by gang id: a prefix keeps its gang (and its cached blocks) while others come and go
+        return names[routing.pick(key, [self.gangs[name].load for name in names], ready, names=names)]
 
     async def _pick_now(self, key: bytes | None) -> str:
         """A first try: a ready gang, the statuses read again when none is (one may have come up since
