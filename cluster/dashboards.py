@@ -86,10 +86,11 @@ GANGS = [
           [(f"sum by (direction, reason) (increase(ray_maverick_gang_scaling_events_total{{{APP}}}[1h])) "
             "or vector(0)", "{{direction}} ({{reason}})")]),
     Panel("Gang state", "1 for each gang's current state (starting, ready, draining, failed, rebuilding, "
-          "unreachable).", "short",
-          [(f'max by (gang, state) (ray_maverick_gang_state{{{APP}}}) > 0', "{{gang}} {{state}}")]),
-    Panel("Gang restarts", "Rebuilds of each gang since it started.", "short",
-          [(f"max by (gang) (ray_maverick_gang_restarts{{{APP}}})", "{{gang}}")]),
+          "unreachable); gangs that left are not shown.", "short",
+          [(f'max by (gang, state) (ray_maverick_gang_state{{{APP},state!="stopped"}}) > 0', "{{gang}} {{state}}")]),
+    Panel("Gang restarts", "Rebuilds of each gang since it started (gangs running now).", "short",
+          [(f"max by (gang) (ray_maverick_gang_restarts{{{APP}}}) unless on (gang) "
+            f'(max by (gang) (ray_maverick_gang_state{{{APP},state="stopped"}}) == 1)', "{{gang}}")]),
     Panel("Step time", "p50 and p99 of engine steps that computed tokens, per gang.", "s",
           [(q_quantile(0.5, "ray_maverick_step_seconds", RANK, "gang"), "{{gang}} p50"),
            (q_quantile(0.99, "ray_maverick_step_seconds", RANK, "gang"), "{{gang}} p99")]),
