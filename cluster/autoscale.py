@@ -85,6 +85,7 @@ class GangLoadPolicy:
                 self.events = Counter("maverick_gang_scaling_events", "Changes of the gang count Serve applied, "
                                       "by direction and reason (load or bounds).",
                                       tag_keys=("application", "direction", "reason"))
-            self.events.inc(1, {"application": getattr(ctx, "app_name", None) or "", "direction": direction, "reason": reason})
+            tags = {"application": getattr(ctx, "app_name", None) or "", "direction": direction, "reason": reason}
+            self.events.inc(1, tags)
         except Exception:  # metrics are best effort in the controller
             log.exception("could not count the gang scaling event")

@@ -217,7 +217,8 @@ def test_top_shows_the_gang_count_and_scaling_only_with_autoscaling():
         def query(self, promql):
             if "gang_scaling_events" not in promql:
                 return []
-            return [{"metric": {"direction": "up"}, "value": [0, "3"]}, {"metric": {"direction": "down"}, "value": [0, "2"]}]
+            return [{"metric": {"direction": "up"}, "value": [0, "3"]},
+                    {"metric": {"direction": "down"}, "value": [0, "2"]}]
 
         def value(self, promql):
             if not self.autoscaling:
