@@ -75,18 +75,62 @@ def _grpc_port(data: dict) -> int | None:
 STATUS_POLL_S = 5.0  # Serve's status, read while serving: each read is a controller round trip
 
 
-def _app_status() -> tuple[str, str]:
+def _read_apps() -> dict | Exception:
+    """Serve's application statuses, or why the controller did not answer."""
     from ray import serve
 
     try:
-        apps = serve.status().applications
+        return serve.status().applications
     except Exception as exc:  # the controller restarting: Serve brings it back as it does replicas
-        return "UNREACHABLE", f"Serve's controller does not answer ({type(exc).__name__})"
+        return exc
+
+
+def _app_status(apps: dict | Exception) -> tuple[str, str]:
+    if isinstance(apps, Exception):
+        return "UNREACHABLE", f"Serve's controller does not answer ({type(apps).__name__})"
     for state in ("DEPLOY_FAILED", "UNHEALTHY"):
         for name, status in apps.items():
             if status.status == state:
-                return state, f"{name}: {status.message}"
+                return state, f"{name}: {status.message}{_cause(status)}"
     return "OK", ""
+
+
+def _cause(app_status) -> str:
+    """The exception a failing deployment raised (the last line of its message, which holds the
+    traceback): the application's own message only names the deployment."""
+    causes = []
+    for name, deployment in (getattr(app_status, "deployments", None) or {}).items():
+        lines = [line.strip() for line in (deployment.message or "").splitlines() if line.strip()]
+        if str(deployment.status).endswith(("UNHEALTHY", "DEPLOY_FAILED")) and lines:
+            causes.append(f"{name}: {lines[-1]}")
+    return "".join(f"\n  {cause}" for cause in causes)
+
+
+def _gangs_running(apps: dict | Exception) -> int | None:
+    """Gang replicas running over every application, None if unknown."""
+    if isinstance(apps, Exception):
+        return None
+    running = 0
+    for status in apps.values():
+        gangs = (getattr(status, "deployments", None) or {}).get("gangs")
+        if gangs is not None:
+            running += sum(n for state, n in gangs.replica_states.items() if str(state).endswith("RUNNING"))
+    return running
+
+
+class GangCount:
+    """Says each change of the running gang count (autoscaling, or a gang replaced) once."""
+
+    def __init__(self, say=None):
+        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.last: int | None = None
+
+    def update(self, running: int | None) -> None:
+        if running is None or running == self.last:
+            return
+        if self.last is not None:
+            self.say(f"maverick: gangs running: {self.last} -> {running}")
+        self.last = running
 
 
 class AppWatch:
@@ -175,7 +219,7 @@ def run_serve(args: argparse.Namespace) -> int:
     display = StartupDisplay(sys.stderr)
     watch = AppWatch(args.unhealthy_timeout)
     while not stop.is_set() and not http_ok(url + "/health/ready"):
-        if not watch.healthy_enough(*_app_status(), time.monotonic()):
+        if not watch.healthy_enough(*_app_status(_read_apps()), time.monotonic()):
             code = 1
             break
         display.update(_startup_snapshots(board))
@@ -193,10 +237,13 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.observe:
             prometheus = _start_prometheus(args, f"{host}:{port}", _api_key_of(data))
             print(f"  Prometheus: {prometheus.url}  (maverick top --prometheus {prometheus.url})", flush=True)
+        gangs = GangCount()
         while not stop.wait(STATUS_POLL_S):
-            if not watch.healthy_enough(*_app_status(), time.monotonic()):
+            apps = _read_apps()
+            if not watch.healthy_enough(*_app_status(apps), time.monotonic()):
                 code = 1
                 break
+            gangs.update(_gangs_running(apps))
     if stop.is_set():
         _drain(float(args.grace_period))
     if prometheus is not None:

@@ -12,6 +12,7 @@ import torch
 from tests.oracle import hf_greedy
 
 MAVERICK = str(Path(sys.executable).with_name("maverick"))
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args, check=True):
@@ -241,3 +242,40 @@ def test_the_ready_banner_says_when_a_key_is_needed():
     assert "model: `/tmp/tiny`" in banner and "OpenAI API: http://127.0.0.1:8100/v1" in banner
     assert "gRPC maverick.v1.Generation: 127.0.0.1:9000" in banner
     assert "API key: required" in banner and "sk-local" not in banner  # never print the key itself
+
+
+def test_serve_says_why_a_deployment_failed_and_each_change_of_the_gang_count():
+    from types import SimpleNamespace
+
+    from ray.serve._private.common import DeploymentStatus, ReplicaState
+
+    from router.cli.serve import GangCount, _app_status, _gangs_running
+
+    traceback = ("The deployment failed to start 3 times in a row. See controller logs for details. Error:\n"
+                 "Traceback (most recent call last):\n  File ...\n"
+                 "ValueError: api_key_env: environment variable MAVERICK_API_KEY is not set on this replica\n")
+    ingress = SimpleNamespace(status=DeploymentStatus.DEPLOY_FAILED, message=traceback, replica_states={})
+    gangs = SimpleNamespace(status=DeploymentStatus.HEALTHY, message="", replica_states={ReplicaState.RUNNING: 2})
+    failed = SimpleNamespace(status="DEPLOY_FAILED", message="Failed to update the deployments ['ingress'].",
+                             deployments={"ingress": ingress, "gangs": gangs})
+    state, message = _app_status({"maverick": failed})
+    assert state == "DEPLOY_FAILED" and message == (
+        "maverick: Failed to update the deployments ['ingress'].\n  ingress: ValueError: api_key_env: "
+        "environment variable MAVERICK_API_KEY is not set on this replica"), message
+    assert _app_status(RuntimeError("down"))[0] == "UNREACHABLE"
+
+    said = []
+    count = GangCount(said.append)
+    for running in (2, 2, None, 1, 2):
+        count.update(running)
+    assert said == ["maverick: gangs running: 2 -> 1", "maverick: gangs running: 1 -> 2"]
+    assert _gangs_running({"maverick": failed}) == 2 and _gangs_running(RuntimeError("down")) is None
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`maverick ... | head`: the pipe closes before the output is written; the CLI ends quietly."""
+    proc = subprocess.Popen([MAVERICK, "plan", "deploy/gpu/scout-bf16-8xh100.yaml", "--preset", "scout", "--gpu",
+                             "h100"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the CLI has even imported: every write it makes meets a closed pipe
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"BrokenPipe" not in err and b"Traceback" not in err, err
