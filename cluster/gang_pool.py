@@ -70,7 +70,7 @@ class GangPool:
         channel name on every attention worker; `on_status`: called after every status read."""
         self.handle, self.consumer, self.on_status = handle, consumer, on_status
         self.gangs: dict[str, _Gang] = {}
-        self.left: list[str] = []  # gangs gone since the last `on_status` (their metrics say so once)
+        self.left: list[str] = []  # gangs gone (and drained here) since the last `on_status`: said once
         self._gone: dict[str, _Gang] = {}  # gangs gone with streams of this consumer still on them
         self._watch: asyncio.Task | None = None
         self._read_failing = False
@@ -134,12 +134,25 @@ class GangPool:
         on it end when the gang drains them, or fail over when it dies."""
         g = self.gangs.pop(name)
         log.info("gang %s left", name)
-        self.left.append(name)
         g.ready = False
         if g.load:
-            self._gone[name] = g  # its last stream closes the client
-        elif g.client is not None:
+            self._gone[name] = g  # leaving: its last stream closes the client and says it left
+            return
+        self.left.append(name)
+        if g.client is not None:
             g.client.close("the gang left")
+
+    @property
+    def leaving(self) -> dict[str, int]:
+        """Gangs gone from Serve's running set that still carry this consumer's streams: their load."""
+        return {name: g.load for name, g in self._gone.items()}
+
+    def _stream_ended(self, name: str, g: _Gang) -> None:
+        g.load -= 1
+        if name not in self.gangs and not g.load and self._gone.pop(name, None) is g:  # its last stream
+            self.left.append(name)
+            if g.client is not None:
+                g.client.close("the gang left")
 
     def _broke(self, name: str, epoch: int, gang_failed: bool) -> None:
         """A client of this gang saw it fail: no request goes there until a status shows a new epoch. A
@@ -176,10 +189,7 @@ class GangPool:
             g.ready = False
             raise
         finally:
-            g.load -= 1
-            if name not in self.gangs and not g.load and self._gone.pop(name, None) is g:  # its last stream
-                if g.client is not None:
-                    g.client.close("the gang left")
+            self._stream_ended(name, g)
 
     def _pick(self, key: bytes | None) -> str:
         names = sorted(self.gangs)

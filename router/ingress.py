@@ -124,7 +124,8 @@ class Ingress(GenerationService):
         self.admission = Admission(self.metrics, config.max_pending_requests)
         consumer = f"ingress-{serve.get_replica_context().replica_tag}-{uuid.uuid4().hex[:8]}"
         self.gangs = GangPool(gangs, consumer,
-                              on_status=lambda: self.metrics.gangs(self.gangs.gangs, self.gangs.left))
+                              on_status=lambda: self.metrics.gangs(self.gangs.gangs, self.gangs.left,
+                                                                   self.gangs.leaving))
         self.resume_stats = ResumeStats()
         api.state.guard = GuardSettings(config.api_key, config.max_body_bytes, self.metrics)
         self.gangs.start()

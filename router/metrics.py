@@ -130,12 +130,15 @@ class RequestMetrics:
         if self.enabled:
             self.in_flight.record(n, self.model)
 
-    def gangs(self, gangs: dict, left: list[str]) -> None:
-        """`gangs`: a `GangPool`'s gangs by id; `left`: those gone since the last call (said once)."""
+    def gangs(self, gangs: dict, left: list[str], leaving: dict[str, int] | None = None) -> None:
+        """`gangs`: a `GangPool`'s gangs by id; `left`: those gone since the last call (said once);
+        `leaving`: gone from Serve's running set, still draining this ingress's streams (their load)."""
         if not self.enabled:
             return
         for name in left:
             self._gang(name, {"state": "stopped", "ready": False, "draining": False}, 0)
+        for name, load in (leaving or {}).items():
+            self._gang(name, {"state": "draining", "ready": False, "draining": True}, load)
         for name, g in gangs.items():
             self._gang(name, g.status, g.load)
 
