@@ -42,7 +42,6 @@ class GangLoadPolicy:
 
     def __init__(self, target_load: float = 0.75):
         self.target_load = target_load
-        self.last: tuple[int, int] | None = None  # (desired, running) last logged
         self.target: int | None = None  # the deployment's target at the last tick
         self.figures: tuple[float, float, int, int] | None = None  # requests, capacity, running, desired
         self.events = None  # the Ray counter, made on the first event (the controller's metrics)
@@ -57,9 +56,8 @@ class GangLoadPolicy:
             total = sum(requests.values())
             desired = gangs_wanted(total, max(capacity.values()), self.target_load,
                                    ctx.capacity_adjusted_min_replicas)
-            self.figures = (total, max(capacity.values()), ctx.current_num_replicas, desired)
-            if (desired, ctx.current_num_replicas) != self.last:
-                self.last = (desired, ctx.current_num_replicas)
+            last, self.figures = self.figures, (total, max(capacity.values()), ctx.current_num_replicas, desired)
+            if last is None or (desired, ctx.current_num_replicas) != (last[3], last[2]):
                 log.info("gangs: %.1f requests over %d gangs of capacity %g at target %.2f want %d gangs",
                          total, ctx.current_num_replicas, max(capacity.values()), self.target_load, desired)
             return desired, {"gang_requests": total, "gangs_wanted": desired}

@@ -89,8 +89,7 @@ class FakeAutoscalingCluster:
         """Alive nodes other than the head."""
         import ray
 
-        return sum(1 for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] and
-                   not n["Resources"].get("node:__internal_head__"))
+        return sum(1 for n in ray.nodes() if n["Alive"] and not n["Resources"].get("node:__internal_head__"))
 
     def _session(self) -> list[psutil.Process]:
         mine = []

@@ -99,7 +99,7 @@ def _cause(app_status) -> str:
     """The exception a failing deployment raised (the last line of its message, which holds the
     traceback): the application's own message only names the deployment."""
     causes = []
-    for name, deployment in (getattr(app_status, "deployments", None) or {}).items():
+    for name, deployment in app_status.deployments.items():
         lines = [line.strip() for line in (deployment.message or "").splitlines() if line.strip()]
         if str(deployment.status).endswith(("UNHEALTHY", "DEPLOY_FAILED")) and lines:
             causes.append(f"{name}: {lines[-1]}")
@@ -112,7 +112,7 @@ def _gangs_running(apps: dict | Exception) -> int | None:
         return None
     running = 0
     for status in apps.values():
-        gangs = (getattr(status, "deployments", None) or {}).get("gangs")
+        gangs = status.deployments.get("gangs")
         if gangs is not None:
             running += sum(n for state, n in gangs.replica_states.items() if str(state).endswith("RUNNING"))
     return running
