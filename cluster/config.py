@@ -80,6 +80,34 @@ class EplbConfig(Strict):
         return EplbSettings(**self.model_dump())
 
 
+class AttentionScalingConfig(Strict):
+    """Attention ranks added to and removed from a running gang, its expert ranks untouched: when the KV
+    cache or the queue of its attention ranks is high while its expert ranks have time to spare, and
+    back when the load fits in fewer (`cluster.attention_scaling`). gloo gangs with expert ranks."""
+
+    min_attention_workers: int = Field(1, ge=1)
+    max_attention_workers: int = Field(2, ge=1)
+    kv_high: float = Field(0.85, gt=0, le=1, description="add a rank when the attention ranks' KV cache use "
+                                                        "(mean of each one's fullest group) reaches this")
+    waiting_high: int = Field(1, ge=1, description="or when this many requests wait per attention rank")
+    expert_busy_max: float = Field(0.8, gt=0, le=1, description="and only while the busiest expert rank computes "
+                                                              "less than this share of the time")
+    kv_low: float = Field(0.4, ge=0, lt=1, description="remove a rank when the KV use, spread over one rank fewer, "
+                                                      "stays below this with nothing waiting")
+    window_s: float = Field(5, ge=0, description="a condition holds this long before the gang acts on it")
+    cooldown_s: float = Field(20, ge=0, description="no change this long after the last one")
+    period_s: float = Field(1, gt=0, description="how often the ranks' load is read")
+    drain_grace_s: float = Field(10, ge=0, description="a leaving rank's running requests may finish within "
+                                                      "this; those still running then move (resumed)")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AttentionScalingConfig":
+        if self.max_attention_workers < self.min_attention_workers:
+            raise ValueError(f"max_attention_workers ({self.max_attention_workers}) is below min_attention_workers "
+                             f"({self.min_attention_workers})")
+        return self
+
+
 class GangConfig(Strict):
     model: str
     attention_workers: int = Field(1, ge=1)
@@ -95,11 +123,29 @@ class GangConfig(Strict):
     skip_tokenizer_init: bool = False
     metrics: MetricsConfig = MetricsConfig()
     eplb: EplbConfig | None = Field(None, description="expert load balancing (needs expert_workers)")
+    attention_scaling: AttentionScalingConfig | None = Field(
+        None, description="attention ranks that follow the gang's load (needs expert_workers; CPU gangs)")
 
     @model_validator(mode="after")
     def _eplb_needs_expert_ranks(self) -> "GangConfig":
         if self.eplb is not None and not self.expert_workers:
             raise ValueError("eplb balances experts over expert ranks: it needs expert_workers >= 1")
+        return self
+
+    @model_validator(mode="after")
+    def _attention_scaling_fits(self) -> "GangConfig":
+        s = self.attention_scaling
+        if s is None:
+            return self
+        if not self.expert_workers:
+            raise ValueError("attention_scaling regroups a gang's attention ranks beside its expert ranks: it needs "
+                             "expert_workers >= 1 (without them, add gangs: autoscaling)")
+        if self.device == "cuda":
+            raise ValueError("attention_scaling is not built for NCCL gangs yet (device 'cuda'): use autoscaling")
+        if not s.min_attention_workers <= self.attention_workers <= s.max_attention_workers:
+            raise ValueError(f"attention_workers ({self.attention_workers}) must lie within attention_scaling's "
+                             f"min_attention_workers ({s.min_attention_workers}) and max_attention_workers "
+                             f"({s.max_attention_workers})")
         return self
 
     @model_validator(mode="after")

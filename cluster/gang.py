@@ -1,11 +1,18 @@
 """Build a gang on Ray: placement group, actors, process group, weights.
 
-Ranks 0..A-1 are attention workers, A..A+E-1 expert workers, one bundle each in one placement group
-(PACK by default, SPREAD across nodes allowed). Every rank joins the process group at the same time
+Ranks 0..E-1 are expert workers, E..E+A-1 attention workers (experts first: attention ranks join and
+leave at the end, expert ranks keep their numbers), one bundle each in one placement group (PACK by
+default, SPREAD across nodes allowed). Every rank joins the process group at the same time
 (rendezvous on rank 0's address and a free port, explicit timeout), then all load their weights in
 parallel, then their wave loops start; each stage, the ranks up and the bytes loaded go to a
 `GangStartup`. The same code runs with GPUs (NCCL, one GPU per actor) and without (gloo); only the
 backend name differs.
+
+A running gang with expert ranks changes its attention side without a rebuild (`grow_attention`,
+`shrink_attention`, gloo only): every rank parks at one step boundary the gang agrees on, and all
+join a new process group one rank wider or narrower, keeping their processes, weights, engines and
+KV caches. A rank past those the gang's placement group was built with gets a one-bundle placement
+group of its own.
 """
 
 from __future__ import annotations
@@ -38,8 +45,8 @@ LOAD_POLL_S = 0.5  # how often the ranks' byte counts are read while they load
 @dataclass
 class Gang:
     config: GangConfig
-    attention: list = field(default_factory=list)  # actor handles, rank order
-    experts: list = field(default_factory=list)
+    experts: list = field(default_factory=list)  # actor handles, rank order: ranks 0..E-1
+    attention: list = field(default_factory=list)  # ranks E..E+A-1
     pg: PlacementGroup | None = None
     own_pg: bool = False
     build_seconds: float = 0.0
@@ -48,17 +55,24 @@ class Gang:
     capacities: list[int] | None = None  # expert slots per expert rank (spare ones with eplb)
     bundle_offset: int = 0  # rank r runs in bundle r + bundle_offset of `pg`
     metrics: MetricsOptions | None = None
+    bundled_ranks: int = 0  # ranks `pg` has a bundle for (those of the build)
+    added_pgs: dict[int, PlacementGroup] = field(default_factory=dict)  # rank -> its own, past `bundled_ranks`
+    regroups: int = 0  # attention ranks added or removed while it ran
+    last_regroup_pause_s: float | None = None  # the last one's pause: parking to the new waves running
 
     @property
     def ranks(self) -> list:
-        return self.attention + self.experts
+        """Every rank's actor, indexed by rank."""
+        return self.experts + self.attention
 
-    def start_rank(self, rank: int):
-        """A new actor for `rank` in its bundle (at build, or replacing a dead one)."""
-        config, A, E = self.config, self.config.attention_workers, self.config.expert_workers
-        where = _in(self.pg, self.bundle_offset + rank)
+    def start_rank(self, rank: int, num_attention: int | None = None):
+        """A new actor for `rank` in its bundle (at build, replacing a dead one, or joining), in a gang of
+        `num_attention` attention ranks (default: those it has)."""
+        config, E = self.config, self.config.expert_workers
+        A = num_attention or len(self.attention) or config.attention_workers
+        where = _in(self.added_pgs[rank], 0) if rank in self.added_pgs else _in(self.pg, self.bundle_offset + rank)
         eplb = config.eplb.settings() if config.eplb else None
-        if rank < A:
+        if rank >= E:
             engine = config.engine.engine_config(config.dtype, config.device)
             return AttentionActor.options(**_resources(config.attention), scheduling_strategy=where).remote(
                 rank, A, E, config.model, engine, config.attention.torch_threads, config.idle_steps,
@@ -84,7 +98,7 @@ def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: 
     # the one placement every rank follows: attention ranks dispatch by it, expert ranks load by it
     capacities = config.expert_capacities(model_config.num_experts) if E else None
     if E:
-        expert_ranks = list(range(A, A + E))
+        expert_ranks = list(range(E))
         placement = placement or initial_placement(config, model_config.moe_layers, model_config.num_experts)
         placement.check(model_config.moe_layers, model_config.num_experts, expert_ranks)
     elif placement is not None:
@@ -96,16 +110,16 @@ def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: 
         bundles = rank_bundles(config)
         pg, gang.own_pg = placement_group(bundles, strategy=config.placement_strategy), True
         ray.get(pg.ready(), timeout=timeout_s)
-    gang.pg, gang.bundle_offset = pg, bundle_offset
+    gang.pg, gang.bundle_offset, gang.bundled_ranks = pg, bundle_offset, A + E
     gang.metrics = (MetricsOptions(name, application, config.metrics.period_s, config.metrics.expert_layer_matrix)
                     if config.metrics.enabled else None)
-    gang.attention = [gang.start_rank(rank) for rank in range(A)]
-    gang.experts = [gang.start_rank(rank) for rank in range(A, A + E)]
+    gang.experts = [gang.start_rank(rank) for rank in range(E)]
+    gang.attention = [gang.start_rank(rank) for rank in range(E, E + A)]
     try:
         _wait_ranks_up(gang.ranks, startup, timeout_s)
         startup.enter("process group")
         if E:
-            address, port = ray.get(gang.attention[0].rendezvous_address.remote(), timeout=timeout_s)
+            address, port = ray.get(gang.ranks[0].rendezvous_address.remote(), timeout=timeout_s)
             # NOTE: init_process_group blocks until all ranks joined: the calls must be concurrent
             ray.get([r.init_group.remote(address, port, config.collective_timeout_s) for r in gang.ranks],
                     timeout=timeout_s)
@@ -125,17 +139,94 @@ def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: 
 def initial_placement(config: GangConfig, moe_layers: list[int], num_experts: int) -> Placement:
     """Consecutive experts per expert rank; with spare slots (eplb), the policy's placement for a
     uniform load instead, so every slot holds an expert from the first step."""
-    A, E = config.attention_workers, config.expert_workers
     if not (config.eplb and config.eplb.redundant_experts):
-        return Placement.contiguous(moe_layers, num_experts, list(range(A, A + E)))
+        return Placement.contiguous(moe_layers, num_experts, list(range(config.expert_workers)))
     uniform = place_experts({layer: [1] * num_experts for layer in moe_layers}, config.expert_capacities(num_experts))
-    return Placement(to_rank_table(uniform, first_expert_rank=A))
+    return Placement(to_rank_table(uniform))
 
 
-def _start_waves(gang: Gang, timeout_s: float) -> None:
+def _start_waves(gang: Gang, timeout_s: float, ranks: list | None = None) -> None:
     # a rank with new work while the gang is idle (a request; an expert rank's staged rebalance) wakes
     # every other rank itself
-    ray.get([r.start.remote([p for p in gang.ranks if p is not r]) for r in gang.ranks], timeout=timeout_s)
+    ranks = gang.ranks if ranks is None else ranks
+    ray.get([r.start.remote([p for p in ranks if p is not r]) for r in ranks], timeout=timeout_s)
+
+
+def grow_attention(gang: Gang, timeout_s: float = 300) -> float:
+    """One more attention rank at the end of the running gang's group, loaded while the gang serves;
+    then the gang regroups with it (see the module doc). Returns the pause. Raises `ResizeRefused`,
+    the gang untouched, when the rank cannot be placed or loaded."""
+    _check_resizable(gang)
+    rank = gang.config.expert_workers + len(gang.attention)
+    try:
+        if rank >= gang.bundled_ranks:
+            pg = placement_group([_bundle(gang.config.attention)], strategy="PACK")
+            gang.added_pgs[rank] = pg
+            ray.get(pg.ready(), timeout=timeout_s)
+        actor = gang.start_rank(rank, len(gang.attention) + 1)
+        startup = GangStartup(f"rank-{rank}", 1)  # not published: the gang serves meanwhile
+        _wait_ranks_up([actor], startup, timeout_s)
+        _load_weights([actor], startup, timeout_s)
+    except Exception as exc:
+        if "actor" in locals():
+            _kill(actor)
+        _remove_added_pg(gang, rank)
+        raise ResizeRefused(f"no attention rank {rank} could join: {type(exc).__name__}: {exc}") from exc
+    pause = _regroup(gang, gang.ranks + [actor], gang.ranks, timeout_s)
+    gang.attention.append(actor)
+    return pause
+
+
+def shrink_attention(gang: Gang, timeout_s: float = 300) -> float:
+    """The gang's last attention rank leaves (it holds no request: `AttentionWorker.evict` first); the
+    others regroup without it. Returns the pause."""
+    _check_resizable(gang)
+    if len(gang.attention) < 2:
+        raise ResizeRefused("a gang keeps at least one attention rank")
+    leaving = gang.attention[-1]
+    rank = len(gang.ranks) - 1
+    staying = gang.ranks[:-1]
+    pause = _regroup(gang, staying, gang.ranks, timeout_s)
+    gang.attention.pop()
+    _kill(leaving)
+    _remove_added_pg(gang, rank)
+    return pause
+
+
+class ResizeRefused(RuntimeError):
+    """The gang cannot change its attention side now; it serves on as it was."""
+
+
+def _check_resizable(gang: Gang) -> None:
+    if not gang.experts or gang.config.device == "cuda":
+        raise ResizeRefused("only a gloo gang with expert ranks changes its attention ranks while it runs")
+
+
+def _regroup(gang: Gang, ranks: list, parking: list, timeout_s: float) -> float:
+    """Every rank of `parking` ends its wave at one agreed step boundary; `ranks` (a rank more or less)
+    join a new process group and wave again. Returns the pause: from asking to park to waving."""
+    start = time.monotonic()
+    parked = ray.get([r.park.remote(timeout_s) for r in parking], timeout=timeout_s + 10)
+    if not all(parked):
+        raise RuntimeError(f"ranks {[i for i, ok in enumerate(parked) if not ok]} did not park")
+    address, port = ray.get(ranks[0].rendezvous_address.remote(), timeout=timeout_s)
+    timeout = gang.config.collective_timeout_s
+    ray.get([r.regroup.remote(address, port, len(ranks), timeout) for r in ranks], timeout=timeout_s)
+    _start_waves(gang, timeout_s, ranks)
+    pause = time.monotonic() - start
+    gang.regroups += 1
+    gang.last_regroup_pause_s = pause
+    log.info("gang regrouped from %d to %d ranks in %.3fs", len(parking), len(ranks), pause)
+    return pause
+
+
+def _remove_added_pg(gang: Gang, rank: int) -> None:
+    pg = gang.added_pgs.pop(rank, None)
+    if pg is not None:
+        try:
+            remove_placement_group(pg)
+        except Exception:  # already gone
+            pass
 
 
 def recover_gang(gang: Gang, startup: GangStartup, timeout_s: float = 300, answer_s: float = 3.0,
@@ -159,8 +250,8 @@ def recover_gang(gang: Gang, startup: GangStartup, timeout_s: float = 300, answe
     for rank in replaced:
         _kill(ranks[rank])
         ranks[rank] = gang.start_rank(rank)
-    A = config.attention_workers
-    gang.attention, gang.experts = ranks[:A], ranks[A:]
+    E = config.expert_workers
+    gang.experts, gang.attention = ranks[:E], ranks[E:]
     log.warning("recovering gang: %d of %d ranks survived, replacing %s", len(ranks) - len(replaced), len(ranks),
                 replaced)
     startup.enter("placement")
@@ -231,6 +322,8 @@ def destroy_gang(gang: Gang) -> None:
     for actor in gang.ranks:
         _kill(actor)
     gang.attention, gang.experts = [], []
+    for rank in list(gang.added_pgs):
+        _remove_added_pg(gang, rank)
     if gang.own_pg and gang.pg is not None:
         try:
             remove_placement_group(gang.pg)
@@ -240,9 +333,9 @@ def destroy_gang(gang: Gang) -> None:
 
 
 def rank_bundles(config: GangConfig) -> list[dict]:
-    """One placement-group bundle per rank, in rank order."""
-    return ([_bundle(config.attention)] * config.attention_workers +
-            [_bundle(config.experts)] * config.expert_workers)
+    """One placement-group bundle per rank, in rank order (expert ranks first)."""
+    return ([_bundle(config.experts)] * config.expert_workers +
+            [_bundle(config.attention)] * config.attention_workers)
 
 
 def _bundle(resources) -> dict:

@@ -7,6 +7,10 @@ requests arrive as one message; they are sorted into per-request queues here. So
 process boundary between the engine and the consumer, and a step costs one message per consumer, not
 one per request.
 
+The gang may add attention ranks at the end and remove the last ones while it serves (`resize`, and
+one rank's `RankLeaving`): a leaving rank takes no new request here, its requests end with
+`RankLeaving` (the consumer moves them, planned) and only its channel closes; the others go on.
+
 A channel that breaks (the worker died, its wave failed, the gang was torn down) ends every request
 still open on this client with `Unavailable`, and the client refuses new ones: the consumer makes a
 new client for the rebuilt gang. A channel that fails here, with the gang alive (a batch that does not
@@ -24,7 +28,7 @@ from ray.exceptions import (LocalRayletDiedError, NodeDiedError, ObjectLostError
                             WorkerCrashedError)
 
 from cluster import routing
-from workers.errors import Draining, EngineError, Unavailable
+from workers.errors import Draining, EngineError, RankLeaving, Unavailable
 from workers.protocol import GenerateRequest, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -47,9 +51,11 @@ class _Stream:
 
 
 class GangClient:
-    def __init__(self, attention: list, consumer: str, on_broken=None, epoch: int = 0):
-        self.attention = attention  # actor handles, rank order
+    def __init__(self, attention: list, consumer: str, on_broken=None, epoch: int = 0, version: int = 0):
+        self.attention = list(attention)  # actor handles, rank order
         self.epoch = epoch  # the gang build these handles belong to
+        self.version = version  # the gang's attention set these handles are (`resize`)
+        self.retired: set[int] = set()  # workers that left (or leave) the gang: nothing new goes there
         self.consumer = consumer  # the channel name on every attention worker: unique per consumer
         self.on_broken = on_broken  # called once, (reason, gang_failed), when a channel breaks
         self.broken: str | None = None
@@ -66,7 +72,10 @@ class GangClient:
         if self.broken is not None:
             raise Unavailable(f"the gang failed ({self.broken}); retry")
         # prefix affinity balanced against load: a shared long prefix finds the worker that cached it
-        worker = routing.pick(affinity, self.load)
+        serving = [i for i in range(len(self.attention)) if i not in self.retired]
+        if not serving:
+            raise Unavailable("every attention worker of this gang is leaving; retry")
+        worker = routing.pick(affinity, self.load, serving)
         stream = _Stream(request.params.n, worker)
         self._streams[request.request_id] = stream
         self.load[worker] += 1
@@ -77,6 +86,8 @@ class GangClient:
                 cause = getattr(exc, "cause", None)
                 if isinstance(cause, EngineError):  # the typed error itself, not Ray's wrapper
                     stream.open_choices = 0  # the engine never took it: nothing to abort
+                    if isinstance(cause, RankLeaving):
+                        self.retired.add(worker)
                     raise cause from None
                 raise Unavailable(f"attention worker {worker} is unreachable: {type(exc).__name__}") from None
             while stream.open_choices:
@@ -90,6 +101,35 @@ class GangClient:
             if self._streams.pop(request.request_id, None) is not None and stream.open_choices:
                 self.abort_on(stream.worker, request.request_id)  # the consumer went away before the end
 
+    def resize(self, attention: list, version: int) -> None:
+        """The gang's attention ranks now: ranks added at the end get a channel (a slot a departed rank
+        left is taken over); ranks past the new count take nothing new (their requests end with
+        `RankLeaving` when the rank leaves)."""
+        for i, handle in enumerate(attention):
+            if i < len(self.attention) and i not in self.retired:
+                continue
+            if i < len(self.attention):
+                self.retired.discard(i)
+                self._listeners[i].cancel()
+                self.attention[i], self._listeners[i] = handle, asyncio.create_task(self._listen(i))
+            else:
+                self.attention.append(handle)
+                self.load.append(0)
+                self._listeners.append(asyncio.create_task(self._listen(i)))
+        self.retired |= set(range(len(attention), len(self.attention)))
+        self.version = version
+
+    def _retire(self, worker: int, reason: str) -> None:
+        """`worker` left the gang, which serves on: its requests still open here end with `RankLeaving`
+        (moved, planned), and the worker hears that this consumer moved them."""
+        self.retired.add(worker)
+        error = RankLeaving(f"attention worker {worker} left its gang ({reason}); moving on")
+        for request_id, stream in self._streams.items():
+            if stream.worker == worker:
+                for index in sorted(stream.unfinished):
+                    stream.put(RequestOutput(request_id, [], None, "error", error=error, index=index))
+        self.attention[worker].moved_on.remote(self.consumer)
+
     def abort_on(self, worker: int, request_id: str) -> None:
         if not self.gang_failed:
             self.attention[worker].abort.remote(request_id)
@@ -100,16 +140,27 @@ class GangClient:
             async for ref in channel:
                 batch = await ref
                 failed = next((o.error for o in batch if isinstance(o.error, Unavailable)), None)
+                if isinstance(failed, RankLeaving):  # only this rank leaves: its requests move, the rest stay
+                    for out in batch:
+                        if out.request_id in self._streams:
+                            self._streams[out.request_id].put(out)
+                    self._retire(worker, failed.message)
+                    return
                 if failed is not None:  # the rank's collective failed (or its gang left): say so first
                     self._break(f"attention worker {worker}: {failed.message}", leaving=isinstance(failed, Draining))
                 for out in batch:
                     stream = self._streams.get(out.request_id)
                     if stream is not None:
                         stream.put(out)
+            if worker in self.retired:
+                return
             reason = f"attention worker {worker} closed its channel"
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Ray's wrapper of a death, the rank's own `Unavailable`, or a local failure
+            if worker in self.retired:  # a rank that left the gang is gone: the gang serves on
+                self._retire(worker, f"{type(exc).__name__}")
+                return
             cause = getattr(exc, "cause", None) or exc
             if not isinstance(exc, WORKER_GONE) and not isinstance(cause, Unavailable):
                 log.exception("the channel from attention worker %d failed in this process; the gang did not",

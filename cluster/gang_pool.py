@@ -7,7 +7,8 @@ fixed `num_gangs`, or autoscaling). Membership and readiness come from every run
 read together (`DeploymentHandle.broadcast`) every `STATUS_PERIOD_S`: a gang appears once Serve runs
 its replica (built and warm), and one Serve stops leaves the set at once (its status says `draining`
 first, when the stop began elsewhere). Each gang is known by the id in its status, for its whole
-life. A client of a gang's epoch is dialed on first use after a (re)build. A gang seen failing by a
+life. A client of a gang's epoch is dialed on first use after a (re)build, and follows the gang's
+attention ranks as they join and leave (the status's `attention_version`). A gang seen failing by a
 client is marked (`failed_epoch`): no request goes there until a status shows a new epoch. A channel
 that failed in this process, the gang alive, is only counted: the next request dials the same epoch
 again.
@@ -22,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from cluster import routing
 from cluster.gang_client import GangClient
 from cluster.probe import every
-from workers.errors import Draining, Unavailable
+from workers.errors import Draining, RankLeaving, Unavailable
 from workers.protocol import GenerateRequest, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ class _Gang:
         self.misses = 0  # status reads in a row it did not answer
         self.failed_epoch: int | None = None  # seen failing: not ready until rebuilt
         self.channel_failures = 0  # channels that failed here, the gang alive: dialed again
-        self.attention_handles: tuple[int, list] | None = None  # (epoch, handles), asked once per epoch
+        # (epoch, attention version, handles), asked once per epoch and attention set
+        self.attention_handles: tuple[int, int, list] | None = None
 
 
 class GangPool:
@@ -185,8 +187,9 @@ class GangPool:
                     yield batch
             finally:
                 await batches.aclose()
-        except Draining:  # it began leaving before this consumer heard: no more requests there
-            g.ready = False
+        except Draining as exc:  # it began leaving before this consumer heard: no more requests there
+            if not isinstance(exc, RankLeaving):  # (one attention rank leaving: the gang serves on)
+                g.ready = False
             raise
         finally:
             self._stream_ended(name, g)
@@ -218,29 +221,35 @@ class GangPool:
     async def _client(self, name: str, g: _Gang) -> GangClient:
         """This consumer's client of the gang's epoch now serving: made on first use after a (re)build."""
         client = g.client
-        if client is None or client.broken:
-            epoch, attention = await self._attention(name, g)
+        version = (g.status or {}).get("attention_version", 0)
+        if client is None or client.broken or client.version != version:
+            epoch, version, attention = await self._attention(name, g)
             if epoch == g.failed_epoch:  # its supervisor has not noticed the failure yet
                 raise Unavailable(f"gang {name} is failing")
             client = g.client
             if client is None or client.broken or client.epoch != epoch:  # another request may have made it
                 client = g.client = GangClient(
-                    attention, self.consumer, epoch=epoch,
+                    attention, self.consumer, epoch=epoch, version=version,
                     on_broken=lambda _reason, gang_failed: self._broke(name, epoch, gang_failed))
+            elif client.version != version:  # attention ranks joined or left the running gang
+                client.resize(attention, version)
         return client
 
-    async def _attention(self, name: str, g: _Gang) -> tuple[int, list]:
-        """The gang's epoch and attention workers' handles. Serve cannot address one replica, so every
-        gang is asked (rarely: once per new epoch seen) and each answer kept by its gang."""
-        epoch = (g.status or {}).get("epoch")
-        if g.attention_handles is None or g.attention_handles[0] != epoch:
+    async def _attention(self, name: str, g: _Gang) -> tuple[int, int, list]:
+        """The gang's epoch, attention version and attention workers' handles. Serve cannot address one
+        replica, so every gang is asked (rarely: once per new epoch or attention set seen) and each
+        answer kept by its gang."""
+        status = g.status or {}
+        wanted = (status.get("epoch"), status.get("attention_version", 0))
+        if g.attention_handles is None or g.attention_handles[:2] != wanted:
             try:
                 answers = await each_answer(self.handle, "attention_of", STATUS_TIMEOUT_S)
             except Exception:
                 raise Unavailable(f"gang {name} is unreachable") from None
             for answer in answers:
                 if isinstance(answer, dict) and answer["gang"] in self.gangs and answer["epoch"] is not None:
-                    self.gangs[answer["gang"]].attention_handles = (answer["epoch"], answer["attention"])
+                    self.gangs[answer["gang"]].attention_handles = (answer["epoch"], answer.get("version", 0),
+                                                                    answer["attention"])
         if g.attention_handles is None:
             raise Unavailable(f"gang {name} is not serving")
         return g.attention_handles

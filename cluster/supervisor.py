@@ -12,6 +12,11 @@ The states, one transition table like `workers.request`'s:
     starting ──warm──> ready ──a rank fails──> failed ──torn down──> rebuilding ──warm──> ready
     any state ──stop()──> stopped (final: it wins over a rebuild under way)
 
+Attention ranks join and leave the running gang without a new epoch (`add_attention_rank`,
+`remove_attention_rank`): consumers see `attention_version` change and follow; only the requests on
+a leaving rank move. One resize at a time; with `attention_scaling` set, a task reads the ranks' load
+and resizes by its policy (`cluster.attention_scaling`).
+
 One owned task does a recovery: the ranks that survived keep their weights and rejoin a new process
 group beside replacements for the dead or hung ones (`cluster.gang.recover_gang`); if that fails,
 the gang is torn down and built anew until a build warms up. Every `await` in it is followed by a
@@ -26,9 +31,11 @@ import time
 from collections.abc import AsyncIterator
 
 from cluster import routing
+from cluster.attention_scaling import AttentionScalingPolicy, attention_load
 from cluster.config import GangConfig
-from cluster.gang import Gang, build_gang, destroy_gang, recover_gang
+from cluster.gang import Gang, ResizeRefused, build_gang, destroy_gang, grow_attention, recover_gang, shrink_attention
 from cluster.gang_client import GangClient
+from cluster.gang_pool import STATUS_PERIOD_S
 from cluster.startup import BoardPublisher, GangStartup
 from workers.errors import Unavailable
 from workers.expert_parallel import Placement
@@ -74,6 +81,12 @@ class GangSupervisor:
         # bumped per build, so stale watchers of a dead gang stop; starts at the clock, so a replica that
         # Serve started anew after the old one died never repeats an epoch its consumers saw failing
         self.epoch = time.time_ns() // 1000
+        self.attention_version = 0  # bumped when attention ranks join or leave the running gang
+        self.leaving_ranks = 0  # attention ranks at the end that take no new request: they are leaving
+        self._resizing = asyncio.Lock()
+        self.attention_events: dict[tuple[str, str], int] = {}  # (direction, reason) -> resizes done
+        self._events_counter = None  # the Ray counter of those, made on the first
+        self._scaling_task: asyncio.Task | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -90,6 +103,8 @@ class GangSupervisor:
         # leak the gang; the recovery sees "stopped" after its next await and tears that gang down
         if self._monitor_task is not None:
             self._monitor_task.cancel()
+        if self._scaling_task is not None:
+            self._scaling_task.cancel()
         if self.client is not None:
             self.client.close()
         gang, self.gang = self.gang, None
@@ -105,7 +120,7 @@ class GangSupervisor:
     async def _build(self, failed: Gang | None = None, hung: set[int] = frozenset()) -> None:
         """A new gang under a new epoch (or `failed` again, its survivors kept: `recover_gang`), warmed
         up by one token; on any failure it is torn down."""
-        num_ranks = self.config.attention_workers + self.config.expert_workers
+        num_ranks = len(failed.ranks) if failed else self.config.attention_workers + self.config.expert_workers
         self.startup = GangStartup(self.name, num_ranks, self.application, BoardPublisher())
         if failed is not None:
             gang = await asyncio.to_thread(recover_gang, failed, self.startup, hung=hung)
@@ -136,11 +151,18 @@ class GangSupervisor:
             elif self.epoch == epoch and self.gang is gang:  # only this process's channel failed: dial again
                 self.client = self._dial(gang, epoch)
 
-        return GangClient(gang.attention, f"supervisor-{self.name}-{epoch}", on_broken=broken, epoch=epoch)
+        return GangClient(self._serving(gang), f"supervisor-{self.name}-{epoch}", on_broken=broken, epoch=epoch,
+                          version=self.attention_version)
+
+    def _serving(self, gang: Gang) -> list:
+        """The attention ranks that take new requests: all but those leaving."""
+        return gang.attention[:len(gang.attention) - self.leaving_ranks]
 
     def _now_ready(self) -> None:
         self._move("ready")
         self._monitor_task = asyncio.create_task(self._monitor(self.epoch))
+        if self.config.attention_scaling is not None and (self._scaling_task is None or self._scaling_task.done()):
+            self._scaling_task = asyncio.create_task(self._scale_attention())
 
     def _check_not_stopped(self) -> None:
         if self.state == "stopped":
@@ -150,7 +172,7 @@ class GangSupervisor:
         """The epoch of the gang now serving and its attention workers' handles, for consumers that
         stream from them directly (a new epoch: the gang was rebuilt, make a new `GangClient`)."""
         self.health()
-        return self.epoch, list(self.gang.attention)
+        return self.epoch, self._serving(self.gang)
 
     def ready(self) -> bool:
         """Serving: this gang has produced a token since it was (re)built, and it is not leaving."""
@@ -186,6 +208,120 @@ class GangSupervisor:
             return
         log.info("gang %s drained in %.1fs: %d request(s) moved to other gangs", self.name,
                  time.monotonic() - start, sum(evicted))
+
+    # -- attention ranks, while the gang serves -------------------------------------------------------
+
+    async def add_attention_rank(self) -> float:
+        """One more attention rank in the running gang (`cluster.gang.grow_attention`): loaded while the
+        gang serves, then one agreed pause; consumers follow at their next status read. Returns the
+        pause. `ResizeRefused`: nothing changed; any other failure fails the gang (it recovers)."""
+        async with self._resizing:
+            self.health()
+            gang, epoch = self.gang, self.epoch
+            try:
+                pause = await asyncio.to_thread(grow_attention, gang)
+            except ResizeRefused:
+                raise
+            except Exception as exc:
+                self._on_broken(f"adding an attention rank failed: {type(exc).__name__}: {exc}", epoch)
+                raise
+            self._attention_changed(gang, epoch)
+            return pause
+
+    async def remove_attention_rank(self, grace_s: float = 0.0) -> float:
+        """The last attention rank leaves the running gang: consumers stop sending it requests (their
+        next status read), its running ones get `grace_s` to finish, the rest end with `RankLeaving`
+        (resumed token-exactly, on this gang's other ranks or elsewhere), then the gang regroups without
+        it. Returns the pause of the regroup."""
+        async with self._resizing:
+            self.health()
+            gang, epoch = self.gang, self.epoch
+            if len(gang.attention) < 2 or not gang.experts:
+                raise ResizeRefused("a gang keeps at least one attention rank, and only one with expert ranks "
+                                    "changes them while it runs")
+            leaving = gang.attention[-1]
+            self.leaving_ranks = 1
+            self._attention_changed(gang, epoch)
+            try:
+                start = time.monotonic()
+                await asyncio.sleep(2 * STATUS_PERIOD_S)  # every consumer has read the status that omits it
+                while time.monotonic() - start < grace_s and await leaving.requests_held.remote():
+                    await asyncio.sleep(0.2)
+                moved = await leaving.evict.remote(alone=True)
+                pause = await asyncio.to_thread(shrink_attention, gang)
+            except Exception as exc:
+                self._on_broken(f"removing an attention rank failed: {type(exc).__name__}: {exc}", epoch)
+                raise
+            finally:
+                self.leaving_ranks = 0
+            log.info("gang %s: attention rank left, %d request(s) moved; %d attention ranks now", self.name, moved,
+                     len(gang.attention))
+            return pause
+
+    async def _scale_attention(self) -> None:
+        """Every `period_s`, the ranks' load into the policy; a decision resizes the attention side."""
+        settings = self.config.attention_scaling
+        policy = AttentionScalingPolicy(settings)
+        last: tuple[float, list[float]] | None = None  # when, and each expert rank's compute seconds then
+        while self.state != "stopped":
+            await asyncio.sleep(settings.period_s)
+            gang = self.gang
+            if self.state != "ready" or self.draining or gang is None:
+                last = None
+                continue
+            try:
+                attention = await asyncio.gather(*(a.stats.remote() for a in self._serving(gang)))
+                experts = await asyncio.gather(*(e.stats.remote() for e in gang.experts))
+            except Exception:  # a rank died: the health check handles it
+                last = None
+                continue
+            now, compute = time.monotonic(), [e["compute_seconds"] for e in experts]
+            if last is None or len(last[1]) != len(compute):
+                last = now, compute
+                continue
+            elapsed, spent = now - last[0], [c - b for c, b in zip(compute, last[1])]
+            last = now, compute
+            decision = policy.observe(now, attention_load(attention, spent, elapsed))
+            if decision is None:
+                continue
+            log.info("gang %s: %s", self.name, decision.describe())
+            policy.changed(now)
+            try:
+                if decision.direction == "up":
+                    await self.add_attention_rank()
+                else:
+                    await self.remove_attention_rank(settings.drain_grace_s)
+            except ResizeRefused as exc:
+                log.warning("gang %s: attention scaling %s refused: %s", self.name, decision.direction, exc)
+                continue
+            except Exception as exc:  # the gang failed over it and recovers
+                log.error("gang %s: attention scaling %s failed: %s", self.name, decision.direction, exc)
+                continue
+            policy.changed(time.monotonic())  # the cooldown runs from the end of the change
+            self._count_event(decision.direction, decision.reason)
+            last = None
+
+    def _count_event(self, direction: str, reason: str) -> None:
+        key = (direction, reason)
+        self.attention_events[key] = self.attention_events.get(key, 0) + 1
+        try:
+            if self._events_counter is None:
+                from ray.util.metrics import Counter
+
+                self._events_counter = Counter(
+                    "maverick_attention_scaling_events", "Attention ranks added to (up) or removed from (down) a "
+                    "running gang, by reason (kv, queue, idle).",
+                    tag_keys=("application", "gang", "direction", "reason"))
+            self._events_counter.inc(1, {"application": self.application, "gang": self.name, "direction": direction,
+                                         "reason": reason})
+        except Exception:  # metrics are best effort
+            log.exception("could not count the attention scaling event")
+
+    def _attention_changed(self, gang: Gang, epoch: int) -> None:
+        if self.epoch != epoch or self.gang is not gang:
+            return
+        self.attention_version += 1
+        self.client.resize(self._serving(gang), self.attention_version)
 
     async def _warm_up(self) -> None:
         """One single-token request through every layer, so readiness means a token came out."""
@@ -280,7 +416,11 @@ class GangSupervisor:
         them), as of each one's last step; `requests_per_worker`: requests each has taken since start."""
         ranks = await asyncio.gather(*[r.stats.remote() for r in self.gang.ranks]) if self.gang else []
         attention = [r for r in ranks if "running" in r]
+        gang = self.gang
         return {"state": self.state, "restarts": self.restarts, "last_recovery_s": self.last_recovery_s,
-                "last_build_bytes": self.last_build_bytes,
+                "last_build_bytes": self.last_build_bytes, "attention_ranks": len(gang.attention) if gang else 0,
+                "regroups": gang.regroups if gang else 0,
+                "last_regroup_pause_s": gang.last_regroup_pause_s if gang else None,
+                "attention_events": {f"{d}/{r}": n for (d, r), n in self.attention_events.items()},
                 "in_flight": sum(r["running"] + r["waiting"] for r in attention),
                 "requests_per_worker": {r["rank"]: r["submitted"] for r in attention}, "ranks": ranks}

@@ -35,7 +35,7 @@ class GangDeployment:
         # the label of its ranks' metrics, and how every ingress tells gangs apart
         self.name = f"gang-{context.replica_id.unique_id}"
         self.drain_grace_s = config.autoscaling.drain_grace_s if config.autoscaling else 0.0
-        self.capacity = config.engine.max_num_seqs * config.attention_workers
+        self.max_num_seqs = config.engine.max_num_seqs
         self.supervisor = GangSupervisor(config.gang_config(), pg=pg, bundle_offset=1 if pg else 0,
                                          name=self.name, application=context.app_name)
         await self.supervisor.start()
@@ -50,7 +50,7 @@ class GangDeployment:
             epoch, handles = self.supervisor.attention()
         except Exception:
             return {"gang": self.name, "epoch": None, "attention": []}
-        return {"gang": self.name, "epoch": epoch, "attention": handles}
+        return {"gang": self.name, "epoch": epoch, "version": self.supervisor.attention_version, "attention": handles}
 
     def status(self) -> dict:
         """Readiness, and the state and restarts the ingress exports (every ingress reads it each second)."""
@@ -58,7 +58,9 @@ class GangDeployment:
         return {"gang": self.name, "ready": self.supervisor.ready(), "state": self.supervisor.state,
                 "draining": self.supervisor.draining, "epoch": self.supervisor.epoch,
                 "restarts": self.supervisor.restarts, "stage": startup.stage if startup else None,
-                "pid": os.getpid(), "last_recovery_s": self.supervisor.last_recovery_s}
+                "pid": os.getpid(), "last_recovery_s": self.supervisor.last_recovery_s,
+                "attention_version": self.supervisor.attention_version,
+                "attention_ranks": len(self.supervisor.gang.attention) if self.supervisor.gang else 0}
 
     async def stats(self) -> dict:
         return {"gang": self.name, **await self.supervisor.stats()}
@@ -66,7 +68,9 @@ class GangDeployment:
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """This gang's load for Serve's autoscaler (`cluster.autoscale`): its requests, running and
         waiting, and how many it can run at once."""
-        return {REQUESTS: float(await self.supervisor.requests()), CAPACITY: float(self.capacity)}
+        gang = self.supervisor.gang
+        ranks = len(gang.attention) if gang else self.supervisor.config.attention_workers
+        return {REQUESTS: float(await self.supervisor.requests()), CAPACITY: float(self.max_num_seqs * ranks)}
 
     async def inject_fault(self, expert_rank: int, steps: int) -> None:
         """Chaos testing: that expert rank's wave step `steps` from now raises."""

@@ -27,7 +27,7 @@ from model.tokenizer import Tokenizer, load_generation_defaults
 from workers.config import EngineConfig
 from workers.engine import LLMEngine, PlannedStep
 from workers.eplb import EplbSettings, Rebalancer
-from workers.errors import Draining, Unavailable
+from workers.errors import Draining, RankLeaving, Unavailable
 from workers.expert_parallel import ExpertGroup, Placement, shard_experts
 from workers.protocol import GenerateRequest, RequestOutput
 from workers.rank import MetricsOptions, Rank
@@ -46,7 +46,7 @@ class AttentionWorker(Rank):
         super().__init__(rank, num_attention + num_experts_ranks, torch_threads, engine_config.device, metrics)
         if num_experts_ranks and placement is None:
             raise ValueError("a gang with expert ranks needs the placement its builder made")
-        self.num_attention, self.num_expert_ranks = num_attention, num_experts_ranks
+        self.num_expert_ranks = num_experts_ranks  # they hold ranks 0..E-1; attention ranks follow
         self.placement = placement  # the gang's one (MoE layer, expert) -> ranks table, made in cluster/gang.py
         self.model_dir, self.engine_config = model_dir, engine_config
         self.eplb, self.capacities = eplb or EplbSettings(), capacities  # slots per expert rank
@@ -58,7 +58,8 @@ class AttentionWorker(Rank):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.peers: list = []  # every other rank's actor handle: wakes go to them
         self.submitted = 0  # requests taken since start
-        self.admitting = True  # False once its gang drains: new requests go elsewhere
+        self.admitting = True  # False once its gang drains (or it leaves the gang): new requests go elsewhere
+        self.leaving_alone = False  # this rank leaves a gang that serves on (`RankLeaving`, not `Draining`)
         self._evicting: asyncio.Future | None = None  # a drain's eviction, done at the next step boundary
         self._unheard: set[str] = set()  # consumers with evicted requests that have not said they moved them
         self._moved_on: set[str] = set()  # consumers that said so (`moved_on`)
@@ -76,8 +77,9 @@ class AttentionWorker(Rank):
         with torch.device("meta"):
             model = Llama4ForCausalLM(config)
         if self.num_expert_ranks:
-            self.comm = ExpertGroup(self.group, self.rank, self.world_size, config.hidden_size, dtype, self.device)
-            model = shard_experts(model, self.comm, self.placement, self.num_attention)
+            self.comm = ExpertGroup(self.group, self.rank, self.world_size, self.num_expert_ranks, config.hidden_size,
+                                    dtype, self.device)
+            model = shard_experts(model, self.comm, self.placement)
         apply_quantization(model, self.model_dir)  # an FP8 checkpoint: shared experts, dense MLPs in FP8
         materialize(model, self.device)
         with CheckpointReader(self.model_dir) as reader:
@@ -101,7 +103,12 @@ class AttentionWorker(Rank):
         for channel in self._channels.values():
             channel.close()
         self._channels, self._owners = {}, {}
+        self.admitting, self.leaving_alone = True, False  # a rank that was leaving when the gang failed stays
         self._new_epoch(LLMEngine(old.model, self.engine_config, old.tokenizer, old.defaults, old.vision))
+
+    def resume_on_group(self) -> None:
+        """A regroup: the same engine (its requests and KV cache) stepped by a new wave on the new group."""
+        self._new_epoch(self.engine)
 
     def _new_epoch(self, engine: LLMEngine) -> None:
         """This engine, stepped by a new wave on the current group; the wave is bound to this engine,
@@ -111,7 +118,7 @@ class AttentionWorker(Rank):
         if self.num_expert_ranks:  # a new epoch starts its rebalancing afresh, on the table it has
             config = engine.model_config
             self.rebalancer = Rebalancer(self.eplb, self.placement, list(config.moe_layers), config.num_experts,
-                                         self.capacities or [], self.num_attention, group, self.device)
+                                         self.capacities or [], group, self.device)
         planned: list = []  # (when, PlannedStep) between this epoch's plan and its run: per epoch, so a late
         # wave thread of a failed epoch never runs the new one's plan
         wave = WaveLoop(group, self.idle_steps, lambda: self._plan(engine, planned),
@@ -120,7 +127,7 @@ class AttentionWorker(Rank):
         wave.on_failure = lambda exc: self._on_failure(exc, wave, engine)
         engine.on_work = wave.wake_local  # a request's grammar compiled: it can be scheduled now
         if self.comm is not None:
-            self.comm.bind(self.group, wave.thread)
+            self.comm.bind(self.group, self.world_size, wave.thread)
         self.engine, self.wave = engine, wave
 
     def start(self, peers: list | None = None) -> None:
@@ -146,7 +153,7 @@ class AttentionWorker(Rank):
         """Queue a request whose outputs go to `consumer`'s channel; a typed `workers.errors` exception
         travels back to the caller if it is invalid."""
         if not self.admitting:
-            raise Draining(f"attention rank {self.rank}'s gang is leaving; retry")
+            raise self._leaving("retry")
         self.engine.submit(request)
         self.submitted += 1
         self._owners[request.request_id] = [self._channel(consumer), request.params.n]
@@ -161,11 +168,17 @@ class AttentionWorker(Rank):
         """Its gang drains: new requests are refused with `Draining` (the ingress sends them elsewhere)."""
         self.admitting = False
 
-    async def evict(self, timeout_s: float = 30.0) -> int:
+    def _leaving(self, what: str) -> Draining:
+        if self.leaving_alone:
+            return RankLeaving(f"attention rank {self.rank} leaves its gang; {what}")
+        return Draining(f"the gang of attention rank {self.rank} is leaving; {what}")
+
+    async def evict(self, timeout_s: float = 30.0, alone: bool = False) -> int:
         """End every request here with `Draining` at the next step boundary (the ingress resumes each on
         another gang, token-exactly); returns, with how many, once every consumer that had one said it
-        moved them (`moved_on`): the ranks may stop then without cutting a batch off on its way."""
-        self.admitting = False
+        moved them (`moved_on`): the ranks may stop then without cutting a batch off on its way.
+        `alone`: only this rank leaves, the gang serves on (`RankLeaving`: moved within the gang too)."""
+        self.admitting, self.leaving_alone = False, alone
         self._evicting = self._loop.create_future()
         self.wave.wake_local()
         evicted = await asyncio.wait_for(self._evicting, timeout_s)
@@ -256,7 +269,7 @@ class AttentionWorker(Rank):
         start = time.perf_counter()  # a step's time runs from its plan through the agreement to its end
         if self._evicting is not None:  # a step boundary: no request of this engine is mid-step
             evicting, self._evicting = self._evicting, None
-            outputs = engine.fail_all(Draining(f"the gang of attention rank {self.rank} is leaving"))
+            outputs = engine.fail_all(self._leaving("moving on"))
             self._loop.call_soon_threadsafe(self._evicted, outputs, evicting)
         step = engine.plan() if engine.pending_tokens() else PlannedStep([], None, [], [])
         planned[:] = [start, step]
@@ -290,6 +303,11 @@ class AttentionWorker(Rank):
         if not self._unheard:
             self._all_heard.set()
         self._route(outputs)
+        if self.leaving_alone:  # every consumer hears that this rank leaves, with requests here or not,
+            # so its channel's end is not taken for a failure of the gang
+            for channel in self._channels.values():
+                channel.items.append(RequestOutput("", [], finish_reason="error", error=self._leaving("moving on")))
+                channel.ready.set()
         if not done.done():
             done.set_result(len({out.request_id for out in outputs}))
 

@@ -76,11 +76,11 @@ class _Pending:
 
 class Rebalancer:
     def __init__(self, settings: EplbSettings, placement: Placement, moe_layers: list[int], num_experts: int,
-                 capacities: list[int], first_expert_rank: int, group: dist.ProcessGroup | None,
+                 capacities: list[int], group: dist.ProcessGroup | None,
                  device: torch.device, load: Callable[[], torch.Tensor] | None = None, stage: Stage | None = None,
                  staged: Callable[[], None] | None = None):
         self.settings, self.placement = settings, placement
-        self.moe_layers, self.capacities, self.first_expert_rank = moe_layers, capacities, first_expert_rank
+        self.moe_layers, self.capacities = moe_layers, capacities
         self.group, self.device = group, device
         # rows per (layer, expert) received by this rank since start; attention ranks receive none
         self.load = load or (lambda: torch.zeros(len(moe_layers), num_experts, dtype=torch.long, device=device))
@@ -143,9 +143,9 @@ class Rebalancer:
             dist.all_reduce(window_LE, op=dist.ReduceOp.SUM, group=self.group)
         load = {layer: row for layer, row in zip(self.moe_layers, window_LE.tolist())}
         placements = place_experts(load, self.capacities)
-        table = to_rank_table(placements, self.first_expert_rank)
-        before = {layer: balancedness(_rank_tokens(self.placement.table[layer], row, self.first_expert_rank,
-                                                   len(self.capacities))) for layer, row in load.items()}
+        table = to_rank_table(placements)
+        before = {layer: balancedness(_rank_tokens(self.placement.table[layer], row, len(self.capacities)))
+                  for layer, row in load.items()}
         planned = {layer: balancedness(placements[layer].rank_tokens(row)) for layer, row in load.items()}
         s = self.stats
         gain = sum(planned.values()) / len(planned) - sum(before.values()) / len(before)
@@ -171,12 +171,12 @@ class Rebalancer:
             self.staged()
 
 
-def _rank_tokens(ranks_E: list[list[int]], tokens_E: list[int], first: int, num_ranks: int) -> list[int]:
+def _rank_tokens(ranks_E: list[list[int]], tokens_E: list[int], num_ranks: int) -> list[int]:
     """Tokens per expert rank when each expert's rows split evenly over its replicas (`replica_of_rows`)."""
     per_rank = [0] * num_ranks
     for n, ranks in zip(tokens_E, ranks_E):
         for j, rank in enumerate(ranks):
-            per_rank[rank - first] += n // len(ranks) + (j < n % len(ranks))
+            per_rank[rank] += n // len(ranks) + (j < n % len(ranks))
     return per_rank
 
 

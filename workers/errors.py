@@ -66,6 +66,11 @@ class Draining(Unavailable):
     that does not count against `migration_limit`."""
 
 
+class RankLeaving(Draining):
+    """One attention rank leaves its gang (the gang scaled its attention side down) while the gang
+    serves on: the request moves, planned, and the gang stays ready."""
+
+
 class DeadlineExceeded(EngineError):
     http_status, grpc_code, error_type = 504, "DEADLINE_EXCEEDED", "timeout"
 

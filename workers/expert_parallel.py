@@ -1,6 +1,8 @@
 """Expert parallelism over one process group: placement, and the one dispatch/combine pair.
 
-Ranks 0..A-1 are attention workers, A..A+E-1 expert workers. Before each step's forward, all ranks
+Ranks 0..E-1 are expert workers, E..E+A-1 attention workers: experts first, so attention ranks can
+join or leave at the end (`ExpertGroup.regroup`) while every expert rank keeps its number, and with it
+the placement table. Before each step's forward, all ranks
 agree on the step's micro-batch count M and capacity T (the most routed rows of any attention rank's
 micro-batch) in the wave's one all-reduce (`workers.wave`, `agree`). Then for every MoE layer, in order, and for each of
 its M micro-batches, every rank takes part in two collectives of fixed shape, so no rank needs to
@@ -17,6 +19,7 @@ shared expert, and with M = 2 the other micro-batch's attention, while its token
 The local path (`model.moe.RoutedExperts`) stays the reference these are tested against.
 
 Shape suffixes: N routed rows, D hidden, W world size, E experts, B = blocks x T buffer rows.
+(Outside shape suffixes, E is the number of expert ranks.)
 """
 
 from __future__ import annotations
@@ -102,19 +105,26 @@ class Pending:
 class ExpertGroup:
     """The collectives of one rank, shared by every MoE layer (they run in layer order)."""
 
-    def __init__(self, group: dist.ProcessGroup | None, rank: int, world_size: int, hidden: int,
+    def __init__(self, group: dist.ProcessGroup | None, rank: int, world_size: int, expert_ranks: int, hidden: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.rank, self.world_size = rank, world_size
+        self.expert_ranks = expert_ranks  # ranks 0..expert_ranks-1 hold experts, the rest run attention
         self._binding: tuple[dist.ProcessGroup | None, threading.Thread | None] = (group, None)
         self.hidden, self.dtype, self.device = hidden, dtype, torch.device(device)
         self.alltoall_seconds = 0.0  # time spent in collectives, since start
         self.alltoall_bytes = 0  # payload this rank sent: dispatch on attention ranks, combine on expert ranks
         self.capacity = 0  # rows per block this step (agreed at the step's first MoE layer)
 
-    def bind(self, group: dist.ProcessGroup, thread: threading.Thread) -> None:
-        """From now on only `thread` (the new epoch's wave) runs collectives, on `group`: a wave thread
-        of a failed epoch that reaches one raises instead of joining the new group's sequence."""
+    def bind(self, group: dist.ProcessGroup, world_size: int, thread: threading.Thread) -> None:
+        """From now on only `thread` (the new epoch's wave) runs collectives, on `group` of `world_size`
+        ranks (attention ranks may have joined or left at the end): a wave thread of an earlier epoch
+        that reaches one raises instead of joining the new group's sequence."""
+        self.world_size = world_size
         self._binding = (group, thread)
+
+    @property
+    def is_expert(self) -> bool:
+        return self.rank < self.expert_ranks
 
     @property
     def group(self) -> dist.ProcessGroup | None:
@@ -129,12 +139,11 @@ class ExpertGroup:
         self.capacity = agreed[0]
         return max(agreed[1], 1)
 
-    def splits(self, attention_ranks: int, to_experts: bool) -> list[int]:
+    def splits(self, to_experts: bool) -> list[int]:
         """Rows per rank of a fixed-shape block: T for every expert rank (attention side) or every
         attention rank (expert side), 0 for the others."""
-        expert_blocks = [0] * attention_ranks + [self.capacity] * (self.world_size - attention_ranks)
-        attention_blocks = [self.capacity] * attention_ranks + [0] * (self.world_size - attention_ranks)
-        return expert_blocks if to_experts else attention_blocks
+        E, A = self.expert_ranks, self.world_size - self.expert_ranks
+        return [self.capacity] * E + [0] * A if to_experts else [0] * E + [self.capacity] * A
 
     def all_to_all(self, send_RD: torch.Tensor, send_counts: list[int], recv_counts: list[int],
                    async_op: bool = False) -> tuple[torch.Tensor, dist.Work | None]:
@@ -157,10 +166,9 @@ class AllToAllExperts(nn.Module):
     """Stands in for `model.moe.RoutedExperts` on an attention rank: same `dispatch`/`combine` pair,
     the experts themselves live on the expert ranks."""
 
-    def __init__(self, comm: ExpertGroup, placement: Placement, layer: int, attention_ranks: int):
+    def __init__(self, comm: ExpertGroup, placement: Placement, layer: int):
         super().__init__()
         self.comm, self.placement, self.layer = comm, placement, layer
-        self.attention_ranks = attention_ranks
         self.next_E: torch.Tensor | None = None  # each expert's next replica in its round robin
 
     def dispatch(self, x_ND: torch.Tensor, experts_N: torch.Tensor) -> Pending:
@@ -171,19 +179,19 @@ class AllToAllExperts(nn.Module):
         capacity = comm.capacity  # agreed for the step (`agree`)
         if self.next_E is None:  # attention ranks start their rounds apart
             self.next_E = torch.full((len(self.placement.table[self.layer]),), comm.rank, device=x_ND.device)
-        dest_N = self.placement.destinations(self.layer, experts_N, self.next_E) - self.attention_ranks
+        dest_N = self.placement.destinations(self.layer, experts_N, self.next_E)  # expert rank = its block
         order_N = torch.argsort(dest_N, stable=True)
-        counts_B = count_per_bin(dest_N, comm.world_size - self.attention_ranks)
+        counts_B = count_per_bin(dest_N, comm.expert_ranks)
         starts_B = torch.cumsum(counts_B, 0) - counts_B
         sorted_dest_N = dest_N.index_select(0, order_N)
         slot_N = torch.empty_like(order_N)
         # a row's slot: its block's start plus its rank among the rows of that block (arrival order)
         slot_N[order_N] = sorted_dest_N * capacity + torch.arange(n, device=x_ND.device) - starts_B[sorted_dest_N]
-        blocks = comm.world_size - self.attention_ranks
+        blocks = comm.expert_ranks
         # NOTE: the expert id rides as an extra column, exact in fp32 and in bf16 up to 256 experts; -1 pads
         send_BD1 = torch.full((blocks * capacity, comm.hidden + 1), -1, dtype=x_ND.dtype, device=x_ND.device)
         send_BD1.index_copy_(0, slot_N, torch.cat([x_ND, experts_N.to(x_ND.dtype)[:, None]], dim=1))
-        blocks, zeros = comm.splits(self.attention_ranks, to_experts=True), [0] * comm.world_size
+        blocks, zeros = comm.splits(to_experts=True), [0] * comm.world_size
         _, sent = comm.all_to_all(send_BD1, blocks, zeros, async_op=True)
         empty = torch.empty(0, comm.hidden, dtype=comm.dtype, device=comm.device)
         back_BD, back = comm.all_to_all(empty, zeros, blocks, async_op=True)
@@ -195,31 +203,30 @@ class AllToAllExperts(nn.Module):
         return pending.back_BD.index_select(0, pending.slot_N)
 
 
-def shard_experts(model: Llama4ForCausalLM, comm: ExpertGroup, placement: Placement,
-                  attention_ranks: int) -> nn.Module:
+def shard_experts(model: Llama4ForCausalLM, comm: ExpertGroup, placement: Placement) -> nn.Module:
     """Expert parallelism applied from outside the model, on the meta device before anything is loaded.
 
-    An attention rank (rank < attention_ranks) keeps the model with every MoE block's routed experts
+    An attention rank keeps the model with every MoE block's routed experts
     swapped for the all-to-all pair (their weights stay on the expert ranks); an expert rank gets only
     the experts `placement` gives it, per MoE layer (`ExpertSlices`).
     """
     layers = [layer for layer, _ in model.moe_blocks()]
-    placement.check(layers, model.config.num_experts, list(range(attention_ranks, comm.world_size)))
-    if comm.rank < attention_ranks:
+    placement.check(layers, model.config.num_experts, list(range(comm.expert_ranks)))
+    if not comm.is_expert:
         for layer, moe in model.moe_blocks():
-            moe.experts = AllToAllExperts(comm, placement, layer, attention_ranks)
+            moe.experts = AllToAllExperts(comm, placement, layer)
         return model
     return ExpertSlices(model.config, {layer: placement.experts_on(comm.rank, layer) for layer in layers})
 
 
-def serve_layer(comm: ExpertGroup, experts: RoutedExperts, attention_ranks: int,
+def serve_layer(comm: ExpertGroup, experts: RoutedExperts,
                 load_E: torch.Tensor | None = None, sync_free: bool = False) -> int | torch.Tensor:
     """An expert rank's share of one MoE layer for one micro-batch (after the step's `agree`):
     receive blocks, run the grouped FFN on their real rows, send the blocks back; returns the real rows
     served. `load_E` (per expert of the model) counts the rows each expert received. `sync_free`
     (GPU): the whole padded buffer goes through `forward_padded`, and nothing is read on the host."""
     zeros = [0] * comm.world_size
-    blocks = comm.splits(attention_ranks, to_experts=False)
+    blocks = comm.splits(to_experts=False)
     empty = torch.empty(0, comm.hidden + 1, dtype=comm.dtype, device=comm.device)
     rows_BD1, _ = comm.all_to_all(empty, zeros, blocks)
     experts_B = rows_BD1[:, -1].long()

@@ -7,7 +7,7 @@ The policy is the published greedy (DeepSeek's EPLB, vLLM's `--enable-eplb`), wr
      free slot and does not hold that expert yet.
 Ties break on the lower expert, replica and rank index, so the same counts give the same placement.
 
-Ranks here are expert ranks counted from 0 (`to_rank_table` adds the attention ranks). A rank's
+Ranks here are expert ranks counted from 0, which in a gang's group are their ranks too. A rank's
 capacity is its experts plus its redundant slots; capacities may differ between ranks.
 
 Tokens of an expert with several replicas are split by `replica_of_rows`: the k-th row routed to the
@@ -135,9 +135,10 @@ def contiguous_placement(num_experts: int, capacities: Sequence[int]) -> LayerPl
     return LayerPlacement(replicas, tuple(slots))
 
 
-def to_rank_table(placements: Mapping[int, LayerPlacement], first_expert_rank: int) -> dict[int, list[list[int]]]:
-    """`workers.expert_parallel.Placement`'s table: layer -> each expert's process-group ranks."""
-    return {layer: [[first_expert_rank + r.rank for r in replicas] for replicas in p.replicas]
+def to_rank_table(placements: Mapping[int, LayerPlacement]) -> dict[int, list[list[int]]]:
+    """`workers.expert_parallel.Placement`'s table: layer -> each expert's process-group ranks (expert
+    ranks come first in a gang's group, so an expert rank's index here is its rank)."""
+    return {layer: [[r.rank for r in replicas] for replicas in p.replicas]
             for layer, p in placements.items()}
 
 

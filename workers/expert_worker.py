@@ -39,7 +39,7 @@ class ExpertWorker(Rank):
                  metrics: MetricsOptions | None = None, eplb: EplbSettings | None = None,
                  capacities: list[int] | None = None):
         super().__init__(rank, num_attention + num_expert_ranks, torch_threads, device, metrics)
-        self.num_attention = num_attention
+        self.num_expert_ranks = num_expert_ranks
         self.placement = placement  # the gang's one (MoE layer, expert) -> ranks table, made in cluster/gang.py
         self.model_dir, self.dtype_name, self.idle_steps = model_dir, dtype, idle_steps
         self.rows_served = 0
@@ -52,11 +52,12 @@ class ExpertWorker(Rank):
         start = time.monotonic()
         config = load_config(self.model_dir)
         dtype = resolve_dtype(self.dtype_name, self.device.type)
-        self.comm = ExpertGroup(self.group, self.rank, self.world_size, config.hidden_size, dtype, self.device)
+        self.comm = ExpertGroup(self.group, self.rank, self.world_size, self.num_expert_ranks, config.hidden_size, dtype,
+                                self.device)
         with torch.device("meta"):
-            shard = shard_experts(Llama4ForCausalLM(config), self.comm, self.placement, self.num_attention)
+            shard = shard_experts(Llama4ForCausalLM(config), self.comm, self.placement)
         rebalancing = self.eplb.rebalance_every_steps and self.capacities
-        slots = self.capacities[self.rank - self.num_attention] if rebalancing else 0
+        slots = self.capacities[self.rank] if rebalancing else 0
         shard, report = self._read_experts(shard, self.progress, slots)
         self.config = config
         self.weight_bytes = weight_bytes(shard)
@@ -91,7 +92,7 @@ class ExpertWorker(Rank):
         """A rebalance's new experts for this rank, read beside the ones it serves (off the wave thread);
         returns what puts them in at the switch step (in place of the experts it drops: `fill_slots`),
         and the bytes read."""
-        slot = self.rank - self.num_attention
+        slot = self.rank  # expert ranks come first: an expert rank's rank is its slot in the placement
         wanted = {layer: list(placements[layer].slots[slot]) for layer in self.moe_layers}
         held = {layer: held_experts(experts) for layer, experts in zip(self.moe_layers, self.layers)}
         missing = {layer: [e for e in wanted[layer] if e not in held[layer]] for layer in self.moe_layers}
@@ -131,15 +132,19 @@ class ExpertWorker(Rank):
         self._fault_in = None
         self._new_wave()
 
+    def resume_on_group(self) -> None:
+        """A regroup: a new wave on the new group; the experts stay loaded, the placement stays."""
+        self._new_wave()
+
     def _new_wave(self) -> None:
         self.rebalancer = Rebalancer(self.eplb, self.placement, self.moe_layers, self.config.num_experts,
-                                     self.capacities or [], self.num_attention, self.group, self.device,
+                                     self.capacities or [], self.group, self.device,
                                      load=lambda: self.expert_load_LE, stage=self._stage,
                                      staged=lambda: self.wave.wake_local())  # an idle gang switches too
         # an expert rank proposes no tokens: it serves; it votes on a rebalance
         wave = WaveLoop(self.group, self.idle_steps, lambda: [0, 0, self.rebalancer.vote()], self._step,
                         f"experts-{self.rank}", self.torch_threads, self.device)
-        self.comm.bind(self.group, wave.thread)  # a wave thread of a failed epoch raises at its next collective
+        self.comm.bind(self.group, self.world_size, wave.thread)  # a wave thread of a failed epoch raises at its next collective
         self.wave = wave
 
     def inject_fault(self, steps: int) -> None:
@@ -163,7 +168,7 @@ class ExpertWorker(Rank):
         start, cpu_start, waited = time.perf_counter(), time.thread_time(), self.comm.alltoall_seconds
         for experts, load_E in zip(self.layers, self.expert_load_LE):
             for _ in range(microbatches):
-                self.rows_served += serve_layer(self.comm, experts, self.num_attention, load_E=load_E,
+                self.rows_served += serve_layer(self.comm, experts, load_E=load_E,
                                                 sync_free=self.sync_free)
         # this rank's own work in the step: its wall time less the waits in collectives; and the wave
         # thread's CPU time (what the rank would take with a core, or a device, of its own)

@@ -133,6 +133,31 @@ class Rank:
         """A fresh wave (and engine state) on the new group; the weights stay."""
         raise NotImplementedError
 
+    async def park(self, timeout_s: float) -> bool:
+        """Leave the wave at the next round the whole gang agrees on, before a regroup (`WaveLoop.park`);
+        True once this rank's loop has ended there."""
+        wave = self.wave
+        wave.park()
+        await asyncio.to_thread(wave.thread.join, timeout_s)
+        return wave.parked
+
+    async def regroup(self, address: str, port: int, world_size: int, timeout_s: float) -> float:
+        """Attention ranks joined or left at the end of the group: this rank, parked (or new and loaded),
+        joins the gang's next group of `world_size` ranks with all it holds: its weights, and on an
+        attention rank the engine with its requests and KV cache. `start` then runs its new wave."""
+        if self.device.type == "cuda":
+            raise RuntimeError("a gang on NCCL does not regroup (its ranks are rebuilt)")
+        if self.wave is not None and self.wave.thread.is_alive():
+            raise RuntimeError(f"rank {self.rank} must park before it regroups")
+        self.world_size = world_size
+        took = await asyncio.to_thread(self.init_group, address, port, timeout_s)  # the actor keeps answering
+        self.resume_on_group()
+        return took
+
+    def resume_on_group(self) -> None:
+        """After a regroup: a new wave on the new group over everything this rank holds."""
+        raise NotImplementedError
+
     async def load(self) -> dict:
         """Load this rank's weights on a thread of their own. Ray runs every method of an actor with an
         async method on its event loop: loading there would block `load_progress` until the end."""

@@ -15,6 +15,11 @@ by local work sets its generation to L + 1 and sends `wake(L + 1)` to every peer
 ranks then agree again. So a request that arrived just after a rank planned is never left asleep,
 work a plan took always runs (its rank proposes T > 0, so the gang steps), and only an idle gang
 costs messages: a busy one sees the new work at its next step's all-reduce.
+
+Parking: the gang changes its process group (attention ranks join or leave) at a step boundary
+that every rank agrees on. `park()` on any rank puts a 1 in the all-reduce's last field; every rank
+runs that round's step and then ends its loop, cleanly, its engine and weights untouched: the
+regrouped gang continues on a new loop from where this one stopped.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ class WaveLoop:
         self.on_failure: Callable[[BaseException], None] | None = None
         self.wake_peers: Callable[[int], None] | None = None  # send wake(generation) to every other rank
         self._local_wake = False
+        self._park = False  # asked to park: said in the next agreement
+        self.parked = False  # this loop ended at a parking round agreed by the whole gang
         self._thread = threading.Thread(target=self._run, name=f"wave-{name}", daemon=True)
 
     @property
@@ -71,6 +78,13 @@ class WaveLoop:
             self._local_wake = True
             self._cond.notify_all()
 
+    def park(self) -> None:
+        """End the loop after the next round the gang agrees on (every rank ends after the same one)."""
+        with self._cond:
+            self._park = True
+            self._local_wake = True  # an idle gang wakes to agree
+            self._cond.notify_all()
+
     def stop(self) -> None:
         with self._cond:
             self._stop = True
@@ -86,16 +100,22 @@ class WaveLoop:
                         return
                     gen = self._wake_gen  # NOTE: read before this rank plans (see module doc)
                     self._local_wake = False  # work queued before now is in this plan
+                    park = int(self._park)
                 agreed, lowest = self.plan(), gen  # a lone rank (no expert workers) agrees with itself
                 if self.group is not None:
-                    flags = torch.tensor([-gen, *agreed], dtype=torch.long, device=self.device)
+                    flags = torch.tensor([-gen, *agreed, park], dtype=torch.long, device=self.device)
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-                    minus_lowest, *agreed = flags.tolist()  # NOTE: the one host read of a step
+                    minus_lowest, *agreed, park = flags.tolist()  # NOTE: the one host read of a step
                     lowest = -minus_lowest
                 self.step(agreed)
                 if agreed[0] > 0:
                     empty = 0
                     self.num_steps += 1
+                if park:
+                    self.parked = True
+                    log.info("wave loop %s parked after %d steps", self.name, self.num_steps)
+                    return
+                if agreed[0] > 0:
                     continue
                 empty += 1
                 if empty < self.idle_steps:

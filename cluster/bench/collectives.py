@@ -33,9 +33,10 @@ def _rank(rank: int, world: int, port: int, hidden: int, moe_layers: list[int], 
           rows: list[int], steps: int, results) -> None:
     torch.set_num_threads(1)
     group, _store = gloo_group("127.0.0.1", port, rank, world, datetime.timedelta(seconds=120))
-    comm = ExpertGroup(group, rank, world, hidden, torch.float32)
-    placement = Placement.contiguous(moe_layers, num_experts, list(range(1, world)))
-    moe = [AllToAllExperts(comm, placement, layer, 1) for layer in moe_layers]
+    attention = world - 1  # expert ranks first, as in a gang
+    comm = ExpertGroup(group, rank, world, attention, hidden, torch.float32)
+    placement = Placement.contiguous(moe_layers, num_experts, list(range(attention)))
+    moe = [AllToAllExperts(comm, placement, layer) for layer in moe_layers]
     generator = torch.Generator().manual_seed(rank)
     step_ms = []
     for n in rows:
@@ -44,17 +45,17 @@ def _rank(rank: int, world: int, port: int, hidden: int, moe_layers: list[int], 
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            flags = torch.tensor([0, n if rank == 0 else 0, 1], dtype=torch.long)
+            flags = torch.tensor([0, n if rank == attention else 0, 1], dtype=torch.long)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
             comm.agree(flags.tolist()[1:])
             for layer in moe:
-                if rank == 0:
+                if rank == attention:
                     layer.combine(layer.dispatch(x_ND, experts_N))
                 else:
-                    serve_layer(comm, _identity, 1)
+                    serve_layer(comm, _identity)
             times.append(time.perf_counter() - start)
         step_ms.append(statistics.median(times[steps // 10:]) * 1e3)  # the first tenth warms up
-    if rank == 0:
+    if rank == attention:
         results.put(step_ms)
 
 

@@ -98,13 +98,13 @@ def test_a_gang_rebalancing_live_generates_what_transformers_does(ray_cluster, s
     table = attention["placement"]
     for layer, ranks_E in table.items():
         # the table every rank follows is what each expert rank holds, slots within capacity
-        for i, e in enumerate(experts):
-            assert e["experts_by_layer"][layer] == [x for x, ranks in enumerate(ranks_E) if 1 + i in ranks]
+        for i, e in enumerate(experts):  # expert rank i is group rank i
+            assert e["experts_by_layer"][layer] == [x for x, ranks in enumerate(ranks_E) if i in ranks]
             assert len(e["experts_by_layer"][layer]) <= [5, 5, 4][i]
         assert all(len(ranks_E[h]) >= 2 for h in HOT_PAIR), ranks_E  # the hot pair is replicated
         # a replica holds exactly its original's bytes
         for expert, ranks in enumerate(ranks_E):
-            assert len({digests[rank - 1][layer][expert] for rank in ranks}) == 1
+            assert len({digests[rank][layer][expert] for rank in ranks}) == 1
 
 
 def test_fp8_experts_rebalance_and_generate_what_the_static_placement_does(ray_cluster, tmp_path):
@@ -154,5 +154,5 @@ def test_a_rank_replaced_after_a_rebalance_loads_the_table_the_survivors_follow(
     table, held, out = asyncio.run(main())
     config_ = load_config(ckpt)
     assert table != initial_placement(config, config_.moe_layers, config_.num_experts).table  # it had moved
-    assert held == {layer: [e for e, ranks in enumerate(ranks_E) if 1 in ranks] for layer, ranks_E in table.items()}
+    assert held == {layer: [e for e, ranks in enumerate(ranks_E) if 0 in ranks] for layer, ranks_E in table.items()}
     assert out == [hf_greedy(hf, p, NEW_TOKENS) for p in after]

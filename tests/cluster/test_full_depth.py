@@ -75,7 +75,7 @@ def test_full_depth_gang_over_four_nodes_equals_transformers(four_nodes, full_de
             results = await asyncio.gather(*(_collect(supervisor, p) for p in prompts))
             elapsed = time.monotonic() - started
             rss = [psutil.Process(pid).memory_info().rss for pid in pids]
-            experts = [sorted(report["experts"]) for report in supervisor.gang.loads[ATTENTION:]]
+            experts = [sorted(report["experts"]) for report in supervisor.gang.loads[:EXPERTS]]
             return nodes, results, elapsed, rss, experts
         finally:
             await supervisor.stop()

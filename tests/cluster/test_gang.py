@@ -90,12 +90,12 @@ def test_gang_equals_single_process(ray_cluster, gang_checkpoint, reference, att
     assert [ids for ids, _, _ in results] == single
     assert all(finish == "length" for _, finish, _ in results)
     assert len(nodes) == min(3, attention + experts)  # SPREAD put the ranks on different nodes
-    for report in loads[:attention]:  # attention workers never read routed experts
+    for report in loads[experts:]:  # attention workers (after the expert ranks) never read routed experts
         assert report["expert_keys_read"] == 0
     # each expert worker read only its share: the same bytes per expert held (8 over 3 is 3, 3, 2)
-    per_expert = {r["bytes_read"] / len(r["experts"]) for r in loads[attention:]}
-    assert len(per_expert) == 1, [(r["bytes_read"], r["experts"]) for r in loads[attention:]]
-    assert sorted(e for r in loads[attention:] for e in r["experts"]) == list(range(8))
+    per_expert = {r["bytes_read"] / len(r["experts"]) for r in loads[:experts]}
+    assert len(per_expert) == 1, [(r["bytes_read"], r["experts"]) for r in loads[:experts]]
+    assert sorted(e for r in loads[:experts] for e in r["experts"]) == list(range(8))
     assert all(steps > 0 for steps in per_worker)
 
 
@@ -133,7 +133,7 @@ def test_placement_from_outside_is_what_every_rank_follows(ray_cluster, gang_che
     ps, single = reference
     config = hf.config
     moe_layers = config.moe_layers
-    ranks = [2, 3, 4]  # A=2, E=3
+    ranks = [0, 1, 2]  # E=3 expert ranks first, then A=2
     table = {layer: [[ranks[(e + k) % 3]] for e in range(config.num_local_experts)] for k, layer in enumerate(moe_layers)}
     placement = Placement(table)
 
@@ -147,14 +147,14 @@ def test_placement_from_outside_is_what_every_rank_follows(ray_cluster, gang_che
 
     results, loads = asyncio.run(main())
     assert [ids for ids, _, _ in results] == single[:3]
-    assert [report["experts"] for report in loads[2:]] == [placement.experts_on(r, moe_layers[0]) for r in ranks]
-    assert loads[2]["experts"] == [0, 3, 6]  # interleaved, not consecutive
+    assert [report["experts"] for report in loads[:3]] == [placement.experts_on(r, moe_layers[0]) for r in ranks]
+    assert loads[0]["experts"] == [0, 3, 6]  # interleaved, not consecutive
 
 
 def test_a_placement_that_does_not_fit_the_gang_is_refused(ray_cluster, gang_checkpoint):
     ckpt, hf = gang_checkpoint
     config = hf.config
-    on_attention = Placement({layer: [[0]] * config.num_local_experts for layer in config.moe_layers})
+    on_attention = Placement({layer: [[1]] * config.num_local_experts for layer in config.moe_layers})
     with pytest.raises(ValueError, match="not expert ranks"):
         build_gang(gang_config(ckpt, 1, 1), placement=on_attention)
     short = Placement({layer: [[1]] * (config.num_local_experts - 1) for layer in config.moe_layers})
@@ -237,9 +237,10 @@ def test_a_failed_gang_keeps_its_survivors_and_reads_only_the_replaced_share(ray
 
     full, reread, pids, after, (ids, finish, error) = asyncio.run(main())
     assert error is None and ids == single[1] and finish == "length"
-    assert after[:3] == pids[:3]
+    kept = [0, 2, 3]  # expert 0 and the attention ranks (expert ranks come first: the victim is rank 1)
+    assert [after[r] for r in kept] == [pids[r] for r in kept]
     if fault == "kill":
-        assert after[3] != pids[3] and 0 < reread < full / 2, (reread, full)
+        assert after[1] != pids[1] and 0 < reread < full / 2, (reread, full)
     else:
         assert after == pids and reread == 0
 
@@ -300,9 +301,10 @@ def test_gang_start_up_reports_stages_in_order_and_each_ranks_bytes(ray_cluster,
     routed = {k: n for k, n in sizes.items() if ".feed_forward.experts." in k}
     assert routed and all(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k in routed)  # fused
     num_experts = hf.config.num_local_experts
-    expected = [sum(n for k, n in sizes.items() if k.startswith("language_model.") and k not in routed)]
-    expected += [sum(routed.values()) * len(report["experts"]) // num_experts for report in loads[1:]]
-    assert sorted(e for report in loads[1:] for e in report["experts"]) == list(range(num_experts))
+    # expert ranks first, then the attention rank
+    expected = [sum(routed.values()) * len(report["experts"]) // num_experts for report in loads[:2]]
+    expected += [sum(n for k, n in sizes.items() if k.startswith("language_model.") and k not in routed)]
+    assert sorted(e for report in loads[:2] for e in report["experts"]) == list(range(num_experts))
     assert [r["total_bytes"] for r in ranks] == expected
     assert [r["loaded_bytes"] for r in ranks] == expected == [report["bytes_read"] for report in loads]
     final = startup.snapshot()
@@ -314,3 +316,88 @@ def test_gang_start_up_reports_stages_in_order_and_each_ranks_bytes(ray_cluster,
     assert [s.stage for s in pushed[0]] == list(STAGES)  # every stage reached the board
     assert pushed[0][-1].loaded_bytes == sum(expected) and pushed[0][-1].ranks_up == 3
     ray.kill(board)
+
+
+LONG = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+
+
+async def _stream_until(supervisor, ps, done: asyncio.Event, stats):
+    """Greedy streams of `ps` in turn, two at a time, until `done` is set: some always run. Each moves on
+    (`router.resume`) if its attention rank leaves. Returns (prompt, tokens, started, ended) per stream."""
+    from router.resume import resumable
+
+    async def attempt(request, retry):
+        async for batch in supervisor.generate_batches(request):
+            yield batch
+
+    async def one(prompt):
+        started, ids = time.monotonic(), []
+        async for batch in resumable(GenerateRequest(prompt, LONG), attempt, 0, stats):
+            for out in batch:
+                assert out.error is None, out.error
+                ids += out.new_token_ids
+        return prompt, ids, started, time.monotonic()
+
+    async def lane(offset):
+        results, i = [], offset
+        while not done.is_set():
+            results.append(await one(ps[i % len(ps)]))
+            i += 2
+        return results
+
+    lanes = await asyncio.gather(lane(0), lane(1))
+    return lanes[0] + lanes[1]
+
+
+def test_attention_ranks_join_and_leave_a_running_gang(ray_cluster, gang_checkpoint):
+    """1 -> 2 -> 1 attention ranks while streams run: every stream exact (those on the leaving rank moved
+    on, planned), the expert ranks keep their processes and read no byte again, no new epoch."""
+    from router.resume import ResumeStats
+
+    ckpt, _ = gang_checkpoint
+    ps = prompts(4, seed=3)
+    engine = LLMEngine.from_model_dir(ckpt, EngineConfig(block_size=8), skip_tokenizer_init=True)
+    single = {tuple(p): r.outputs[0].token_ids for p, r in zip(ps, LLM(engine=engine).generate(ps, LONG))}
+
+    async def resize(supervisor, change):
+        done, stats = asyncio.Event(), ResumeStats()
+        streams = asyncio.create_task(_stream_until(supervisor, ps, done, stats))
+        await asyncio.sleep(0.5)
+        pause = await change()
+        changed = time.monotonic()
+        await asyncio.sleep(0.5)  # streams started on the new set of ranks too
+        done.set()
+        return pause, await streams, changed, stats
+
+    async def main():
+        supervisor = GangSupervisor(gang_config(ckpt, 1, 2), health_period_s=0.5)
+        await supervisor.start()
+        try:
+            experts = supervisor.gang.experts
+            before = ray.get([r.load_progress.remote() for r in experts])
+            pids = [r["pid"] for r in (await supervisor.stats())["ranks"]]
+            epoch = supervisor.epoch
+            grown = await resize(supervisor, supervisor.add_attention_rank)
+            pair = await asyncio.gather(*(collect(supervisor, p, LONG) for p in ps[:2]))  # the least loaded: one each
+            two = await supervisor.stats()
+            shrunk = await resize(supervisor, lambda: supervisor.remove_attention_rank(grace_s=0.0))
+            one = await supervisor.stats()
+            after = ray.get([r.load_progress.remote() for r in experts])
+            assert [ids for ids, _, _ in pair] == [single[tuple(p)] for p in ps[:2]]
+            return before, after, pids, epoch, supervisor.epoch, grown, two, shrunk, one, supervisor.restarts
+        finally:
+            await supervisor.stop()
+
+    before, after, pids, epoch, epoch_after, grown, two, shrunk, one, restarts = asyncio.run(main())
+    for pause, streams, done_at, stats in (grown, shrunk):
+        assert pause > 0
+        for prompt, ids, _, _ in streams:
+            assert ids == single[tuple(prompt)]
+        # a stream ran across the pause (which ended just before the change returned)
+        assert any(start < done_at - pause and end > done_at for _, _, start, end in streams)
+    assert shrunk[3].planned_moves == shrunk[3].resumed_requests and grown[3].resumed_requests == 0
+    assert two["attention_ranks"] == 2 and one["attention_ranks"] == 1 and one["regroups"] == 2
+    assert two["requests_per_worker"][3] > 0  # the newcomer (rank 3: expert ranks 0-1, attention 2-3) served
+    assert [r["pid"] for r in one["ranks"]] == pids  # expert ranks and the first attention rank kept
+    assert after == before  # no expert rank read a byte again
+    assert epoch_after == epoch and restarts == 0

@@ -51,22 +51,22 @@ def test_expert_rows_read_by_byte_range(tiny):
 
 
 def _placement(config, owned):
-    """Expert rank 1 of an A=1, E=2 gang holds `owned`, rank 2 the rest."""
-    return Placement({layer: [[1] if e in owned else [2] for e in range(config.num_experts)]
+    """Expert rank 0 of an E=2, A=1 gang holds `owned`, rank 1 the rest (rank 2 runs attention)."""
+    return Placement({layer: [[0] if e in owned else [1] for e in range(config.num_experts)]
                       for layer in config.moe_layers})
 
 
 def _shard(config, rank, owned=(2, 3)):
     """What rank `rank` of that gang loads, as `shard_experts` makes it on the meta device."""
-    comm = ExpertGroup(None, rank, 3, config.hidden_size, torch.float32)
+    comm = ExpertGroup(None, rank, 3, 2, config.hidden_size, torch.float32)
     with torch.device("meta"):
-        shard = shard_experts(Llama4ForCausalLM(config), comm, _placement(config, owned), attention_ranks=1)
+        shard = shard_experts(Llama4ForCausalLM(config), comm, _placement(config, owned))
     return materialize(shard, "cpu")
 
 
 def _attention_worker_model(config):
     """Everything but the routed experts, as an attention worker holds it."""
-    model = _shard(config, rank=0)
+    model = _shard(config, rank=2)
     assert all(isinstance(moe.experts, AllToAllExperts) for _, moe in model.moe_blocks())
     return model
 
@@ -83,7 +83,7 @@ def test_attention_worker_never_reads_routed_experts(tiny):
 def test_expert_worker_reads_only_its_experts(tiny):
     config = load_config(tiny)
     owned = [2, 3]
-    shard = _shard(config, rank=1, owned=owned)
+    shard = _shard(config, rank=0, owned=owned)
     assert isinstance(shard, ExpertSlices) and list(shard.parameters())  # experts only, and only those
     assert sum(p.numel() for p in shard.parameters()) == sum(
         p.numel() for layer in config.moe_layers for p in shard.experts(layer).parameters())
@@ -93,16 +93,16 @@ def test_expert_worker_reads_only_its_experts(tiny):
         full = reader.read("language_model.model.layers.3.feed_forward.experts.down_proj")
     assert shard.experts(3).expert_ids == owned
     assert torch.equal(shard.experts(3).down_proj, full[owned].float())
-    assert _shard(config, rank=2, owned=owned).experts(3).expert_ids == [e for e in range(config.num_experts)
+    assert _shard(config, rank=1, owned=owned).experts(3).expert_ids == [e for e in range(config.num_experts)
                                                                          if e not in owned]
 
 
 def test_shard_experts_refuses_a_placement_that_does_not_fit(tiny):
     config = load_config(tiny)
-    comm = ExpertGroup(None, 1, 3, config.hidden_size, torch.float32)
-    wrong_rank = Placement({layer: [[3]] * config.num_experts for layer in config.moe_layers})
+    comm = ExpertGroup(None, 0, 3, 2, config.hidden_size, torch.float32)
+    wrong_rank = Placement({layer: [[2]] * config.num_experts for layer in config.moe_layers})
     with torch.device("meta"), pytest.raises(ValueError, match="not expert ranks"):
-        shard_experts(Llama4ForCausalLM(config), comm, wrong_rank, attention_ranks=1)
+        shard_experts(Llama4ForCausalLM(config), comm, wrong_rank)
 
 
 def _greedy(model_dir):

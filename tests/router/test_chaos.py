@@ -58,7 +58,7 @@ def handle(name: str, app: str = "maverick"):
 
 
 def gang_pids(app: str = "maverick") -> list[int]:
-    """Rank processes, attention first."""
+    """Rank processes in rank order: expert ranks first, attention last."""
     return [r["pid"] for r in handle("gangs", app).stats.remote().result()["ranks"]]
 
 
@@ -93,20 +93,20 @@ def check_case(live, specs_and_expected, fault, what: str) -> None:
 
 def test_sigkill_of_an_expert_worker(live, specs_and_expected):
     pids = gang_pids()
-    check_case(live, specs_and_expected, lambda: kill(pids[-1]), "SIGKILL expert")
+    check_case(live, specs_and_expected, lambda: kill(pids[0]), "SIGKILL expert")
 
 
 def test_sigkill_of_the_attention_worker(live, specs_and_expected):
     pids = gang_pids()
-    check_case(live, specs_and_expected, lambda: kill(pids[0]), "SIGKILL attention")
+    check_case(live, specs_and_expected, lambda: kill(pids[-1]), "SIGKILL attention")
 
 
 def test_sigstop_of_an_expert_worker_is_a_hang_detected_and_recovered(live, specs_and_expected):
     pids = gang_pids()
     try:
-        check_case(live, specs_and_expected, lambda: kill(pids[-1], signal.SIGSTOP), "SIGSTOP expert")
+        check_case(live, specs_and_expected, lambda: kill(pids[0], signal.SIGSTOP), "SIGSTOP expert")
     finally:
-        kill(pids[-1])  # the torn-down gang's actor, if Ray has not killed it yet
+        kill(pids[0])  # the torn-down gang's actor, if Ray has not killed it yet
 
 
 def test_an_expert_that_raises_in_a_step(live, specs_and_expected):
@@ -194,14 +194,14 @@ def stream_then(strict, fault) -> dict:
 
 def test_a_request_that_may_not_move_ends_with_503(strict):
     wait_serving("strict")
-    pid = gang_pids("strict")[0]
+    pid = gang_pids("strict")[-1]
     last = stream_then(strict, lambda: kill(pid))
     assert last["error"]["code"] == 503 and last["error"]["type"] == "service_unavailable", last
 
 
 def test_a_request_whose_timeout_passes_while_its_gang_hangs_ends_with_504(strict):
     wait_serving("strict")
-    pid = gang_pids("strict")[0]
+    pid = gang_pids("strict")[-1]
     try:
         last = stream_then(strict, lambda: kill(pid, signal.SIGSTOP))
     finally:

@@ -85,7 +85,7 @@ def test_killing_one_gangs_expert_moves_its_streams_to_the_other_gang(live):
     expected = reference(live.model_dir, specs)
     before = routing()
     victim = gang_stats(1)
-    expert_pid = victim["ranks"][-1]["pid"]  # ranks are in order: attention first, experts last
+    expert_pid = victim["ranks"][0]["pid"]  # ranks are in order: experts first, attention last
     got, pause = run_with_fault(live, specs, lambda: os.kill(expert_pid, signal.SIGKILL))
     assert_same(specs, expected, got)
     after = routing()

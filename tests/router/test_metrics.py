@@ -198,7 +198,7 @@ def drive_load(live) -> tuple[Tally, float]:
     for t in threads:
         t.start()
     started.wait(timeout=120)
-    os.kill(gang_pids()[-1], signal.SIGKILL)  # an expert worker
+    os.kill(gang_pids()[0], signal.SIGKILL)  # an expert worker (rank 0)
     for t in threads:
         t.join(timeout=300)
     assert statuses == [503, 503], statuses

@@ -13,7 +13,6 @@ from workers.expert_parallel import Placement
 from workers.expert_placement import place_experts, to_rank_table
 
 D, F, E, LAYERS = 8, 12, 6, [1, 3]
-FIRST = 1  # one attention rank, then the expert ranks
 
 
 def experts(ids, seed=0):
@@ -98,8 +97,8 @@ class Load:
 
 def rebalancer(every, window=0, stage=None, load=None, placement=None, min_gain=0.0):
     capacities = [4, 4]  # 6 experts over 2 expert ranks, plus one spare slot each
-    placement = placement or Placement.contiguous(LAYERS, E, [FIRST, FIRST + 1])
-    return Rebalancer(EplbSettings(1, every, window, min_gain), placement, LAYERS, E, capacities, FIRST, None,
+    placement = placement or Placement.contiguous(LAYERS, E, [0, 1])
+    return Rebalancer(EplbSettings(1, every, window, min_gain), placement, LAYERS, E, capacities, None,
                       torch.device("cpu"), load=load and (lambda: load.LE), stage=stage)
 
 
@@ -123,7 +122,7 @@ def test_a_rebalance_is_decided_every_n_steps_staged_then_switched_when_the_gang
     r.after_step()  # the decision: the policy runs, staging starts on its own thread
     assert r.vote() == STAGING
     r.before_step(STAGING)  # another rank still stages: nothing changes
-    assert r.placement.table[1][0] == [FIRST]
+    assert r.placement.table[1][0] == [0]
     release.set()
     for _ in range(100):
         if r.vote() == READY:
@@ -132,7 +131,7 @@ def test_a_rebalance_is_decided_every_n_steps_staged_then_switched_when_the_gang
     assert r.vote() == READY
     r.before_step(READY)
     assert staged[-1] == "installed"
-    assert r.placement.table[1][0] == [FIRST, FIRST + 1]  # the hot expert now on both ranks
+    assert r.placement.table[1][0] == [0, 1]  # the hot expert now on both ranks
     s = r.stats
     assert (s.rebalances, s.bytes_total, s.switches) == (1, 123, ((3, 3),))
     assert s.balancedness[1] < 0.6 < 0.9 < s.planned[1]
@@ -172,7 +171,7 @@ def test_a_failed_staging_is_dropped_by_every_rank_and_the_table_stays():
 def test_a_rank_without_a_stage_swaps_its_table_at_once_and_an_unchanged_placement_moves_nothing():
     placed = place_experts({layer: HOT for layer in LAYERS}, [4, 4])
     load = Load()
-    r = rebalancer(every=1, load=load, placement=Placement(to_rank_table(placed, FIRST)))
+    r = rebalancer(every=1, load=load, placement=Placement(to_rank_table(placed)))
     load.add(HOT)
     r.after_step()  # the same load: the policy returns the placement it has
     assert r.vote() == READY and r.stats.unchanged == 1
@@ -195,5 +194,5 @@ def test_a_placement_that_gains_too_little_is_not_adopted():
     r = rebalancer(every=1, load=load, stage=lambda p: 1 / 0, min_gain=0.5)
     load.add(HOT)  # contiguous serves it at 0.53, the policy would at 0.98: a gain of 0.45 < 0.5
     r.after_step()
-    assert r.vote() == READY and r.stats.unchanged == 1 and r.placement.table[1][0] == [FIRST]
+    assert r.vote() == READY and r.stats.unchanged == 1 and r.placement.table[1][0] == [0]
     assert r.stats.balancedness[1] < 0.6 < 0.9 < r.stats.planned[1]  # what it measured is still told

@@ -47,34 +47,36 @@ def _agree(comm: ExpertGroup, rows: list[int]) -> int:
     return comm.agree(plan.tolist())
 
 
-def _placement(num_attention, world, replicated):
+def _placement(num_experts, replicated):
     """Contiguous, or EPLB's: 2 spare slots per expert rank, expert 5 hot (copies on every expert rank)."""
-    expert_ranks = list(range(num_attention, world))
+    expert_ranks = list(range(num_experts))  # expert ranks first, as in a gang
     if not replicated:
         return Placement.contiguous(list(LAYERS), E, expert_ranks)
     load = [1] * E
     load[5] = 100
     capacities = [E // len(expert_ranks) + (i < E % len(expert_ranks)) + 2 for i in range(len(expert_ranks))]
-    return Placement(to_rank_table(place_experts({layer: load for layer in LAYERS}, capacities), num_attention))
+    return Placement(to_rank_table(place_experts({layer: load for layer in LAYERS}, capacities)))
 
 
 def _worker(rank, world, num_attention, case, store_path, results, sync_free=False, split=False, replicated=False):
     try:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
-        comm = ExpertGroup(dist.group.WORLD, rank, world, D, torch.float32)
-        placement = _placement(num_attention, world, replicated)
+        num_experts = world - num_attention
+        comm = ExpertGroup(dist.group.WORLD, rank, world, num_experts, D, torch.float32)
+        placement = _placement(num_experts, replicated)
         # steps of two MoE layers: count and capacity agreed once per step. With micro-batches, attention
         # rank 0 splits its rows in two (rank 1 does not ask to: it runs its rows and an empty one), and
         # both micro-batches are dispatched before either is combined, as the overlapped forward does
         for step in range(STEPS):
-            if rank < num_attention:
-                x, ids = _inputs(rank, case, step)
-                parts = [(0, len(x) // 2), (len(x) // 2, len(x))] if split and rank == 0 else [(0, len(x))]
+            if rank >= num_experts:
+                x, ids = _inputs(rank - num_experts, case, step)
+                first = rank == num_experts
+                parts = [(0, len(x) // 2), (len(x) // 2, len(x))] if split and first else [(0, len(x))]
                 count = _agree(comm, [b - a for a, b in parts])
                 parts += [(len(x), len(x))] * (count - len(parts))
                 for layer in LAYERS:
-                    a2a = AllToAllExperts(comm, placement, layer, num_attention)
+                    a2a = AllToAllExperts(comm, placement, layer)
                     pending = [a2a.dispatch(x[a:b], ids[a:b]) for a, b in parts]
                     y = torch.cat([a2a.combine(p) for p in pending])
                     expected = _reference_experts()(x, ids)
@@ -85,7 +87,7 @@ def _worker(rank, world, num_attention, case, store_path, results, sync_free=Fal
                 for layer in LAYERS:
                     experts = _reference_experts(placement.experts_on(rank, layer))
                     load_E = torch.zeros(E, dtype=torch.long)
-                    served = sum(int(serve_layer(comm, experts, num_attention, load_E=load_E, sync_free=sync_free))
+                    served = sum(int(serve_layer(comm, experts, load_E=load_E, sync_free=sync_free))
                                  for _ in range(count))
                     assert served == int(load_E.sum())  # padding counts for no expert
                     assert not load_E[[e for e in range(E) if e not in experts.expert_ids]].any()
@@ -144,8 +146,8 @@ def _check_dispatch_combine(tmp_path, num_attention, num_experts, case, sync_fre
     for step in range(STEPS):
         rows = sum(rows_of(r, step) for r in range(num_attention))
         for layer in LAYERS:
-            assert all(results[(rank, step, layer)] <= 1e-5 for rank in range(num_attention))
-            served = [results[(r, step, layer, "served")] for r in range(num_attention, world)]
+            assert all(results[(rank, step, layer)] <= 1e-5 for rank in range(num_experts, world))
+            served = [results[(r, step, layer, "served")] for r in range(num_experts)]
             assert sum(served) == rows  # every routed row visited exactly one expert rank, once per layer
             if case == "one_expert" and num_experts == 1:
                 assert served[0] == rows

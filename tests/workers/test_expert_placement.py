@@ -90,9 +90,9 @@ def test_rejects_too_few_slots():
 
 def test_rank_table_is_a_valid_dispatch_placement():
     placements = place_experts({1: SKEWED, 3: SKEWED[::-1]}, [5, 5, 4])
-    table = to_rank_table(placements, first_expert_rank=1)
-    Placement(table).check([1, 3], 8, [1, 2, 3])
-    assert set(table[1][0]) == {1, 2, 3}
+    table = to_rank_table(placements)
+    Placement(table).check([1, 3], 8, [0, 1, 2])
+    assert set(table[1][0]) == {0, 1, 2}
 
 
 def test_token_split_is_even_and_depends_only_on_the_rows():

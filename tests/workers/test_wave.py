@@ -24,7 +24,12 @@ class _Rank:
         self.script: list[list[int]] = []
         self.agreed: list[list[int]] = []
         self.changed = threading.Condition()
-        self.wave = WaveLoop(group, idle_steps=2, plan=self._plan, step=self._step, name=f"test-{index}")
+        self.index = index
+        self.regroup(group)
+
+    def regroup(self, group) -> None:
+        """A new loop on `group`, with this rank's script and agreements so far (a regrouped gang's rank)."""
+        self.wave = WaveLoop(group, idle_steps=2, plan=self._plan, step=self._step, name=f"test-{self.index}")
 
     def _plan(self) -> list[int]:
         with self.changed:
@@ -49,7 +54,7 @@ class _Rank:
             return self.agreed[:n]
 
 
-def _gang(size: int) -> list[_Rank]:
+def _groups(size: int) -> list:
     port, groups = _free_port(), [None] * size
     timeout = datetime.timedelta(seconds=TIMEOUT)
 
@@ -61,11 +66,20 @@ def _gang(size: int) -> list[_Rank]:
         t.start()
     for t in threads:
         t.join(TIMEOUT)
-    ranks = [_Rank(i, group) for i, (group, _) in enumerate(groups)]
+    return groups
+
+
+def _start(ranks: list[_Rank], groups: list) -> None:
     ranks[0].stores = [store for _, store in groups]  # the rendezvous stores live as long as the gang
     for rank in ranks:
         rank.wave.wake_peers = lambda gen, me=rank: [r.wave.wake(gen) for r in ranks if r is not me]
         rank.wave.start()
+
+
+def _gang(size: int) -> list[_Rank]:
+    groups = _groups(size)
+    ranks = [_Rank(i, group) for i, (group, _) in enumerate(groups)]
+    _start(ranks, groups)
     return ranks
 
 
@@ -87,6 +101,44 @@ def test_ranks_agree_by_max_step_together_and_idle_together():
         for rank in ranks:
             assert rank.wait_rounds(len(first) + 3) == first + [[1, 1]] + idle
         assert all(rank.wave.num_steps == 4 for rank in ranks)
+    finally:
+        for rank in ranks:
+            rank.wave.stop()
+
+
+def test_a_parked_gang_ends_after_one_agreed_round_and_goes_on_in_a_bigger_group():
+    """Parking, asked by one rank mid-wave, ends every rank's loop after the same round, none failed;
+    a fourth rank then joins a new group and the old ranks' work goes on where it stopped."""
+    ranks = _gang(3)
+    try:
+        for rank in ranks:
+            rank.wait_rounds(2)  # idle
+        ranks[0].give([[2, 1]] * 40)
+        ranks[0].wait_rounds(2 + 5)
+        ranks[2].wave.park()  # a rank without work of its own asks
+        for rank in ranks:
+            rank.wave.thread.join(TIMEOUT)
+            assert rank.wave.parked and rank.wave.failed is None and not rank.wave.thread.is_alive()
+        rounds = {len(rank.agreed) for rank in ranks}
+        assert len(rounds) == 1, rounds  # the same last round everywhere
+        left = len(ranks[0].script)
+        assert 0 < left < 40 - 5
+        groups = _groups(4)
+        ranks.append(_Rank(3, None))
+        ranks[3].agreed = list(ranks[0].agreed)  # the newcomer's own record starts with the gang's
+        for rank, (group, _) in zip(ranks, groups):
+            rank.regroup(group)
+        _start(ranks, groups)
+        done = rounds.pop() + left + 2
+        agreed = [rank.wait_rounds(done) for rank in ranks]
+        assert all(a == agreed[0] for a in agreed)
+        assert agreed[0][-left - 2:] == [[2, 1]] * left + [[0, 0]] * 2  # the rest of the work, then idle
+        # an idle gang parks too: it wakes to agree
+        for rank in ranks:
+            rank.wave.park()
+        for rank in ranks:
+            rank.wave.thread.join(TIMEOUT)
+            assert rank.wave.parked and rank.wave.failed is None
     finally:
         for rank in ranks:
             rank.wave.stop()

@@ -1,0 +1,89 @@
+"""When a running gang changes its attention side: the policy, and the load it reads.
+
+An attention rank holds the dense weights and the KV cache; the expert ranks hold the experts. When
+the attention ranks run out of KV cache or queue requests while the expert ranks have time to spare,
+one more attention rank is far cheaper than another gang (`GangSupervisor.add_attention_rank`);
+when the load would fit in one rank fewer, the last one leaves (`remove_attention_rank`). The
+supervisor reads its ranks' `stats()` every `period_s` into an `AttentionLoad`; the policy acts on a
+condition only once it held for `window_s`, and not within `cooldown_s` of the last change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cluster.config import AttentionScalingConfig
+
+
+@dataclass(frozen=True)
+class AttentionLoad:
+    ranks: int  # attention ranks serving
+    kv_use: float  # mean over them of each one's fullest KV group's used fraction
+    waiting: int  # requests waiting in their engines, all together
+    running: int
+    expert_busy: float  # the busiest expert rank's computing share of the time since the last reading
+
+    def describe(self) -> str:
+        return (f"KV {self.kv_use:.0%} over {self.ranks} attention rank(s), {self.running} running, "
+                f"{self.waiting} waiting, busiest expert rank computing {self.expert_busy:.0%} of the time")
+
+
+@dataclass(frozen=True)
+class Decision:
+    direction: str  # up | down
+    reason: str  # kv | queue (up), idle (down)
+    load: AttentionLoad
+
+    def describe(self) -> str:
+        return f"attention scaling {self.direction} ({self.reason}): {self.load.describe()}"
+
+
+def attention_load(attention_stats: list[dict], expert_compute_s: list[float], elapsed_s: float) -> AttentionLoad:
+    """The load from the attention ranks' `stats()` and the expert ranks' compute seconds over the last
+    `elapsed_s` seconds."""
+    def fullest(kv: dict) -> float:
+        return max((used / kv["blocks_total"][group] for group, used in kv["blocks_used"].items()
+                    if kv["blocks_total"][group]), default=0.0)
+
+    uses = [fullest(s["kv"]) for s in attention_stats]
+    busy = max((c / elapsed_s for c in expert_compute_s), default=0.0) if elapsed_s > 0 else 0.0
+    return AttentionLoad(ranks=len(attention_stats), kv_use=sum(uses) / max(len(uses), 1),
+                         waiting=sum(s["waiting"] for s in attention_stats),
+                         running=sum(s["running"] for s in attention_stats), expert_busy=busy)
+
+
+class AttentionScalingPolicy:
+    def __init__(self, settings: AttentionScalingConfig):
+        self.settings = settings
+        self._wanted: tuple[str, str] | None = None  # what the load asks for, and since when
+        self._since = 0.0
+        self._changed_at: float | None = None
+
+    def want(self, load: AttentionLoad) -> tuple[str, str] | None:
+        """What this reading alone asks for: (direction, reason), or None."""
+        s = self.settings
+        if load.ranks < s.max_attention_workers and load.expert_busy < s.expert_busy_max:
+            if load.kv_use >= s.kv_high:
+                return "up", "kv"
+            if load.waiting >= s.waiting_high * load.ranks:
+                return "up", "queue"
+        if load.ranks > s.min_attention_workers and not load.waiting:
+            if load.kv_use * load.ranks / (load.ranks - 1) < s.kv_low:
+                return "down", "idle"
+        return None
+
+    def observe(self, now: float, load: AttentionLoad) -> Decision | None:
+        """A decision once the same want held for `window_s`, outside the cooldown; else None."""
+        wanted = self.want(load)
+        if wanted != self._wanted:
+            self._wanted, self._since = wanted, now
+        s = self.settings
+        if wanted is None or now - self._since < s.window_s:
+            return None
+        if self._changed_at is not None and now - self._changed_at < s.cooldown_s:
+            return None
+        return Decision(*wanted, load)
+
+    def changed(self, now: float) -> None:
+        """The gang acted (or tried to): the window starts again, the cooldown runs from now."""
+        self._changed_at, self._wanted = now, None
