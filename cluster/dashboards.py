@@ -85,6 +85,14 @@ GANGS = [
           "direction and reason (load, or bounds a redeploy moved); each is logged with its figures.", "short",
           [(f"sum by (direction, reason) (increase(ray_maverick_gang_scaling_events_total{{{APP}}}[1h])) "
             "or vector(0)", "{{direction}} ({{reason}})")]),
+    Panel("Attention ranks", "Attention ranks each running gang has now (attention_scaling adds and removes them "
+          "while it serves).", "short",
+          [(f"max by (gang) (ray_maverick_gang_attention_ranks{{{APP}}}) unless on (gang) "
+            f'(max by (gang) (ray_maverick_gang_state{{{APP},state="stopped"}}) == 1)', "{{gang}}")]),
+    Panel("Attention scaling events", "Attention ranks added to and removed from running gangs in the last hour, "
+          "by direction and reason (kv, queue: up; idle: down); each is logged with its figures.", "short",
+          [(f"sum by (gang, direction, reason) (increase(ray_maverick_attention_scaling_events_total{{{APP}}}[1h])) "
+            "or vector(0)", "{{gang}} {{direction}} ({{reason}})")]),
     Panel("Gang state", "1 for each gang's current state (starting, ready, draining, failed, rebuilding, "
           "unreachable); gangs that left are not shown.", "short",
           [(f'max by (gang, state) (ray_maverick_gang_state{{{APP},state!="stopped"}}) > 0', "{{gang}} {{state}}")]),

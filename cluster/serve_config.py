@@ -35,6 +35,9 @@ def config_from_flags(args: argparse.Namespace) -> dict:
                                      "target_load": getattr(args, "target_load", None)}.items() if v is not None}
     if autoscaling:  # gangs follow load between the bounds; --num-gangs is the count at start
         optional["autoscaling"] = autoscaling
+    if getattr(args, "max_attention_workers", None) is not None:  # from --attention-workers up to this many
+        optional["attention_scaling"] = {"min_attention_workers": args.attention_workers,
+                                         "max_attention_workers": args.max_attention_workers}
     engine = {k: v for k, v in {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
                                 "max_num_batched_tokens": args.max_num_batched_tokens,
                                 "kv_cache_memory": args.kv_cache_memory}.items() if v is not None}

@@ -40,6 +40,9 @@ MEANINGS = {
     "num_gangs": "gangs behind one ingress, each a replica of the `gangs` deployment with its own placement "
                  "group; with `autoscaling`, the count at start (default there: `min_gangs`)",
     "autoscaling.min_gangs": "the fewest gangs Serve keeps, however quiet",
+    "attention_scaling.min_attention_workers": "the fewest attention ranks a gang keeps",
+    "attention_scaling.max_attention_workers": "the most attention ranks a gang runs; each one past those it started "
+                                               "with gets a one-bundle placement group of its own",
     "autoscaling.max_gangs": "the most gangs Serve runs, however busy (`maverick plan` sizes the cluster for it)",
     "api_key": "require `Authorization: Bearer KEY` on every route but the two health probes",
     "max_body_bytes": "largest request body; beyond: 413",

@@ -208,4 +208,4 @@ class ExpertWorker(Rank):
     def stats(self) -> dict:
         snapshot = dict(self.snapshot)
         snapshot["expert_load"] = snapshot["expert_load"].tolist()
-        return {**self.wave_state(), **snapshot}
+        return {**self.wave_state(), **snapshot, "loaded_bytes": self.progress.loaded_bytes}

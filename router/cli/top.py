@@ -42,6 +42,7 @@ class PrometheusSource:
         # a gang that left (scaled down) keeps its last series, "stopped": not listed
         states = self.prom.query(f'max by (gang, state) (ray_maverick_gang_state{{{a},state!="stopped"}}) > 0')
         restarts = self._by(f"max by (gang) (ray_maverick_gang_restarts{{{a}}})", "gang")
+        attention = self._by(f"max by (gang) (ray_maverick_gang_attention_ranks{{{a}}})", "gang")
         running = self._by(f"sum by (gang) (ray_maverick_num_requests_running{{{a}}})", "gang")
         waiting = self._by(f"sum by (gang) (ray_maverick_num_requests_waiting{{{a}}})", "gang")
         kv = self.prom.query(f"max by (gang, group) (ray_maverick_kv_cache_usage_perc{{{a}}})")
@@ -49,13 +50,14 @@ class PrometheusSource:
         for r in kv:
             kv_by_gang[r["metric"].get("gang", "")].append(
                 f"{r['metric'].get('group', '').split('_')[0]} {float(r['value'][1]):.0%}")
-        out = [f"{'gang':<13} {'state':<11} {'restarts':>8} {'running':>8} {'waiting':>8}  KV in use"]
+        out = [f"{'gang':<13} {'state':<11} {'attn':>4} {'restarts':>8} {'running':>8} {'waiting':>8}  KV in use"]
         for r in sorted(states, key=lambda r: r["metric"].get("gang", "")):
             g = r["metric"].get("gang", "")
             kv_in_use = ", ".join(kv_by_gang.get(g, [])) or "-"
-            out.append(f"{g:<13} {r['metric'].get('state', ''):<11} {restarts.get(g, 0):>8.0f} "
-                       f"{running.get(g, 0):>8.0f} {waiting.get(g, 0):>8.0f}  {kv_in_use}")
-        out += self._gangs_lines()
+            ranks = f"{attention[g]:.0f}" if g in attention else "-"
+            out.append(f"{g:<13} {r['metric'].get('state', ''):<11} {ranks:>4} "
+                       f"{restarts.get(g, 0):>8.0f} {running.get(g, 0):>8.0f} {waiting.get(g, 0):>8.0f}  {kv_in_use}")
+        out += self._gangs_lines() + self._attention_lines()
 
         def q(metric: str, p: float) -> float | None:
             return self._one(f"histogram_quantile({p}, sum by (le) (rate({metric}_bucket{{{a}}}[{w}])))")
@@ -90,6 +92,14 @@ class PrometheusSource:
                          "direction")
         return [f"gangs: {ready:.0f} ready, {wanted:.0f} wanted (autoscaling); scaled up {moves.get('up', 0):.0f}, "
                 f"down {moves.get('down', 0):.0f} in the last hour"]
+
+    def _attention_lines(self) -> list[str]:
+        """Only for gangs with attention_scaling, once one of them changed its attention side."""
+        events = f"ray_maverick_attention_scaling_events_total{{{self.app}}}"
+        moves = self._by(f"sum by (direction) (increase({events}[1h]))", "direction")
+        if not moves:
+            return []
+        return [f"attention ranks: added {moves.get('up', 0):.0f}, removed {moves.get('down', 0):.0f} in the last hour"]
 
     def _eplb_lines(self) -> list[str]:
         """Only for gangs with eplb: its series exist from a gang's first rebalance decision."""
@@ -154,14 +164,15 @@ class EndpointSource:
                 return None
             return next(le for le in sorted(buckets) if buckets[le] >= p * count)
 
-        out = [f"{'gang':<13} {'state':<11} {'restarts':>8} {'in flight':>9}"]
+        out = [f"{'gang':<13} {'state':<11} {'attn':>4} {'restarts':>8} {'in flight':>9}"]
         gangs = sorted({dict(labels)["gang"] for (n, labels) in samples if n == "maverick_gang_state"})
         for g in gangs:
             state = next((dict(labels)["state"] for (n, labels), v in samples.items()
                           if n == "maverick_gang_state" and dict(labels)["gang"] == g and v == 1), "-")
             if state == "stopped":  # a gang that left (scaled down)
                 continue
-            out.append(f"{g:<13} {state:<11} {total('maverick_gang_restarts', gang=g):>8.0f} "
+            out.append(f"{g:<13} {state:<11} {total('maverick_gang_attention_ranks', gang=g):>4.0f} "
+                       f"{total('maverick_gang_restarts', gang=g):>8.0f} "
                        f"{total('maverick_gang_requests_in_flight', gang=g):>9.0f}")
         tok_s = delta("maverick_generation_tokens_total") / dt if prev else None
         out += ["", f"generation {_fmt(tok_s, ' tok/s')}   requests: " + ", ".join(

@@ -68,7 +68,8 @@ def reference(gang_checkpoint):
     return ps, single
 
 
-@pytest.mark.parametrize("attention,experts", [(1, 1), (1, 2), (2, 2), (2, 4), (1, 4), (2, 1), (1, 3)])
+# (2, 1) runs in the micro-batch test below; (1, 4) adds nothing (2, 4) does not cover
+@pytest.mark.parametrize("attention,experts", [(1, 1), (1, 2), (2, 2), (2, 4), (1, 3)])
 def test_gang_equals_single_process(ray_cluster, gang_checkpoint, reference, attention, experts):
     ckpt, _ = gang_checkpoint
     ps, single = reference

@@ -148,6 +148,18 @@ def test_serve_gang_bound_flags_become_the_apps_autoscaling_args():
         validate_serve_config(config_from_flags(build_parser().parse_args(flags + ["--num-gangs", "4"])), "flags")
 
 
+def test_serve_max_attention_workers_turns_attention_scaling_on_from_the_attention_workers():
+    from cluster.serve_config import config_from_flags, validate_serve_config
+    from router.cli import build_parser
+
+    flags = ["serve", "--model", "/m", "--expert-workers", "2", "--max-attention-workers", "3"]
+    _, (app,) = validate_serve_config(config_from_flags(build_parser().parse_args(flags)), "flags")
+    scaling = app.attention_scaling
+    assert (scaling.min_attention_workers, scaling.max_attention_workers, app.attention_workers) == (1, 3, 1)
+    with pytest.raises(ValueError, match="needs expert_workers >= 1"):
+        validate_serve_config(config_from_flags(build_parser().parse_args(flags[:3] + flags[5:])), "flags")
+
+
 def test_plan_that_does_not_fit_points_at_suggest(capsys):
     from router.cli import main
 
@@ -231,6 +243,26 @@ def test_top_shows_the_gang_count_and_scaling_only_with_autoscaling():
     assert source._gangs_lines() == ["gangs: 1 ready, 2 wanted (autoscaling); scaled up 3, down 2 in the last hour"]
     source.prom = Answers(autoscaling=False)
     assert source._gangs_lines() == []
+
+
+def test_top_shows_attention_scaling_only_once_a_gang_changed_its_attention_side():
+    from router.cli.top import PrometheusSource
+
+    class Answers:
+        def __init__(self, moved: bool):
+            self.moved = moved
+
+        def query(self, promql):
+            if "attention_scaling_events" not in promql or not self.moved:
+                return []
+            return [{"metric": {"direction": "up"}, "value": [0, "2"]},
+                    {"metric": {"direction": "down"}, "value": [0, "1"]}]
+
+    source = PrometheusSource("http://127.0.0.1:1", "maverick", "1m")
+    source.prom = Answers(moved=True)
+    assert source._attention_lines() == ["attention ranks: added 2, removed 1 in the last hour"]
+    source.prom = Answers(moved=False)
+    assert source._attention_lines() == []
 
 
 def test_the_ready_banner_says_when_a_key_is_needed():
