@@ -4,8 +4,8 @@ An attention rank holds the dense weights and the KV cache; the expert ranks hol
 the attention ranks run out of KV cache or queue requests while the expert ranks have time to spare,
 one more attention rank is far cheaper than another gang (`GangSupervisor.add_attention_rank`);
 when the load would fit in one rank fewer, the last one leaves (`remove_attention_rank`). The
-supervisor reads its ranks' `stats()` every `period_s` into an `AttentionLoad`; the policy acts on a
-condition only once it held for `window_s`, and not within `cooldown_s` of the last change.
+supervisor reads its ranks' load (`load_report`) every `period_s` into an `AttentionLoad`; the policy
+acts on a condition only once it held for `window_s`, and not within `cooldown_s` of the last change.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ class Decision:
 
 
 def attention_load(attention_stats: list[dict], expert_compute_s: list[float], elapsed_s: float) -> AttentionLoad:
-    """The load from the attention ranks' `stats()` and the expert ranks' compute seconds over the last
-    `elapsed_s` seconds."""
+    """The load from the attention ranks' `load_report()` and the expert ranks' compute seconds over the
+    last `elapsed_s` seconds."""
     def fullest(kv: dict) -> float:
         return max((used / kv["blocks_total"][group] for group, used in kv["blocks_used"].items()
                     if kv["blocks_total"][group]), default=0.0)

@@ -270,12 +270,12 @@ class GangSupervisor:
                 last = None
                 continue
             try:
-                attention = await asyncio.gather(*(a.stats.remote() for a in self._serving(gang)))
-                experts = await asyncio.gather(*(e.stats.remote() for e in gang.experts))
+                attention = await asyncio.gather(*(a.load_report.remote() for a in self._serving(gang)))
+                compute = await asyncio.gather(*(e.compute_seconds_total.remote() for e in gang.experts))
             except Exception:  # a rank died: the health check handles it
                 last = None
                 continue
-            now, compute = time.monotonic(), [e["compute_seconds"] for e in experts]
+            now = time.monotonic()
             if last is None or len(last[1]) != len(compute):
                 last = now, compute
                 continue

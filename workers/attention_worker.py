@@ -164,6 +164,11 @@ class AttentionWorker(Rank):
         s = self.engine.snapshot
         return s.num_running + s.num_waiting
 
+    def load_report(self) -> dict:
+        """What attention scaling reads each period (a small part of `stats`): requests and KV blocks."""
+        s = self.engine.snapshot
+        return {"running": s.num_running, "waiting": s.num_waiting, "kv": dataclasses.asdict(s.kv)}
+
     def stop_admitting(self) -> None:
         """Its gang drains: new requests are refused with `Draining` (the ingress sends them elsewhere)."""
         self.admitting = False

@@ -189,6 +189,10 @@ class ExpertWorker(Rank):
                           for row, e in enumerate(experts.expert_ids) if e != FREE}
         return out
 
+    def compute_seconds_total(self) -> float:
+        """This rank's computing time since start, as of its last step (attention scaling reads it)."""
+        return self.snapshot["compute_seconds"]
+
     def health(self) -> dict:
         state = self.wave_state()
         if state["failed"]:

@@ -46,7 +46,7 @@ def test_a_want_must_hold_for_the_window_and_not_within_the_cooldown():
     assert policy.observe(14.5, two).direction == "up"
 
 
-def test_the_load_is_read_from_the_ranks_stats():
+def test_the_load_is_read_from_the_ranks_reports():
     def stats(used, total, running, waiting):
         return {"kv": {"blocks_used": used, "blocks_total": total}, "running": running, "waiting": waiting}
 
