@@ -398,8 +398,9 @@ def add_serve_parser(sub) -> None:
                         "(max_num_seqs x attention workers; default 0.75)")
     m.add_argument("--max-attention-workers", type=int,
                    help="attention scaling: a running gang adds attention ranks up to this many when its KV cache "
-                        "or queue is high, and gives them back when quiet (from --attention-workers; needs "
-                        "--expert-workers; the YAML's attention_scaling sets the thresholds)")
+                        "or queue is high, and gives them back when quiet, down to --attention-workers (default: "
+                        "none, the count is fixed; needs --expert-workers; the YAML's attention_scaling sets the "
+                        "thresholds)")
     m.add_argument("--migration-limit", type=int,
                    help=f"times a request moves on when its gang fails (default "
                         f"{AppConfig.model_fields['migration_limit'].default}; 0: it fails with 503)")
