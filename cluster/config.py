@@ -21,6 +21,12 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _check_bounds(settings: BaseModel, low: str, high: str) -> None:
+    """A [min, max] pair of fields in order."""
+    if getattr(settings, high) < getattr(settings, low):
+        raise ValueError(f"{high} ({getattr(settings, high)}) is below {low} ({getattr(settings, low)})")
+
+
 class RankResources(Strict):
     """What one rank (actor) asks Ray for."""
 
@@ -102,9 +108,7 @@ class AttentionScalingConfig(Strict):
 
     @model_validator(mode="after")
     def _bounds(self) -> "AttentionScalingConfig":
-        if self.max_attention_workers < self.min_attention_workers:
-            raise ValueError(f"max_attention_workers ({self.max_attention_workers}) is below min_attention_workers "
-                             f"({self.min_attention_workers})")
+        _check_bounds(self, "min_attention_workers", "max_attention_workers")
         return self
 
 
@@ -219,8 +223,7 @@ class AutoscalingSettings(Strict):
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingSettings":
-        if self.max_gangs < self.min_gangs:
-            raise ValueError(f"max_gangs ({self.max_gangs}) is below min_gangs ({self.min_gangs})")
+        _check_bounds(self, "min_gangs", "max_gangs")
         return self
 
 
