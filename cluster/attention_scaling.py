@@ -10,9 +10,15 @@ acts on a condition only once it held for `window_s`, and not within `cooldown_s
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from dataclasses import dataclass
 
 from cluster.config import AttentionScalingConfig
+from cluster.gang import ResizeRefused
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,3 +93,85 @@ class AttentionScalingPolicy:
     def changed(self, now: float) -> None:
         """The gang acted (or tried to): the window starts again, the cooldown runs from now."""
         self._changed_at, self._wanted = now, None
+
+
+class AttentionScaler:
+    """The loop a gang supervisor runs with `attention_scaling` set: every `period_s` its ranks' load into
+    the policy; a decision adds or removes an attention rank, is logged with its figures and counted
+    (`maverick_attention_scaling_events`)."""
+
+    def __init__(self, supervisor):
+        self.supervisor = supervisor  # a `cluster.supervisor.GangSupervisor`
+        self.settings: AttentionScalingConfig = supervisor.config.attention_scaling
+        self.policy = AttentionScalingPolicy(self.settings)
+        self.events: dict[str, int] = {}  # "direction/reason" -> changes done
+        self._counter = None  # the Ray counter of those, made on the first
+
+    async def run(self) -> None:
+        sup, last = self.supervisor, None  # last: (when, each expert rank's compute seconds then)
+        while sup.state != "stopped":
+            await asyncio.sleep(self.settings.period_s)
+            reading = await self._read(last)
+            if reading is None:
+                last = None
+                continue
+            last, load = reading
+            if load is None:
+                continue
+            decision = self.policy.observe(last[0], load)
+            if decision is not None:
+                await self._act(decision)
+                last = None  # the next window reads the new set of ranks
+
+    async def _read(self, last: tuple[float, list[float]] | None):
+        """(now, compute seconds) and the load since `last` (None on a first reading); None when the gang
+        is not serving or a rank did not answer (the health check handles that)."""
+        sup = self.supervisor
+        gang = sup.gang
+        if sup.state != "ready" or sup.draining or gang is None:
+            return None
+        try:
+            attention = await asyncio.gather(*(a.load_report.remote() for a in sup.serving_attention()))
+            compute = list(await asyncio.gather(*(e.compute_seconds_total.remote() for e in gang.experts)))
+        except Exception:
+            return None
+        now = time.monotonic()
+        if last is None or len(last[1]) != len(compute):
+            return (now, compute), None
+        spent = [c - b for c, b in zip(compute, last[1])]
+        return (now, compute), attention_load(attention, spent, now - last[0])
+
+    async def _act(self, decision: Decision) -> None:
+        sup = self.supervisor
+        log.warning("gang %s: %s", sup.name, decision.describe())  # a warning: the replica's log keeps it
+        self.policy.changed(time.monotonic())
+        try:
+            if decision.direction == "up":
+                await sup.add_attention_rank()
+            else:
+                await sup.remove_attention_rank(self.settings.drain_grace_s)
+        except ResizeRefused as exc:
+            log.warning("gang %s: attention scaling %s refused: %s", sup.name, decision.direction, exc)
+            return
+        except Exception as exc:  # the gang failed over it and recovers
+            log.error("gang %s: attention scaling %s failed: %s", sup.name, decision.direction, exc)
+            return
+        self.policy.changed(time.monotonic())  # the cooldown runs from the end of the change
+        self._count(decision)
+
+    def _count(self, decision: Decision) -> None:
+        key = f"{decision.direction}/{decision.reason}"
+        self.events[key] = self.events.get(key, 0) + 1
+        try:
+            if self._counter is None:
+                from ray.util.metrics import Counter
+
+                self._counter = Counter(
+                    "maverick_attention_scaling_events", "Attention ranks added to (up) or removed from (down) a "
+                    "running gang, by reason (kv, queue, idle).",
+                    tag_keys=("application", "gang", "direction", "reason"))
+            sup = self.supervisor
+            self._counter.inc(1, {"application": sup.application, "gang": sup.name, "direction": decision.direction,
+                                  "reason": decision.reason})
+        except Exception:  # metrics are best effort
+            log.exception("could not count the attention scaling event")

@@ -216,7 +216,7 @@ def _regroup(gang: Gang, ranks: list, parking: list, timeout_s: float) -> float:
     pause = time.monotonic() - start
     gang.regroups += 1
     gang.last_regroup_pause_s = pause
-    log.info("gang regrouped from %d to %d ranks in %.3fs", len(parking), len(ranks), pause)
+    log.warning("gang regrouped from %d to %d ranks in %.3fs", len(parking), len(ranks), pause)  # kept in the log
     return pause
 
 

@@ -15,7 +15,7 @@ The states, one transition table like `workers.request`'s:
 Attention ranks join and leave the running gang without a new epoch (`add_attention_rank`,
 `remove_attention_rank`): consumers see `attention_version` change and follow; only the requests on
 a leaving rank move. One resize at a time; with `attention_scaling` set, a task reads the ranks' load
-and resizes by its policy (`cluster.attention_scaling`).
+and resizes by its policy (`cluster.attention_scaling.AttentionScaler`).
 
 One owned task does a recovery: the ranks that survived keep their weights and rejoin a new process
 group beside replacements for the dead or hung ones (`cluster.gang.recover_gang`); if that fails,
@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator
 
 from cluster import routing
-from cluster.attention_scaling import AttentionScalingPolicy, attention_load
+from cluster.attention_scaling import AttentionScaler
 from cluster.config import GangConfig
 from cluster.gang import Gang, ResizeRefused, build_gang, destroy_gang, grow_attention, recover_gang, shrink_attention
 from cluster.gang_client import GangClient
@@ -84,8 +84,7 @@ class GangSupervisor:
         self.attention_version = 0  # bumped when attention ranks join or leave the running gang
         self.leaving_ranks = 0  # attention ranks at the end that take no new request: they are leaving
         self._resizing = asyncio.Lock()
-        self.attention_events: dict[tuple[str, str], int] = {}  # (direction, reason) -> resizes done
-        self._events_counter = None  # the Ray counter of those, made on the first
+        self.scaler = AttentionScaler(self) if config.attention_scaling is not None else None
         self._scaling_task: asyncio.Task | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------------
@@ -158,11 +157,14 @@ class GangSupervisor:
         """The attention ranks that take new requests: all but those leaving."""
         return gang.attention[:len(gang.attention) - self.leaving_ranks]
 
+    def serving_attention(self) -> list:
+        return self._serving(self.gang) if self.gang else []
+
     def _now_ready(self) -> None:
         self._move("ready")
         self._monitor_task = asyncio.create_task(self._monitor(self.epoch))
-        if self.config.attention_scaling is not None and (self._scaling_task is None or self._scaling_task.done()):
-            self._scaling_task = asyncio.create_task(self._scale_attention())
+        if self.scaler is not None and (self._scaling_task is None or self._scaling_task.done()):
+            self._scaling_task = asyncio.create_task(self.scaler.run())
 
     def _check_not_stopped(self) -> None:
         if self.state == "stopped":
@@ -257,65 +259,6 @@ class GangSupervisor:
             log.info("gang %s: attention rank left, %d request(s) moved; %d attention ranks now", self.name, moved,
                      len(gang.attention))
             return pause
-
-    async def _scale_attention(self) -> None:
-        """Every `period_s`, the ranks' load into the policy; a decision resizes the attention side."""
-        settings = self.config.attention_scaling
-        policy = AttentionScalingPolicy(settings)
-        last: tuple[float, list[float]] | None = None  # when, and each expert rank's compute seconds then
-        while self.state != "stopped":
-            await asyncio.sleep(settings.period_s)
-            gang = self.gang
-            if self.state != "ready" or self.draining or gang is None:
-                last = None
-                continue
-            try:
-                attention = await asyncio.gather(*(a.load_report.remote() for a in self._serving(gang)))
-                compute = await asyncio.gather(*(e.compute_seconds_total.remote() for e in gang.experts))
-            except Exception:  # a rank died: the health check handles it
-                last = None
-                continue
-            now = time.monotonic()
-            if last is None or len(last[1]) != len(compute):
-                last = now, compute
-                continue
-            elapsed, spent = now - last[0], [c - b for c, b in zip(compute, last[1])]
-            last = now, compute
-            decision = policy.observe(now, attention_load(attention, spent, elapsed))
-            if decision is None:
-                continue
-            log.info("gang %s: %s", self.name, decision.describe())
-            policy.changed(now)
-            try:
-                if decision.direction == "up":
-                    await self.add_attention_rank()
-                else:
-                    await self.remove_attention_rank(settings.drain_grace_s)
-            except ResizeRefused as exc:
-                log.warning("gang %s: attention scaling %s refused: %s", self.name, decision.direction, exc)
-                continue
-            except Exception as exc:  # the gang failed over it and recovers
-                log.error("gang %s: attention scaling %s failed: %s", self.name, decision.direction, exc)
-                continue
-            policy.changed(time.monotonic())  # the cooldown runs from the end of the change
-            self._count_event(decision.direction, decision.reason)
-            last = None
-
-    def _count_event(self, direction: str, reason: str) -> None:
-        key = (direction, reason)
-        self.attention_events[key] = self.attention_events.get(key, 0) + 1
-        try:
-            if self._events_counter is None:
-                from ray.util.metrics import Counter
-
-                self._events_counter = Counter(
-                    "maverick_attention_scaling_events", "Attention ranks added to (up) or removed from (down) a "
-                    "running gang, by reason (kv, queue, idle).",
-                    tag_keys=("application", "gang", "direction", "reason"))
-            self._events_counter.inc(1, {"application": self.application, "gang": self.name, "direction": direction,
-                                         "reason": reason})
-        except Exception:  # metrics are best effort
-            log.exception("could not count the attention scaling event")
 
     def _attention_changed(self, gang: Gang, epoch: int) -> None:
         if self.epoch != epoch or self.gang is not gang:
@@ -421,6 +364,6 @@ class GangSupervisor:
                 "last_build_bytes": self.last_build_bytes, "attention_ranks": len(gang.attention) if gang else 0,
                 "regroups": gang.regroups if gang else 0,
                 "last_regroup_pause_s": gang.last_regroup_pause_s if gang else None,
-                "attention_events": {f"{d}/{r}": n for (d, r), n in self.attention_events.items()},
+                "attention_events": self.scaler.events if self.scaler else {},
                 "in_flight": sum(r["running"] + r["waiting"] for r in attention),
                 "requests_per_worker": {r["rank"]: r["submitted"] for r in attention}, "ranks": ranks}

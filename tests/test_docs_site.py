@@ -72,9 +72,10 @@ def test_the_yaml_reference_lists_every_field_and_fails_without_a_meaning(monkey
 
 def exported_metrics() -> set[str]:
     """Metric names as the code creates them (f-strings expanded by hand: the engine phases); the
-    scaling events come from the autoscaling policy in Serve's controller and from the gang supervisor."""
+    scaling events come from the autoscaling policy in Serve's controller and a gang's attention scaler."""
     names = set()
-    for path in ("router/metrics.py", "workers/metrics.py", "cluster/autoscale.py", "cluster/supervisor.py"):
+    for path in ("router/metrics.py", "workers/metrics.py", "cluster/autoscale.py",
+                 "cluster/attention_scaling.py"):
         names |= set(re.findall(r'"(maverick_[a-z0-9_]+)"', (ROOT / path).read_text()))
     assert 'f"maverick_request_{name}_time_seconds"' in (ROOT / "router/metrics.py").read_text()
     names |= {f"maverick_request_{p}_time_seconds" for p in ("queue", "prefill", "decode")}
