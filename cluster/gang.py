@@ -59,6 +59,7 @@ class Gang:
     added_pgs: dict[int, PlacementGroup] = field(default_factory=dict)  # rank -> its own, past `bundled_ranks`
     regroups: int = 0  # attention ranks added or removed while it ran
     last_regroup_pause_s: float | None = None  # the last one's pause: parking to the new waves running
+    last_join_s: float | None = None  # the last rank added: asked to serving (placement, load, regroup)
 
     @property
     def ranks(self) -> list:
@@ -157,6 +158,7 @@ def grow_attention(gang: Gang, timeout_s: float = 300) -> float:
     then the gang regroups with it (see the module doc). Returns the pause. Raises `ResizeRefused`,
     the gang untouched, when the rank cannot be placed or loaded."""
     _check_resizable(gang)
+    start = time.monotonic()
     rank = gang.config.expert_workers + len(gang.attention)
     try:
         if rank >= gang.bundled_ranks:
@@ -174,6 +176,7 @@ def grow_attention(gang: Gang, timeout_s: float = 300) -> float:
         raise ResizeRefused(f"no attention rank {rank} could join: {type(exc).__name__}: {exc}") from exc
     pause = _regroup(gang, gang.ranks + [actor], gang.ranks, timeout_s)
     gang.attention.append(actor)
+    gang.last_join_s = time.monotonic() - start
     return pause
 
 

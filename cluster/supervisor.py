@@ -364,6 +364,7 @@ class GangSupervisor:
                 "last_build_bytes": self.last_build_bytes, "attention_ranks": len(gang.attention) if gang else 0,
                 "regroups": gang.regroups if gang else 0,
                 "last_regroup_pause_s": gang.last_regroup_pause_s if gang else None,
+                "last_join_s": gang.last_join_s if gang else None,
                 "attention_events": self.scaler.events if self.scaler else {},
                 "in_flight": sum(r["running"] + r["waiting"] for r in attention),
                 "requests_per_worker": {r["rank"]: r["submitted"] for r in attention}, "ranks": ranks}

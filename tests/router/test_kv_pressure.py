@@ -182,4 +182,5 @@ def test_a_kv_bound_gang_grows_an_attention_rank_and_gives_it_back(servers, expe
     assert one["restarts"] == 0
     assert [(r["pid"], r["loaded_bytes"]) for r in one["ranks"] if "loaded_bytes" in r] == experts
     print(f"\nattention scaling under a KV-bound load: {len(results)} streams exact; events "
-          f"{one['attention_events']}, last regroup pause {one['last_regroup_pause_s']:.3f}s")
+          f"{one['attention_events']}, rank added in {one['last_join_s']:.1f}s, last regroup pause "
+          f"{one['last_regroup_pause_s']:.3f}s")
