@@ -133,6 +133,44 @@ class GangCount:
         self.last = running
 
 
+class AttentionRanks:
+    """Says each change of a gang's attention ranks (attention_scaling) once, read from the serving
+    port's /metrics (`maverick_gang_attention_ranks`, per gang)."""
+
+    def __init__(self, metrics_url: str, api_key: str | None, say=None):
+        self.metrics_url, self.api_key = metrics_url, api_key
+        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.last: dict[str, int] = {}
+
+    def read(self) -> dict[str, int]:
+        import urllib.request
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self.metrics_url, headers=headers), timeout=5) as r:
+                text = r.read().decode()
+        except Exception:  # busy or restarting: the next read says it
+            return {}
+        return _attention_gauges(text)
+
+    def update(self, now: dict[str, int]) -> None:
+        for gang, ranks in sorted(now.items()):
+            before = self.last.get(gang)
+            if before is not None and before != ranks:
+                self.say(f"maverick: {gang} attention ranks: {before} -> {ranks}")
+        self.last.update(now)
+
+
+def _attention_gauges(text: str) -> dict[str, int]:
+    """gang -> attention ranks, from Prometheus text."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("maverick_gang_attention_ranks{") and 'gang="' in line:
+            gang = line.split('gang="', 1)[1].split('"', 1)[0]
+            out[gang] = int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
 class AppWatch:
     """Serve restarts a dead replica by itself, so an unhealthy application is reported and waited for;
     only one that failed to deploy, or stays unhealthy past `patience_s`, is a reason to stop."""
@@ -238,12 +276,16 @@ def run_serve(args: argparse.Namespace) -> int:
             prometheus = _start_prometheus(args, f"{host}:{port}", _api_key_of(data))
             print(f"  Prometheus: {prometheus.url}  (maverick top --prometheus {prometheus.url})", flush=True)
         gangs = GangCount()
+        scaling = any(app.get("args", {}).get("attention_scaling") for app in data["applications"])
+        attention = AttentionRanks(url + "/metrics", _api_key_of(data)) if scaling else None
         while not stop.wait(STATUS_POLL_S):
             apps = _read_apps()
             if not watch.healthy_enough(*_app_status(apps), time.monotonic()):
                 code = 1
                 break
             gangs.update(_gangs_running(apps))
+            if attention is not None:
+                attention.update(attention.read())
     if stop.is_set():
         _drain(float(args.grace_period))
     if prometheus is not None:

@@ -160,6 +160,23 @@ def test_serve_max_attention_workers_turns_attention_scaling_on_from_the_attenti
         validate_serve_config(config_from_flags(build_parser().parse_args(flags[:3] + flags[5:])), "flags")
 
 
+def test_serve_says_each_change_of_a_gangs_attention_ranks_once():
+    from router.cli.serve import AttentionRanks, _attention_gauges
+
+    text = ('# HELP maverick_gang_attention_ranks ...\n'
+            'maverick_gang_attention_ranks{gang="gang-a",model_name="tiny"} 1.0\n'
+            'maverick_gang_attention_ranks{gang="gang-b",model_name="tiny"} 2.0\n'
+            'maverick_gang_ready{gang="gang-a",model_name="tiny"} 1.0\n')
+    assert _attention_gauges(text) == {"gang-a": 1, "gang-b": 2}
+    said = []
+    ranks = AttentionRanks("http://127.0.0.1:1/metrics", None, said.append)
+    ranks.update({"gang-a": 1, "gang-b": 2})
+    ranks.update({"gang-a": 2, "gang-b": 2})
+    ranks.update({"gang-a": 2})  # a read that missed a gang says nothing of it
+    ranks.update({"gang-a": 1, "gang-b": 2})
+    assert said == ["maverick: gang-a attention ranks: 1 -> 2", "maverick: gang-a attention ranks: 2 -> 1"]
+
+
 def test_plan_that_does_not_fit_points_at_suggest(capsys):
     from router.cli import main
 
