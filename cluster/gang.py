@@ -159,7 +159,7 @@ def grow_attention(gang: Gang, timeout_s: float = 300) -> float:
     the gang untouched, when the rank cannot be placed or loaded."""
     _check_resizable(gang)
     start = time.monotonic()
-    rank = gang.config.expert_workers + len(gang.attention)
+    rank, actor = gang.config.expert_workers + len(gang.attention), None
     try:
         if rank >= gang.bundled_ranks:
             pg = placement_group([_bundle(gang.config.attention)], strategy="PACK")
@@ -170,7 +170,7 @@ def grow_attention(gang: Gang, timeout_s: float = 300) -> float:
         _wait_ranks_up([actor], startup, timeout_s)
         _load_weights([actor], startup, timeout_s)
     except Exception as exc:
-        if "actor" in locals():
+        if actor is not None:
             _kill(actor)
         _remove_added_pg(gang, rank)
         raise ResizeRefused(f"no attention rank {rank} could join: {type(exc).__name__}: {exc}") from exc
@@ -183,9 +183,7 @@ def grow_attention(gang: Gang, timeout_s: float = 300) -> float:
 def shrink_attention(gang: Gang, timeout_s: float = 300) -> float:
     """The gang's last attention rank leaves (it holds no request: `AttentionWorker.evict` first); the
     others regroup without it. Returns the pause."""
-    _check_resizable(gang)
-    if len(gang.attention) < 2:
-        raise ResizeRefused("a gang keeps at least one attention rank")
+    check_shrinkable(gang)
     leaving = gang.attention[-1]
     rank = len(gang.ranks) - 1
     staying = gang.ranks[:-1]
@@ -203,6 +201,13 @@ class ResizeRefused(RuntimeError):
 def _check_resizable(gang: Gang) -> None:
     if not gang.experts or gang.config.device == "cuda":
         raise ResizeRefused("only a gloo gang with expert ranks changes its attention ranks while it runs")
+
+
+def check_shrinkable(gang: Gang) -> None:
+    """`ResizeRefused` unless the gang's last attention rank may leave (ask before draining it)."""
+    _check_resizable(gang)
+    if len(gang.attention) < 2:
+        raise ResizeRefused("a gang keeps at least one attention rank")
 
 
 def _regroup(gang: Gang, ranks: list, parking: list, timeout_s: float) -> float:

@@ -33,7 +33,8 @@ from collections.abc import AsyncIterator
 from cluster import routing
 from cluster.attention_scaling import AttentionScaler
 from cluster.config import GangConfig
-from cluster.gang import Gang, ResizeRefused, build_gang, destroy_gang, grow_attention, recover_gang, shrink_attention
+from cluster.gang import (Gang, ResizeRefused, build_gang, check_shrinkable, destroy_gang, grow_attention, recover_gang,
+                          shrink_attention)
 from cluster.gang_client import GangClient
 from cluster.gang_pool import STATUS_PERIOD_S
 from cluster.startup import BoardPublisher, GangStartup
@@ -238,9 +239,7 @@ class GangSupervisor:
         async with self._resizing:
             self.health()
             gang, epoch = self.gang, self.epoch
-            if len(gang.attention) < 2 or not gang.experts:
-                raise ResizeRefused("a gang keeps at least one attention rank, and only one with expert ranks "
-                                    "changes them while it runs")
+            check_shrinkable(gang)
             leaving = gang.attention[-1]
             self.leaving_ranks = 1
             self._attention_changed(gang, epoch)
