@@ -129,6 +129,9 @@ class GangConfig(Strict):
     eplb: EplbConfig | None = Field(None, description="expert load balancing (needs expert_workers)")
     attention_scaling: AttentionScalingConfig | None = Field(
         None, description="attention ranks that follow the gang's load (needs expert_workers; CPU gangs)")
+    spares: int = Field(0, ge=0, description="warm expert-rank processes kept started beside the gang, each in a "
+                        "placement-group bundle of its own: a failed expert rank is replaced by one, so the "
+                        "replacement costs its weights only (needs expert_workers; CPU gangs)")
 
     @model_validator(mode="after")
     def _eplb_needs_expert_ranks(self) -> "GangConfig":
@@ -150,6 +153,14 @@ class GangConfig(Strict):
             raise ValueError(f"attention_workers ({self.attention_workers}) must lie within attention_scaling's "
                              f"min_attention_workers ({s.min_attention_workers}) and max_attention_workers "
                              f"({s.max_attention_workers})")
+        return self
+
+    @model_validator(mode="after")
+    def _spares_replace_expert_ranks(self) -> "GangConfig":
+        if self.spares and not self.expert_workers:
+            raise ValueError("spares stand in for failed expert ranks: they need expert_workers >= 1")
+        if self.spares and self.device == "cuda":
+            raise ValueError("spares are not built for NCCL gangs yet (device 'cuda'): a failed NCCL gang is rebuilt")
         return self
 
     @model_validator(mode="after")

@@ -96,9 +96,13 @@ GANGS = [
     Panel("Gang state", "1 for each gang's current state (starting, ready, draining, failed, rebuilding, "
           "unreachable); gangs that left are not shown.", "short",
           [(f'max by (gang, state) (ray_maverick_gang_state{{{APP},state!="stopped"}}) > 0', "{{gang}} {{state}}")]),
-    Panel("Gang restarts", "Rebuilds of each gang since it started (gangs running now).", "short",
+    Panel("Gang restarts", "Rebuilds of each gang since it started (gangs running now), and the hangs among "
+          "their causes by what found them: the step watchdog, or the periodic health check (an idle gang).", "short",
           [(f"max by (gang) (ray_maverick_gang_restarts{{{APP}}}) unless on (gang) "
-            f'(max by (gang) (ray_maverick_gang_state{{{APP},state="stopped"}}) == 1)', "{{gang}}")]),
+            f'(max by (gang) (ray_maverick_gang_state{{{APP},state="stopped"}}) == 1)', "{{gang}}"),
+           (f"max by (gang, found_by) (ray_maverick_gang_hangs_found{{{APP}}}) unless on (gang) "
+            f'(max by (gang) (ray_maverick_gang_state{{{APP},state="stopped"}}) == 1)',
+            "{{gang}} hangs found by {{found_by}}")]),
     Panel("Step time", "p50 and p99 of engine steps that computed tokens, per gang.", "s",
           [(q_quantile(0.5, "ray_maverick_step_seconds", RANK, "gang"), "{{gang}} p50"),
            (q_quantile(0.99, "ray_maverick_step_seconds", RANK, "gang"), "{{gang}} p99")]),

@@ -60,18 +60,31 @@ class Gang:
     regroups: int = 0  # attention ranks added or removed while it ran
     last_regroup_pause_s: float | None = None  # the last one's pause: parking to the new waves running
     last_join_s: float | None = None  # the last rank added: asked to serving (placement, load, regroup)
+    homes: dict[int, tuple[PlacementGroup, int]] = field(default_factory=dict)  # rank -> a spare's bundle it took
+    spares: list = field(default_factory=list)  # warm expert-rank processes (`cluster.spares.Spare`)
+    spares_adopted: int = 0
+    vacated: list[tuple[PlacementGroup, int]] = field(default_factory=list)  # bundles a spare's adopter left
+    spare_pgs: list[PlacementGroup] = field(default_factory=list)  # one-bundle groups made for spares
+    destroyed: bool = False
 
     @property
     def ranks(self) -> list:
         """Every rank's actor, indexed by rank."""
         return self.experts + self.attention
 
-    def start_rank(self, rank: int, num_attention: int | None = None):
+    def home(self, rank: int) -> tuple[PlacementGroup, int]:
+        """The placement-group bundle `rank` runs in: a spare's it took, its own group's, or the gang's."""
+        if rank in self.homes:
+            return self.homes[rank]
+        return (self.added_pgs[rank], 0) if rank in self.added_pgs else (self.pg, self.bundle_offset + rank)
+
+    def start_rank(self, rank: int, num_attention: int | None = None,
+                   bundle: tuple[PlacementGroup, int] | None = None):
         """A new actor for `rank` in its bundle (at build, replacing a dead one, or joining), in a gang of
-        `num_attention` attention ranks (default: those it has)."""
+        `num_attention` attention ranks (default: those it has). `bundle`: elsewhere (a warm spare's)."""
         config, E = self.config, self.config.expert_workers
         A = num_attention or len(self.attention) or config.attention_workers
-        where = _in(self.added_pgs[rank], 0) if rank in self.added_pgs else _in(self.pg, self.bundle_offset + rank)
+        where = _in(*(bundle or self.home(rank)))
         eplb = config.eplb.settings() if config.eplb else None
         if rank >= E:
             engine = config.engine.engine_config(config.dtype, config.device)
@@ -162,7 +175,7 @@ def grow_attention(gang: Gang, timeout_s: float = 300) -> float:
     rank, actor = gang.config.expert_workers + len(gang.attention), None
     try:
         if rank >= gang.bundled_ranks:
-            pg = placement_group([_bundle(gang.config.attention)], strategy="PACK")
+            pg = placement_group([bundle_of(gang.config.attention)], strategy="PACK")
             gang.added_pgs[rank] = pg
             ray.get(pg.ready(), timeout=timeout_s)
         actor = gang.start_rank(rank, len(gang.attention) + 1)
@@ -171,7 +184,7 @@ def grow_attention(gang: Gang, timeout_s: float = 300) -> float:
         _load_weights([actor], startup, timeout_s)
     except Exception as exc:
         if actor is not None:
-            _kill(actor)
+            kill_actor(actor)
         _remove_added_pg(gang, rank)
         raise ResizeRefused(f"no attention rank {rank} could join: {type(exc).__name__}: {exc}") from exc
     pause = _regroup(gang, gang.ranks + [actor], gang.ranks, timeout_s)
@@ -189,7 +202,7 @@ def shrink_attention(gang: Gang, timeout_s: float = 300) -> float:
     staying = gang.ranks[:-1]
     pause = _regroup(gang, staying, gang.ranks, timeout_s)
     gang.attention.pop()
-    _kill(leaving)
+    kill_actor(leaving)
     _remove_added_pg(gang, rank)
     return pause
 
@@ -231,10 +244,14 @@ def _regroup(gang: Gang, ranks: list, parking: list, timeout_s: float) -> float:
 def _remove_added_pg(gang: Gang, rank: int) -> None:
     pg = gang.added_pgs.pop(rank, None)
     if pg is not None:
-        try:
-            remove_placement_group(pg)
-        except Exception:  # already gone
-            pass
+        _remove_pg(pg)
+
+
+def _remove_pg(pg: PlacementGroup) -> None:
+    try:
+        remove_placement_group(pg)
+    except Exception:  # already gone
+        pass
 
 
 def recover_gang(gang: Gang, startup: GangStartup, timeout_s: float = 300, answer_s: float = 3.0,
@@ -256,8 +273,8 @@ def recover_gang(gang: Gang, startup: GangStartup, timeout_s: float = 300, answe
         table = ray.get(ranks[survived.index(True)].placement_table.remote(), timeout=timeout_s)
         gang.placement = Placement(table)
     for rank in replaced:
-        _kill(ranks[rank])
-        ranks[rank] = gang.start_rank(rank)
+        kill_actor(ranks[rank])
+        ranks[rank] = _adopt_spare(gang, rank) or gang.start_rank(rank)
     E = config.expert_workers
     gang.experts, gang.attention = ranks[:E], ranks[E:]
     log.warning("recovering gang: %d of %d ranks survived, replacing %s", len(ranks) - len(replaced), len(ranks),
@@ -273,6 +290,25 @@ def recover_gang(gang: Gang, startup: GangStartup, timeout_s: float = 300, answe
     gang.loads = _load_weights([ranks[rank] for rank in replaced], startup, timeout_s) if replaced else []
     _start_waves(gang, timeout_s)
     return gang
+
+
+def _adopt_spare(gang: Gang, rank: int):
+    """A warm spare in place of failed expert rank `rank`, or None. The spare keeps its bundle (now the
+    rank's home); the next spare takes the bundle the failed rank leaves (`cluster.spares`)."""
+    while rank < gang.config.expert_workers and gang.spares:
+        spare = gang.spares.pop(0)
+        try:
+            ray.get(spare.actor.adopt.remote(rank, len(gang.attention), gang.placement), timeout=30)
+        except Exception as exc:  # a spare that died meanwhile: the next one, or a new process
+            log.warning("spare for expert rank %d unusable: %s", rank, exc)
+            kill_actor(spare.actor)
+            continue
+        gang.vacated.append(gang.home(rank))
+        gang.homes[rank] = (spare.pg, spare.index)
+        gang.spares_adopted += 1
+        log.warning("expert rank %d replaced by a warm spare", rank)
+        return spare.actor
+    return None
 
 
 def _answering(ranks: list, answer_s: float, skip: set[int]) -> list[bool]:
@@ -291,7 +327,7 @@ def _answered(ref) -> bool:
         return False
 
 
-def _kill(actor) -> None:
+def kill_actor(actor) -> None:
     try:
         ray.kill(actor, no_restart=True)
     except Exception:  # already dead
@@ -327,11 +363,15 @@ def _load_weights(ranks: list, startup: GangStartup, timeout_s: float) -> list[d
 
 
 def destroy_gang(gang: Gang) -> None:
-    for actor in gang.ranks:
-        _kill(actor)
-    gang.attention, gang.experts = [], []
+    gang.destroyed = True
+    for actor in gang.ranks + [spare.actor for spare in gang.spares]:
+        kill_actor(actor)
+    gang.attention, gang.experts, gang.spares = [], [], []
     for rank in list(gang.added_pgs):
         _remove_added_pg(gang, rank)
+    for pg in gang.spare_pgs:
+        _remove_pg(pg)
+    gang.spare_pgs = []
     if gang.own_pg and gang.pg is not None:
         try:
             remove_placement_group(gang.pg)
@@ -342,11 +382,11 @@ def destroy_gang(gang: Gang) -> None:
 
 def rank_bundles(config: GangConfig) -> list[dict]:
     """One placement-group bundle per rank, in rank order (expert ranks first)."""
-    return ([_bundle(config.experts)] * config.expert_workers +
-            [_bundle(config.attention)] * config.attention_workers)
+    return ([bundle_of(config.experts)] * config.expert_workers +
+            [bundle_of(config.attention)] * config.attention_workers)
 
 
-def _bundle(resources) -> dict:
+def bundle_of(resources) -> dict:
     bundle = {"CPU": resources.num_cpus}
     if resources.num_gpus:
         bundle["GPU"] = resources.num_gpus

@@ -130,6 +130,11 @@ class GangPool:
         if client is not None and (client.broken or status.get("epoch") != client.epoch):
             g.client = None
             client.close("the gang was rebuilt")
+        elif client is not None and status.get("state") in ("failed", "rebuilding"):
+            # its supervisor found it failed (a hang: the workers' own collectives would only time out
+            # later): its streams end now and resume when a gang is ready
+            g.client, g.failed_epoch, g.ready = None, client.epoch, False
+            client.close(f"the gang failed: {status.get('failure') or status['state']}")
 
     def _forget(self, name: str) -> None:
         """A gang Serve stopped (or that stopped answering): no new request goes there; streams already

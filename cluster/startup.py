@@ -53,6 +53,8 @@ class GangStartup:
         self._started, self._began_wall = time.monotonic(), time.time()
         self._weights_started: float | None = None
         self._weights_seconds: float | None = None  # frozen once the weights stage ends
+        self.stage_seconds: dict[str, float] = {}  # each stage that ended: how long it took (a rebuild's breakdown)
+        self._entered = self._started
         self._sequence = itertools.count()
         self._lock = threading.Lock()
 
@@ -67,6 +69,9 @@ class GangStartup:
                 return
             assert STAGES.index(stage) > (STAGES.index(self.stage) if self.stage else -1), (self.stage, stage)
             now = time.monotonic()
+            if self.stage is not None:
+                self.stage_seconds[self.stage] = now - self._entered
+            self._entered = now
             if stage == "weights":
                 self._weights_started = now
             elif self._weights_started is not None and self._weights_seconds is None:

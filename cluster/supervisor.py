@@ -3,8 +3,8 @@ in-process benchmark and tests) go through a `GangClient` like any consumer's.
 
 Consumers (the ingress replicas) ask `attention()` for the gang's attention worker handles and its
 epoch, and stream from those workers themselves: no request's tokens pass through this process. A
-dead rank, a rank whose collective failed (its channels break) or a failed health check marks the
-gang failed: its requests' streams end with `Unavailable` (the ingress resumes them elsewhere,
+dead rank, a rank whose collective failed (its channels break), a hang or a failed health check marks
+the gang failed: its requests' streams end with `Unavailable` (the ingress resumes them elsewhere,
 `router.resume`), new ones are refused, and the gang is rebuilt under a new epoch.
 
 The states, one transition table like `workers.request`'s:
@@ -16,6 +16,12 @@ Attention ranks join and leave the running gang without a new epoch (`add_attent
 `remove_attention_rank`): consumers see `attention_version` change and follow; only the requests on
 a leaving rank move. One resize at a time; with `attention_scaling` set, a task reads the ranks' load
 and resizes by its policy (`cluster.attention_scaling.AttentionScaler`).
+
+Hangs are found from the step itself: every rank meets the others in each step, and a rank kept
+waiting past a deadline derived from its recent rounds says so (`Rank.wait_stall`, a long-poll). The
+supervisor then asks every rank at once; those that do not answer within `PROBE_S` are hung (a rank
+busy with a long prefill still answers). The health check, every `health_period_s`, remains for a
+gang with nothing to step.
 
 One owned task does a recovery: the ranks that survived keep their weights and rejoin a new process
 group beside replacements for the dead or hung ones (`cluster.gang.recover_gang`); if that fails,
@@ -37,6 +43,7 @@ from cluster.gang import (Gang, ResizeRefused, build_gang, check_shrinkable, des
                           shrink_attention)
 from cluster.gang_client import GangClient
 from cluster.gang_pool import STATUS_PERIOD_S
+from cluster.spares import keep_spares
 from cluster.startup import BoardPublisher, GangStartup
 from workers.errors import Unavailable
 from workers.expert_parallel import Placement
@@ -44,6 +51,9 @@ from workers.protocol import GenerateRequest, RequestOutput
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+WATCH_POLL_S = 30.0  # each rank's stall long-poll returns empty this often (a call never outlives a gang long)
+PROBE_S = 1.5  # after a stall report, a rank that does not answer within this is hung
 
 _ALLOWED = {
     "starting": {"ready", "stopped"},
@@ -59,7 +69,7 @@ class Stopped(Exception):
 
 
 class GangSupervisor:
-    def __init__(self, config: GangConfig, health_period_s: float = 1.0, rebuild: bool = True,
+    def __init__(self, config: GangConfig, health_period_s: float = 5.0, rebuild: bool = True,
                  pg=None, bundle_offset: int = 0, name: str = "gang", application: str = "maverick",
                  placement: Placement | None = None):
         self.config, self.name, self.application = config, name, application
@@ -73,11 +83,14 @@ class GangSupervisor:
         self.failure: str | None = None
         self.draining = False  # leaving (Serve stops its replica): takes no new request
         self.restarts = 0
+        self.hangs_found = {"watchdog": 0, "health_check": 0}  # who declared each hang
         self.failed_at = 0.0
         self.last_recovery_s: float | None = None  # failure seen -> the rebuilt gang warm
         self.last_build_bytes = 0  # checkpoint bytes the last build read
         self.client: GangClient | None = None  # this supervisor's own requests
         self._monitor_task: asyncio.Task | None = None
+        self._watchers: list[asyncio.Task] = []  # the step watchdog's long-polls, one per rank
+        self._spares_task: asyncio.Task | None = None
         self._recovery: asyncio.Task | None = None  # the one task tearing down and rebuilding
         # bumped per build, so stale watchers of a dead gang stop; starts at the clock, so a replica that
         # Serve started anew after the old one died never repeats an epoch its consumers saw failing
@@ -103,6 +116,8 @@ class GangSupervisor:
         # leak the gang; the recovery sees "stopped" after its next await and tears that gang down
         if self._monitor_task is not None:
             self._monitor_task.cancel()
+        for watcher in self._watchers:
+            watcher.cancel()
         if self._scaling_task is not None:
             self._scaling_task.cancel()
         if self.client is not None:
@@ -164,8 +179,18 @@ class GangSupervisor:
     def _now_ready(self) -> None:
         self._move("ready")
         self._monitor_task = asyncio.create_task(self._monitor(self.epoch))
+        self._watchers = [asyncio.create_task(self._watch_steps(self.epoch, actor)) for actor in self.gang.ranks]
+        if self.config.spares:
+            self._spares_task = asyncio.create_task(self._keep_spares(self.gang))
         if self.scaler is not None and (self._scaling_task is None or self._scaling_task.done()):
             self._scaling_task = asyncio.create_task(self.scaler.run())
+
+    async def _keep_spares(self, gang: Gang) -> None:
+        """Warm spares up to `config.spares`, started while the gang serves (after its build or recovery)."""
+        try:
+            await asyncio.to_thread(keep_spares, gang)
+        except Exception as exc:  # no room for one now: the gang serves on, a failure starts a process
+            log.warning("gang %s: a warm spare did not start: %s: %s", self.name, type(exc).__name__, exc)
 
     def _check_not_stopped(self) -> None:
         if self.state == "stopped":
@@ -229,6 +254,7 @@ class GangSupervisor:
                 self._on_broken(f"adding an attention rank failed: {type(exc).__name__}: {exc}", epoch)
                 raise
             self._attention_changed(gang, epoch)
+            self._watchers.append(asyncio.create_task(self._watch_steps(epoch, gang.attention[-1])))
             return pause
 
     async def remove_attention_rank(self, grace_s: float = 0.0) -> float:
@@ -302,7 +328,7 @@ class GangSupervisor:
             if self.epoch != epoch or self.state != "ready":
                 return
             checks = [asyncio.ensure_future(r.health.remote()) for r in self.gang.ranks]
-            await asyncio.wait(checks, timeout=max(5.0, 5 * self.health_period_s))
+            await asyncio.wait(checks, timeout=max(5.0, self.health_period_s))
             silent = {rank for rank, check in enumerate(checks) if not check.done()}
             for check in checks:
                 check.cancel()
@@ -310,8 +336,37 @@ class GangSupervisor:
             if silent or failed:
                 what = (f"ranks {sorted(silent)} did not answer" if silent
                         else f"{type(failed[0]).__name__}: {failed[0]}")
+                if silent and self.epoch == epoch and self.state == "ready":
+                    self.hangs_found["health_check"] += 1
                 self._on_broken(f"a rank failed its health check: {what}", epoch, hung=silent)
                 return
+
+    async def _watch_steps(self, epoch: int, actor) -> None:
+        """The step watchdog for one rank: wait for it to report a stalled round, then find who is silent."""
+        while self.epoch == epoch and self.state == "ready" and self.gang is not None and actor in self.gang.ranks:
+            try:
+                stall = await actor.wait_stall.remote(WATCH_POLL_S)
+            except Exception:  # the rank died or left: its channels and the health check say so
+                return
+            if stall is None or self.epoch != epoch or self.state != "ready":
+                continue
+            ranks = list(self.gang.ranks)
+            probes = [asyncio.ensure_future(r.wave_state.remote()) for r in ranks]
+            await asyncio.wait(probes, timeout=PROBE_S)
+            silent = {rank for rank, probe in enumerate(probes) if not probe.done() or probe.exception()}
+            for probe in probes:
+                probe.cancel()
+            if not silent:  # a long round (a big prefill): every rank answered, so nobody is hung
+                log.info("gang %s: rank %d waited %.1fs in round %d (deadline %.1fs); every rank answered",
+                         self.name, stall["rank"], stall["stalled_s"], stall["round"], stall["deadline_s"])
+                await asyncio.sleep(PROBE_S)
+                continue
+            if self.epoch == epoch and self.state == "ready":
+                self.hangs_found["watchdog"] += 1
+                self._on_broken(f"the step watchdog: rank {stall['rank']} waited {stall['stalled_s']:.1f}s in round "
+                                f"{stall['round']} (deadline {stall['deadline_s']:.1f}s); ranks {sorted(silent)} did "
+                                f"not answer within {PROBE_S}s", epoch, hung=silent)
+            return
 
     def _on_broken(self, reason: str, epoch: int, hung: set[int] = frozenset()) -> None:
         """The gang of `epoch` failed (a channel broke, a health check failed): mark it failed now, so
@@ -359,9 +414,12 @@ class GangSupervisor:
         ranks = await asyncio.gather(*[r.stats.remote() for r in self.gang.ranks]) if self.gang else []
         attention = [r for r in ranks if "running" in r]
         gang = self.gang
-        return {"state": self.state, "restarts": self.restarts, "last_recovery_s": self.last_recovery_s,
+        return {"state": self.state, "restarts": self.restarts, "hangs_found": dict(self.hangs_found),
+                "last_recovery_s": self.last_recovery_s,
+                "last_build_stages_s": dict(self.startup.stage_seconds) if self.startup else {},
                 "last_build_bytes": self.last_build_bytes, "attention_ranks": len(gang.attention) if gang else 0,
                 "regroups": gang.regroups if gang else 0,
+                "spares": len(gang.spares) if gang else 0, "spares_adopted": gang.spares_adopted if gang else 0,
                 "last_regroup_pause_s": gang.last_regroup_pause_s if gang else None,
                 "last_join_s": gang.last_join_s if gang else None,
                 "attention_events": self.scaler.events if self.scaler else {},

@@ -112,6 +112,9 @@ class RequestMetrics:
                                   "ready, failed, rebuilding, stopped, unreachable)", m + ("gang", "state"), r)
         self.gang_restarts = _Metric("gauge", "maverick_gang_restarts", "Rebuilds of the gang since it started",
                                      m + ("gang",), r)
+        self.gang_hangs = _Metric("gauge", "maverick_gang_hangs_found", "Hangs declared in the gang since it started, "
+                                  "by what found them (watchdog: the step watchdog; health_check: the periodic check)",
+                                  m + ("gang", "found_by"), r)
         self.gang_attention_ranks = _Metric("gauge", "maverick_gang_attention_ranks", "Attention ranks the gang runs "
                                             "now (attention scaling changes them while it serves)", m + ("gang",), r)
         self.gang_in_flight = _Metric("gauge", "maverick_gang_requests_in_flight", "Engine requests this "
@@ -152,6 +155,8 @@ class RequestMetrics:
             self.gang_state.record(float(s == state), {**tags, "state": s})
         if status and "restarts" in status:
             self.gang_restarts.record(status["restarts"], tags)
+        for found_by, count in ((status or {}).get("hangs_found") or {}).items():
+            self.gang_hangs.record(count, {**tags, "found_by": found_by})
         if status and "attention_ranks" in status:
             self.gang_attention_ranks.record(status["attention_ranks"], tags)
         self.gang_in_flight.record(in_flight, tags)

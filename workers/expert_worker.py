@@ -48,6 +48,13 @@ class ExpertWorker(Rank):
         self.eplb, self.capacities = eplb or EplbSettings(), capacities  # slots per expert rank
         self._fault_in: int | None = None  # chaos testing: steps until an injected failure
 
+    def adopt(self, rank: int, num_attention: int, placement: Placement) -> None:
+        """A warm spare (started, imported, nothing loaded) takes the place of failed expert rank `rank`,
+        before it joins the gang's group and loads that rank's experts."""
+        if getattr(self, "comm", None) is not None:
+            raise RuntimeError(f"expert rank {self.rank} is not a spare: it has joined a gang")
+        self.rank, self.world_size, self.placement = rank, num_attention + self.num_expert_ranks, placement
+
     def load_weights(self) -> dict:
         start = time.monotonic()
         config = load_config(self.model_dir)

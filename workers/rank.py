@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from model.loader import LoadProgress
 from workers.metrics import Exporter, RankMetrics
-from workers.wave import WaveLoop
+from workers.wave import STALL_FLOOR_S, WaveLoop
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +211,29 @@ class Rank:
         placement = getattr(self, "placement", None)
         return placement.table if placement is not None else None
 
+    async def wait_stall(self, timeout_s: float) -> dict | None:
+        """The step watchdog's long-poll: returns when this rank's wave has been in one round past its
+        deadline (a peer has not met it there), or None after `timeout_s`. Off the wave thread: a hung
+        peer blocks that one inside a collective. Wakes once per deadline while busy, once a second idle."""
+        end = time.monotonic() + timeout_s
+        while (now := time.monotonic()) < end:
+            wave = self.wave
+            stalled = wave.stalled() if wave is not None else None
+            if stalled is not None:
+                round_no, in_round = stalled
+                return {"rank": self.rank, "round": round_no, "stalled_s": in_round,
+                        "deadline_s": wave.stall_deadline_s()}
+            started = wave.round_started if wave is not None else None
+            wait = started + wave.stall_deadline_s() - now if started is not None else STALL_FLOOR_S
+            await asyncio.sleep(max(0.05, min(wait, end - now)))
+        return None
+
     def wave_state(self) -> dict:
         wave = self.wave
         return {"rank": self.rank, "pid": os.getpid(), "steps": wave.num_steps if wave else 0,
                 "idle": bool(wave and wave.idle),
-                "failed": repr(wave.failed) if wave and wave.failed else None}
+                "failed": repr(wave.failed) if wave and wave.failed else None,
+                "stall_deadline_s": wave.stall_deadline_s() if wave else None}
 
     def shutdown(self) -> None:
         if self._exporter is not None:

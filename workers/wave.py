@@ -20,6 +20,11 @@ Parking: the gang changes its process group (attention ranks join or leave) at a
 that every rank agrees on. `park()` on any rank puts a 1 in the all-reduce's last field; every rank
 runs that round's step and then ends its loop, cleanly, its engine and weights untouched: the
 regrouped gang continues on a new loop from where this one stopped.
+
+The step watchdog: each round is stamped when it begins (`round_started`) and timed when it ends. A
+rank whose round has lasted past `stall_deadline_s()` (a multiple of the recent p99 round, with a
+floor above scheduling noise) is waiting on a peer that has not met it: `Rank.wait_stall` reports
+that, and the supervisor asks every rank which one stopped answering (`GangSupervisor._watch_steps`).
 """
 
 from __future__ import annotations
@@ -27,12 +32,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+# a stall only makes the supervisor ask every rank (a rank busy with a long prefill still answers), so
+# the deadline may be tight: the floor sits above a loaded machine's scheduling noise
+STALL_FLOOR_S = 1.0
+STALL_FACTOR = 5.0  # times the recent p99 round
 
 
 class WaveLoop:
@@ -58,6 +69,9 @@ class WaveLoop:
         self._local_wake = False
         self._park = False  # asked to park: said in the next agreement
         self.parked = False  # this loop ended at a parking round agreed by the whole gang
+        self.round_started: float | None = None  # monotonic start of the round under way; None between rounds
+        self.rounds = 0
+        self.round_seconds: deque[float] = deque(maxlen=256)  # the recent rounds' durations (the watchdog's)
         self._thread = threading.Thread(target=self._run, name=f"wave-{name}", daemon=True)
 
     @property
@@ -90,6 +104,19 @@ class WaveLoop:
             self._stop = True
             self._cond.notify_all()
 
+    def stall_deadline_s(self) -> float:
+        """How long a round may last before this rank counts as waiting on a silent peer."""
+        times = sorted(self.round_seconds)
+        return max(STALL_FLOOR_S, STALL_FACTOR * times[int(0.99 * (len(times) - 1))] if times else 0.0)
+
+    def stalled(self) -> tuple[int, float] | None:
+        """(round, seconds in it) when the round under way has passed its deadline, else None."""
+        started, round_no = self.round_started, self.rounds
+        if started is None or self.failed is not None:
+            return None
+        in_round = time.monotonic() - started
+        return (round_no, in_round) if in_round >= self.stall_deadline_s() else None
+
     def _run(self) -> None:
         torch.set_num_threads(self.torch_threads)  # this thread computes every step (see `Rank`)
         empty = 0
@@ -101,6 +128,7 @@ class WaveLoop:
                     gen = self._wake_gen  # NOTE: read before this rank plans (see module doc)
                     self._local_wake = False  # work queued before now is in this plan
                     park = int(self._park)
+                self.round_started = started = time.monotonic()
                 agreed, lowest = self.plan(), gen  # a lone rank (no expert workers) agrees with itself
                 if self.group is not None:
                     flags = torch.tensor([-gen, *agreed, park], dtype=torch.long, device=self.device)
@@ -108,6 +136,8 @@ class WaveLoop:
                     minus_lowest, *agreed, park = flags.tolist()  # NOTE: the one host read of a step
                     lowest = -minus_lowest
                 self.step(agreed)
+                self.round_seconds.append(time.monotonic() - started)
+                self.round_started, self.rounds = None, self.rounds + 1
                 if agreed[0] > 0:
                     empty = 0
                     self.num_steps += 1

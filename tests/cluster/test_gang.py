@@ -19,7 +19,7 @@ from tests.cluster.conftest import CHUNK
 from tests.oracle import hf_greedy
 from workers.config import EngineConfig
 from workers.engine import LLMEngine
-from workers.errors import InvalidRequest, Unavailable
+from workers.errors import InvalidRequest
 from workers.expert_parallel import Placement
 from workers.llm import LLM
 from workers.protocol import GenerateRequest
@@ -68,8 +68,8 @@ def reference(gang_checkpoint):
     return ps, single
 
 
-# (2, 1) runs in the micro-batch test below; (1, 4) adds nothing (2, 4) does not cover
-@pytest.mark.parametrize("attention,experts", [(1, 1), (1, 2), (2, 2), (2, 4), (1, 3)])
+# (2, 1) runs in the micro-batch test below; (1, 4) and (2, 2) add nothing (1, 2) and (2, 4) do not cover
+@pytest.mark.parametrize("attention,experts", [(1, 1), (1, 2), (2, 4), (1, 3)])
 def test_gang_equals_single_process(ray_cluster, gang_checkpoint, reference, attention, experts):
     ckpt, _ = gang_checkpoint
     ps, single = reference
@@ -178,36 +178,6 @@ def test_invalid_request_is_rejected_by_the_gang(ray_cluster, gang_checkpoint):
 
     ids, finish, _ = asyncio.run(main())
     assert len(ids) == 4 and finish == "length"
-
-
-def test_killed_expert_fails_its_requests_then_the_gang_is_rebuilt(ray_cluster, gang_checkpoint, reference):
-    ckpt, _ = gang_checkpoint
-    ps, single = reference
-
-    async def main():
-        supervisor = GangSupervisor(gang_config(ckpt, 1, 2), health_period_s=0.5)
-        await supervisor.start()
-        try:
-            long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
-            task = asyncio.create_task(collect(supervisor, ps[0], long))
-            await asyncio.sleep(2.0)  # mid-generation
-            killed_at = time.monotonic()
-            ray.kill(supervisor.gang.experts[0], no_restart=True)
-            ids, finish, error = await asyncio.wait_for(task, timeout=60)
-            ended_after = time.monotonic() - killed_at
-            with pytest.raises(Unavailable):
-                supervisor.health()
-            await rebuilt(supervisor)
-            after = await collect(supervisor, ps[1])
-            return finish, error, ended_after, supervisor.restarts, after
-        finally:
-            await supervisor.stop()
-
-    finish, error, ended_after, restarts, after = asyncio.run(main())
-    assert finish == "error" and isinstance(error, Unavailable)
-    assert ended_after < 30  # within the configured collective timeout (20 s) plus detection
-    assert restarts == 1
-    assert after[0] == single[1] and after[1] == "length"
 
 
 @pytest.mark.parametrize("fault", ["kill", "raise"])

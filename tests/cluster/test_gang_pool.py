@@ -38,3 +38,29 @@ def test_the_ingress_metrics_say_leaving_gangs_draining_and_gone_ones_stopped():
     assert on == {'maverick_gang_state{gang="gang-x",model_name="tiny",state="stopped"}',
                   'maverick_gang_state{gang="gang-a",model_name="tiny",state="draining"}',
                   'maverick_gang_requests_in_flight{gang="gang-a",model_name="tiny"}'}, on
+
+
+class _Client:
+    """The pool's side of a `GangClient`: its epoch, and what closed it."""
+
+    def __init__(self, epoch: int):
+        self.epoch, self.broken, self.closed = epoch, False, None
+
+    def close(self, reason: str) -> None:
+        self.closed = reason
+
+
+def test_a_gang_its_supervisor_found_failed_ends_this_ingress_streams_at_once():
+    """A hang is declared by the supervisor while the workers' collectives still wait: the status that
+    says so (same epoch, state failed) ends the client's streams, so they resume without waiting for the
+    collective timeout; the same epoch is not used again."""
+    pool, g = pool_with("gang-c", load=1)
+    g.client = client = _Client(epoch=1)
+    pool._update("gang-c", {"gang": "gang-c", "state": "ready", "ready": True, "epoch": 1})
+    assert client.closed is None and g.client is client
+    pool._update("gang-c", {"gang": "gang-c", "state": "failed", "ready": False, "epoch": 1,
+                            "failure": "the step watchdog: ranks [0] did not answer"})
+    assert client.closed == "the gang failed: the step watchdog: ranks [0] did not answer"
+    assert g.client is None and g.failed_epoch == 1 and not g.ready
+    pool._update("gang-c", {"gang": "gang-c", "state": "ready", "ready": True, "epoch": 2})
+    assert g.ready
