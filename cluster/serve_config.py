@@ -38,6 +38,8 @@ def config_from_flags(args: argparse.Namespace) -> dict:
     if getattr(args, "max_attention_workers", None) is not None:  # from --attention-workers up to this many
         optional["attention_scaling"] = {"min_attention_workers": args.attention_workers,
                                          "max_attention_workers": args.max_attention_workers}
+    if getattr(args, "spares", None):  # warm expert-rank processes beside each gang
+        optional["spares"] = args.spares
     engine = {k: v for k, v in {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
                                 "max_num_batched_tokens": args.max_num_batched_tokens,
                                 "kv_cache_memory": args.kv_cache_memory}.items() if v is not None}

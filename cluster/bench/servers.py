@@ -121,14 +121,16 @@ def serve_config(args, expert_workers: int, path: Path, tokenizer: bool = False,
 
 
 def start_ours(args, expert_workers: int, address: str | None, port: int, grpc_port: int,
-               tokenizer: bool = False, log_name: str | None = None, changes: dict | None = None) -> subprocess.Popen:
-    """`maverick serve` of one application; `address` None: on its own local Ray, which stops with it."""
+               tokenizer: bool = False, log_name: str | None = None, changes: dict | None = None,
+               env: dict | None = None) -> subprocess.Popen:
+    """`maverick serve` of one application; `address` None: on its own local Ray, which stops with it.
+    `env`: variables added to its environment."""
     log_path = Path(args.output).with_name(f"{log_name or f'maverick-serve-e{expert_workers}'}.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     config = serve_config(args, expert_workers, log_path.with_suffix(".yaml"), tokenizer, changes)
     cmd = [str(Path(sys.executable).with_name("maverick")), "serve", str(config), "--http-port", str(port),
            "--grpc-port", str(grpc_port), *(["--address", address] if address else [])]
-    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     return _healthy(proc, f"http://127.0.0.1:{port}/health/ready", args.timeout)
 
 

@@ -83,6 +83,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         args.peers = [] if args.peers == "none" else args.peers.split(",")
         return bench_aiperf(args)
+    if args.target == "chaos":
+        from cluster.bench.chaos import main as bench_chaos
+
+        args.chaos_expert_workers = max(args.expert_workers)
+        if not args.chaos_expert_workers:
+            raise ValueError("bench chaos needs expert ranks: --expert-workers 2")
+        return bench_chaos(args)
     if args.target == "bodies":
         from cluster.bench.bodies import main as bench_bodies
 
@@ -189,9 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dashboards)
 
     p = sub.add_parser("bench", help="benchmarks, measured against peers in the same run")
-    p.add_argument("target", choices=["engine", "ep", "serve", "aiperf", "bodies"],
+    p.add_argument("target", choices=["engine", "ep", "serve", "aiperf", "bodies", "chaos"],
                    help="aiperf: NVIDIA's aiperf beside bench serve's own client, at the top --concurrency; "
-                        "bodies: the streams' inter-token p99 while requests with large bodies arrive")
+                        "bodies: the streams' inter-token p99 while requests with large bodies arrive; "
+                        "chaos: the pause each fault costs the streams (kills and hangs of ranks and replicas)")
     p.add_argument("--model", default="checkpoints/bench", help="checkpoint (make-tiny --preset bench)")
     p.add_argument("--output", default=ENGINE_OUTPUT)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -245,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--big-requests", type=int, default=20,
                    help="bench bodies: requests with large bodies arriving among the streams")
     p.add_argument("--body-mb", type=float, default=1.0, help="bench bodies: each large body's size in MB")
+    p.add_argument("--streams", type=int, default=8, help="bench chaos: greedy streams running through each fault")
+    p.add_argument("--faults", type=lambda text: text.split(","),
+                   default=["sigkill-expert", "sigstop-expert", "sigkill-attention", "sigstop-attention",
+                            "kill-gang-replica"], help="bench chaos: comma-separated faults to inject")
+    p.add_argument("--spares", type=int, default=1,
+                   help="bench chaos: also the gang with this many warm expert spares (0: not)")
+    p.add_argument("--two-gangs", action="store_true", help="bench chaos: also two gangs (the expert faults)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per engine run")
     p.set_defaults(func=cmd_bench)
     for p in sub.choices.values():  # also after the subcommand: `maverick serve ... --debug`

@@ -443,6 +443,10 @@ def add_serve_parser(sub) -> None:
                         "or queue is high, and gives them back when quiet, down to --attention-workers (default: "
                         "none, the count is fixed; needs --expert-workers; the YAML's attention_scaling sets the "
                         "thresholds)")
+    m.add_argument("--spares", type=int,
+                   help="warm expert-rank processes kept started beside each gang: a failed expert rank is replaced "
+                        "by one, so recovery costs its weights, not a process start (default 0; needs "
+                        "--expert-workers)")
     m.add_argument("--migration-limit", type=int,
                    help=f"times a request moves on when its gang fails (default "
                         f"{AppConfig.model_fields['migration_limit'].default}; 0: it fails with 503)")

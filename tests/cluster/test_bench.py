@@ -202,19 +202,36 @@ def test_bench_aiperf_smoke(tmp_path):
     assert out.with_suffix(".md").read_text().startswith("# aiperf against")
 
 
+def run_on_tiny(tmp_path, target: str, *flags: str) -> tuple[dict, Path]:
+    """`maverick bench TARGET` on a tiny checkpoint, one round, short prompts: its JSON report and path."""
+    ckpt = make_tiny(tmp_path / "tiny", "tiny-maverick", layout="causal")
+    out = tmp_path / f"{target}.json"
+    proc = subprocess.run([MAVERICK, "bench", target, "--model", str(ckpt), "--output", str(out), "--prompt-len", "8",
+                           "--timeout", "300", "--repeat", "1", *flags], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), out
+
+
 def test_bench_bodies_smoke(tmp_path):
     """Streams quiet and loaded with large bodies, on one `maverick serve` with its tokenizer: every large
     request is refused with a 400 (its prompt cannot fit) and both phases report their gaps."""
-    ckpt = make_tiny(tmp_path / "tiny", "tiny-maverick", layout="causal")
-    out = tmp_path / "bodies.json"
-    proc = subprocess.run([MAVERICK, "bench", "bodies", "--model", str(ckpt), "--output", str(out), "--peers", "none",
-                           "--concurrency", "2", "--prompt-len", "8", "--output-len", "6", "--big-requests", "2",
-                           "--body-mb", "0.05", "--timeout", "300", "--repeat", "1"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    report, out = run_on_tiny(tmp_path, "bodies", "--peers", "none", "--concurrency", "2", "--output-len", "6",
+                              "--big-requests", "2", "--body-mb", "0.05")
     ours = report["systems"]["maverick"]
     for phase in ("quiet", "loaded"):
         assert ours["rounds"][0][phase]["gaps"] == 2 * 2 * 5  # 2 x concurrency streams, 6 tokens: 5 gaps each
     assert ours["rounds"][0]["loaded"]["big_statuses"] == ["400"]
     assert ours["p99_ratio"] > 0 and out.with_suffix(".md").read_text().startswith("# bench bodies")
+
+
+def test_bench_chaos_smoke(tmp_path):
+    """A killed expert rank under two streams: both exact and resumed, and the gang recovered in place,
+    reading that rank's share again (the spare and hang cases run in tests/cluster/test_gang.py)."""
+    report, out = run_on_tiny(tmp_path, "chaos", "--streams", "2", "--output-len", "24", "--faults", "sigkill-expert",
+                              "--spares", "0", "--expert-workers", "2")
+    (row,) = report["rows"]
+    assert (row["layout"], row["fault"]) == ("1 gang", "sigkill-expert")
+    assert row["exact"] == row["streams"] == 2 and row["resumed"] >= 1 and row["longest_pause_s"] > 0, row
+    assert row["recovery_s"] > 0 and 0 < row["bytes_read"], row
+    assert report["summary"][0]["exact"] == "2/2"
+    assert out.with_suffix(".md").read_text().startswith("# bench chaos")

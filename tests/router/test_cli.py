@@ -134,6 +134,17 @@ def test_serve_eplb_flags_become_the_apps_eplb_args():
         validate_serve_config(config_from_flags(build_parser().parse_args(flags[:3] + flags[5:])), "flags")
 
 
+def test_serve_spares_flag_becomes_the_apps_spares():
+    from cluster.serve_config import config_from_flags, validate_serve_config
+    from router.cli import build_parser
+
+    flags = ["serve", "--model", "/m", "--expert-workers", "2", "--spares", "1"]
+    _, (app,) = validate_serve_config(config_from_flags(build_parser().parse_args(flags)), "flags")
+    assert app.spares == 1
+    with pytest.raises(ValueError, match="spares stand in for failed expert ranks"):
+        validate_serve_config(config_from_flags(build_parser().parse_args(flags[:3] + flags[5:])), "flags")
+
+
 def test_serve_gang_bound_flags_become_the_apps_autoscaling_args():
     from cluster.serve_config import config_from_flags, validate_serve_config
     from router.cli import build_parser
