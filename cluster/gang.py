@@ -18,6 +18,7 @@ group of its own.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -66,6 +67,7 @@ class Gang:
     vacated: list[tuple[PlacementGroup, int]] = field(default_factory=list)  # bundles a spare's adopter left
     spare_pgs: list[PlacementGroup] = field(default_factory=list)  # one-bundle groups made for spares
     destroyed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # `destroyed`, spares and their groups
 
     @property
     def ranks(self) -> list:
@@ -244,10 +246,10 @@ def _regroup(gang: Gang, ranks: list, parking: list, timeout_s: float) -> float:
 def _remove_added_pg(gang: Gang, rank: int) -> None:
     pg = gang.added_pgs.pop(rank, None)
     if pg is not None:
-        _remove_pg(pg)
+        remove_pg(pg)
 
 
-def _remove_pg(pg: PlacementGroup) -> None:
+def remove_pg(pg: PlacementGroup) -> None:
     try:
         remove_placement_group(pg)
     except Exception:  # already gone
@@ -302,6 +304,7 @@ def _adopt_spare(gang: Gang, rank: int):
         except Exception as exc:  # a spare that died meanwhile: the next one, or a new process
             log.warning("spare for expert rank %d unusable: %s", rank, exc)
             kill_actor(spare.actor)
+            gang.vacated.append((spare.pg, spare.index))  # the next spare starts there
             continue
         gang.vacated.append(gang.home(rank))
         gang.homes[rank] = (spare.pg, spare.index)
@@ -363,15 +366,17 @@ def _load_weights(ranks: list, startup: GangStartup, timeout_s: float) -> list[d
 
 
 def destroy_gang(gang: Gang) -> None:
-    gang.destroyed = True
-    for actor in gang.ranks + [spare.actor for spare in gang.spares]:
+    with gang.lock:  # a spare starting now sees it and goes (`cluster.spares.keep_spares`)
+        gang.destroyed = True
+        spares, gang.spares = gang.spares, []
+        spare_pgs, gang.spare_pgs = gang.spare_pgs, []
+    for actor in gang.ranks + [spare.actor for spare in spares]:
         kill_actor(actor)
-    gang.attention, gang.experts, gang.spares = [], [], []
+    gang.attention, gang.experts = [], []
     for rank in list(gang.added_pgs):
         _remove_added_pg(gang, rank)
-    for pg in gang.spare_pgs:
-        _remove_pg(pg)
-    gang.spare_pgs = []
+    for pg in spare_pgs:
+        remove_pg(pg)
     if gang.own_pg and gang.pg is not None:
         try:
             remove_placement_group(gang.pg)

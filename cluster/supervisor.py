@@ -19,8 +19,8 @@ and resizes by its policy (`cluster.attention_scaling.AttentionScaler`).
 
 Hangs are found from the step itself: every rank meets the others in each step, and a rank kept
 waiting past a deadline derived from its recent rounds says so (`Rank.wait_stall`, a long-poll). The
-supervisor then asks every rank at once; those that do not answer within `PROBE_S` are hung (a rank
-busy with a long prefill still answers). The health check, every `health_period_s`, remains for a
+supervisor then asks every rank at once; those that do not answer within `PROBE_S`, asked twice, are
+hung (a rank busy with a long prefill still answers). The health check, every `health_period_s`, remains for a
 gang with nothing to step.
 
 One owned task does a recovery: the ranks that survived keep their weights and rejoin a new process
@@ -53,7 +53,7 @@ from workers.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 WATCH_POLL_S = 30.0  # each rank's stall long-poll returns empty this often (a call never outlives a gang long)
-PROBE_S = 1.5  # after a stall report, a rank that does not answer within this is hung
+PROBE_S = 1.0  # after a stall report, a rank that does not answer within this, twice, is hung
 
 _ALLOWED = {
     "starting": {"ready", "stopped"},
@@ -90,7 +90,9 @@ class GangSupervisor:
         self.client: GangClient | None = None  # this supervisor's own requests
         self._monitor_task: asyncio.Task | None = None
         self._watchers: list[asyncio.Task] = []  # the step watchdog's long-polls, one per rank
+        # starts the spares of `_spares_gang`; a recovery in place keeps that gang, so its task goes on
         self._spares_task: asyncio.Task | None = None
+        self._spares_gang: Gang | None = None
         self._recovery: asyncio.Task | None = None  # the one task tearing down and rebuilding
         # bumped per build, so stale watchers of a dead gang stop; starts at the clock, so a replica that
         # Serve started anew after the old one died never repeats an epoch its consumers saw failing
@@ -180,8 +182,9 @@ class GangSupervisor:
         self._move("ready")
         self._monitor_task = asyncio.create_task(self._monitor(self.epoch))
         self._watchers = [asyncio.create_task(self._watch_steps(self.epoch, actor)) for actor in self.gang.ranks]
-        if self.config.spares:
-            self._spares_task = asyncio.create_task(self._keep_spares(self.gang))
+        spares = self._spares_task
+        if self.config.spares and (spares is None or spares.done() or self._spares_gang is not self.gang):
+            self._spares_gang, self._spares_task = self.gang, asyncio.create_task(self._keep_spares(self.gang))
         if self.scaler is not None and (self._scaling_task is None or self._scaling_task.done()):
             self._scaling_task = asyncio.create_task(self.scaler.run())
 
@@ -254,6 +257,7 @@ class GangSupervisor:
                 self._on_broken(f"adding an attention rank failed: {type(exc).__name__}: {exc}", epoch)
                 raise
             self._attention_changed(gang, epoch)
+            self._watchers = [w for w in self._watchers if not w.done()]
             self._watchers.append(asyncio.create_task(self._watch_steps(epoch, gang.attention[-1])))
             return pause
 
@@ -343,30 +347,43 @@ class GangSupervisor:
 
     async def _watch_steps(self, epoch: int, actor) -> None:
         """The step watchdog for one rank: wait for it to report a stalled round, then find who is silent."""
-        while self.epoch == epoch and self.state == "ready" and self.gang is not None and actor in self.gang.ranks:
+        while self._watching(epoch, actor):
             try:
                 stall = await actor.wait_stall.remote(WATCH_POLL_S)
             except Exception:  # the rank died or left: its channels and the health check say so
                 return
-            if stall is None or self.epoch != epoch or self.state != "ready":
+            if stall is None or not self._watching(epoch, actor):
                 continue
-            ranks = list(self.gang.ranks)
-            probes = [asyncio.ensure_future(r.wave_state.remote()) for r in ranks]
-            await asyncio.wait(probes, timeout=PROBE_S)
-            silent = {rank for rank, probe in enumerate(probes) if not probe.done() or probe.exception()}
-            for probe in probes:
-                probe.cancel()
-            if not silent:  # a long round (a big prefill): every rank answered, so nobody is hung
+            # a resize parks and regroups every rank (its own failures fail the gang); one slow answer
+            # is not a hang: a rank must stay silent through two probes
+            silent = set() if self._resizing.locked() else await self._silent(self.gang.ranks)
+            silent = await self._silent(silent) if silent else silent
+            ranks = self.gang.ranks if self._watching(epoch, actor) and not self._resizing.locked() else []
+            hung = {ranks.index(a) for a in silent if a in ranks}  # those still in the gang, by their rank now
+            if not hung:  # a long round (a big prefill), or a resize: nobody is hung
                 log.info("gang %s: rank %d waited %.1fs in round %d (deadline %.1fs); every rank answered",
                          self.name, stall["rank"], stall["stalled_s"], stall["round"], stall["deadline_s"])
                 await asyncio.sleep(PROBE_S)
                 continue
-            if self.epoch == epoch and self.state == "ready":
-                self.hangs_found["watchdog"] += 1
-                self._on_broken(f"the step watchdog: rank {stall['rank']} waited {stall['stalled_s']:.1f}s in round "
-                                f"{stall['round']} (deadline {stall['deadline_s']:.1f}s); ranks {sorted(silent)} did "
-                                f"not answer within {PROBE_S}s", epoch, hung=silent)
+            self.hangs_found["watchdog"] += 1
+            self._on_broken(f"the step watchdog: rank {stall['rank']} waited {stall['stalled_s']:.1f}s in round "
+                            f"{stall['round']} (deadline {stall['deadline_s']:.1f}s); ranks {sorted(hung)} did not "
+                            f"answer twice within {PROBE_S}s", epoch, hung=hung)
             return
+
+    def _watching(self, epoch: int, actor) -> bool:
+        return self.epoch == epoch and self.state == "ready" and self.gang is not None and actor in self.gang.ranks
+
+    @staticmethod
+    async def _silent(actors) -> set:
+        """The actors that do not answer within `PROBE_S` (a dead one counts: it cannot answer either)."""
+        actors = list(actors)
+        probes = [asyncio.ensure_future(a.wave_state.remote()) for a in actors]
+        await asyncio.wait(probes, timeout=PROBE_S)
+        silent = {a for a, probe in zip(actors, probes) if not probe.done() or probe.exception() is not None}
+        for probe in probes:
+            probe.cancel()
+        return silent
 
     def _on_broken(self, reason: str, epoch: int, hung: set[int] = frozenset()) -> None:
         """The gang of `epoch` failed (a channel broke, a health check failed): mark it failed now, so

@@ -58,7 +58,8 @@ class GangDeployment:
         return {"gang": self.name, "ready": self.supervisor.ready(), "state": self.supervisor.state,
                 "failure": self.supervisor.failure,
                 "draining": self.supervisor.draining, "epoch": self.supervisor.epoch,
-                "restarts": self.supervisor.restarts, "hangs_found": dict(self.supervisor.hangs_found), "stage": startup.stage if startup else None,
+                "restarts": self.supervisor.restarts, "hangs_found": dict(self.supervisor.hangs_found),
+                "stage": startup.stage if startup else None,
                 "pid": os.getpid(), "last_recovery_s": self.supervisor.last_recovery_s,
                 "attention_version": self.supervisor.attention_version,
                 "attention_ranks": len(self.supervisor.gang.attention) if self.supervisor.gang else 0}

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # the deadline may be tight: the floor sits above a loaded machine's scheduling noise
 STALL_FLOOR_S = 1.0
 STALL_FACTOR = 5.0  # times the recent p99 round
+DEADLINE_EVERY_ROUNDS = 8  # the deadline follows the rounds' times this often (a sort of 256 floats)
 
 
 class WaveLoop:
@@ -72,6 +73,7 @@ class WaveLoop:
         self.round_started: float | None = None  # monotonic start of the round under way; None between rounds
         self.rounds = 0
         self.round_seconds: deque[float] = deque(maxlen=256)  # the recent rounds' durations (the watchdog's)
+        self._deadline_s = STALL_FLOOR_S  # recomputed on this loop's thread, read by the watchdog's
         self._thread = threading.Thread(target=self._run, name=f"wave-{name}", daemon=True)
 
     @property
@@ -106,8 +108,14 @@ class WaveLoop:
 
     def stall_deadline_s(self) -> float:
         """How long a round may last before this rank counts as waiting on a silent peer."""
-        times = sorted(self.round_seconds)
-        return max(STALL_FLOOR_S, STALL_FACTOR * times[int(0.99 * (len(times) - 1))] if times else 0.0)
+        return self._deadline_s
+
+    def _time_round(self, seconds: float) -> None:  # on the loop's thread: the only writer of the rounds
+        self.round_seconds.append(seconds)
+        self.round_started, self.rounds = None, self.rounds + 1
+        if self.rounds % DEADLINE_EVERY_ROUNDS == 1:
+            times = sorted(self.round_seconds)
+            self._deadline_s = max(STALL_FLOOR_S, STALL_FACTOR * times[int(0.99 * (len(times) - 1))])
 
     def stalled(self) -> tuple[int, float] | None:
         """(round, seconds in it) when the round under way has passed its deadline, else None."""
@@ -136,8 +144,7 @@ class WaveLoop:
                     minus_lowest, *agreed, park = flags.tolist()  # NOTE: the one host read of a step
                     lowest = -minus_lowest
                 self.step(agreed)
-                self.round_seconds.append(time.monotonic() - started)
-                self.round_started, self.rounds = None, self.rounds + 1
+                self._time_round(time.monotonic() - started)
                 if agreed[0] > 0:
                     empty = 0
                     self.num_steps += 1
