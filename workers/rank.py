@@ -223,7 +223,8 @@ class Rank:
                 round_no, in_round = stalled
                 return {"rank": self.rank, "round": round_no, "stalled_s": in_round,
                         "deadline_s": wave.stall_deadline_s()}
-            started = wave.round_started if wave is not None else None
+            # a failed wave's last round stays stamped: it is not waiting on a peer, so poll at the idle pace
+            started = wave.round_started if wave is not None and wave.failed is None else None
             wait = started + wave.stall_deadline_s() - now if started is not None else STALL_FLOOR_S
             await asyncio.sleep(max(0.05, min(wait, end - now)))
         return None

@@ -1,8 +1,9 @@
 """`maverick bench chaos`: how long each fault pauses the streams, on `maverick serve`.
 
 Each layout (one gang; one gang with `--spares` warm expert processes; with `--two-gangs`, two gangs)
-is its own `maverick serve`, started alone (`../shared/PEERS.md`) with its Ray's GCS on a known port,
-which this process joins to find the ranks' processes. Per fault and round it runs `--streams`
+is its own `maverick serve`, started alone for each round and stopped after it (`../shared/PEERS.md`:
+rounds alternate between the layouts, the first rotating), with its Ray's GCS on a known port, which
+this process joins to find the ranks' processes. Per fault and round it runs `--streams`
 greedy HTTP streams twice: without a fault (the tokens every stream must repeat), then with the fault
 injected once every stream has its first token. The faults: SIGKILL or SIGSTOP of an expert rank or
 of an attention rank, and SIGKILL of the gang's Serve replica. Reported per fault: the longest pause
@@ -157,8 +158,8 @@ def _layouts(args) -> list[dict]:
     return layouts
 
 
-def _run_layout(args, layout: dict) -> list[dict]:
-    """One `maverick serve` of this layout, alone, through every fault and round; stopped after."""
+def _run_layout(args, layout: dict, round_no: int) -> list[dict]:
+    """One `maverick serve` of this layout, alone, through every fault of one round; stopped after."""
     import ray
 
     from ray._private.services import get_node_ip_address
@@ -173,9 +174,8 @@ def _run_layout(args, layout: dict) -> list[dict]:
     try:
         os.environ["RAY_AUTH_MODE"] = "disabled"  # as the server's Ray: a token left in ~/.ray would not match
         ray.init(address=f"{get_node_ip_address()}:{gcs_port}", log_to_driver=False, logging_level="ERROR")
-        for round_no in range(1, args.repeat + 1):
-            for fault in layout["faults"]:
-                rows.append(_case(args, f"http://127.0.0.1:{port}", layout, fault, round_no))
+        for fault in layout["faults"]:
+            rows.append(_case(args, f"http://127.0.0.1:{port}", layout, fault, round_no))
     finally:
         ray.shutdown()
         stop_server(proc)
@@ -222,12 +222,14 @@ def main(args) -> int:
     unknown = [f for f in args.faults if f not in FAULTS]
     if unknown:
         raise ValueError(f"unknown fault(s) {unknown}: choose from {sorted(FAULTS)}")
-    rows = []
-    for layout in _layouts(args):
-        # a process per layout: Serve's handles in a driver outlive `ray.shutdown` and would call the
-        # last layout's actors
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            rows += pool.submit(_run_layout, args, layout).result()
+    rows, layouts = [], _layouts(args)
+    for round_no in range(1, args.repeat + 1):
+        first = (round_no - 1) % len(layouts)  # the layout that starts the round rotates (PEERS.md)
+        for layout in layouts[first:] + layouts[:first]:
+            # a process per layout and round: Serve's handles in a driver outlive `ray.shutdown` and
+            # would call the last layout's actors
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                rows += pool.submit(_run_layout, args, layout, round_no).result()
     summary = summarize(rows)
     out = {"streams": args.streams, "output_len": args.output_len, "prompt_len": args.prompt_len,
            "expert_workers": args.chaos_expert_workers, "rows": rows, "summary": summary}

@@ -232,6 +232,6 @@ def test_bench_chaos_smoke(tmp_path):
     (row,) = report["rows"]
     assert (row["layout"], row["fault"]) == ("1 gang", "sigkill-expert")
     assert row["exact"] == row["streams"] == 2 and row["resumed"] >= 1 and row["longest_pause_s"] > 0, row
-    assert row["recovery_s"] > 0 and 0 < row["bytes_read"], row
+    assert row["recovery_s"] is not None and 0 < row["bytes_read"], row  # recovered in place: a rank's share read
     assert report["summary"][0]["exact"] == "2/2"
     assert out.with_suffix(".md").read_text().startswith("# bench chaos")
