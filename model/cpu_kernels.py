@@ -7,8 +7,11 @@ with MAVERICK_CPU_KERNELS=0, `available()` is False and everything takes the tor
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +20,8 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+NAME = "maverick_cpu_kernels"
+CFLAGS, LDFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"], ["-fopenmp"]
 MAX_ROWS = 64  # above this (prefill) the library GEMM is as fast; kMaxSkinnyRows in the .cpp
 
 _tried = False
@@ -38,13 +43,40 @@ def _build() -> bool:
         log.info("CPU without AVX2: decode steps stay on the library kernels")
         return False
     try:
-        from torch.utils.cpp_extension import load
-        load("maverick_cpu_kernels", [str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        from torch.utils.cpp_extension import _get_build_directory, load
+
+        # torch rebuilds whenever its build file changes, and that file names the source's absolute
+        # path: a second checkout, or a `ray up` host's copy, would rebuild (~30-50 s on 2 cores). The
+        # library is kept under a key of what it is built from instead, and loaded from there.
+        build_dir = Path(_get_build_directory(NAME, False))  # torch's (TORCH_EXTENSIONS_DIR respected)
+        kept = build_dir.parent / f"{NAME}-{_build_key()}.so"
+        if kept.is_file():
+            torch.ops.load_library(str(kept))
+            return True
+        load(NAME, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, is_python_module=False, verbose=False)
+        _keep(build_dir / f"{NAME}.so", kept)
         return True
     except Exception as exc:  # no compiler, no ninja, a read-only cache: the torch path still works
         log.warning("could not build the CPU decode kernels (%s): decode steps stay on the library kernels", exc)
         return False
+
+
+def _build_key() -> str:
+    """What the library depends on: the source, the flags, torch and Python."""
+    what = [SOURCE.read_bytes(), repr((CFLAGS, LDFLAGS, torch.__version__, sys.version_info[:2])).encode()]
+    return hashlib.sha256(b"\0".join(what)).hexdigest()[:16]
+
+
+def _keep(built: Path, kept: Path) -> None:
+    """A copy of the library torch built, under its key (written whole: other ranks may read it at once)."""
+    if not built.is_file():  # torch's layout changed: the next start builds again, nothing breaks
+        return
+    partial = kept.with_name(f"{kept.name}.{os.getpid()}")
+    try:
+        shutil.copyfile(built, partial)
+        os.replace(partial, kept)
+    except OSError as exc:  # a full or read-only cache: the kernels are loaded all the same
+        log.info("could not keep the CPU kernels' library at %s: %s", kept, exc)
 
 
 def _fp32_cpu(*tensors: torch.Tensor) -> bool:

@@ -5,6 +5,9 @@ Ray gives its raylet a fixed 30 s to register with the GCS; once in a clean-clon
 daemons (GCS, raylet, ...) running as children of the test process: they are killed before the next
 try."""
 
+import contextlib
+import os
+
 import psutil
 
 STARTUP_TIMEOUT = "timed out during startup"
@@ -39,3 +42,27 @@ def _kill_ray_children() -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(daemons, timeout=30)
+
+
+@contextlib.contextmanager
+def auth_mode(mode: str):
+    """`RAY_AUTH_MODE` set to `mode` inside, restored after, in the environment and in Ray's cached config.
+
+    Ray keeps the mode in its C++ config, refreshed only when a new local cluster turns token auth on.
+    Connecting with `disabled` leaves it there; once the environment says `token` again, the next
+    local `ray.init` started a token GCS and then could not connect to it (InvalidAuthToken). In CI
+    this broke every Ray module after the autoscaling test."""
+    from ray._raylet import Config
+
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = mode
+    Config.initialize("")
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
+        Config.initialize("")
+

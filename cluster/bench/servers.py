@@ -22,6 +22,7 @@ from cluster.bench import plots
 from cluster.probe import wait_http_ok
 
 VLLM_PYTHON = Path(".venv-vllm/bin/python")
+LOG_TAIL_LINES = 30  # of a server that failed to start, shown in the error
 
 
 def summary(records: list[tuple[float, float, int]], wall: float) -> dict:
@@ -131,7 +132,7 @@ def start_ours(args, expert_workers: int, address: str | None, port: int, grpc_p
     cmd = [str(Path(sys.executable).with_name("maverick")), "serve", str(config), "--http-port", str(port),
            "--grpc-port", str(grpc_port), *(["--address", address] if address else [])]
     proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    return _healthy(proc, f"http://127.0.0.1:{port}/health/ready", args.timeout)
+    return _healthy(proc, f"http://127.0.0.1:{port}/health/ready", args.timeout, log_path)
 
 
 def start_vllm(args, port: int, tokenizer: bool = False, compact_json: bool = False) -> subprocess.Popen:
@@ -148,13 +149,17 @@ def start_vllm(args, port: int, tokenizer: bool = False, compact_json: bool = Fa
     log_path = Path(args.output).with_name("vllm-serve.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(cmd, stdout=log_path.open("a"), stderr=subprocess.STDOUT, env=env)
-    return _healthy(proc, f"http://127.0.0.1:{port}/health", args.timeout)
+    return _healthy(proc, f"http://127.0.0.1:{port}/health", args.timeout, log_path)
 
 
-def _healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> subprocess.Popen:
-    """`proc` once `url` answers 200; stopped if it exits or times out first."""
+def _healthy(proc: subprocess.Popen, url: str, timeout_s: float, log_path: Path) -> subprocess.Popen:
+    """`proc` once `url` answers 200; stopped if it exits or times out first, its log's end in the error."""
     try:
         wait_http_ok(url, timeout_s, alive=lambda: proc.poll() is None)
+    except Exception as exc:
+        stop_server(proc)
+        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-LOG_TAIL_LINES:])
+        raise RuntimeError(f"{exc}; the end of {log_path}:\n{tail}") from exc
     except BaseException:
         stop_server(proc)
         raise

@@ -13,6 +13,31 @@ def test_kernels_build_on_this_machine():
     assert cpu_kernels.available()
 
 
+def test_a_checkout_elsewhere_loads_the_kept_library_without_building(tmp_path):
+    """torch's loader rebuilds when the source's path changes (a second checkout, a `ray up` host's
+    copy): the library kept under its content key is loaded instead, and torch's build is untouched."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    assert cpu_kernels.available()
+    build_file = Path(_get_build_directory(cpu_kernels.NAME, False)) / "build.ninja"
+    before = build_file.stat().st_mtime_ns
+    elsewhere = tmp_path / "model"
+    elsewhere.mkdir()
+    for name in ("cpu_kernels.py", "cpu_kernels.cpp"):
+        shutil.copy(Path(cpu_kernels.__file__).with_name(name), elsewhere / name)
+    check = ("import torch, cpu_kernels; assert cpu_kernels.available(); "
+             "x = torch.randn(2, 16); w = torch.randn(8, 16); "
+             "torch.testing.assert_close(torch.ops.maverick.skinny_linear(x, w), x @ w.T)")
+    done = subprocess.run([sys.executable, "-c", check], cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert build_file.stat().st_mtime_ns == before, "torch built the kernels again for the copy"
+
+
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 32, 33, 64])
 @pytest.mark.parametrize("O,I", [(1, 8), (5, 520), (16, 64), (769, 2048)])
 def test_skinny_linear_matches_matmul(M, O, I):

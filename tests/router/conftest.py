@@ -1,4 +1,5 @@
-"""A live local deployment per test module: a real Ray, Serve on 127.0.0.1 at a free port, our app;
+"""A live local deployment per test module (per package for `default_app/`, the modules that share
+the default app): a real Ray, Serve on 127.0.0.1 at a free port, our app;
 and, for the metrics tests, a Ray exporting metrics every second with a real Prometheus scraping it."""
 
 import os
@@ -37,8 +38,8 @@ def wait_ready(url: str, timeout_s: float = 180) -> None:
     wait_http_ok(url + "/health/ready", timeout_s)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
+def running_local_ray():
+    """A local Ray for one module (or one package, `default_app/`), shut down after."""
     import ray
 
     from cluster.offline import choose_proxy
@@ -53,6 +54,9 @@ def local_ray():
     yield
     # Serve goes down with this Ray; serve.shutdown() first would only wait for the replicas' drain
     ray.shutdown()
+
+
+local_ray = pytest.fixture(running_local_ray, scope="module", name="local_ray")
 
 
 @pytest.fixture(scope="module")

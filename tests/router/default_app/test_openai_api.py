@@ -1,4 +1,4 @@
-"""The OpenAI API over a live deployment (1 attention + 2 expert workers), through the official client.
+"""The OpenAI API over the package's deployment (1 attention + 2 expert workers), through the official client.
 
 Greedy tokens must equal `transformers`; every sampling field must reach the engine (the served
 result equals our offline engine given the same parameters, which the workers tests pin down).
@@ -19,12 +19,6 @@ from tests.router.conftest import deploy
 pytestmark = pytest.mark.timeout(600)
 
 PROMPT_IDS = [[2016, 11, 12, 13, 14], [2016] + list(range(300, 420, 3)), [2016, 7, 7, 7, 7, 7]]
-
-
-@pytest.fixture(scope="module")
-def live(local_ray, tmp_path_factory):
-    server = deploy(tmp_path_factory.mktemp("api"), expert_workers=2)
-    yield server
 
 
 @pytest.fixture(scope="module")
@@ -282,8 +276,6 @@ def test_client_disconnect_aborts_the_request_in_its_engine(live):
 
 
 def test_skip_tokenizer_init_serves_token_ids_only(live, tmp_path_factory, hf):
-    from tests.router.conftest import deploy
-
     raw = deploy(tmp_path_factory.mktemp("raw"), name="raw", route_prefix="/raw", skip_tokenizer_init=True)
     client = openai.OpenAI(base_url=raw.v1, api_key="unused", max_retries=0, timeout=120)
     out = client.completions.create(model="tiny", prompt=PROMPT_IDS[0], max_tokens=8, logprobs=1,

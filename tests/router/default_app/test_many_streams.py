@@ -13,18 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.router.conftest import deploy
 from tests.router.streams import assert_same, over_grpc, over_http, reference
 
 STREAMS = 64
 STOPS = [" the", "e ", "an", "\n"]
 pytestmark = pytest.mark.timeout(900)
-
-
-@pytest.fixture(scope="module")
-def live(local_ray, tmp_path_factory):
-    server = deploy(tmp_path_factory.mktemp("streams"), expert_workers=2, max_pending_requests=STREAMS)
-    yield server
 
 
 def _specs() -> list[dict]:

@@ -10,8 +10,6 @@ import jsonschema
 import openai
 import pytest
 
-from tests.router.conftest import deploy
-
 pytestmark = pytest.mark.timeout(600)
 
 ADDRESS = {"type": "object", "properties": {
@@ -51,11 +49,6 @@ SEARCH = {"type": "function", "function": {
 TOOLS = [WEATHER, SEARCH]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def live(local_ray, tmp_path_factory):
-    return deploy(tmp_path_factory.mktemp("structured"), expert_workers=2)
 
 
 @pytest.fixture(scope="module")

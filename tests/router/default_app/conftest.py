@@ -1,0 +1,14 @@
+"""One deployment of the default app (1 attention + 2 expert workers, default limits) for every module
+here: the OpenAI API, structured outputs and tool calls, many streams. A Ray, Serve and a gang cost
+~25 s to start on 2 cores, so they start once for the package (`__init__.py` makes it one)."""
+
+import pytest
+
+from tests.router.conftest import deploy, running_local_ray
+
+package_ray = pytest.fixture(running_local_ray, scope="package", name="package_ray")
+
+
+@pytest.fixture(scope="package")
+def live(package_ray, tmp_path_factory):
+    return deploy(tmp_path_factory.mktemp("default-app"), expert_workers=2)
