@@ -73,7 +73,14 @@ class EplbConfig(Strict):
                                                    "0: every step since the last rebalance")
     min_gain: float = Field(0.02, ge=0, le=1, description="adopt a new placement only when it raises the "
                                                           "window's balancedness (mean over MoE layers) by this "
-                                                          "much: no bytes moved for noise")
+                                                          "much (with weight_read_rows: lowers the busiest "
+                                                          "rank's modelled cost by this fraction): no bytes "
+                                                          "moved for noise")
+    weight_read_rows: float = Field(0.0, ge=0, description="one expert's weight read, in rows of compute: 0 balances "
+                                                           "rows (vLLM's EPLB); above 0 the policy balances each "
+                                                           "rank's rows plus the weight reads of the copies it "
+                                                           "holds, and copies an expert only where that pays "
+                                                           "(`maverick plan` gives it for a GPU)")
 
     @model_validator(mode="after")
     def _window_fits(self) -> "EplbConfig":
@@ -132,6 +139,11 @@ class GangConfig(Strict):
     spares: int = Field(0, ge=0, description="warm expert-rank processes kept started beside the gang, each in a "
                         "placement-group bundle of its own: a failed expert rank is replaced by one, so the "
                         "replacement costs its weights only (needs expert_workers; CPU gangs)")
+    attention_spares: int = Field(0, ge=0, description="warm attention-rank processes kept started beside the "
+                                  "gang, as `spares` for attention ranks (needs expert_workers; CPU gangs)")
+    orphan_grace_s: float = Field(60, gt=0, description="under Serve, a gang's ranks outlive its replica: one "
+                                  "restarted re-attaches to them; ranks no replica has looked after for this "
+                                  "long remove themselves")
 
     @model_validator(mode="after")
     def _eplb_needs_expert_ranks(self) -> "GangConfig":
@@ -157,9 +169,10 @@ class GangConfig(Strict):
 
     @model_validator(mode="after")
     def _spares_replace_expert_ranks(self) -> "GangConfig":
-        if self.spares and not self.expert_workers:
-            raise ValueError("spares stand in for failed expert ranks: they need expert_workers >= 1")
-        if self.spares and self.device == "cuda":
+        if (self.spares or self.attention_spares) and not self.expert_workers:
+            raise ValueError("spares stand in for failed ranks of a gang recovered in place: they need "
+                             "expert_workers >= 1")
+        if (self.spares or self.attention_spares) and self.device == "cuda":
             raise ValueError("spares are not built for NCCL gangs yet (device 'cuda'): a failed NCCL gang is rebuilt")
         return self
 

@@ -13,6 +13,10 @@ A running gang with expert ranks changes its attention side without a rebuild (`
 join a new process group one rank wider or narrower, keeping their processes, weights, engines and
 KV caches. A rank past those the gang's placement group was built with gets a one-bundle placement
 group of its own.
+
+With a `RankLease` (a gang under Serve), ranks, spares and placement groups are detached: they
+outlive the process that built them, each rank removes the gang once its lease runs out, and every
+change to the gang is written down through `on_change` (`cluster.gang_registry`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
@@ -43,6 +48,15 @@ ExpertActor = ray.remote(ExpertWorker)
 LOAD_POLL_S = 0.5  # how often the ranks' byte counts are read while they load
 
 
+@dataclass(frozen=True)
+class RankLease:
+    """Detached ranks: each renews its lease on every call of the supervisor's `renew_lease`; one not
+    renewed for `grace_s` (`first_s` before the first renewal: a build's stages) calls `on_orphaned`."""
+    grace_s: float
+    first_s: float
+    on_orphaned: Callable[[], bool]
+
+
 @dataclass
 class Gang:
     config: GangConfig
@@ -60,14 +74,34 @@ class Gang:
     added_pgs: dict[int, PlacementGroup] = field(default_factory=dict)  # rank -> its own, past `bundled_ranks`
     regroups: int = 0  # attention ranks added or removed while it ran
     last_regroup_pause_s: float | None = None  # the last one's pause: parking to the new waves running
+    last_regroup_ended: float | None = None  # when that pause ended (`time.monotonic()` of this process)
     last_join_s: float | None = None  # the last rank added: asked to serving (placement, load, regroup)
     homes: dict[int, tuple[PlacementGroup, int]] = field(default_factory=dict)  # rank -> a spare's bundle it took
-    spares: list = field(default_factory=list)  # warm expert-rank processes (`cluster.spares.Spare`)
+    spares: list = field(default_factory=list)  # warm rank processes (`cluster.spares.Spare`)
     spares_adopted: int = 0
-    vacated: list[tuple[PlacementGroup, int]] = field(default_factory=list)  # bundles a spare's adopter left
+    vacated: list[tuple[str, PlacementGroup, int]] = field(default_factory=list)  # (role, group, bundle) a spare's
+    # adopter left
     spare_pgs: list[PlacementGroup] = field(default_factory=list)  # one-bundle groups made for spares
     destroyed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # `destroyed`, spares and their groups
+    lease: RankLease | None = None  # set: detached, outliving its supervisor (see the module doc)
+    on_change: Callable[[Gang], None] | None = field(default=None, repr=False)  # writes the gang down
+
+    def __getstate__(self) -> dict:  # a written-down gang: handles and groups, not this process's hooks
+        return {k: v for k, v in self.__dict__.items() if k not in ("lock", "on_change")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, lock=threading.Lock(), on_change=None)
+
+    def changed(self) -> None:
+        """Its ranks, spares or groups changed: written down again (a gang under Serve)."""
+        if self.on_change is not None:
+            self.on_change(self)
+
+    @property
+    def detached(self) -> dict:
+        """The options that make an actor or placement group outlive its creator, when the gang does."""
+        return {"lifetime": "detached"} if self.lease is not None else {}
 
     @property
     def ranks(self) -> list:
@@ -90,23 +124,30 @@ class Gang:
         eplb = config.eplb.settings() if config.eplb else None
         if rank >= E:
             engine = config.engine.engine_config(config.dtype, config.device)
-            return AttentionActor.options(**_resources(config.attention), scheduling_strategy=where).remote(
+            actor = AttentionActor.options(**_resources(config.attention), scheduling_strategy=where,
+                                           **self.detached).remote(
                 rank, A, E, config.model, engine, config.attention.torch_threads, config.idle_steps,
                 config.skip_tokenizer_init, self.metrics, self.placement, eplb, self.capacities)
-        return ExpertActor.options(**_resources(config.experts), scheduling_strategy=where).remote(
-            rank, A, E, config.model, self.placement, config.dtype, config.device, config.experts.torch_threads,
-            config.idle_steps, self.metrics, eplb, self.capacities)
+        else:
+            actor = ExpertActor.options(**_resources(config.experts), scheduling_strategy=where,
+                                        **self.detached).remote(
+                rank, A, E, config.model, self.placement, config.dtype, config.device, config.experts.torch_threads,
+                config.idle_steps, self.metrics, eplb, self.capacities)
+        if self.lease is not None:  # queued behind the constructor: armed as soon as the process is up
+            actor.lease.remote(self.lease.first_s, self.lease.grace_s, self.lease.on_orphaned)
+        return actor
 
 
 def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: float = 300,
                bundle_offset: int = 0, name: str = "gang", application: str = "maverick",
-               startup: GangStartup | None = None, placement: Placement | None = None) -> Gang:
+               startup: GangStartup | None = None, placement: Placement | None = None,
+               lease: RankLease | None = None, on_change: Callable[[Gang], None] | None = None) -> Gang:
     """Start every rank and return once all are loaded and waving. `pg`: an existing placement group
     (a Serve replica's, whose bundle 0 holds the replica itself) where rank r takes bundle
     `r + bundle_offset`; else one is created with a bundle per rank. `startup` follows the stages
     placement, process group and weights (each stage may take `timeout_s`). `placement`: which expert
     ranks hold which experts (default: consecutive experts, as even as the counts allow); every rank
-    gets this one table."""
+    gets this one table. `lease`, `on_change`: a detached gang (see the module doc)."""
     start = time.monotonic()
     model_config = load_config(config.model)
     config.check_experts(model_config.num_experts)
@@ -121,16 +162,19 @@ def build_gang(config: GangConfig, pg: PlacementGroup | None = None, timeout_s: 
         raise ValueError("a placement needs expert ranks")
     startup = startup or GangStartup(name, A + E, application)
     startup.enter("placement")
-    gang = Gang(config, placement=placement, capacities=capacities)
+    gang = Gang(config, placement=placement, capacities=capacities, lease=lease, on_change=on_change)
     if pg is None:
         bundles = rank_bundles(config)
-        pg, gang.own_pg = placement_group(bundles, strategy=config.placement_strategy), True
+        pg = placement_group(bundles, strategy=config.placement_strategy, **gang.detached)
+        gang.pg, gang.own_pg = pg, True
+        gang.changed()  # written down before anything is waited for: a group left by a dead builder is found
         ray.get(pg.ready(), timeout=timeout_s)
     gang.pg, gang.bundle_offset, gang.bundled_ranks = pg, bundle_offset, A + E
     gang.metrics = (MetricsOptions(name, application, config.metrics.period_s, config.metrics.expert_layer_matrix)
                     if config.metrics.enabled else None)
     gang.experts = [gang.start_rank(rank) for rank in range(E)]
     gang.attention = [gang.start_rank(rank) for rank in range(E, E + A)]
+    gang.changed()
     try:
         _wait_ranks_up(gang.ranks, startup, timeout_s)
         startup.enter("process group")
@@ -177,8 +221,9 @@ def grow_attention(gang: Gang, timeout_s: float = 300) -> float:
     rank, actor = gang.config.expert_workers + len(gang.attention), None
     try:
         if rank >= gang.bundled_ranks:
-            pg = placement_group([bundle_of(gang.config.attention)], strategy="PACK")
+            pg = placement_group([bundle_of(gang.config.attention)], strategy="PACK", **gang.detached)
             gang.added_pgs[rank] = pg
+            gang.changed()
             ray.get(pg.ready(), timeout=timeout_s)
         actor = gang.start_rank(rank, len(gang.attention) + 1)
         startup = GangStartup(f"rank-{rank}", 1)  # not published: the gang serves meanwhile
@@ -191,6 +236,7 @@ def grow_attention(gang: Gang, timeout_s: float = 300) -> float:
         raise ResizeRefused(f"no attention rank {rank} could join: {type(exc).__name__}: {exc}") from exc
     pause = _regroup(gang, gang.ranks + [actor], gang.ranks, timeout_s)
     gang.attention.append(actor)
+    gang.changed()
     gang.last_join_s = time.monotonic() - start
     return pause
 
@@ -206,6 +252,7 @@ def shrink_attention(gang: Gang, timeout_s: float = 300) -> float:
     gang.attention.pop()
     kill_actor(leaving)
     _remove_added_pg(gang, rank)
+    gang.changed()
     return pause
 
 
@@ -238,7 +285,7 @@ def _regroup(gang: Gang, ranks: list, parking: list, timeout_s: float) -> float:
     _start_waves(gang, timeout_s, ranks)
     pause = time.monotonic() - start
     gang.regroups += 1
-    gang.last_regroup_pause_s = pause
+    gang.last_regroup_pause_s, gang.last_regroup_ended = pause, start + pause
     log.warning("gang regrouped from %d to %d ranks in %.3fs", len(parking), len(ranks), pause)  # kept in the log
     return pause
 
@@ -279,6 +326,7 @@ def recover_gang(gang: Gang, startup: GangStartup, timeout_s: float = 300, answe
         ranks[rank] = _adopt_spare(gang, rank) or gang.start_rank(rank)
     E = config.expert_workers
     gang.experts, gang.attention = ranks[:E], ranks[E:]
+    gang.changed()
     log.warning("recovering gang: %d of %d ranks survived, replacing %s", len(ranks) - len(replaced), len(ranks),
                 replaced)
     startup.enter("placement")
@@ -295,23 +343,28 @@ def recover_gang(gang: Gang, startup: GangStartup, timeout_s: float = 300, answe
 
 
 def _adopt_spare(gang: Gang, rank: int):
-    """A warm spare in place of failed expert rank `rank`, or None. The spare keeps its bundle (now the
-    rank's home); the next spare takes the bundle the failed rank leaves (`cluster.spares`)."""
-    while rank < gang.config.expert_workers and gang.spares:
-        spare = gang.spares.pop(0)
+    """A warm spare of the rank's role in place of failed rank `rank`, or None. The spare keeps its
+    bundle (now the rank's home); the next spare takes the bundle the failed rank leaves (`cluster.spares`)."""
+    role = role_of(gang, rank)
+    while spare := next((s for s in gang.spares if s.role == role), None):
+        gang.spares.remove(spare)
         try:
             ray.get(spare.actor.adopt.remote(rank, len(gang.attention), gang.placement), timeout=30)
         except Exception as exc:  # a spare that died meanwhile: the next one, or a new process
-            log.warning("spare for expert rank %d unusable: %s", rank, exc)
+            log.warning("spare for %s rank %d unusable: %s", role, rank, exc)
             kill_actor(spare.actor)
-            gang.vacated.append((spare.pg, spare.index))  # the next spare starts there
+            gang.vacated.append((role, spare.pg, spare.index))  # the next spare starts there
             continue
-        gang.vacated.append(gang.home(rank))
+        gang.vacated.append((role, *gang.home(rank)))
         gang.homes[rank] = (spare.pg, spare.index)
         gang.spares_adopted += 1
-        log.warning("expert rank %d replaced by a warm spare", rank)
+        log.warning("%s rank %d replaced by a warm spare", role, rank)
         return spare.actor
     return None
+
+
+def role_of(gang: Gang, rank: int) -> str:
+    return "expert" if rank < gang.config.expert_workers else "attention"
 
 
 def _answering(ranks: list, answer_s: float, skip: set[int]) -> list[bool]:
@@ -365,24 +418,28 @@ def _load_weights(ranks: list, startup: GangStartup, timeout_s: float) -> list[d
             raise GetTimeoutError(f"{len(pending)} of {len(ranks)} ranks still loading after {timeout_s:g}s")
 
 
-def destroy_gang(gang: Gang) -> None:
+def destroy_gang(gang: Gang, me=None) -> PlacementGroup | None:
+    """Every actor and placement group of the gang gone. `me`: the calling rank's own handle (an
+    orphaned rank removing its gang): it is spared, and so is the group it runs in, returned for the
+    caller to remove last (that ends its process)."""
     with gang.lock:  # a spare starting now sees it and goes (`cluster.spares.keep_spares`)
         gang.destroyed = True
         spares, gang.spares = gang.spares, []
         spare_pgs, gang.spare_pgs = gang.spare_pgs, []
-    for actor in gang.ranks + [spare.actor for spare in spares]:
-        kill_actor(actor)
+    homes = [gang.home(rank)[0] for rank in range(len(gang.ranks))] + [spare.pg for spare in spares]
+    mine = None
+    for actor, home in zip(gang.ranks + [spare.actor for spare in spares], homes):
+        if me is not None and actor._actor_id == me._actor_id:
+            mine = home
+        else:
+            kill_actor(actor)
     gang.attention, gang.experts = [], []
-    for rank in list(gang.added_pgs):
-        _remove_added_pg(gang, rank)
-    for pg in spare_pgs:
-        remove_pg(pg)
-    if gang.own_pg and gang.pg is not None:
-        try:
-            remove_placement_group(gang.pg)
-        except Exception:
-            pass
-        gang.pg = None
+    groups = list(gang.added_pgs.values()) + spare_pgs + ([gang.pg] if gang.own_pg and gang.pg is not None else [])
+    gang.added_pgs, gang.pg = {}, None if gang.own_pg else gang.pg
+    for pg in groups:
+        if mine is None or pg.id != mine.id:
+            remove_pg(pg)
+    return mine
 
 
 def rank_bundles(config: GangConfig) -> list[dict]:

@@ -6,8 +6,9 @@ Gangs are the replicas of one Serve deployment (`gangs`), whose count Serve's co
 fixed `num_gangs`, or autoscaling). Membership and readiness come from every running gang's status,
 read together (`DeploymentHandle.broadcast`) every `STATUS_PERIOD_S`: a gang appears once Serve runs
 its replica (built and warm), and one Serve stops leaves the set at once (its status says `draining`
-first, when the stop began elsewhere). Each gang is known by the id in its status, for its whole
-life. A client of a gang's epoch is dialed on first use after a (re)build, and follows the gang's
+first, when the stop began elsewhere). A gang whose replica died serves on while this consumer's
+channel to it holds: its ranks outlive the replica, and the one Serve starts next takes them over.
+Each gang is known by the id in its status, for its whole life. A client of a gang's epoch is dialed on first use after a (re)build, and follows the gang's
 attention ranks as they join and leave (the status's `attention_version`). A gang seen failing by a
 client is marked (`failed_epoch`): no request goes there until a status shows a new epoch. A channel
 that failed in this process, the gang alive, is only counted: the next request dials the same epoch
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 from cluster import routing
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 STATUS_PERIOD_S = 1.0  # between reads of every gang's status
 STATUS_TIMEOUT_S = 5.0  # a gang that does not answer a read within this misses it
 STATUS_MISSES_ALLOWED = 3  # reads in a row a gang may miss (busy) before it counts as not ready
+# while a request waits to resume (its gang failed, none ready), statuses are read this often: the
+# recovered gang's first status then reaches it within this, not within STATUS_PERIOD_S
+WAITING_STATUS_PERIOD_S = 0.1
 
 
 async def each_answer(handle, method: str, timeout_s: float) -> list:
@@ -62,6 +67,7 @@ class _Gang:
         self.misses = 0  # status reads in a row it did not answer
         self.failed_epoch: int | None = None  # seen failing: not ready until rebuilt
         self.channel_failures = 0  # channels that failed here, the gang alive: dialed again
+        self.without_replica = False  # serving while its replica is gone (see `GangPool._unseen`)
         # (epoch, attention version, handles), asked once per epoch and attention set
         self.attention_handles: tuple[int, int, list] | None = None
 
@@ -76,6 +82,8 @@ class GangPool:
         self._gone: dict[str, _Gang] = {}  # gangs gone with streams of this consumer still on them
         self._watch: asyncio.Task | None = None
         self._read_failing = False
+        self._last_read = 0.0  # monotonic start of the last status read
+        self._waiting_read: asyncio.Future | None = None  # the one read every waiting request shares
 
     def start(self) -> None:
         self._watch = asyncio.create_task(every(STATUS_PERIOD_S, self.refresh_all, "the gangs' status watcher"))
@@ -88,6 +96,7 @@ class GangPool:
 
     async def refresh_all(self) -> bool:
         """Every running gang's status read now; True when at least one gang exists and all are ready."""
+        self._last_read = time.monotonic()
         try:
             statuses = await each_answer(self.handle, "status", STATUS_TIMEOUT_S)
         except Exception as exc:  # a timeout (busy replicas on loaded cores), or no gang deployed yet
@@ -107,12 +116,7 @@ class GangPool:
                 self._update(name, status)
             everyone_answered = len(seen) == len(statuses)
             for name in [n for n in self.gangs if n not in seen]:
-                if everyone_answered:  # no longer among the running replicas: Serve stops it, or it died
-                    self._forget(name)
-                else:
-                    g = self.gangs[name]
-                    g.misses += 1
-                    g.ready = g.ready and g.misses < STATUS_MISSES_ALLOWED
+                self._unseen(name, everyone_answered)
         if self.on_status is not None:
             self.on_status()
             self.left = []
@@ -123,7 +127,7 @@ class GangPool:
         if g is None:  # new, or back (its streams kept their client: one channel per consumer and worker)
             g = self.gangs[name] = self._gone.pop(name, None) or _Gang(status)
             log.info("gang %s joined (%s)", name, status["state"])
-        g.status, g.misses = status, 0
+        g.status, g.misses, g.without_replica = status, 0, False
         g.ready = bool(status["ready"] and not status.get("draining") and status.get("epoch") != g.failed_epoch)
         client = g.client
         # a new epoch proves the old gang gone; a status that timed out proves nothing (a busy replica)
@@ -135,6 +139,23 @@ class GangPool:
             # later): its streams end now and resume when a gang is ready
             g.client, g.failed_epoch, g.ready = None, client.epoch, False
             client.close(f"the gang failed: {status.get('failure') or status['state']}")
+
+    def _unseen(self, name: str, everyone_answered: bool) -> None:
+        """A gang missing from a status read. One this consumer streams from, ready at its last status,
+        lost its replica (dead or silent): its ranks outlive it, a replica Serve starts in its place takes
+        them over, so it stays ready until its channel breaks (`_broke`). Otherwise: gone from Serve's
+        running replicas when everyone else answered, else one more read missed."""
+        g = self.gangs[name]
+        if g.ready and g.client is not None and not g.client.broken:
+            if not g.without_replica:
+                log.warning("gang %s: its replica does not answer; its ranks serve on", name)
+            g.without_replica = True
+            return
+        if everyone_answered:  # no longer among the running replicas: Serve stops it, or it died
+            self._forget(name)
+        else:
+            g.misses += 1
+            g.ready = g.ready and g.misses < STATUS_MISSES_ALLOWED
 
     def _forget(self, name: str) -> None:
         """A gang Serve stopped (or that stopped answering): no new request goes there; streams already
@@ -221,7 +242,21 @@ class GangPool:
             try:
                 return self._pick(key)
             except NoReadyGang:
-                await asyncio.sleep(0.1)
+                await self._read_while_waiting()
+
+    async def _read_while_waiting(self) -> None:
+        """One status read, shared by every request waiting for a gang, at most every
+        `WAITING_STATUS_PERIOD_S`: a failover's pause is not stretched by the watcher's period."""
+        if self._waiting_read is None or self._waiting_read.done():
+            self._waiting_read = asyncio.ensure_future(self._paced_read())
+        await asyncio.shield(self._waiting_read)
+
+    async def _paced_read(self) -> None:
+        await asyncio.sleep(max(0.0, self._last_read + WAITING_STATUS_PERIOD_S - time.monotonic()))
+        try:
+            await self.refresh_all()
+        except Exception as exc:  # the watcher logs a read that keeps failing; a waiter only tries again
+            log.debug("a status read for waiting requests failed: %r", exc)
 
     async def _client(self, name: str, g: _Gang) -> GangClient:
         """This consumer's client of the gang's epoch now serving: made on first use after a (re)build."""

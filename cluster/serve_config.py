@@ -26,10 +26,11 @@ GRPC_SERVICER = "router.maverick_v1_pb2_grpc.add_GenerationServicer_to_server"
 def config_from_flags(args: argparse.Namespace) -> dict:
     """The Serve config `maverick serve --model DIR ...` deploys: one application from the CLI's flags."""
     optional = {"migration_limit": args.migration_limit} if args.migration_limit is not None else {}
-    if args.redundant_experts is not None or args.rebalance_every_steps is not None:
-        optional["eplb"] = {k: v for k, v in {"redundant_experts": args.redundant_experts,
-                                              "rebalance_every_steps": args.rebalance_every_steps}.items()
-                            if v is not None}
+    eplb = {k: v for k, v in {"redundant_experts": args.redundant_experts,
+                              "rebalance_every_steps": args.rebalance_every_steps,
+                              "weight_read_rows": getattr(args, "weight_read_rows", None)}.items() if v is not None}
+    if eplb:
+        optional["eplb"] = eplb
     autoscaling = {k: v for k, v in {"min_gangs": getattr(args, "min_gangs", None),
                                      "max_gangs": getattr(args, "max_gangs", None),
                                      "target_load": getattr(args, "target_load", None)}.items() if v is not None}
@@ -40,6 +41,8 @@ def config_from_flags(args: argparse.Namespace) -> dict:
                                          "max_attention_workers": args.max_attention_workers}
     if getattr(args, "spares", None):  # warm expert-rank processes beside each gang
         optional["spares"] = args.spares
+    if getattr(args, "attention_spares", None):
+        optional["attention_spares"] = args.attention_spares
     engine = {k: v for k, v in {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
                                 "max_num_batched_tokens": args.max_num_batched_tokens,
                                 "kv_cache_memory": args.kv_cache_memory}.items() if v is not None}

@@ -23,6 +23,11 @@ supervisor then asks every rank at once; those that do not answer within `PROBE_
 hung (a rank busy with a long prefill still answers). The health check, every `health_period_s`, remains for a
 gang with nothing to step.
 
+Under Serve (`registry` given) the gang outlives this supervisor: its ranks are detached, every
+change is written down (`cluster.gang_registry`), and a supervisor started after this one died takes
+the same running gang over (`start` -> `_adopt`) instead of building one; a lease this supervisor
+renews tells the ranks it still looks after them.
+
 One owned task does a recovery: the ranks that survived keep their weights and rejoin a new process
 group beside replacements for the dead or hung ones (`cluster.gang.recover_gang`); if that fails,
 the gang is torn down and built anew until a build warms up. Every `await` in it is followed by a
@@ -32,6 +37,7 @@ check that the supervisor was not stopped meanwhile.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -39,10 +45,11 @@ from collections.abc import AsyncIterator
 from cluster import routing
 from cluster.attention_scaling import AttentionScaler
 from cluster.config import GangConfig
-from cluster.gang import (Gang, ResizeRefused, build_gang, check_shrinkable, destroy_gang, grow_attention, recover_gang,
-                          shrink_attention)
+from cluster.gang import (Gang, RankLease, ResizeRefused, build_gang, check_shrinkable, destroy_gang, grow_attention,
+                          recover_gang, shrink_attention)
 from cluster.gang_client import GangClient
 from cluster.gang_pool import STATUS_PERIOD_S
+from cluster.gang_registry import GangRecord, GangRegistry, clean_orphan
 from cluster.spares import keep_spares
 from cluster.startup import BoardPublisher, GangStartup
 from workers.errors import Unavailable
@@ -53,7 +60,9 @@ from workers.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 WATCH_POLL_S = 30.0  # each rank's stall long-poll returns empty this often (a call never outlives a gang long)
-PROBE_S = 1.0  # after a stall report, a rank that does not answer within this, twice, is hung
+PROBE_S = 0.75  # after a stall report, a rank that does not answer within this, twice, is hung
+BUILD_TIMEOUT_S = 300.0  # each stage of a build (`cluster.gang.build_gang`'s default)
+ADOPT_ANSWER_S = 3.0  # a rank of an orphaned gang that does not answer within this is replaced
 
 _ALLOWED = {
     "starting": {"ready", "stopped"},
@@ -71,8 +80,10 @@ class Stopped(Exception):
 class GangSupervisor:
     def __init__(self, config: GangConfig, health_period_s: float = 5.0, rebuild: bool = True,
                  pg=None, bundle_offset: int = 0, name: str = "gang", application: str = "maverick",
-                 placement: Placement | None = None):
+                 placement: Placement | None = None, registry: GangRegistry | None = None):
         self.config, self.name, self.application = config, name, application
+        self.registry = registry  # under Serve: the gang outlives this supervisor (see the module doc)
+        self.adoptions = 0  # gangs this supervisor took over from a dead one
         self.placement = placement  # None: experts split contiguously over the expert ranks
         self.pg, self.bundle_offset = pg, bundle_offset  # a Serve replica's placement group, if any
         self.health_period_s = health_period_s
@@ -94,6 +105,8 @@ class GangSupervisor:
         self._spares_task: asyncio.Task | None = None
         self._spares_gang: Gang | None = None
         self._recovery: asyncio.Task | None = None  # the one task tearing down and rebuilding
+        self._recovering: Gang | None = None  # the failed gang while `_recovery` keeps its survivors
+        self._lease_task: asyncio.Task | None = None
         # bumped per build, so stale watchers of a dead gang stop; starts at the clock, so a replica that
         # Serve started anew after the old one died never repeats an epoch its consumers saw failing
         self.epoch = time.time_ns() // 1000
@@ -106,9 +119,93 @@ class GangSupervisor:
     # -- lifecycle --------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Build and warm up the first gang; raises if that fails (a Serve replica then fails to start)."""
+        """Build and warm up the first gang, or take over one whose supervisor died (`registry`); raises
+        if that fails (a Serve replica then fails to start)."""
+        if self.registry is not None:
+            self._lease_task = asyncio.create_task(self._keep_leases())
+            record = await asyncio.to_thread(self.registry.claim_orphan)
+            if record is not None and await self._adopt(record):
+                return
         await self._build()
         self._now_ready()
+
+    async def _adopt(self, record: GangRecord) -> bool:
+        """The orphaned gang of `record` under this supervisor: as it runs when every rank answers (same
+        epoch, same group: streams in flight go on), recovered in place when some do, else removed
+        (False: build anew)."""
+        gang, own_name = record.gang, self.name
+        gang.on_change = self._save
+        self.name, self.epoch = record.name, record.epoch
+        self.attention_version, self.restarts = record.attention_version, record.restarts
+        states = await self._states(gang.ranks, ADOPT_ANSWER_S)
+        silent = {rank for rank, state in enumerate(states) if state is None}
+        if not silent and not any(state["failed"] for state in states):
+            self.gang, self.adoptions = gang, self.adoptions + 1
+            self.client = self._dial(gang, self.epoch)
+            self._now_ready()
+            log.warning("gang %s: taken over at epoch %d, its %d ranks running on (their supervisor died)",
+                        self.name, self.epoch, len(gang.ranks))
+            return True
+        if len(silent) < len(states):
+            log.warning("gang %s: taken over failed (ranks %s silent): recovering it in place", self.name,
+                        sorted(silent))
+            self._recovering, self.failed_at = gang, time.monotonic()
+            try:
+                await self._build(gang, silent)
+            except Stopped:
+                raise
+            except Exception as exc:
+                log.error("gang %s: the orphan could not be recovered: %s", self.name, exc)
+            else:
+                self._recovering, self.restarts, self.adoptions = None, self.restarts + 1, self.adoptions + 1
+                self._now_ready()
+                return True
+        await asyncio.to_thread(destroy_gang, gang)
+        self.registry.forget(record.name)
+        self._recovering, self.name = None, own_name
+        return False
+
+    @staticmethod
+    async def _states(actors, timeout_s: float) -> list[dict | None]:
+        """Each actor's `wave_state()`, None for one dead or silent for `timeout_s`."""
+        calls = [asyncio.ensure_future(a.wave_state.remote()) for a in actors]
+        if calls:
+            await asyncio.wait(calls, timeout=timeout_s)
+        states = [c.result() if c.done() and c.exception() is None else None for c in calls]
+        for call in calls:
+            call.cancel()
+        return states
+
+    def _lease(self) -> RankLease | None:
+        if self.registry is None:
+            return None
+        grace = self.config.orphan_grace_s
+        return RankLease(grace, BUILD_TIMEOUT_S + grace, functools.partial(clean_orphan, self.application, self.name))
+
+    def _save(self, gang: Gang) -> None:
+        """Write the gang down (`cluster.gang_registry`): called on every change, from any thread."""
+        if self.registry is None or gang.destroyed or self.state == "stopped":
+            return
+        registry = self.registry
+        self.registry.save(GangRecord(self.name, registry.owner, registry.fingerprint, gang, self.epoch,
+                                      self.attention_version, self.restarts,
+                                      ready=self.state == "ready" and self.gang is gang))
+
+    async def _keep_leases(self) -> None:
+        """Renew every rank's and spare's lease while this supervisor lives, whatever its state."""
+        period = min(5.0, self.config.orphan_grace_s / 4)
+        while self.state != "stopped":
+            await asyncio.sleep(period)
+            gang = self.gang or self._recovering
+            if gang is None:
+                continue
+            actors = gang.ranks + [spare.actor for spare in gang.spares]
+            calls = [asyncio.ensure_future(a.renew_lease.remote()) for a in actors]
+            done, late = await asyncio.wait(calls, timeout=period)
+            for call in done:
+                call.exception()  # retrieved: a dead rank is the watchers' and the recovery's business
+            for call in late:
+                call.cancel()
 
     async def stop(self) -> None:
         if self.state == "stopped":
@@ -122,11 +219,15 @@ class GangSupervisor:
             watcher.cancel()
         if self._scaling_task is not None:
             self._scaling_task.cancel()
+        if self._lease_task is not None:
+            self._lease_task.cancel()
         if self.client is not None:
             self.client.close()
         gang, self.gang = self.gang, None
         if gang is not None:
             await asyncio.to_thread(destroy_gang, gang)
+        if self.registry is not None:
+            self.registry.forget(self.name)
 
     def _move(self, new: str) -> None:
         if new not in _ALLOWED[self.state]:
@@ -144,7 +245,8 @@ class GangSupervisor:
         else:
             gang = await asyncio.to_thread(build_gang, self.config, self.pg, bundle_offset=self.bundle_offset,
                                            name=self.name, application=self.application, startup=self.startup,
-                                           placement=self.placement)
+                                           placement=self.placement, lease=self._lease(),
+                                           on_change=self._save if self.registry else None)
         self.gang = gang
         self.epoch += 1
         epoch = self.epoch
@@ -180,16 +282,18 @@ class GangSupervisor:
 
     def _now_ready(self) -> None:
         self._move("ready")
+        self._save(self.gang)
         self._monitor_task = asyncio.create_task(self._monitor(self.epoch))
         self._watchers = [asyncio.create_task(self._watch_steps(self.epoch, actor)) for actor in self.gang.ranks]
-        spares = self._spares_task
-        if self.config.spares and (spares is None or spares.done() or self._spares_gang is not self.gang):
+        spares, wanted = self._spares_task, self.config.spares + self.config.attention_spares
+        if wanted and (spares is None or spares.done() or self._spares_gang is not self.gang):
             self._spares_gang, self._spares_task = self.gang, asyncio.create_task(self._keep_spares(self.gang))
         if self.scaler is not None and (self._scaling_task is None or self._scaling_task.done()):
             self._scaling_task = asyncio.create_task(self.scaler.run())
 
     async def _keep_spares(self, gang: Gang) -> None:
-        """Warm spares up to `config.spares`, started while the gang serves (after its build or recovery)."""
+        """Warm spares up to `config.spares` and `attention_spares`, started while the gang serves (after its
+        build or recovery)."""
         try:
             await asyncio.to_thread(keep_spares, gang)
         except Exception as exc:  # no room for one now: the gang serves on, a failure starts a process
@@ -294,6 +398,7 @@ class GangSupervisor:
             return
         self.attention_version += 1
         self.client.resize(self._serving(gang), self.attention_version)
+        self._save(gang)
 
     async def _warm_up(self) -> None:
         """One single-token request through every layer, so readiness means a token came out."""
@@ -374,16 +479,11 @@ class GangSupervisor:
     def _watching(self, epoch: int, actor) -> bool:
         return self.epoch == epoch and self.state == "ready" and self.gang is not None and actor in self.gang.ranks
 
-    @staticmethod
-    async def _silent(actors) -> set:
+    @classmethod
+    async def _silent(cls, actors) -> set:
         """The actors that do not answer within `PROBE_S` (a dead one counts: it cannot answer either)."""
         actors = list(actors)
-        probes = [asyncio.ensure_future(a.wave_state.remote()) for a in actors]
-        await asyncio.wait(probes, timeout=PROBE_S)
-        silent = {a for a, probe in zip(actors, probes) if not probe.done() or probe.exception() is not None}
-        for probe in probes:
-            probe.cancel()
-        return silent
+        return {a for a, state in zip(actors, await cls._states(actors, PROBE_S)) if state is None}
 
     def _on_broken(self, reason: str, epoch: int, hung: set[int] = frozenset()) -> None:
         """The gang of `epoch` failed (a channel broke, a health check failed): mark it failed now, so
@@ -404,6 +504,7 @@ class GangSupervisor:
             if failed is not None:
                 await asyncio.to_thread(destroy_gang, failed)
             return
+        self._recovering = failed
         self._move("rebuilding")
         self.restarts += 1
         while self.state == "rebuilding":
@@ -415,12 +516,12 @@ class GangSupervisor:
                 log.error("gang %s rebuild failed: %s", self.name, exc)
                 if failed is not None:  # the survivors could not be kept: the next try builds anew
                     await asyncio.to_thread(destroy_gang, failed)
-                    failed = None
+                    failed = self._recovering = None
                     continue
                 await asyncio.sleep(2.0)
                 continue
             self.last_recovery_s = time.monotonic() - self.failed_at
-            self.failure = None
+            self.failure, self._recovering = None, None
             self._now_ready()
             log.warning("gang %s rebuilt %.1fs after it failed (restart %d, %d bytes read)", self.name,
                         self.last_recovery_s, self.restarts, self.last_build_bytes)
@@ -428,10 +529,14 @@ class GangSupervisor:
     async def stats(self) -> dict:
         """`in_flight`: requests the attention workers' engines hold (running or waiting, whoever sent
         them), as of each one's last step; `requests_per_worker`: requests each has taken since start."""
-        ranks = await asyncio.gather(*[r.stats.remote() for r in self.gang.ranks]) if self.gang else []
+        answers = await asyncio.gather(*[r.stats.remote() for r in self.gang.ranks],
+                                       return_exceptions=True) if self.gang else []
+        # a rank that died since the last check: said, not raised (the watchers find it)
+        ranks = [a if isinstance(a, dict) else {"rank": i, "error": repr(a)} for i, a in enumerate(answers)]
         attention = [r for r in ranks if "running" in r]
         gang = self.gang
         return {"state": self.state, "restarts": self.restarts, "hangs_found": dict(self.hangs_found),
+                "adoptions": self.adoptions,
                 "last_recovery_s": self.last_recovery_s,
                 "last_build_stages_s": dict(self.startup.stage_seconds) if self.startup else {},
                 "last_build_bytes": self.last_build_bytes, "attention_ranks": len(gang.attention) if gang else 0,

@@ -3,8 +3,8 @@
 `args` are validated strictly (`cluster.config.AppConfig`); the model path is made absolute and, when
 `make_tiny` names a preset, a random-weight checkpoint is written there if it is missing. The
 application is one ingress deployment and one `gangs` deployment whose replicas are the gangs (a fixed
-`num_gangs`, or as many as the load wants: `autoscaling`, `cluster.autoscale`), each gang replica's
-placement group holding the replica and all its ranks.
+`num_gangs`, or as many as the load wants: `autoscaling`, `cluster.autoscale`); each gang's ranks run
+in a placement group of their own, which outlives the gang's replica (`router.gang_deployment`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 from ray.serve import Application
 
 from cluster.config import AppConfig, AutoscalingSettings, parse_app_args
-from cluster.gang import rank_bundles
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +70,7 @@ def build(args: dict) -> Application:
     gangs = GangDeployment.options(
         name="gangs", max_ongoing_requests=4096, **gang_count(config),
         graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
-        ray_actor_options={"num_cpus": config.serve.supervisor_num_cpus},
-        placement_group_bundles=[{"CPU": config.serve.supervisor_num_cpus}] + rank_bundles(config),
-        placement_group_strategy=config.placement_strategy,
+        ray_actor_options={"num_cpus": config.serve.supervisor_num_cpus},  # its ranks: a group of their own
         logging_config={"enable_access_log": False},  # no log line per status read of each ingress
         health_check_period_s=2,  # a dead gang replica is restarted (and its requests resumed) sooner
     ).bind(plain)

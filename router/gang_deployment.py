@@ -1,7 +1,10 @@
-"""The `gangs` deployment: each replica is one gang. It runs the gang supervisor, and its placement
-group holds the replica (bundle 0) and every rank (bundles 1..), so Serve treats a gang as one unit,
-and Serve's controller decides how many gangs run (`num_gangs`, or `autoscaling` from the load each
-gang reports in `record_autoscaling_stats`, `cluster.autoscale`).
+"""The `gangs` deployment: each replica is one gang. It runs the gang supervisor; Serve's controller
+decides how many gangs run (`num_gangs`, or `autoscaling` from the load each gang reports in
+`record_autoscaling_stats`, `cluster.autoscale`).
+
+The gang's ranks run in a detached placement group of their own and outlive the replica: when it
+dies, the replica Serve starts in its place takes the running gang over (`cluster.gang_registry`), so
+the streams on it go on untouched.
 
 Requests do not pass through it: each ingress replica's gang pool (`cluster.gang_pool`) reads every
 gang's `status()` (broadcast), asks a gang's `attention()` for its attention workers' handles and
@@ -22,6 +25,7 @@ from ray import serve
 
 from cluster.autoscale import CAPACITY, REQUESTS
 from cluster.config import AppConfig
+from cluster.gang_registry import GangRegistry, fingerprint
 from cluster.supervisor import GangSupervisor
 
 
@@ -29,16 +33,18 @@ from cluster.supervisor import GangSupervisor
 class GangDeployment:
     async def __init__(self, args: dict):
         config = AppConfig.model_validate(args)
-        pg = ray.util.get_current_placement_group()
-        context = serve.get_replica_context()
+        context, runtime = serve.get_replica_context(), ray.get_runtime_context()
+        gang_config = config.gang_config()
+        registry = GangRegistry(context.app_name, runtime.current_actor, fingerprint(gang_config))
         # the gang's id for its whole life (Serve's replica ranks are renumbered when replicas leave):
-        # the label of its ranks' metrics, and how every ingress tells gangs apart
-        self.name = f"gang-{context.replica_id.unique_id}"
+        # the label of its ranks' metrics, and how every ingress tells gangs apart; a gang taken over
+        # keeps the id it had
         self.drain_grace_s = config.autoscaling.drain_grace_s if config.autoscaling else 0.0
         self.max_num_seqs = config.engine.max_num_seqs
-        self.supervisor = GangSupervisor(config.gang_config(), pg=pg, bundle_offset=1 if pg else 0,
-                                         name=self.name, application=context.app_name)
+        self.supervisor = GangSupervisor(gang_config, name=f"gang-{context.replica_id.unique_id}",
+                                         application=context.app_name, registry=registry)
         await self.supervisor.start()
+        self.name = self.supervisor.name
 
     def attention(self) -> tuple[int, list]:
         return self.supervisor.attention()

@@ -69,6 +69,13 @@ class AttentionWorker(Rank):
         self.steps_timed = 0  # steps appended to step_seconds since start
         self._steps_exported = 0
 
+    def adopt(self, rank: int, num_attention: int, placement: Placement | None) -> None:
+        """A warm spare (started, imported, nothing loaded) takes the place of failed attention rank
+        `rank`, before it joins the gang's group and loads."""
+        if self.engine is not None:
+            raise RuntimeError(f"attention rank {self.rank} is not a spare: it has joined a gang")
+        self.rank, self.world_size, self.placement = rank, num_attention + self.num_expert_ranks, placement
+
     def load_weights(self) -> dict:
         """Build the model without routed experts (they are remote), load its weights, start an engine."""
         start = time.monotonic()

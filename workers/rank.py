@@ -11,6 +11,7 @@ import datetime
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -19,9 +20,10 @@ import torch.distributed as dist
 
 from model.loader import LoadProgress
 from workers.metrics import Exporter, RankMetrics
-from workers.wave import STALL_FLOOR_S, WaveLoop
+from workers.wave import WaveLoop
 
 log = logging.getLogger(__name__)
+IDLE_STALL_POLL_S = 1.0  # the stall long-poll's pace while no round is under way
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class Rank:
         self._store: dist.TCPStore | None = None
         self.wave: WaveLoop | None = None
         self.progress = LoadProgress()
+        self._lease_until: float | None = None  # a detached rank's: see `lease`
+        self._lease_grace_s = 0.0
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0's reachable address and a free port, for every rank's `init_process_group`."""
@@ -225,9 +229,37 @@ class Rank:
                         "deadline_s": wave.stall_deadline_s()}
             # a failed wave's last round stays stamped: it is not waiting on a peer, so poll at the idle pace
             started = wave.round_started if wave is not None and wave.failed is None else None
-            wait = started + wave.stall_deadline_s() - now if started is not None else STALL_FLOOR_S
+            wait = started + wave.stall_deadline_s() - now if started is not None else IDLE_STALL_POLL_S
             await asyncio.sleep(max(0.05, min(wait, end - now)))
         return None
+
+    def lease(self, first_s: float, grace_s: float, on_orphaned) -> None:
+        """A detached rank (one that outlives the replica supervising its gang) watches its lease: once
+        no `renew_lease` came for `grace_s` (`first_s` at first), it calls `on_orphaned()`, which removes
+        the gang and returns True when the supervisor is really gone (then this process ends)."""
+        self._lease_grace_s = grace_s
+        self._lease_until = time.monotonic() + first_s
+        threading.Thread(target=self._watch_lease, args=(on_orphaned,), daemon=True, name="lease").start()
+
+    def renew_lease(self) -> None:
+        if self._lease_until is not None:
+            self._lease_until = time.monotonic() + self._lease_grace_s
+
+    def _watch_lease(self, on_orphaned) -> None:
+        while True:
+            time.sleep(max(0.2, min(5.0, self._lease_grace_s / 4)))
+            if time.monotonic() < self._lease_until:
+                continue
+            try:
+                orphaned = on_orphaned()
+            except Exception:
+                log.exception("rank %d: removing its orphaned gang failed", self.rank)
+                orphaned = False  # asked again after another grace
+            if orphaned:
+                log.error("rank %d: no supervisor renewed its lease for %.0fs: it leaves", self.rank,
+                          self._lease_grace_s)
+                os._exit(0)
+            self._lease_until = time.monotonic() + self._lease_grace_s  # the supervisor lives: late renewals
 
     def wave_state(self) -> dict:
         wave = self.wave

@@ -41,8 +41,9 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 # a stall only makes the supervisor ask every rank (a rank busy with a long prefill still answers), so
-# the deadline may be tight: the floor sits above a loaded machine's scheduling noise
-STALL_FLOOR_S = 1.0
+# the deadline may be tight: the floor sits above a loaded machine's scheduling noise (a false stall
+# costs one round of questions, never a rank)
+STALL_FLOOR_S = 0.5
 STALL_FACTOR = 5.0  # times the recent p99 round
 DEADLINE_EVERY_ROUNDS = 8  # the deadline follows the rounds' times this often (a sort of 256 floats)
 

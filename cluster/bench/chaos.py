@@ -1,9 +1,9 @@
 """`maverick bench chaos`: how long each fault pauses the streams, on `maverick serve`.
 
-Each layout (one gang; one gang with `--spares` warm expert processes; with `--two-gangs`, two gangs)
-is its own `maverick serve`, started alone for each round and stopped after it (`../shared/PEERS.md`:
-rounds alternate between the layouts, the first rotating), with its Ray's GCS on a known port, which
-this process joins to find the ranks' processes. Per fault and round it runs `--streams`
+Each layout (one gang; one gang with `--spares` warm expert and as many attention processes; with
+`--two-gangs`, two gangs) is its own `maverick serve`, started alone for each round and stopped after
+it (`../shared/PEERS.md`: rounds alternate between the layouts, the first rotating), with its Ray's
+GCS on a known port, which this process joins to find the ranks' processes. Per fault and round it runs `--streams`
 greedy HTTP streams twice: without a fault (the tokens every stream must repeat), then with the fault
 injected once every stream has its first token. The faults: SIGKILL or SIGSTOP of an expert rank or
 of an attention rank, and SIGKILL of the gang's Serve replica. Reported per fault: the longest pause
@@ -90,7 +90,8 @@ def _gangs(timeout_s: float = 60) -> list[dict]:
     return [{**s, "replica_pid": pids.get(s["gang"])} for s in stats if isinstance(s, dict)]
 
 
-def _wait_ready(num_gangs: int, timeout_s: float) -> list[dict]:
+def _wait_ready(num_gangs: int, timeout_s: float, spares: int = 0) -> list[dict]:
+    """Every gang ready with all its ranks, and with `spares` warm spares (expert and attention together)."""
     deadline, seen = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
         try:
@@ -98,7 +99,8 @@ def _wait_ready(num_gangs: int, timeout_s: float) -> list[dict]:
             seen = [(g["gang"], g["state"]) for g in gangs]
         except Exception as exc:  # a replica starting, or one just killed
             gangs, seen = [], f"{type(exc).__name__}: {exc}"
-        if len(gangs) == num_gangs and all(g["state"] == "ready" and g.get("ranks") for g in gangs):
+        if len(gangs) == num_gangs and all(g["state"] == "ready" and g.get("ranks") and g.get("spares", 0) >= spares
+                                           for g in gangs):
             return gangs
         time.sleep(1.0)
     raise TimeoutError(f"{num_gangs} gang(s) not ready within {timeout_s:g}s (last seen: {seen})")
@@ -121,7 +123,8 @@ def _resumed() -> int:
 def _case(args, base: str, layout: dict, fault: str, round_no: int) -> dict:
     whose, sig = FAULTS[fault]
     prompts = random_prompts(args.streams, args.prompt_len, args.vocab, seed=1000 * round_no + len(fault))
-    gangs = _wait_ready(layout["num_gangs"], args.timeout)
+    # a warm spare is measured warm: the one a previous fault's recovery took is replaced first
+    gangs = _wait_ready(layout["num_gangs"], args.timeout, spares=2 * layout["spares"])
     expected = asyncio.run(_streams(base, prompts, args.output_len))
     gang = gangs[0]
     victim, resumed = _victim(gang, whose), _resumed()
@@ -134,7 +137,7 @@ def _case(args, base: str, layout: dict, fault: str, round_no: int) -> dict:
             except ProcessLookupError:
                 pass
     after = {g["gang"]: g for g in _wait_ready(layout["num_gangs"], args.timeout)}
-    rebuilt = after.get(gang["gang"]) or next(iter(after.values()))  # a dead replica's gang comes back renamed
+    rebuilt = after.get(gang["gang"]) or next(iter(after.values()))
     gaps = sorted(s["longest_gap_s"] for s in got)
     row = {"layout": layout["name"], "fault": fault, "round": round_no, "longest_pause_s": gaps[-1],
            "pause_p50_s": statistics.median(gaps), "pause_p99_s": gaps[math.ceil(0.99 * len(gaps)) - 1],
@@ -165,7 +168,8 @@ def _run_layout(args, layout: dict, round_no: int) -> list[dict]:
     from ray._private.services import get_node_ip_address
 
     port, grpc_port, gcs_port = free_port(), free_port(), free_port()
-    changes = {"num_gangs": layout["num_gangs"], "spares": layout["spares"], "collective_timeout_s": 30}
+    changes = {"num_gangs": layout["num_gangs"], "spares": layout["spares"], "attention_spares": layout["spares"],
+               "collective_timeout_s": 30}
     proc = start_ours(args, args.chaos_expert_workers, None, port, grpc_port, log_name=f"maverick-serve-chaos-"
                       f"{layout['name'].replace(' ', '').replace(',', '-')}", changes=changes,
                       env={"RAY_GCS_SERVER_PORT": str(gcs_port), "RAY_AUTH_MODE": "disabled"})

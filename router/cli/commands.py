@@ -239,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bench ep --eplb: router skew of the checkpoint written beside --model (make-tiny --router-skew)")
     p.add_argument("--redundant-experts", type=int, default=2, help="bench ep --eplb: spare slots per expert rank")
     p.add_argument("--rebalance-every-steps", type=int, default=64, help="bench ep --eplb: steps between rebalances")
+    p.add_argument("--weight-read-rows", default="measure",
+                   help="bench ep --eplb: also a gang whose policy counts each copy's weight read "
+                        "(eplb.weight_read_rows), in rows of compute; 'measure' times an expert here (default), "
+                        "0 leaves that gang out")
     p.add_argument("--ramp", action="store_true",
                    help="bench serve: gangs that follow load (autoscaling) against one fixed gang, each alone, "
                         "under 1 stream, then --ramp-streams, then 1 again")
@@ -258,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=["sigkill-expert", "sigstop-expert", "sigkill-attention", "sigstop-attention",
                             "kill-gang-replica"], help="bench chaos: comma-separated faults to inject")
     p.add_argument("--spares", type=int, default=1,
-                   help="bench chaos: also the gang with this many warm expert spares (0: not)")
+                   help="bench chaos: also the gang with this many warm expert spares and as many attention "
+                        "spares (0: not)")
     p.add_argument("--two-gangs", action="store_true", help="bench chaos: also two gangs (the expert faults)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per engine run")
     p.set_defaults(func=cmd_bench)

@@ -446,7 +446,10 @@ def add_serve_parser(sub) -> None:
     m.add_argument("--spares", type=int,
                    help="warm expert-rank processes kept started beside each gang: a failed expert rank is replaced "
                         "by one, so recovery costs its weights, not a process start (default 0; needs "
-                        "--expert-workers)")
+                        "--expert-workers; CPU (gloo) gangs only for now)")
+    m.add_argument("--attention-spares", type=int,
+                   help="warm attention-rank processes kept started beside each gang, as --spares for attention "
+                        "ranks (default 0; needs --expert-workers; CPU (gloo) gangs only for now)")
     m.add_argument("--migration-limit", type=int,
                    help=f"times a request moves on when its gang fails (default "
                         f"{AppConfig.model_fields['migration_limit'].default}; 0: it fails with 503)")
@@ -468,4 +471,8 @@ def add_serve_parser(sub) -> None:
     m.add_argument("--rebalance-every-steps", type=int,
                    help="eplb: steps between live rebalances from measured load (default: 0, the start "
                         "placement stays)")
+    m.add_argument("--weight-read-rows", type=float,
+                   help="eplb: one expert's weight read in rows of compute; above 0 the policy copies a hot "
+                        "expert only where the rows it moves outweigh the copy's reads (default: 0, balance "
+                        "rows; `maverick plan` gives the value for a GPU)")
     p.set_defaults(func=run_serve)

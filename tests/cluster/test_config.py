@@ -129,10 +129,11 @@ def test_autoscaling_bounds_the_gang_count_and_leaves_time_to_move_requests(tmp_
             parse_app_args({"model": "/m", **args})
 
 
-def test_spares_stand_in_for_expert_ranks_of_cpu_gangs():
-    assert GangConfig(model="m", expert_workers=2, spares=1).spares == 1
-    with pytest.raises(ValueError, match="spares stand in for failed expert ranks"):
-        GangConfig(model="m", spares=1)
+def test_spares_stand_in_for_ranks_of_cpu_gangs_recovered_in_place():
+    assert GangConfig(model="m", expert_workers=2, spares=1, attention_spares=2).attention_spares == 2
+    for spares in ({"spares": 1}, {"attention_spares": 1}):
+        with pytest.raises(ValueError, match="spares stand in for failed ranks of a gang recovered in place"):
+            GangConfig(model="m", **spares)
     with pytest.raises(ValueError, match="not built for NCCL gangs"):
         GangConfig(model="m", expert_workers=1, spares=1, device="cuda",
                    attention={"num_gpus": 1}, experts={"num_gpus": 1})

@@ -2,7 +2,8 @@
 spread over nodes, a failed rank's gang comes back keeping its survivors, idle is idle; a rank that
 stops answering mid-step is declared hung by the ranks kept waiting for it (the step watchdog), not by
 the periodic health check, and a machine whose cores another process saturates declares nothing; a
-warm spare takes a failed expert rank's place, and nothing outlives the gang."""
+warm spare takes a failed expert rank's place, and nothing outlives the gang; a gang written down
+(as under Serve) outlives its supervisor: the next one takes it over, and with none it removes itself."""
 
 import asyncio
 import json
@@ -345,10 +346,10 @@ def test_attention_ranks_join_and_leave_a_running_gang(ray_cluster, gang_checkpo
         streams = asyncio.create_task(_stream_until(supervisor, ps, done, stats))
         await asyncio.sleep(0.5)
         pause = await change()
-        changed = time.monotonic()
+        ended = supervisor.gang.last_regroup_ended  # the pause's end, not the (later) return of `change`
         await asyncio.sleep(0.5)  # streams started on the new set of ranks too
         done.set()
-        return pause, await streams, changed, stats
+        return pause, await streams, ended, stats
 
     async def main():
         supervisor = GangSupervisor(gang_config(ckpt, 1, 2), health_period_s=0.5)
@@ -370,12 +371,12 @@ def test_attention_ranks_join_and_leave_a_running_gang(ray_cluster, gang_checkpo
             await supervisor.stop()
 
     before, after, pids, epoch, epoch_after, grown, two, shrunk, one, restarts = asyncio.run(main())
-    for pause, streams, done_at, stats in (grown, shrunk):
+    for pause, streams, ended, stats in (grown, shrunk):
         assert pause > 0
         for prompt, ids, _, _ in streams:
             assert ids == single[tuple(prompt)]
-        # a stream ran across the pause (which ended just before the change returned)
-        assert any(start < done_at - pause and end > done_at for _, _, start, end in streams)
+        # a stream ran across the pause (two lanes stream without a break: one was under way when it began)
+        assert any(start < ended - pause and end > ended for _, _, start, end in streams)
     assert shrunk[3].planned_moves == shrunk[3].resumed_requests and grown[3].resumed_requests == 0
     assert two["attention_ranks"] == 2 and one["attention_ranks"] == 1 and one["regroups"] == 2
     assert two["requests_per_worker"][3] > 0  # the newcomer (rank 3: expert ranks 0-1, attention 2-3) served
@@ -466,38 +467,98 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_a_warm_spare_replaces_a_killed_expert_and_nothing_outlives_the_gang(ray_cluster, gang_checkpoint,
-                                                                              long_reference):
+def test_warm_spares_replace_a_killed_expert_and_attention_rank_and_nothing_outlives_the_gang(
+        ray_cluster, gang_checkpoint, long_reference):
     ckpt, _ = gang_checkpoint
     ps, single = long_reference
 
+    def spares(supervisor) -> dict[str, int]:
+        return {role: sum(s.role == role for s in supervisor.gang.spares) for role in ("expert", "attention")}
+
+    async def spare_pid(supervisor, role: str) -> int:
+        spare = next(s for s in supervisor.gang.spares if s.role == role)
+        return (await spare.actor.wave_state.remote())["pid"]
+
     async def main():
-        supervisor = GangSupervisor(gang_config(ckpt, 1, 2, spares=1), health_period_s=1.0)  # finds the idle death
+        supervisor = GangSupervisor(gang_config(ckpt, 1, 2, spares=1, attention_spares=1),
+                                    health_period_s=1.0)  # finds the idle death
         await supervisor.start()
+        both = {"expert": 1, "attention": 1}
         pids = set()
         try:
-            await asyncio.to_thread(wait_until, lambda: len(supervisor.gang.spares) == 1, 120, "a warm spare")
-            spare = supervisor.gang.spares[0]
-            spare_pid = (await spare.actor.wave_state.remote())["pid"]
+            await asyncio.to_thread(wait_until, lambda: spares(supervisor) == both, 120, "warm spares")
+            expert_spare, attention_spare = [await spare_pid(supervisor, role) for role in ("expert", "attention")]
             before = [r["pid"] for r in (await supervisor.stats())["ranks"]]
             ray.kill(supervisor.gang.experts[1], no_restart=True)
             await rebuilt(supervisor)
+            await asyncio.to_thread(wait_until, lambda: spares(supervisor) == both, 120, "the next expert spare")
+            middle = [r["pid"] for r in (await supervisor.stats())["ranks"]]
+            ray.kill(supervisor.gang.attention[0], no_restart=True)
+            await asyncio.to_thread(wait_until, lambda: supervisor.restarts == 2 and supervisor.ready(), 120,
+                                    "the gang back after its attention rank died")
             ids = await collect(supervisor, ps[1], LONG)
-            await asyncio.to_thread(wait_until, lambda: len(supervisor.gang.spares) == 1, 120, "the next spare")
+            await asyncio.to_thread(wait_until, lambda: spares(supervisor) == both, 120, "the next attention spare")
             stats = await supervisor.stats()
-            next_spare = (await supervisor.gang.spares[0].actor.wave_state.remote())["pid"]
-            pids = {r["pid"] for r in stats["ranks"]} | {next_spare}
-            return spare_pid, before, stats, next_spare, ids, pids
+            spare_pids = [await spare_pid(supervisor, role) for role in ("expert", "attention")]
+            pids = {r["pid"] for r in stats["ranks"]} | set(spare_pids)
+            return expert_spare, attention_spare, before, middle, stats, spare_pids, ids, pids
         finally:
             await supervisor.stop()
 
-    spare_pid, before, stats, next_spare, ids, pids = asyncio.run(main())
+    expert_spare, attention_spare, before, middle, stats, spare_pids, ids, pids = asyncio.run(main())
     after = [r["pid"] for r in stats["ranks"]]
-    assert after[1] == spare_pid and after[0] == before[0] and after[2] == before[2], (before, after, spare_pid)
-    assert stats["spares_adopted"] == 1 and stats["spares"] == 1 and next_spare not in after
+    assert middle == [before[0], expert_spare, before[2]], (before, middle, expert_spare)
+    assert after == [before[0], expert_spare, attention_spare], (before, after, attention_spare)
+    assert stats["spares_adopted"] == 2 and stats["spares"] == 2 and not set(spare_pids) & set(after)
     assert ids == (single[1], "length", None)
     print(f"\nrecovery with a spare {stats['last_recovery_s']:.1f}s, by stage {stats['last_build_stages_s']}")
     wait_until(lambda: not any(alive(pid) for pid in pids), 60, "every rank and spare process gone after stop")
     # the gang's placement group and the spares' own: none is left reserving resources
     wait_until(lambda: all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values()), 60,
                "every placement group removed after stop")
+
+
+def test_a_gang_outlives_its_supervisor_is_taken_over_and_without_one_removes_itself(ray_cluster, gang_checkpoint,
+                                                                                      reference):
+    from ray.experimental import internal_kv
+
+    from cluster.gang_registry import KV_NAMESPACE, GangRegistry, fingerprint
+    from tests.cluster.owner import Owner
+
+    ckpt, _ = gang_checkpoint
+    ps, single = reference
+    # the grace must outlast the take-over below on a loaded machine, or the ranks rightly remove themselves
+    config = gang_config(ckpt, 1, 2, orphan_grace_s=8.0)
+    first = Owner.options(name="owner-first").remote()
+    name = ray.get(first.start.remote(config, "outlive"), timeout=300)
+    before = ray.get(first.stats.remote())
+    pids = [r["pid"] for r in before["ranks"]]
+    assert GangRegistry("outlive", None, fingerprint(config)).claim_orphan() is None  # its owner lives
+    second = Owner.options(name="owner-second").remote()  # started (and its imports done) before the kill
+    ray.get(second.pid.remote(), timeout=120)
+    os.kill(ray.get(first.pid.remote()), signal.SIGKILL)
+    wait_until(lambda: not alive_actor(first), 60, "the first supervisor dead")
+
+    assert ray.get(second.start.remote(config, "outlive"), timeout=300) == name  # the same gang, taken over
+    after = ray.get(second.stats.remote())
+    assert [r["pid"] for r in after["ranks"]] == pids and after["adoptions"] == 1 and after["restarts"] == 0
+    assert ray.get(second.generate.remote(ps[0], GREEDY), timeout=120) == single[0]
+    time.sleep(1.5 * config.orphan_grace_s)  # past a grace: only the second supervisor's renewals keep the ranks
+    assert all(alive(pid) for pid in pids)
+    groups = {pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+    assert groups, "the gang's detached placement group"
+
+    os.kill(ray.get(second.pid.remote()), signal.SIGKILL)  # and no supervisor comes back
+    wait_until(lambda: not any(alive(pid) for pid in pids), 60, "the orphaned ranks gone after their grace")
+    table = ray.util.placement_group_table()
+    wait_until(lambda: all(ray.util.placement_group_table()[g]["state"] == "REMOVED" for g in groups), 60,
+               "the orphaned gang's placement group removed")
+    assert not internal_kv._internal_kv_list("gangs/outlive/", namespace=KV_NAMESPACE), table
+
+
+def alive_actor(actor) -> bool:
+    try:
+        ray.get(actor.pid.remote(), timeout=5)
+        return True
+    except Exception:
+        return False

@@ -64,3 +64,49 @@ def test_a_gang_its_supervisor_found_failed_ends_this_ingress_streams_at_once():
     assert g.client is None and g.failed_epoch == 1 and not g.ready
     pool._update("gang-c", {"gang": "gang-c", "state": "ready", "ready": True, "epoch": 2})
     assert g.ready
+
+
+def test_a_gang_whose_replica_died_serves_on_until_its_channel_breaks():
+    """Its ranks outlive the replica: a status read without it changes nothing while this consumer's
+    channel to it holds; the replica Serve starts in its place reports the same epoch; a gang whose
+    channel broke (its ranks gone too) leaves."""
+    pool, g = pool_with("gang-d", load=1)
+    g.client = client = _Client(epoch=1)
+    pool._unseen("gang-d", everyone_answered=True)
+    assert pool.gangs["gang-d"] is g and g.ready and g.without_replica and client.closed is None
+    pool._update("gang-d", {"gang": "gang-d", "state": "ready", "ready": True, "epoch": 1})
+    assert g.client is client and g.ready and not g.without_replica
+    client.broken = True
+    pool._unseen("gang-d", everyone_answered=True)
+    assert "gang-d" not in pool.gangs and pool.leaving == {"gang-d": 1}
+
+
+def test_a_gang_never_streamed_from_here_leaves_with_its_replica():
+    pool, g = pool_with("gang-e", load=0)
+    pool._unseen("gang-e", everyone_answered=True)
+    assert pool.gangs == {} and pool.left == ["gang-e"]
+
+
+def test_requests_waiting_for_a_gang_share_status_reads_until_one_shows_it_ready():
+    """A retry waits for a ready gang (its own gang failed): it reads the statuses itself, at most every
+    `WAITING_STATUS_PERIOD_S`, instead of waiting for the 1 s watcher; every waiter shares each read."""
+    import asyncio
+
+    class Pool(GangPool):
+        reads = 0
+
+        async def refresh_all(self) -> bool:
+            self.reads += 1
+            await asyncio.sleep(0)
+            if self.reads == 3:  # the third read sees the recovered gang
+                self._update("gang-d", {"gang": "gang-d", "state": "ready", "ready": True, "epoch": 2})
+            return self.reads >= 3
+
+    async def main():
+        pool = Pool(handle=None, consumer="ingress-test")
+        pool.gangs["gang-d"] = _Gang({"gang": "gang-d", "state": "rebuilding", "ready": False, "epoch": 1})
+        picked = await asyncio.wait_for(asyncio.gather(*(pool._wait_for_gang(None) for _ in range(5))), 30)
+        return picked, pool.reads
+
+    picked, reads = asyncio.run(main())
+    assert picked == ["gang-d"] * 5 and reads == 3, (picked, reads)

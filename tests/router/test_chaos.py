@@ -10,6 +10,7 @@ import random
 import signal
 import urllib.request
 
+import psutil
 import pytest
 
 from cluster.probe import wait_until
@@ -79,7 +80,7 @@ def kill(pid: int, sig=signal.SIGKILL) -> None:
         pass
 
 
-def check_case(live, specs_and_expected, fault, what: str) -> None:
+def check_case(live, specs_and_expected, fault, what: str, resumes: bool = True) -> None:
     specs, expected = specs_and_expected
     wait_serving()
     before = resume_stats()
@@ -87,7 +88,7 @@ def check_case(live, specs_and_expected, fault, what: str) -> None:
     after = resume_stats()
     assert_same(specs, expected, got)
     resumed = after["resumed_requests"] - before["resumed_requests"]
-    assert resumed >= 1 and after["gave_up"] == before["gave_up"], (before, after)
+    assert (resumed >= 1 if resumes else resumed == 0) and after["gave_up"] == before["gave_up"], (before, after)
     print(f"\n{what}: {resumed} requests resumed, longest pause a client saw {pause:.1f}s")
 
 
@@ -118,10 +119,19 @@ def test_an_expert_that_raises_in_a_step(live, specs_and_expected):
                "expert raises on a step")
 
 
-def test_sigkill_of_the_gang_replica_process(live, specs_and_expected):
+def test_sigkill_of_the_gang_replica_leaves_its_ranks_and_streams_untouched(live, specs_and_expected):
+    """No token passes through the gang's replica: its death resumes nothing, and the replica Serve
+    starts in its place takes over the same ranks."""
     wait_serving()
-    replica_pid = handle("gangs").status.remote().result()["pid"]
-    check_case(live, specs_and_expected, lambda: kill(replica_pid), "SIGKILL gang replica")
+    status, pids = handle("gangs").status.remote().result(), gang_pids()
+    check_case(live, specs_and_expected, lambda: kill(status["pid"]), "SIGKILL gang replica", resumes=False)
+    wait_until(lambda: handle("gangs").status.remote().result()["pid"] != status["pid"], 240,
+               "Serve's new gang replica", poll_s=0.5)
+    wait_serving()
+    now = handle("gangs").status.remote().result()
+    assert (now["gang"], now["epoch"], now["restarts"]) == (status["gang"], status["epoch"], status["restarts"])
+    assert gang_pids() == pids
+    assert handle("gangs").stats.remote().result()["adoptions"] == 1
 
 
 def poisoned_id(text: str) -> str:
@@ -211,3 +221,26 @@ def test_a_request_whose_timeout_passes_while_its_gang_hangs_ends_with_504(stric
     finally:
         kill(pid)
     assert last["error"]["code"] == 504 and last["error"]["type"] == "timeout", last
+
+
+def test_deleting_an_application_leaves_none_of_its_ranks_and_forgets_its_gangs(live, strict):
+    """Detached ranks outlive a dead replica, never a deleted application: its replicas stop their gangs."""
+    from ray import serve
+    from ray.experimental import internal_kv
+
+    from cluster.gang_registry import KV_NAMESPACE
+
+    wait_serving()
+    pids = gang_pids()
+    assert internal_kv._internal_kv_list("gangs/maverick/", namespace=KV_NAMESPACE)
+    serve.delete("maverick")
+    wait_until(lambda: not any(running(pid) for pid in pids), 120, "the deleted application's ranks gone")
+    assert not internal_kv._internal_kv_list("gangs/maverick/", namespace=KV_NAMESPACE)
+    assert internal_kv._internal_kv_list("gangs/strict/", namespace=KV_NAMESPACE)  # the other app's gang
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

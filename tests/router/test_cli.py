@@ -124,10 +124,10 @@ def test_serve_eplb_flags_become_the_apps_eplb_args():
     from router.cli import build_parser
 
     flags = ["serve", "--model", "/m", "--expert-workers", "3", "--redundant-experts", "2",
-             "--rebalance-every-steps", "128"]
+             "--rebalance-every-steps", "128", "--weight-read-rows", "18"]
     config = config_from_flags(build_parser().parse_args(flags))
     _, (app,) = validate_serve_config(config, "flags")
-    assert (app.eplb.redundant_experts, app.eplb.rebalance_every_steps) == (2, 128)
+    assert (app.eplb.redundant_experts, app.eplb.rebalance_every_steps, app.eplb.weight_read_rows) == (2, 128, 18)
     plain = config_from_flags(build_parser().parse_args(["serve", "--model", "/m"]))
     assert "eplb" not in plain["applications"][0]["args"]
     with pytest.raises(ValueError, match="eplb balances experts over expert ranks"):
@@ -138,10 +138,10 @@ def test_serve_spares_flag_becomes_the_apps_spares():
     from cluster.serve_config import config_from_flags, validate_serve_config
     from router.cli import build_parser
 
-    flags = ["serve", "--model", "/m", "--expert-workers", "2", "--spares", "1"]
+    flags = ["serve", "--model", "/m", "--expert-workers", "2", "--spares", "1", "--attention-spares", "2"]
     _, (app,) = validate_serve_config(config_from_flags(build_parser().parse_args(flags)), "flags")
-    assert app.spares == 1
-    with pytest.raises(ValueError, match="spares stand in for failed expert ranks"):
+    assert (app.spares, app.attention_spares) == (1, 2)
+    with pytest.raises(ValueError, match="spares stand in for failed ranks"):
         validate_serve_config(config_from_flags(build_parser().parse_args(flags[:3] + flags[5:])), "flags")
 
 
