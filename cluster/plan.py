@@ -50,6 +50,9 @@ COLLECTIVE_LATENCY_S = {"nvlink": 10e-6, "network": 25e-6}  # small-message all-
 SAFETY_MARGIN = 0.10  # of GPU memory: CUDA context (~0.5-1 GB), allocator fragmentation, NCCL buffers
 FP8_SCALE_BYTES = 4  # one fp32 scale per output row
 BATCH_SIZES = (1, 8, 32, 128, 256)
+CHECKPOINT_READ_BANDWIDTH = 2e9  # bytes/s one rank reads its weights at: a local NVMe SSD, order of size
+NEW_PROCESS_S = 4.0  # a replacement rank's process start and imports: bench chaos on CPU, recovery without
+# a spare minus with one (4.0-4.6 s against 0.4-0.7 s, the same bytes read); CUDA initialisation not measured
 HOT_SHARE = 0.85  # of the routed rows, to a hot pair of experts (make-tiny --router-skew 16 measured 0.81-0.87)
 
 
@@ -172,23 +175,26 @@ def roofline(c: Llama4Config, layout: Layout, gpu: Gpu, batch: int, context: int
             "alltoall_ms": comm_s * 1e3, "tok_s": batch * max(1, layout.attention_ranks) / step}
 
 
-def skewed_expert_ms(c: Llama4Config, layout: Layout, gpu: Gpu, rows: int, balanced: bool,
+def skewed_expert_ms(c: Llama4Config, layout: Layout, gpu: Gpu, rows: int, placement: str,
                      hot_share: float = HOT_SHARE) -> float:
     """The busiest expert rank's time for one MoE layer of a step routing `rows` rows, two hot experts
     taking `hot_share` of them: its rows' FLOPs at the dense peak or the bytes of the experts it
-    touches at HBM bandwidth, whichever is longer. Without eplb the pair sits on one rank (the
-    contiguous layout's worst case); with it, each rank holds a copy of both and the rows split
-    evenly. A copy reads its whole expert: eplb divides FLOPs, never the weights a rank reads."""
-    fp8 = layout.weights == "fp8"
-    per_expert = 3 * c.hidden_size * c.intermediate_size * (1 if fp8 else 2)
-    flops_per_row = 2 * 3 * c.hidden_size * c.intermediate_size
+    touches at HBM bandwidth, whichever is longer. `placement` of the hot pair:
+    - "contiguous": both on one rank (without eplb, the contiguous layout's worst case);
+    - "copies": a copy of both on every rank, rows split evenly (eplb balancing rows). A copy reads
+      its whole expert: this divides FLOPs, never the weights a rank reads;
+    - "apart": one each on two ranks, no copies;
+    - "reads": eplb with `weight_read_rows`, which picks the cheaper of copies and apart."""
+    if placement == "reads":
+        return min(skewed_expert_ms(c, layout, gpu, rows, p, hot_share) for p in ("copies", "apart"))
+    read_s, row_s = _expert_read_and_row_s(c, layout, gpu)
     ranks = layout.expert_ranks
     cold_rows = math.ceil(rows * (1 - hot_share) / ranks)  # on every rank, spread over its own experts
     cold_touched = min(experts_per_rank(c, ranks), cold_rows)
-    hot_rows = math.ceil(rows * hot_share / (ranks if balanced else 1))  # whole rows: a step waits for its busiest
-    rank_rows, touched = hot_rows + cold_rows, min(2, hot_rows) + cold_touched
-    peak = gpu.fp8_flops if fp8 else gpu.bf16_flops
-    return max(rank_rows * flops_per_row / peak, touched * per_expert / gpu.hbm_bandwidth) * 1e3
+    sharers, held = {"contiguous": (1, 2), "copies": (ranks, 2), "apart": (min(2, ranks), 1)}[placement]
+    hot_rows = math.ceil(rows * hot_share / sharers)  # whole rows: a step waits for its busiest rank
+    rank_rows, touched = hot_rows + cold_rows, min(held, hot_rows) + cold_touched
+    return max(rank_rows * row_s, touched * read_s) * 1e3
 
 
 def _eplb_lines(c: Llama4Config, layout: Layout, gpu: Gpu) -> list[str]:
@@ -197,13 +203,34 @@ def _eplb_lines(c: Llama4Config, layout: Layout, gpu: Gpu) -> list[str]:
     steps.append((f"prefill, {layout.max_num_batched_tokens} tokens/attention rank",
                   layout.max_num_batched_tokens * layout.attention_ranks * c.num_experts_per_tok))
     lines = ["", f"eplb on a skewed load (a hot pair of experts takes {HOT_SHARE:.0%} of the routed rows): the busiest "
-                 "expert rank per MoE layer, FLOPs at peak or weights at HBM bandwidth",
-             f"{'step':>40}{'without ms':>12}{'with ms':>9}{'gain':>7}"]
+                 "expert rank per MoE layer, FLOPs at peak or weights at HBM bandwidth; eplb balancing rows (copies of "
+                 "the pair on every rank) and counting weight reads (eplb.weight_read_rows below: copies only where "
+                 "they pay)",
+             f"{'step':>40}{'without ms':>12}{'rows ms':>9}{'gain':>7}{'reads ms':>10}{'gain':>7}"]
     for name, rows in steps:
-        without = skewed_expert_ms(c, layout, gpu, rows, balanced=False)
-        with_eplb = skewed_expert_ms(c, layout, gpu, rows, balanced=True)
-        lines.append(f"{name:>40}{without:>12.3f}{with_eplb:>9.3f}{without / with_eplb:>6.2f}x")
+        without = skewed_expert_ms(c, layout, gpu, rows, "contiguous")
+        by_rows = skewed_expert_ms(c, layout, gpu, rows, "copies")
+        by_reads = skewed_expert_ms(c, layout, gpu, rows, "reads")
+        lines.append(f"{name:>40}{without:>12.3f}{by_rows:>9.3f}{without / by_rows:>6.2f}x"
+                     f"{by_reads:>10.3f}{without / by_reads:>6.2f}x")
+    lines.append(f"eplb.weight_read_rows for this GPU: {weight_read_rows(c, layout, gpu):.0f} (one expert's weights at "
+                 "HBM bandwidth, in rows of its FLOPs at peak): with it the policy copies a hot expert only where "
+                 "that pays")
     return lines
+
+
+def weight_read_rows(c: Llama4Config, layout: Layout, gpu: Gpu) -> float:
+    """How many rows an expert computes in the time it takes to read its weights once (roofline)."""
+    read_s, row_s = _expert_read_and_row_s(c, layout, gpu)
+    return read_s / row_s
+
+
+def _expert_read_and_row_s(c: Llama4Config, layout: Layout, gpu: Gpu) -> tuple[float, float]:
+    """One routed expert's weights at HBM bandwidth, and one row's FLOPs through it at the dense peak."""
+    fp8 = layout.weights == "fp8"
+    read_s = 3 * c.hidden_size * c.intermediate_size * (1 if fp8 else 2) / gpu.hbm_bandwidth
+    row_s = 2 * 3 * c.hidden_size * c.intermediate_size / (gpu.fp8_flops if fp8 else gpu.bf16_flops)
+    return read_s, row_s
 
 
 def suggest(c: Llama4Config, gpus: int, gpu: Gpu, base: Layout, batch: int = 32) -> Layout | None:
@@ -222,6 +249,17 @@ def suggest(c: Llama4Config, gpus: int, gpu: Gpu, base: Layout, batch: int = 32)
 
 
 # -- the command ----------------------------------------------------------------------------------------
+
+def _replacement_lines(attention: RankNeed, expert: RankNeed | None) -> list[str]:
+    """What a failed rank's replacement costs: its weights read again, and a new process unless a warm
+    spare takes its place (`spares`, `attention_spares`); the gang replica's death costs nothing."""
+    reads = ", ".join(f"{need.role} {need.weights / GB:.1f} GB ~{need.weights / CHECKPOINT_READ_BANDWIDTH:.0f} s"
+                      for need in (attention, expert) if need is not None)
+    return [f"replacing a failed rank: its weights again ({reads} at {CHECKPOINT_READ_BANDWIDTH / GB:.0f} GB/s), "
+            f"plus ~{NEW_PROCESS_S:.0f} s for a new process",
+            "  (measured on CPU; CUDA start-up not yet) unless a warm spare takes its place (gloo gangs only, "
+            "not yet NCCL)"]
+
 
 def describe(c: Llama4Config, layout: Layout, gpu: Gpu, num_gangs: int = 1, context: int | None = None) -> tuple[bool, str]:
     ok, reasons = fits(c, layout, gpu)
@@ -251,6 +289,7 @@ def describe(c: Llama4Config, layout: Layout, gpu: Gpu, num_gangs: int = 1, cont
     lines.append(f"nodes: one gang needs {nodes} node(s) of {layout.gpus_per_node} GPUs; {num_gangs} gang(s) need "
                  f"{-(-per_gang * num_gangs // layout.gpus_per_node)} (the worker type Ray's autoscaler adds for a "
                  f"new gang's placement group)")
+    lines += _replacement_lines(attention, expert)
     context = context or layout.max_model_len // 2
     lines += ["", f"decode roofline at {context} tokens of context (HBM reads, then two all-to-alls per MoE layer):",
               f"{'batch/attention rank':>22}{'step ms':>10}{'HBM ms':>9}{'all-to-all ms':>15}{'tok/s per gang':>16}"]

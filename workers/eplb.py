@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from workers.expert_parallel import Placement
-from workers.expert_placement import LayerPlacement, balancedness, place_experts, to_rank_table
+from workers.expert_placement import (CostModel, LayerPlacement, Replica, balancedness, place_experts, rank_costs,
+                                     to_rank_table)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,10 @@ class EplbSettings:
     redundant_experts: int = 0  # spare slots per expert rank, filled with copies of the hottest experts
     rebalance_every_steps: int = 0  # 0: the placement made at start stays
     window_steps: int = 0  # the steps whose load a rebalance reads (the last before it); 0: all since the last
-    min_gain: float = 0.0  # adopt a placement only if it raises the window's mean balancedness by this much
+    # adopt a placement only if it raises the window's mean balancedness by this much (with weight_read_rows:
+    # only if it lowers the busiest rank's modelled cost by this fraction)
+    min_gain: float = 0.0
+    weight_read_rows: float = 0.0  # one expert's weight read in rows of compute; 0: balance rows only
 
 
 @dataclass
@@ -142,13 +146,18 @@ class Rebalancer:
         if self.group is not None:
             dist.all_reduce(window_LE, op=dist.ReduceOp.SUM, group=self.group)
         load = {layer: row for layer, row in zip(self.moe_layers, window_LE.tolist())}
-        placements = place_experts(load, self.capacities)
+        settings = self.settings
+        cost = CostModel(settings.weight_read_rows, settings.window_steps or settings.rebalance_every_steps)
+        placements = place_experts(load, self.capacities, cost)
         table = to_rank_table(placements)
-        before = {layer: balancedness(_rank_tokens(self.placement.table[layer], row, len(self.capacities)))
-                  for layer, row in load.items()}
+        current = {layer: _as_placement(self.placement.table[layer], len(self.capacities)) for layer in load}
+        before = {layer: balancedness(current[layer].rank_tokens(row)) for layer, row in load.items()}
         planned = {layer: balancedness(placements[layer].rank_tokens(row)) for layer, row in load.items()}
         s = self.stats
-        gain = sum(planned.values()) / len(planned) - sum(before.values()) / len(before)
+        if cost.weight_rows:  # what the policy lowered: the busiest rank's modelled cost, not rows
+            gain = _mean_busiest_drop(current, placements, load, cost)
+        else:
+            gain = sum(planned.values()) / len(planned) - sum(before.values()) / len(before)
         if table == self.placement.table or gain < self.settings.min_gain:
             self.stats = dataclasses.replace(s, unchanged=s.unchanged + 1, balancedness=before, planned=planned)
             return
@@ -171,13 +180,24 @@ class Rebalancer:
             self.staged()
 
 
-def _rank_tokens(ranks_E: list[list[int]], tokens_E: list[int], num_ranks: int) -> list[int]:
-    """Tokens per expert rank when each expert's rows split evenly over its replicas (`replica_of_rows`)."""
-    per_rank = [0] * num_ranks
-    for n, ranks in zip(tokens_E, ranks_E):
-        for j, rank in enumerate(ranks):
-            per_rank[rank] += n // len(ranks) + (j < n % len(ranks))
-    return per_rank
+def _as_placement(ranks_E: list[list[int]], num_ranks: int) -> LayerPlacement:
+    """A rank table's layer as a `LayerPlacement` (slot numbers made up: only ranks matter here)."""
+    slots: list[list[int]] = [[] for _ in range(num_ranks)]
+    for e, ranks in enumerate(ranks_E):
+        for rank in ranks:
+            slots[rank].append(e)
+    replicas = tuple(tuple(Replica(rank, slots[rank].index(e)) for rank in ranks) for e, ranks in enumerate(ranks_E))
+    return LayerPlacement(replicas, tuple(map(tuple, slots)))
+
+
+def _mean_busiest_drop(old: dict[int, LayerPlacement], new: dict[int, LayerPlacement], load: dict[int, list[int]],
+                       cost: CostModel) -> float:
+    """How much lower the busiest rank's modelled cost is under `new`, as a fraction, averaged over layers."""
+    drops = []
+    for layer, row in load.items():
+        before = max(rank_costs(old[layer], row, cost))
+        drops.append(0.0 if before == 0 else 1 - max(rank_costs(new[layer], row, cost)) / before)
+    return sum(drops) / len(drops)
 
 
 def _fmt(by_layer: dict[int, float]) -> str:

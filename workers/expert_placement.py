@@ -7,6 +7,14 @@ The policy is the published greedy (DeepSeek's EPLB, vLLM's `--enable-eplb`), wr
      free slot and does not hold that expert yet.
 Ties break on the lower expert, replica and rank index, so the same counts give the same placement.
 
+That greedy balances rows. Where an expert's weight read costs as much as computing many rows (decode
+on a GPU, or on a CPU), each copy of a hot expert adds a whole read to its rank, and balanced rows can
+leave the busiest rank no faster. With `weight_rows` > 0 (one expert's weight read, in rows of
+compute) a replica's weight is its modelled cost per step instead: its rows per step, plus
+`weight_rows` times the chance it gets any row at all (1 - exp(-rows), rows arriving at random). The
+same greedy then runs with 0, 1, ... of the spare slots filled, and the count whose busiest rank
+costs least is kept (ties: more copies). `weight_rows` 0 is the published greedy, unchanged.
+
 Ranks here are expert ranks counted from 0, which in a gang's group are their ranks too. A rank's
 capacity is its experts plus its redundant slots; capacities may differ between ranks.
 
@@ -21,6 +29,7 @@ Shape suffixes: N routed rows, E experts.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -57,13 +66,29 @@ class LayerPlacement:
         return per_rank
 
 
-def place_experts(load: Mapping[int, Sequence[float]], capacities: Sequence[int]) -> dict[int, LayerPlacement]:
+@dataclass(frozen=True)
+class CostModel:
+    """What a replica costs its rank per step, in rows of compute (see the module's docstring)."""
+
+    weight_rows: float = 0.0  # one expert's weight read, in rows; 0: count rows only
+    steps: int = 1  # steps the token counts were taken over
+
+    def replica(self, tokens: float) -> float:
+        rows = float(tokens) / max(1, self.steps)
+        return rows + self.weight_rows * -math.expm1(-rows)
+
+
+ROWS_ONLY = CostModel()
+
+
+def place_experts(load: Mapping[int, Sequence[float]], capacities: Sequence[int],
+                  cost: CostModel = ROWS_ONLY) -> dict[int, LayerPlacement]:
     """Per MoE layer (`load`'s keys): its experts' replicas on ranks with `capacities` slots each,
     from the window's token counts per expert."""
-    return {layer: place_layer(tokens_E, capacities) for layer, tokens_E in load.items()}
+    return {layer: place_layer(tokens_E, capacities, cost) for layer, tokens_E in load.items()}
 
 
-def place_layer(tokens_E: Sequence[float], capacities: Sequence[int]) -> LayerPlacement:
+def place_layer(tokens_E: Sequence[float], capacities: Sequence[int], cost: CostModel = ROWS_ONLY) -> LayerPlacement:
     num_experts, num_ranks = len(tokens_E), len(capacities)
     if any(c < 0 for c in capacities):
         raise ValueError(f"slot capacities must be >= 0, got {list(capacities)}")
@@ -71,8 +96,25 @@ def place_layer(tokens_E: Sequence[float], capacities: Sequence[int]) -> LayerPl
         raise ValueError(f"{num_experts} experts do not fit in {sum(capacities)} slots (capacities {list(capacities)})")
     if any(n < 0 for n in tokens_E):
         raise ValueError("token counts must be >= 0")
-    counts = replicate(tokens_E, sum(capacities), num_ranks)
-    return pack(tokens_E, counts, capacities)
+    if cost.weight_rows == 0:
+        return pack(tokens_E, replicate(tokens_E, sum(capacities), num_ranks), capacities)
+    best, best_cost = None, math.inf
+    for spares in range(sum(capacities) - num_experts + 1):
+        placement = pack(tokens_E, replicate(tokens_E, num_experts + spares, num_ranks), capacities, cost)
+        busiest = max(rank_costs(placement, tokens_E, cost))
+        if busiest <= best_cost:  # ties: more copies, as the rows-only greedy would
+            best, best_cost = placement, busiest
+    return best
+
+
+def rank_costs(placement: LayerPlacement, tokens_E: Sequence[float], cost: CostModel) -> list[float]:
+    """Each rank's modelled cost per step: its replicas' rows (each expert's split evenly over its
+    copies) plus a weight read for each replica likely to get rows."""
+    per_rank = [0.0] * len(placement.slots)
+    for n, replicas in zip(tokens_E, placement.replicas):
+        for replica in replicas:
+            per_rank[replica.rank] += cost.replica(float(n) / len(replicas))
+    return per_rank
 
 
 def replicate(tokens_E: Sequence[float], num_slots: int, num_ranks: int) -> list[int]:
@@ -91,11 +133,17 @@ def replicate(tokens_E: Sequence[float], num_slots: int, num_ranks: int) -> list
     return counts
 
 
-def pack(tokens_E: Sequence[float], counts: Sequence[int], capacities: Sequence[int]) -> LayerPlacement:
+def pack(tokens_E: Sequence[float], counts: Sequence[int], capacities: Sequence[int],
+         cost: CostModel = ROWS_ONLY) -> LayerPlacement:
     """Replicas heaviest first, each onto the least-loaded rank with room that does not hold the expert
     yet. A replica with no such rank is dropped and its slot stays free: a second copy on one rank
-    would serve nothing, and an expert rank maps each expert to one local row."""
-    order = sorted(((float(tokens_E[e]) / c, e, j) for e, c in enumerate(counts) for j in range(c)),
+    would serve nothing, and an expert rank maps each expert to one local row. A replica weighs its
+    tokens (rows only) or its modelled cost."""
+    def weight(e: int, c: int) -> float:
+        share = float(tokens_E[e]) / c
+        return share if cost.weight_rows == 0 else cost.replica(share)
+
+    order = sorted(((weight(e, c), e, j) for e, c in enumerate(counts) for j in range(c)),
                    key=lambda item: (-item[0], item[1], item[2]))
     rank_load = [0.0] * len(capacities)
     slots: list[list[int]] = [[] for _ in capacities]

@@ -100,22 +100,26 @@ def test_bench_ep_eplb_smoke(tmp_path):
     ckpt = make_tiny(tmp_path / "tiny", "tiny-maverick", layout="causal")
     out = tmp_path / "eplb.json"
     proc = subprocess.run([MAVERICK, "bench", "ep", "--eplb", "--skew", "16", "--model", str(ckpt), "--output",
-                           str(out), "--concurrency", "1", "8", "--prompt-len", "8", "--output-len", "12",
-                           "--expert-workers", "3", "--rebalance-every-steps", "4", "--repeat", "1"],
+                           str(out), "--concurrency", "8", "--prompt-len", "8", "--output-len", "12",
+                           "--expert-workers", "3", "--rebalance-every-steps", "4", "--repeat", "1",
+                           "--weight-read-rows", "6"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "tiny-skew16" / "config.json").is_file()  # written beside --model
     report = json.loads(out.read_text())
-    assert [r["concurrency"] for r in report["results"]] == [1, 8]
+    assert [r["concurrency"] for r in report["results"]] == [8]  # one level: three gangs are slow to test
     for row in report["results"]:
-        for gang in ("static", "eplb"):
+        for gang in ("static", "eplb", "eplb_reads"):
             assert row[f"{gang}_slowest_expert_compute_ms"] > 0 and 0 < row[f"{gang}_balancedness"] <= 1
     # the hot pair sits on the first expert rank without eplb; copied over three ranks with it
     top = report["results"][-1]
     assert top["static_balancedness"] < 0.6 < top["eplb_balancedness"]
-    rebalance = report["rebalance"]
-    assert rebalance["rebalanced"] and rebalance["bytes_read"] > 0 and rebalance["staging_steps"] >= 0
-    assert "slowest expert rank compute" in out.with_suffix(".md").read_text()
+    assert report["weight_read_rows"] == 6
+    for policy in ("eplb", "eplb_reads"):  # both moved the hot pair apart from the start placement
+        rebalance = report["rebalance"][policy]
+        assert rebalance["rebalanced"] and rebalance["bytes_read"] > 0 and rebalance["staging_steps"] >= 0
+    text = out.with_suffix(".md").read_text()
+    assert "slowest expert rank compute" in text and "rows + weight reads" in text
     assert report["copy"]["checkpoint_gb_s"] > 0 and report["copy"]["peer_gloo_gb_s"] > 0
 
 

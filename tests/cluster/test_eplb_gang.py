@@ -109,7 +109,8 @@ def test_a_gang_rebalancing_live_generates_what_transformers_does(ray_cluster, s
 
 def test_fp8_experts_rebalance_and_generate_what_the_static_placement_does(ray_cluster, tmp_path):
     """FP8 experts stay FP8 through a rebalance (their per-row scales move with them): the tokens of
-    a rebalancing gang equal those of the same gang laid out contiguously."""
+    a rebalancing gang equal those of the same gang laid out contiguously. The gang runs the policy
+    that counts weight reads, whose placements may leave spare slots free."""
     ckpt = make_tiny(tmp_path / "fp8", "tiny-maverick", seed=1, fp8=True, router_skew=SKEW)
     ps = prompts(2048, 1, 8, seed=3)
 
@@ -124,7 +125,8 @@ def test_fp8_experts_rebalance_and_generate_what_the_static_placement_does(ray_c
             await supervisor.stop()
 
     static, _ = asyncio.run(run(None))
-    moved, stats = asyncio.run(run(EplbConfig(redundant_experts=2, rebalance_every_steps=4, min_gain=0)))
+    moved, stats = asyncio.run(run(EplbConfig(redundant_experts=2, rebalance_every_steps=4, min_gain=0,
+                                              weight_read_rows=6)))
     assert stats["eplb"]["rebalances"] >= 1 and stats["eplb"]["bytes_total"] > 0
     assert moved == static
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cluster.plan import (GPUS, Layout, experts_per_rank, fits, needs, non_routed_bytes, routed_expert_params,
-                          skewed_expert_ms, suggest)
+                          skewed_expert_ms, suggest, weight_read_rows)
 from model.config import preset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,11 +43,34 @@ def test_eplb_divides_a_hot_ranks_flops_never_its_weight_reads():
     layout = Layout(2, 6, "fp8", redundant_experts=4)
     # decode at 256 per attention rank: 435 hot rows are still below the FP8 roofline's ridge, so the
     # busiest rank is bound by the weights it reads, which a copy reads whole: no gain
-    decode = [skewed_expert_ms(c, layout, h200, 512, balanced) for balanced in (False, True)]
+    decode = [skewed_expert_ms(c, layout, h200, 512, p) for p in ("contiguous", "copies")]
     assert decode[0] == pytest.approx(decode[1])
     # a prefill step of 8192 tokens per attention rank is compute-bound on the hot rank: eplb splits it
-    prefill = [skewed_expert_ms(c, layout, h200, 16384, balanced) for balanced in (False, True)]
+    prefill = [skewed_expert_ms(c, layout, h200, 16384, p) for p in ("contiguous", "copies")]
     assert prefill[0] / prefill[1] > 2
+
+
+def test_counting_weight_reads_splits_the_pair_in_decode_and_copies_it_in_prefill():
+    c, h200 = preset("maverick"), GPUS["h200"]
+    layout = Layout(2, 6, "fp8", redundant_experts=4)
+    # decode: the hot rank reads one hot expert instead of two
+    decode = {p: skewed_expert_ms(c, layout, h200, 64, p) for p in ("contiguous", "copies", "apart", "reads")}
+    assert decode["reads"] == decode["apart"] < decode["copies"] == pytest.approx(decode["contiguous"])
+    # prefill: copies pay, and the policy keeps them
+    prefill = {p: skewed_expert_ms(c, layout, h200, 16384, p) for p in ("copies", "apart", "reads")}
+    assert prefill["reads"] == prefill["copies"] < prefill["apart"]
+
+
+def test_weight_read_rows_is_the_rooflines_ridge_in_rows():
+    c, h200 = preset("maverick"), GPUS["h200"]
+    # a row costs 2 FLOPs per weight; an FP8 weight is 1 byte: rows = peak / (2 x bandwidth)
+    fp8 = weight_read_rows(c, Layout(2, 6, "fp8"), h200)
+    assert fp8 == pytest.approx(h200.fp8_flops / (2 * h200.hbm_bandwidth))
+    assert weight_read_rows(c, Layout(2, 6, "bf16"), h200) == pytest.approx(h200.bf16_flops / h200.hbm_bandwidth)
+    out = subprocess.run([MAVERICK, "plan", "--preset", "maverick", "--weights", "fp8", "--gpu", "h200", "--gpus", "8",
+                          "--attention-workers", "2", "--expert-workers", "6", "--redundant-experts", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert f"eplb.weight_read_rows for this GPU: {fp8:.0f}" in out.stdout, out.stdout + out.stderr
 
 
 def test_bf16_experts_over_8_ranks_do_not_fit_an_h100():
@@ -110,3 +133,17 @@ def test_plan_says_how_many_nodes_a_gang_and_the_most_gangs_need():
     assert "nodes: one gang needs 2 node(s) of 8 GPUs; 3 gang(s) need 6" in text
     _, text = describe(c, Layout(1, 7, "fp8", gpus_per_node=8), GPUS["h200"])
     assert "nodes: one gang needs 1 node(s) of 8 GPUs; 1 gang(s) need 1" in text
+
+
+def test_a_replacement_costs_its_ranks_weights_at_the_read_bandwidth_plus_a_process_without_a_spare():
+    from cluster.plan import CHECKPOINT_READ_BANDWIDTH, NEW_PROCESS_S, describe
+
+    layout = Layout(attention_ranks=2, expert_ranks=16, weights="fp8", max_num_seqs=32, max_model_len=8192)
+    attention, expert = needs(preset("maverick"), layout)
+    _, text = describe(preset("maverick"), layout, GPUS["h100"])
+    line = next(line for line in text.splitlines() if line.startswith("replacing a failed rank"))
+    for need in (attention, expert):
+        seconds = need.weights / CHECKPOINT_READ_BANDWIDTH
+        assert f"{need.role} {need.weights / 1e9:.1f} GB ~{seconds:.0f} s" in line, line
+    assert 10 < expert.weights / CHECKPOINT_READ_BANDWIDTH < 15  # 24.2 GB of FP8 experts at 2 GB/s
+    assert f"~{NEW_PROCESS_S:.0f} s for a new process" in line and "warm spare" in text

@@ -6,7 +6,8 @@ import torch
 from model.moe import RoutedExperts, experts_for_loop
 from workers.expert_parallel import Placement
 from workers.expert_placement import (
-    balancedness, contiguous_placement, place_experts, place_layer, replica_of_rows, to_rank_table)
+    CostModel, balancedness, contiguous_placement, place_experts, place_layer, rank_costs, replica_of_rows,
+    to_rank_table)
 
 SKEWED = [900, 700, 30, 20, 10, 10, 5, 5]  # two hot experts, as make-tiny --router-skew writes them
 
@@ -50,6 +51,49 @@ def test_highest_load_per_replica_wins_each_spare_slot():
     assert place_layer([100, 40, 1, 1], [2, 2, 2]).replica_counts() == [3, 1, 1, 1]
     assert place_layer([100, 40, 1, 1], [3, 2, 2]).replica_counts() == [3, 2, 1, 1]  # then 40 beats 33
     assert place_layer([100, 60, 1, 1], [2, 2, 2]).replica_counts()[:2] == [2, 2]
+
+
+def test_a_costless_weight_read_is_the_published_greedy():
+    for capacities in ([5, 5, 4], [3, 3, 2], [6, 2, 3]):
+        assert place_layer(SKEWED, capacities, CostModel(0.0, steps=50)) == place_layer(SKEWED, capacities)
+
+
+# per step over 64 steps: a hot pair of 13.6 rows each, 14 cold experts sharing 4.8 rows (bench ep's skew at 32)
+STEPS = 64
+SKEWED_32 = [int(13.6 * STEPS)] * 2 + [int(4.8 / 14 * STEPS)] * 14
+
+
+def test_where_weight_reads_dominate_the_hot_pair_is_split_not_copied():
+    cost = CostModel(weight_rows=18, steps=STEPS)  # this machine's fp32 bench experts: a read is ~18 rows
+    capacities = [8, 7, 7]  # 16 experts over 3 ranks, 2 spare slots each
+    rows_only = place_layer(SKEWED_32, capacities)
+    p = place_layer(SKEWED_32, capacities, cost)
+    assert rows_only.replica_counts()[:2] == [3, 3]  # a copy of each hot expert on every rank
+    assert sum(p.replica_counts()[:2]) <= 3  # at most one copy: each is a whole read for half the rows
+    assert not {r.rank for r in p.replicas[0]} & {r.rank for r in p.replicas[1]}  # the pair apart
+    contiguous = max(rank_costs(contiguous_placement(16, [6, 5, 5]), SKEWED_32, cost))
+    busiest = max(rank_costs(p, SKEWED_32, cost))
+    assert contiguous / busiest > 1.5 > contiguous / max(rank_costs(rows_only, SKEWED_32, cost))
+    assert [len(s) <= c for s, c in zip(p.slots, capacities)] == [True] * 3
+    assert sorted({e for s in p.slots for e in s}) == list(range(16))
+
+
+def test_where_rows_dominate_the_hot_experts_are_still_copied():
+    # 400 rows per step of each hot expert against a read of 18 rows: copies pay for their reads
+    load = [400 * STEPS] * 2 + [STEPS] * 14
+    p = place_layer(load, [8, 7, 7], CostModel(weight_rows=18, steps=STEPS))
+    assert p.replica_counts()[:2] == [3, 3]
+
+
+def test_the_busiest_rank_costs_no_more_than_under_any_number_of_copies():
+    from workers.expert_placement import pack, replicate
+
+    cost = CostModel(weight_rows=6, steps=STEPS)
+    for load in (SKEWED_32, [50 * STEPS, 3 * STEPS] + [STEPS] * 14, [STEPS * 2] * 16):
+        chosen = max(rank_costs(place_layer(load, [8, 7, 7], cost), load, cost))
+        for spares in range(7):
+            other = pack(load, replicate(load, 16 + spares, 3), [8, 7, 7], cost)
+            assert chosen <= max(rank_costs(other, load, cost)) + 1e-9
 
 
 def test_deterministic():
