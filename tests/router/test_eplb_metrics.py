@@ -76,15 +76,17 @@ def tokens_served(supervisor: GangSupervisor) -> int:
 
 
 def scraped_at(prometheus, supervisor: GangSupervisor) -> float:
-    """Waits until Prometheus holds the gang's every served token; returns the time of that sample."""
-    total = tokens_served(supervisor)
+    """Waits until Prometheus holds the gang's every served token; returns the time of that sample. The
+    ranks' own count is read again at each try: an expert rank may publish its last step's rows after
+    the attention rank has streamed that step's tokens."""
     promql = f'sum(ray_maverick_expert_rank_layer_tokens_total{{application="{APP}",gang="{supervisor.name}"}})'
 
     def caught_up():
+        total = tokens_served(supervisor)
         result = prometheus.query(promql)
         return result and float(result[0]["value"][1]) == total and result[0]["value"][0]
 
-    return float(wait_until(caught_up, 120, f"Prometheus to scrape {total} tokens of {supervisor.name}"))
+    return float(wait_until(caught_up, 120, f"Prometheus to scrape every token {supervisor.name} served"))
 
 
 def balancedness(prometheus, gang: str, since: float) -> dict[str, float]:

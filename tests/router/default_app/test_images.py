@@ -1,4 +1,5 @@
-"""Images through the served API on a 1 attention + 2 expert gang: base64 data URLs with the `openai`
+"""Images through the served API on the package's default app (1 attention + 2 expert gang, images
+from 127.0.0.1 allowed, 3 per request at most): base64 data URLs with the `openai`
 client (whole and streamed) and image bytes over gRPC give transformers' greedy tokens; bad images get
 the error table's 400 / INVALID_ARGUMENT and the next request is served; remote URLs are fetched only
 from allowed hosts (a real HTTP server on 127.0.0.1), without following redirects."""
@@ -17,7 +18,6 @@ import torch
 from model.images import ImageProcessor
 from router import maverick_v1_pb2 as pb
 from router import maverick_v1_pb2_grpc as pb_grpc
-from tests.router.conftest import deploy
 from tests.vision import hf_image_greedy, image_bytes
 
 pytestmark = pytest.mark.timeout(600)
@@ -51,12 +51,6 @@ def image_server():
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture(scope="module")
-def live(local_ray, tmp_path_factory):
-    return deploy(tmp_path_factory.mktemp("images"), expert_workers=2, images={"allowed_hosts": ["127.0.0.1"],
-                                                                             "max_per_request": 3})
 
 
 @pytest.fixture(scope="module")
