@@ -130,7 +130,9 @@ def test_gangs_and_nodes_follow_one_then_24_streams_then_the_quiet_and_every_tok
     assert cluster.worker_nodes() == 2  # the second gang's node
     wait_until(lambda: sum(routing()["in_flight"]) == 0, 120, "the burst's last streams")
     before = routing()["resume"]
-    long = [spec(10 + i, 3500) for i in range(2)]
+    # long enough to outlast the scale-down: on 2 cores Serve stops a gang ~18 s after these start, and
+    # a stream of 2000 tokens runs ~45 s beside another
+    long = [spec(10 + i, 2000) for i in range(2)]
     with ThreadPoolExecutor(2) as pool:
         running = [pool.submit(over_http, live, s) for s in long]
         # the least busy gang takes each: one stream on each, before Serve removes one
