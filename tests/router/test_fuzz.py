@@ -1,11 +1,11 @@
 """Hostile input never gets a 5xx, and the server goes on serving exactly (hypothesis).
 
-1,000 malformed HTTP requests against the package's deployment of the default app: bodies with wrong
-types, extreme and non-finite numbers, deep nesting and odd unicode in every field; truncated, binary
-and absurdly nested raw bodies; wrong methods and huge headers: every answer below 500. 200 gRPC
-requests: messages with extreme, non-finite and out-of-vocabulary values get INVALID_ARGUMENT (or
-NOT_FOUND for an unknown model); undecodable bytes are refused without harm. A good request afterwards
-returns the tokens it returned before.
+1,000 malformed HTTP requests against a live deployment: bodies with wrong types, extreme and
+non-finite numbers, deep nesting and odd unicode in every field; truncated, binary and absurdly nested
+raw bodies; wrong methods and huge headers: every answer below 500. 200 gRPC requests: messages with
+extreme, non-finite and out-of-vocabulary values get INVALID_ARGUMENT (or NOT_FOUND for an unknown
+model); undecodable bytes are refused without harm. A good request afterwards returns the tokens it returned
+before.
 """
 
 import http.client
@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from router import maverick_v1_pb2 as pb
 from router import maverick_v1_pb2_grpc as pb_grpc
+from tests.router.conftest import deploy
 
 pytestmark = pytest.mark.timeout(900)
 GOOD = {"model": "tiny", "prompt": [2016, 5, 6, 7], "max_tokens": 6, "temperature": 0, "return_token_ids": True}
@@ -48,6 +49,12 @@ def bodies(draw):
     if "max_completion_tokens" in body:
         body["max_completion_tokens"] = draw(max_tokens)
     return body
+
+
+@pytest.fixture(scope="module")
+def live(local_ray, tmp_path_factory):
+    server = deploy(tmp_path_factory.mktemp("fuzz"), request_timeout_s=60, max_body_bytes=1 << 20)
+    yield server
 
 
 def send(live, method: str, path: str, body: bytes | None, headers: dict | None = None) -> tuple[int, bytes]:
