@@ -187,7 +187,7 @@ class GangSupervisor:
         if self.registry is None or gang.destroyed or self.state == "stopped":
             return
         registry = self.registry
-        self.registry.save(GangRecord(self.name, registry.owner, registry.fingerprint, gang, self.epoch,
+        registry.save(GangRecord(self.name, registry.owner, registry.fingerprint, gang, self.epoch,
                                       self.attention_version, self.restarts,
                                       ready=self.state == "ready" and self.gang is gang))
 

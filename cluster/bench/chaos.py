@@ -1,16 +1,16 @@
 """`maverick bench chaos`: how long each fault pauses the streams, on `maverick serve`.
 
 Each layout (one gang; one gang with `--spares` warm expert and as many attention processes; with
-`--two-gangs`, two gangs) is its own `maverick serve`, started alone for each round and stopped after
-it (`../shared/PEERS.md`: rounds alternate between the layouts, the first rotating), with its Ray's
-GCS on a known port, which this process joins to find the ranks' processes. Per fault and round it runs `--streams`
-greedy HTTP streams twice: without a fault (the tokens every stream must repeat), then with the fault
-injected once every stream has its first token. The faults: SIGKILL or SIGSTOP of an expert rank or
-of an attention rank, and SIGKILL of the gang's Serve replica. Reported per fault: the longest pause
-any stream saw, the p50 and p99 (nearest rank: under 100 streams, the longest) of each stream's
+`--two-gangs`, two gangs) is its own `maverick serve`, started alone for each round and stopped after it
+(`../shared/PEERS.md`: rounds alternate between the layouts, the first rotating), with its Ray's GCS on
+a known port, which this process joins to find the ranks' processes. Per fault and round it runs
+`--streams` greedy HTTP streams twice: without a fault (the tokens every stream must repeat), then with
+the fault injected once every stream has its first token. The faults: SIGKILL or SIGSTOP of an expert
+rank or of an attention rank, and SIGKILL of the gang's Serve replica. Reported per fault: the longest
+pause any stream saw, the p50 and p99 (nearest rank: under 100 streams, the longest) of each stream's
 longest pause, the streams equal to the fault-free run, the requests the ingress resumed, and the
-recovery's checkpoint bytes and seconds by stage. A stopped process is killed after its case, and
-the next case waits for every gang to be ready.
+recovery's checkpoint bytes and seconds by stage. A stopped process is killed after its case, and the
+next case waits for every gang to be ready.
 """
 
 from __future__ import annotations

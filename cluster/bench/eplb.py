@@ -11,8 +11,8 @@ every round kept. Per level and gang:
   collectives, per step with work, the largest over the ranks (what EPLB exists to lower);
 - balancedness per MoE layer from the ranks' own token counts (mean over max tokens per rank).
 Before the levels, an EPLB gang warms up at the top level until it has switched placement at least
-once; the steps of that first rebalance (the last round's) (decision, staging, switch) are reported against the steps
-around them.
+once; the steps of its first rebalance (decision, staging, switch), from the last round, are reported
+against the steps around them.
 
 A third gang (`--weight-read-rows`, on unless 0) runs the policy that counts each copy's weight read
 (`eplb.weight_read_rows`), with the read's cost in rows measured here: `measure_weight_read_rows`
