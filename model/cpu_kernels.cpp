@@ -10,14 +10,52 @@
 //   silu_mul          SwiGLU's silu(gate) * up in one pass.
 //   grouped_experts   every routed expert of a layer in one call (the Python loop cost ~1 ms/layer).
 //   decode_attention  one query per sequence straight from the paged, head-major K/V cache.
+// Work is split with `split_for`, not at::parallel_for: a thread held up elsewhere is covered.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <omp.h>
 
+#include <atomic>
 #include <cmath>
 #include <vector>
 
 namespace {
+
+// f(begin, end) over [0, n) in chunks of `grain`. at::parallel_for gives each thread a fixed share
+// and ends in a barrier: when the rest of a serving stack preempts one thread, the other finishes
+// its share and waits out the absence. Here each thread still streams through its own share first
+// (one contiguous run of weights, as the prefetcher likes), then takes the chunks another thread
+// has not reached: an absent thread costs at most the chunk it holds.
+template <class F>
+void split_for(int64_t n, int64_t grain, const F& f) {
+  at::internal::lazy_init_num_threads();
+  const int64_t chunks = (n + grain - 1) / grain;
+  const int64_t team = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (team <= 1 || at::in_parallel_region()) {
+    f(0, n);
+    return;
+  }
+  struct alignas(64) Share {  // a cache line each: the owner's claims do not contend with the others'
+    std::atomic<int64_t> next{0};
+    int64_t end = 0;
+  };
+  std::vector<Share> shares(team);
+  for (int64_t t = 0; t < team; ++t) {
+    shares[t].next.store(chunks * t / team, std::memory_order_relaxed);
+    shares[t].end = chunks * (t + 1) / team;
+  }
+#pragma omp parallel  // no num_threads clause: torch avoids it for GOMP's pool (pytorch#32008)
+  {
+    const int64_t me = omp_get_thread_num();
+    at::internal::ThreadIdGuard tid(me);  // in_parallel_region() for nested ops
+    for (int64_t k = 0; k < team; ++k) {  // own share first (a thread past `team` only helps)
+      Share& share = shares[(me + k) % team];
+      for (int64_t c = share.next.fetch_add(1); c < share.end; c = share.next.fetch_add(1))
+        f(c * grain, std::min(n, (c + 1) * grain));
+    }
+  }
+}
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -63,7 +101,7 @@ void run(const float* x, int64_t ldx, int64_t M, const float* w, int64_t I, int6
   const int64_t blocks = O / RB;
   // ~64 KB of weights per task: small matrices are not worth waking the other thread for
   const int64_t grain = std::max<int64_t>(1, 16384 / (RB * I));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+  split_for(blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) column_block<RB>(x, ldx, M, w, I, y, O, b * RB);
   });
   for (int64_t o = blocks * RB; o < O; ++o) column_block<1>(x, ldx, M, w, I, y, O, o);
@@ -112,7 +150,7 @@ torch::Tensor rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor
   auto y = torch::empty_like(x);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+  split_for(N, 64, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const float* row = xp + n * D;
       float* out = yp + n * D;
@@ -212,7 +250,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
     for (int64_t l = 0; l < lp[b]; ++l)  // the kernel reads the cache at these rows unchecked
       TORCH_CHECK(sp[b * Lmax + l] >= 0 && sp[b * Lmax + l] < S, "decode_attention: slot out of range");
   }
-  at::parallel_for(0, B * G, 1, [&](int64_t t0, int64_t t1) {
+  split_for(B * G, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores(R * ((Lmax + 7) / 8 * 8));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / G, g = t % G;
@@ -241,7 +279,7 @@ torch::Tensor silu_mul(const torch::Tensor& h) {
   auto out = torch::empty({N, F}, h.options());
   const float* hp = h.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / F), [&](int64_t n0, int64_t n1) {
+  split_for(N, std::max<int64_t>(1, 16384 / F), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t i = 0; i < F; i += 8) {
         const __m256 g = _mm256_loadu_ps(hp + n * ld + i), u = _mm256_loadu_ps(hp + n * ld + F + i);

@@ -51,6 +51,38 @@ def test_skinny_linear_matches_matmul(M, O, I):
     torch.testing.assert_close(cpu_kernels.linear(x, w), expected, rtol=1e-5, atol=1e-4)
 
 
+def test_a_split_kernel_covers_every_chunk_once_while_a_thread_is_held_up():
+    """The threads take chunks from a shared counter: every output is written exactly once, as with
+    one thread, even while the other core is taken by a busy process (a preempted helper)."""
+    import subprocess
+    import sys
+
+    assert cpu_kernels.available() and torch.get_num_threads() == 2
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(3, 2048, generator=g), torch.randn(4099, 2048, generator=g)  # ~680 chunks, odd tail
+    q, cache = torch.randn(40, 8, 64, generator=g), torch.randn(2, 300, 64, generator=g)
+    slots, lengths = torch.randint(0, 300, (40, 200), generator=g), torch.randint(1, 201, (40,), generator=g)
+    h = torch.randn(64, 2 * 4096, generator=g)
+
+    def run():
+        return (torch.ops.maverick.skinny_linear(x, w), cpu_kernels.decode_attention(q, cache, cache, slots, lengths, 0.125),
+                torch.ops.maverick.silu_mul(h))
+
+    torch.set_num_threads(1)
+    try:
+        alone = run()
+    finally:
+        torch.set_num_threads(2)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for _ in range(20):
+            for got, want in zip(run(), alone):
+                assert torch.equal(got, want)
+    finally:
+        hog.kill()
+        hog.wait()
+
+
 def test_linear_and_matmul_route_by_shape():
     w = torch.randn(96, 64)
     for rows in (1, cpu_kernels.MAX_ROWS, cpu_kernels.MAX_ROWS + 1):  # the last one takes F.linear
