@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 PROXIES = ("haproxy", "python")
 SERVE_CONTROL_LOOP_S = 0.5
+SERVE_METRICS_CACHE_MS = 1000  # Ray's agent exports every 5-10 s: a faster flush shows nothing sooner
 HAPROXY_DEREGISTER_S = 3.0  # covers the controller telling HAProxy and HAProxy reloading
 
 
@@ -110,6 +111,8 @@ def ensure_local_ray(num_cpus: float | None = None, dashboard: bool = False,
     # Serve's controller loop runs every 0.1 s by default: ~3% of a core on an idle 2-core host, for
     # reacting to deploys and deaths a few tenths of a second sooner than `SERVE_CONTROL_LOOP_S` allows
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", str(SERVE_CONTROL_LOOP_S))
+    # every replica and handle flushes its cached Serve metrics 10 times a second by default
+    os.environ.setdefault("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", str(SERVE_METRICS_CACHE_MS))
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_AUTH_NOTICE)
     extra = {"_metrics_export_port": metrics_export_port} if metrics_export_port else {}
     if dashboard:  # and metrics reported every 5 s (Ray's default is 10 s)

@@ -332,6 +332,40 @@ def test_serve_says_why_a_deployment_failed_and_each_change_of_the_gang_count():
     assert _gangs_running({"maverick": failed}) == 2 and _gangs_running(RuntimeError("down")) is None
 
 
+def test_the_gang_count_is_read_in_full_only_when_a_deployment_changes_state():
+    from types import SimpleNamespace
+
+    from ray.serve._private.common import ReplicaState
+
+    from router.cli.serve import GangCount
+
+    def light(gangs_status: str) -> dict:
+        gangs = SimpleNamespace(status=gangs_status, status_trigger="AUTOSCALING", message="")
+        return {"maverick": SimpleNamespace(status="RUNNING", message="", deployments={"gangs": gangs})}
+
+    def details(running: int) -> dict:
+        gangs = SimpleNamespace(replica_states={ReplicaState.RUNNING: running, ReplicaState.STARTING: 2 - running})
+        return {"maverick": SimpleNamespace(deployments={"gangs": gangs})}
+
+    full_reads, said = [], []
+    answers = iter([details(1), RuntimeError("controller restarting"), details(1), details(2)])
+
+    def read_details():
+        full_reads.append(1)
+        return next(answers)
+
+    count = GangCount(said.append, read_details)
+    count.follow(light("HEALTHY"))  # the first light read: a full one follows
+    count.follow(light("HEALTHY"))  # nothing changed: no full read
+    count.follow(RuntimeError("down"))
+    assert len(full_reads) == 1 and said == []
+    count.follow(light("UPSCALING"))  # the full read fails: tried again at the next light read
+    count.follow(light("UPSCALING"))
+    assert len(full_reads) == 3 and said == []
+    count.follow(light("HEALTHY"))
+    assert len(full_reads) == 4 and said == ["maverick: gangs running: 1 -> 2"]
+
+
 def test_a_reader_that_leaves_early_gets_no_traceback():
     """`maverick ... | head`: the pipe closes before the output is written; the CLI ends quietly."""
     proc = subprocess.Popen([MAVERICK, "plan", "deploy/gpu/scout-bf16-8xh100.yaml", "--preset", "scout", "--gpu",
