@@ -251,7 +251,8 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
       TORCH_CHECK(sp[b * Lmax + l] >= 0 && sp[b * Lmax + l] < S, "decode_attention: slot out of range");
   }
   split_for(B * G, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(R * ((Lmax + 7) / 8 * 8));
+    thread_local std::vector<float> scores;  // one per thread, not per chunk
+    scores.resize(R * ((Lmax + 7) / 8 * 8));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / G, g = t % G;
       attend_one(qp + b * ldq + g * R * K, R, K, kp + g * S * K, vp + g * S * K, sp + b * Lmax, lp[b],
