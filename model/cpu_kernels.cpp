@@ -10,7 +10,7 @@
 //   silu_mul          SwiGLU's silu(gate) * up in one pass.
 //   grouped_experts   every routed expert of a layer in one call (the Python loop cost ~1 ms/layer).
 //   decode_attention  one query per sequence straight from the paged, head-major K/V cache.
-// Work is split with `split_for`, not at::parallel_for: a thread held up elsewhere is covered.
+// Work is split with `split_for`, not at::parallel_for: a thread held up elsewhere has its chunks taken.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -18,15 +18,18 @@
 
 #include <atomic>
 #include <cmath>
+#include <exception>
 #include <vector>
 
 namespace {
 
-// f(begin, end) over [0, n) in chunks of `grain`. at::parallel_for gives each thread a fixed share
-// and ends in a barrier: when the rest of a serving stack preempts one thread, the other finishes
-// its share and waits out the absence. Here each thread still streams through its own share first
-// (one contiguous run of weights, as the prefetcher likes), then takes the chunks another thread
-// has not reached: an absent thread costs at most the chunk it holds.
+// f(begin, end) over [0, n) in chunks of `grain`. at::parallel_for gives each thread a fixed share:
+// when the rest of a serving stack preempts one thread mid-kernel, the other finishes its own share
+// and waits for the absent one to come back and finish its. Here each thread still streams through
+// its own share first (one contiguous run of weights, as the prefetcher likes), then takes the
+// chunks of a share whose owner has not reached them, so the absent thread's work gets done. The
+// region's closing barrier still waits for every thread to arrive: an absence longer than the
+// kernel is waited out all the same.
 template <class F>
 void split_for(int64_t n, int64_t grain, const F& f) {
   at::internal::lazy_init_num_threads();
@@ -45,16 +48,23 @@ void split_for(int64_t n, int64_t grain, const F& f) {
     shares[t].next.store(chunks * t / team, std::memory_order_relaxed);
     shares[t].end = chunks * (t + 1) / team;
   }
+  std::atomic_flag failed = ATOMIC_FLAG_INIT;
+  std::exception_ptr error;  // a throw must not cross the region's end: kept and rethrown after it
 #pragma omp parallel  // no num_threads clause: torch avoids it for GOMP's pool (pytorch#32008)
   {
     const int64_t me = omp_get_thread_num();
-    at::internal::ThreadIdGuard tid(me);  // in_parallel_region() for nested ops
-    for (int64_t k = 0; k < team; ++k) {  // own share first (a thread past `team` only helps)
-      Share& share = shares[(me + k) % team];
-      for (int64_t c = share.next.fetch_add(1); c < share.end; c = share.next.fetch_add(1))
-        f(c * grain, std::min(n, (c + 1) * grain));
+    at::internal::ThreadIdGuard tid(me);  // at::get_thread_num() inside f, as under at::parallel_for
+    try {
+      for (int64_t k = 0; k < team; ++k) {  // own share first (a thread past `team` only helps)
+        Share& share = shares[(me + k) % team];
+        for (int64_t c = share.next.fetch_add(1); c < share.end; c = share.next.fetch_add(1))
+          f(c * grain, std::min(n, (c + 1) * grain));
+      }
+    } catch (...) {
+      if (!failed.test_and_set()) error = std::current_exception();
     }
   }
+  if (error) std::rethrow_exception(error);
 }
 
 inline float hsum(__m256 v) {

@@ -144,17 +144,21 @@ class GangCount:
         self.states: tuple | None = None  # every deployment's state at the last full read
 
     def follow(self, apps: dict | Exception) -> None:
-        """Replicas start and stop only with a change of some deployment's state: the full status is
-        read then (and at the first call), not at every light read."""
+        """The full status is read at every light read while some deployment is not HEALTHY (gangs
+        come up one by one inside one UPSCALING), and once after each change; a service steady and
+        HEALTHY costs light reads only."""
         if isinstance(apps, Exception):
             return
         states = tuple(sorted((app, name, str(d.status), str(getattr(d, "status_trigger", "")))
                               for app, status in apps.items() for name, d in status.deployments.items()))
-        if states != self.states:
-            running = _gangs_running(self.read_details())
-            if running is not None:  # else read again at the next light read
-                self.states = states
-                self.update(running)
+        steady = states == self.states and all(state[2].endswith("HEALTHY") and "UNHEALTHY" not in state[2]
+                                               for state in states)
+        if steady:
+            return
+        running = _gangs_running(self.read_details())
+        if running is not None:  # else read again at the next light read
+            self.states = states
+            self.update(running)
 
     def update(self, running: int | None) -> None:
         if running is None or running == self.last:

@@ -332,38 +332,45 @@ def test_serve_says_why_a_deployment_failed_and_each_change_of_the_gang_count():
     assert _gangs_running({"maverick": failed}) == 2 and _gangs_running(RuntimeError("down")) is None
 
 
-def test_the_gang_count_is_read_in_full_only_when_a_deployment_changes_state():
+def test_the_gang_count_is_read_in_full_only_while_deployments_change():
     from types import SimpleNamespace
 
-    from ray.serve._private.common import ReplicaState
+    from ray.serve._private.common import DeploymentStatus, ReplicaState
 
     from router.cli.serve import GangCount
 
-    def light(gangs_status: str) -> dict:
+    def light(gangs_status) -> dict:
         gangs = SimpleNamespace(status=gangs_status, status_trigger="AUTOSCALING", message="")
         return {"maverick": SimpleNamespace(status="RUNNING", message="", deployments={"gangs": gangs})}
 
     def details(running: int) -> dict:
-        gangs = SimpleNamespace(replica_states={ReplicaState.RUNNING: running, ReplicaState.STARTING: 2 - running})
+        gangs = SimpleNamespace(replica_states={ReplicaState.RUNNING: running, ReplicaState.STARTING: 3 - running})
         return {"maverick": SimpleNamespace(deployments={"gangs": gangs})}
 
     full_reads, said = [], []
-    answers = iter([details(1), RuntimeError("controller restarting"), details(1), details(2)])
+    answers = iter([details(1), RuntimeError("controller restarting"), details(1), details(2), details(3),
+                    details(3), details(2), details(3)])
 
     def read_details():
         full_reads.append(1)
         return next(answers)
 
     count = GangCount(said.append, read_details)
-    count.follow(light("HEALTHY"))  # the first light read: a full one follows
-    count.follow(light("HEALTHY"))  # nothing changed: no full read
+    count.follow(light(DeploymentStatus.HEALTHY))  # the first light read: a full one follows
+    count.follow(light(DeploymentStatus.HEALTHY))  # steady: no full read
     count.follow(RuntimeError("down"))
     assert len(full_reads) == 1 and said == []
-    count.follow(light("UPSCALING"))  # the full read fails: tried again at the next light read
-    count.follow(light("UPSCALING"))
-    assert len(full_reads) == 3 and said == []
-    count.follow(light("HEALTHY"))
-    assert len(full_reads) == 4 and said == ["maverick: gangs running: 1 -> 2"]
+    count.follow(light(DeploymentStatus.UPSCALING))  # the full read fails: tried again at the next one
+    count.follow(light(DeploymentStatus.UPSCALING))
+    count.follow(light(DeploymentStatus.UPSCALING))  # still scaling: read at every poll, one gang at a time
+    count.follow(light(DeploymentStatus.UPSCALING))
+    assert len(full_reads) == 5 and said == ["maverick: gangs running: 1 -> 2", "maverick: gangs running: 2 -> 3"]
+    count.follow(light(DeploymentStatus.HEALTHY))  # the change to HEALTHY: one more full read
+    count.follow(light(DeploymentStatus.HEALTHY))
+    assert len(full_reads) == 6
+    count.follow(light(DeploymentStatus.UNHEALTHY))  # a gang died: read while unhealthy
+    count.follow(light(DeploymentStatus.UNHEALTHY))
+    assert len(full_reads) == 8 and said[2:] == ["maverick: gangs running: 3 -> 2", "maverick: gangs running: 2 -> 3"]
 
 
 def test_a_reader_that_leaves_early_gets_no_traceback():
