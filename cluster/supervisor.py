@@ -188,8 +188,8 @@ class GangSupervisor:
             return
         registry = self.registry
         registry.save(GangRecord(self.name, registry.owner, registry.fingerprint, gang, self.epoch,
-                                      self.attention_version, self.restarts,
-                                      ready=self.state == "ready" and self.gang is gang))
+                                 self.attention_version, self.restarts,
+                                 ready=self.state == "ready" and self.gang is gang))
 
     async def _keep_leases(self) -> None:
         """Renew every rank's and spare's lease while this supervisor lives, whatever its state."""

@@ -151,9 +151,8 @@ class GangCount:
             return
         states = tuple(sorted((app, name, str(d.status), str(getattr(d, "status_trigger", "")))
                               for app, status in apps.items() for name, d in status.deployments.items()))
-        steady = states == self.states and all(state[2].endswith("HEALTHY") and "UNHEALTHY" not in state[2]
-                                               for state in states)
-        if steady:
+        healthy = all(status.rsplit(".", 1)[-1] == "HEALTHY" for _, _, status, _ in states)
+        if healthy and states == self.states:
             return
         running = _gangs_running(self.read_details())
         if running is not None:  # else read again at the next light read
