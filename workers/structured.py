@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import llguidance
-import llguidance.torch as llg_torch
+import llguidance.numpy as llg_numpy  # not .torch: its import pulls in torch._dynamo for a kernel unused here (~2 s)
 import numpy as np
 import torch
 
@@ -190,8 +190,8 @@ class Grammars:
         matcher = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise InvalidRequest(f"{spec.param}: {_one_line(matcher.get_error(), spec.kind)}", param=spec.param)
-        mask = llg_torch.allocate_token_bitmask(1, self.vocab_size)
-        llg_torch.fill_next_token_bitmask(matcher, mask)  # warms the lexer for every copy
+        mask = llg_numpy.allocate_token_bitmask(1, self.vocab_size)
+        llg_numpy.fill_next_token_bitmask(matcher, mask)  # warms the lexer for every copy
         if matcher.is_error():
             raise InvalidRequest(f"{spec.param}: {_one_line(matcher.get_error(), spec.kind)}", param=spec.param)
         self._cache[spec.key] = matcher
@@ -230,15 +230,15 @@ class Grammars:
 
     def _forbidden(self, matchers: list[Matcher]) -> np.ndarray:
         """[rows, vocab] bool: True where the row's grammar forbids the token (on the mask thread)."""
-        mask = llg_torch.allocate_token_bitmask(len(matchers), self.vocab_size)
+        mask = llg_numpy.allocate_token_bitmask(len(matchers), self.vocab_size)
         if len(matchers) == 1:
-            llg_torch.fill_next_token_bitmask(matchers[0].inner, mask, 0)
+            llg_numpy.fill_next_token_bitmask(matchers[0].inner, mask, 0)
         else:
             if self._executor is None:
                 self._executor = llguidance.LLExecutor(num_threads=2)
-            llg_torch.fill_next_token_bitmask_par(self._executor, [(m.inner, i) for i, m in enumerate(matchers)],
+            llg_numpy.fill_next_token_bitmask_par(self._executor, [(m.inner, i) for i, m in enumerate(matchers)],
                                                   mask)
-        packed = mask.numpy().view(np.uint8)  # bit t of row r: token t allowed (little-endian bytes)
+        packed = mask.view(np.uint8)  # bit t of row r: token t allowed (little-endian bytes)
         primary = self.eos_ids[0]
         dead = ~packed.any(axis=1)
         if dead.any():  # a grammar with no way on (an error state): let the row end
