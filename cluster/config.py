@@ -13,8 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from workers.config import EngineConfig
-from workers.eplb import EplbSettings
+from workers.config import EngineConfig, EplbSettings
 
 
 class Strict(BaseModel):

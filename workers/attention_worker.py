@@ -24,9 +24,9 @@ from model.loader import apply_quantization, load_model, load_vision_tower, mate
 from model.optimize import optimize_for_inference
 from model.quant import weight_bytes
 from model.tokenizer import Tokenizer, load_generation_defaults
-from workers.config import EngineConfig
+from workers.config import EngineConfig, EplbSettings
 from workers.engine import LLMEngine, PlannedStep
-from workers.eplb import EplbSettings, Rebalancer
+from workers.eplb import Rebalancer
 from workers.errors import Draining, RankLeaving, Unavailable
 from workers.expert_parallel import ExpertGroup, Placement, shard_experts
 from workers.protocol import GenerateRequest, RequestOutput

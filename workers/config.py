@@ -1,4 +1,4 @@
-"""Engine settings: batching limits, KV-cache size and layout, device and dtype."""
+"""Engine settings: batching limits, KV-cache size and layout, device and dtype; expert load balancing."""
 
 from __future__ import annotations
 
@@ -33,3 +33,17 @@ class EngineConfig:
             raise ValueError(f"microbatches must be 1 or 2, got {self.microbatches}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class EplbSettings:
+    """A gang's expert load balancing (`workers.eplb.Rebalancer` applies it); kept beside the engine's
+    settings so configs import without torch."""
+
+    redundant_experts: int = 0  # spare slots per expert rank, filled with copies of the hottest experts
+    rebalance_every_steps: int = 0  # 0: the placement made at start stays
+    window_steps: int = 0  # the steps whose load a rebalance reads (the last before it); 0: all since the last
+    # adopt a placement only if it raises the window's mean balancedness by this much (with weight_read_rows:
+    # only if it lowers the busiest rank's modelled cost by this fraction)
+    min_gain: float = 0.0
+    weight_read_rows: float = 0.0  # one expert's weight read in rows of compute; 0: balance rows only

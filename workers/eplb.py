@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from workers.config import EplbSettings
 from workers.expert_parallel import Placement
 from workers.expert_placement import (CostModel, LayerPlacement, Replica, balancedness, place_experts, rank_costs,
                                      to_rank_table)
@@ -38,17 +39,6 @@ READY, STAGING, FAILED = 0, 1, 2  # votes, agreed by MAX
 KEPT_SWITCHES = 16
 # stage(new placements) -> install(): loads off the wave thread, then swaps on it; returns bytes read
 Stage = Callable[[dict[int, LayerPlacement]], tuple[Callable[[], None], int]]
-
-
-@dataclass(frozen=True)
-class EplbSettings:
-    redundant_experts: int = 0  # spare slots per expert rank, filled with copies of the hottest experts
-    rebalance_every_steps: int = 0  # 0: the placement made at start stays
-    window_steps: int = 0  # the steps whose load a rebalance reads (the last before it); 0: all since the last
-    # adopt a placement only if it raises the window's mean balancedness by this much (with weight_read_rows:
-    # only if it lowers the busiest rank's modelled cost by this fraction)
-    min_gain: float = 0.0
-    weight_read_rows: float = 0.0  # one expert's weight read in rows of compute; 0: balance rows only
 
 
 @dataclass

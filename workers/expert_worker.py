@@ -23,7 +23,8 @@ from model.loader import (LoadProgress, LoadReport, apply_quantization, expert_s
 from model.moe import FREE, ExpertSlices, RoutedExperts, fill_slots, held_experts, pad_slots
 from model.optimize import optimize_for_inference
 from model.quant import weight_bytes
-from workers.eplb import EplbSettings, Rebalancer
+from workers.config import EplbSettings
+from workers.eplb import Rebalancer
 from workers.errors import Unavailable
 from workers.expert_placement import LayerPlacement
 from workers.expert_parallel import ExpertGroup, Placement, serve_layer, shard_experts

@@ -27,7 +27,7 @@ from cluster.bench import plots
 from cluster.bench.collectives import collectives_alone
 from cluster.bench.runner import random_prompts
 from cluster.config import EngineLimits, EplbConfig, GangConfig, RankResources
-from cluster.offline import ensure_local_ray
+from cluster.local_ray import ensure_local_ray
 from cluster.supervisor import GangSupervisor
 from cluster.terminal import StepLine, format_step
 from model.config import load_config

@@ -38,7 +38,7 @@ from cluster.bench.ep import _Gang, gang_layout
 from cluster.bench.expert_copy import copy_paths
 from cluster.bench.runner import random_prompts
 from cluster.config import EplbConfig
-from cluster.offline import ensure_local_ray
+from cluster.local_ray import ensure_local_ray
 from cluster.terminal import StepLine
 from model.config import load_config
 from model.moe import expert_ffn

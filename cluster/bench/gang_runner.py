@@ -46,7 +46,7 @@ def main() -> None:
 
     from cluster.bench.runner import random_prompts
     from cluster.config import EngineLimits, GangConfig, RankResources
-    from cluster.offline import ensure_local_ray
+    from cluster.local_ray import ensure_local_ray
     from cluster.supervisor import GangSupervisor
     from model.config import load_config
 

@@ -261,7 +261,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
-    from cluster.offline import ensure_local_ray
+    from cluster.local_ray import ensure_local_ray
     from cluster.probe import http_ok
     from cluster.startup import open_board
     from cluster.terminal import StartupDisplay

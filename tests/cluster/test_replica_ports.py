@@ -1,4 +1,4 @@
-"""Two local Rays on one host must not share ingress replica ports (`cluster.offline._own_replica_ports`):
+"""Two local Rays on one host must not share ingress replica ports (`cluster.local_ray._own_replica_ports`):
 replicas bind with SO_REUSEPORT, so a shared port silently splits one cluster's traffic with another's."""
 
 import os
@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from cluster import offline
+from cluster import local_ray
 
 NAMES = [f"RAY_SERVE_DIRECT_INGRESS_{m}_{k}_PORT" for m in ("MIN", "MAX") for k in ("HTTP", "GRPC")]
 
@@ -15,7 +15,7 @@ NAMES = [f"RAY_SERVE_DIRECT_INGRESS_{m}_{k}_PORT" for m in ("MIN", "MAX") for k 
 def clean_env(monkeypatch):
     for name in NAMES:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(offline, "_CHOSEN", {})
+    monkeypatch.setattr(local_ray, "_CHOSEN", {})
     yield
     for name in NAMES:
         os.environ.pop(name, None)
@@ -29,7 +29,7 @@ def _range(kind: str) -> range:
 def test_ranges_avoid_ports_another_cluster_holds(clean_env):
     held = []
     try:  # another cluster's replicas: SO_REUSEPORT listeners on the first port of every candidate range
-        for base in range(30000, 31000, offline.REPLICA_PORT_SPAN)[:-1]:
+        for base in range(30000, 31000, local_ray.REPLICA_PORT_SPAN)[:-1]:
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
@@ -39,28 +39,28 @@ def test_ranges_avoid_ports_another_cluster_holds(clean_env):
                 continue
             sock.listen()
             held.append(sock)
-        offline._own_replica_ports()
+        local_ray._own_replica_ports()
         http = _range("HTTP")
-        assert len(http) == offline.REPLICA_PORT_SPAN and http.start == 30950  # the only range left free
-        assert 40000 < _range("GRPC").start < 41000 and len(_range("GRPC")) == offline.REPLICA_PORT_SPAN
+        assert len(http) == local_ray.REPLICA_PORT_SPAN and http.start == 30950  # the only range left free
+        assert 40000 < _range("GRPC").start < 41000 and len(_range("GRPC")) == local_ray.REPLICA_PORT_SPAN
     finally:
         for sock in held:
             sock.close()
 
 
 def test_two_choices_differ_and_the_users_range_stays(clean_env, monkeypatch):
-    offline._own_replica_ports()
+    local_ray._own_replica_ports()
     first = _range("HTTP")
     assert 30000 < first.start and first.stop <= 31000
     # a second choice in this process (another local Ray after the first stopped) picks again
     seen = {first.start}
     for _ in range(10):
-        offline._own_replica_ports()
+        local_ray._own_replica_ports()
         seen.add(_range("HTTP").start)
     assert len(seen) > 1
     monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "35000")
     monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "35009")
-    offline._own_replica_ports()
+    local_ray._own_replica_ports()
     assert _range("HTTP") == range(35000, 35010)
 
 
@@ -78,6 +78,6 @@ def test_the_backup_proxy_ports_are_free_ones(clean_env, monkeypatch):
             other.listen()
         except OSError:  # held already (a Ray on this host): as good
             pass
-        offline.choose_proxy("haproxy")
+        local_ray.choose_proxy("haproxy")
         assert os.environ["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] != "8500"
         assert os.environ["RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"]

@@ -42,7 +42,7 @@ def running_local_ray():
     """A local Ray for one module (or one package, `default_app/`), shut down after."""
     import ray
 
-    from cluster.offline import choose_proxy
+    from cluster.local_ray import choose_proxy
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")

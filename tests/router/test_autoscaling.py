@@ -35,7 +35,7 @@ GANG_NODE = {"resources": {"CPU": 3}, "min_workers": 0, "max_workers": 2}
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from cluster.offline import choose_proxy
+    from cluster.local_ray import choose_proxy
 
     saved_proxy = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY")
     choose_proxy("python")  # one proxy, on the head: a proxy on a gang node would hold it while draining

@@ -8,7 +8,8 @@ import torch
 from model.kernel_modules import experts_out_in
 from model.moe import FREE, RoutedExperts, experts_for_loop, fill_slots, held_experts, pad_slots
 from model.quant import Fp8RoutedExperts, quantize_rows
-from workers.eplb import FAILED, READY, STAGING, EplbSettings, Rebalancer
+from workers.config import EplbSettings
+from workers.eplb import FAILED, READY, STAGING, Rebalancer
 from workers.expert_parallel import Placement
 from workers.expert_placement import place_experts, to_rank_table
 
